@@ -1,0 +1,40 @@
+# Stepline front door: `make setup`, `make test`, `make quickstart`, `make bench`.
+# Everything runs from the project virtualenv in .venv, which `setup` creates.
+
+SHELL := /bin/bash
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.stamp
+
+# Extra arguments for pytest, e.g. `make test PYTEST_ARGS='-k sqlite -x'`.
+PYTEST_ARGS ?=
+
+.PHONY: setup quickstart test bench clean
+
+# setup: create .venv and install stepline editable with test+bench extras (skipped while the stamp is newer than pyproject.toml).
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip 'setuptools>=68' wheel
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	@touch $@
+
+# quickstart: run the example: embedded worker, trigger an order, print the result.
+quickstart: setup
+	$(PY) examples/process_order.py
+
+# test: run the test suite; fails on test failures and also when no test is collected (pytest exit code 5).
+test: setup
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+# bench: run the benchmarks.
+bench: setup
+	$(PY) bench/run.py
+
+# clean: remove the virtualenv, build artefacts and local run state.
+clean:
+	rm -rf $(VENV) build dist *.egg-info .stepline
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,79 @@
+"""Stepline: durable background tasks for Python, recorded on an event log.
+
+    import stepline as sl
+
+    @sl.task(id="process-order", retry=sl.Retry(max_attempts=3))
+    async def process_order(payload: OrderIn) -> dict: ...
+
+Everything a user needs is importable from here; the modules behind it are
+implementation and may move.
+"""
+
+from stepline.client import Client, RunHandle
+from stepline.context import idempotency_key, sleep, step
+from stepline.errors import (
+    FatalError,
+    InvalidRunState,
+    LogError,
+    LogUnavailable,
+    NonDeterminismError,
+    NoClient,
+    NotInRunContext,
+    PayloadValidationError,
+    RetryAfter,
+    RunFailedError,
+    SchemaError,
+    SteplineError,
+    TaskDefinitionError,
+    UnknownRun,
+    UnknownTask,
+)
+from stepline.log import DEFAULT_LOG_URL, open_log
+from stepline.projections.runs import RunState, StepState
+from stepline.retry import Retry, Rule, http_status
+from stepline.task import Queue, Registry, Task, default_registry, load_app, task
+from stepline.worker import Worker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # declaring tasks
+    "task",
+    "step",
+    "sleep",
+    "idempotency_key",
+    "Task",
+    "Queue",
+    "Retry",
+    "Rule",
+    "http_status",
+    "Registry",
+    "default_registry",
+    "load_app",
+    # triggering and inspecting runs
+    "Client",
+    "RunHandle",
+    "RunState",
+    "StepState",
+    # running
+    "Worker",
+    "open_log",
+    "DEFAULT_LOG_URL",
+    # errors
+    "SteplineError",
+    "FatalError",
+    "RetryAfter",
+    "RunFailedError",
+    "NonDeterminismError",
+    "PayloadValidationError",
+    "TaskDefinitionError",
+    "UnknownTask",
+    "UnknownRun",
+    "InvalidRunState",
+    "NoClient",
+    "NotInRunContext",
+    "LogError",
+    "LogUnavailable",
+    "SchemaError",
+    "__version__",
+]

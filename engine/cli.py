@@ -1,0 +1,450 @@
+"""`stepline` on the command line.
+
+Every command that prints data takes `--json`. Errors are one line on
+stderr and a non-zero exit code; a command that fails appends nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import Progress as RichProgress
+from rich.table import Table
+
+from stepline.client import Client
+from stepline.errors import SteplineError
+from stepline.events import Event, Payload
+from stepline.log import DEFAULT_LOG_URL
+from stepline.logs import configure_logging
+from stepline.projections.runs import FAILED, RunState
+from stepline.task import Registry, load_app
+from stepline.worker import Worker
+
+T = TypeVar("T")
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Durable background tasks on an event log.")
+runs_app = typer.Typer(no_args_is_help=True, help="List and inspect runs.")
+dlq_app = typer.Typer(no_args_is_help=True, help="Dead letters: runs that exhausted their retries.")
+app.add_typer(runs_app, name="runs")
+app.add_typer(dlq_app, name="dlq")
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True)
+
+LogOpt = Annotated[str, typer.Option("--log", envvar="STEPLINE_LOG", help="Log URL.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+AppOpt = Annotated[
+    str | None,
+    typer.Option("--app", envvar="STEPLINE_APP", help="Module (file or dotted name) declaring the tasks."),
+]
+
+# Above this many records a scan shows a progress bar.
+PROGRESS_THRESHOLD = 20_000
+
+
+class CliError(Exception):
+    pass
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(1)
+
+
+def _run(coro: Awaitable[T]) -> T:
+    try:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    except (SteplineError, CliError) as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    raise AssertionError("unreachable")
+
+
+def _parse_json(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"{what} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+
+
+@contextmanager
+def _progress(label: str) -> Iterator[Callable[[int, int], None]]:
+    bar: RichProgress | None = None
+    task_id: Any = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar, task_id
+        if bar is None:
+            if total < PROGRESS_THRESHOLD:
+                return
+            bar = RichProgress(console=err, transient=True)
+            bar.start()
+            task_id = bar.add_task(label, total=total)
+        bar.update(task_id, completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.stop()
+
+
+def _time(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def _payload_json(p: Payload | None) -> Any:
+    if p is None:
+        return None
+    try:
+        return json.loads(p.data)
+    except ValueError:
+        return {"content_type": p.content_type, "bytes": len(p.data)}
+
+
+def state_dict(s: RunState) -> dict[str, Any]:
+    return {
+        "run_id": s.run_id,
+        "task_id": s.task_id,
+        "status": s.status,
+        "dead_lettered": s.dead_lettered,
+        "attempt": s.attempt_in_trigger,
+        "created_at": s.created_at,
+        "updated_at": s.updated_at,
+        "ended_at": s.ended_at,
+        "priority": s.priority,
+        "tags": list(s.tags),
+        "idempotency_key": s.idempotency_key,
+        "payload": _payload_json(s.payload),
+        "output": _payload_json(s.output),
+        "error": None if s.error is None else {
+            "type": s.error.type, "message": s.error.message, "stack": s.error.stack,
+        },
+        "wake_at": s.wake_at,
+        "retry_at": s.retry_at,
+        "steps": [
+            {
+                "step": st.step, "name": st.name, "status": st.status, "attempt": st.attempt,
+                "started_at": st.started_at, "ended_at": st.ended_at,
+                "input": _payload_json(st.input), "output": _payload_json(st.output),
+                "error": None if st.error is None else f"{st.error.type}: {st.error.message}",
+            }
+            for st in sorted(s.steps.values(), key=lambda x: x.step)
+        ],
+        "retries": [
+            {"attempt": r.attempt, "retry_at": r.retry_at, "delay_ms": r.delay_ms, "reason": r.reason}
+            for r in s.retries
+        ],
+        "logs": [{"time": lg.time, "level": lg.level, "message": lg.message} for lg in s.logs],
+    }
+
+
+def event_dict(offset: int, ev: Event) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    for name in ev.body.__slots__:  # type: ignore[union-attr]
+        v = getattr(ev.body, name)
+        if isinstance(v, Payload):
+            v = _payload_json(v)
+        elif hasattr(v, "__slots__"):
+            v = {k: getattr(v, k) for k in v.__slots__ if k != "stack"}
+        elif isinstance(v, tuple):
+            v = list(v)
+        body[name] = v
+    return {"offset": offset, "time": ev.time, "type": ev.type, "seq": ev.seq, "epoch": ev.epoch,
+            "run_id": ev.run_id, "task_id": ev.task_id, "body": body}
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+
+
+def _registry(app_module: str | None, needed_for: str) -> Registry:
+    if not app_module:
+        raise CliError(
+            f"{needed_for} needs the app module that declares the tasks: "
+            "pass --app path/to/app.py or set STEPLINE_APP"
+        )
+    return load_app(app_module)
+
+
+# --- running -------------------------------------------------------------
+
+
+async def _serve_worker(registry: Registry, log_url: str, concurrency: int) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with Client(log_url, registry=registry) as client:
+        async with Worker(registry, client.log, concurrency=concurrency, topics=client.topics,
+                          client=client) as worker:
+            err.print(
+                f"stepline worker [bold]{worker.worker_id}[/] on {log_url}: "
+                f"{len(registry)} task(s): {', '.join(registry.ids())}; partitions {sorted(worker.owned)}",
+                highlight=False,
+            )
+            await stop.wait()
+
+
+def _load_app(module: str) -> Registry:
+    try:
+        return load_app(module)
+    except SteplineError as exc:
+        _fail(str(exc))
+        raise
+
+
+@app.command()
+def dev(
+    module: Annotated[str, typer.Argument(help="File or module declaring the tasks.")],
+    log: LogOpt = DEFAULT_LOG_URL,
+    concurrency: Annotated[int, typer.Option(help="Runs executing at once.")] = 256,
+) -> None:
+    """Embedded log and a worker in one process, console logs."""
+    configure_logging(json_logs=False)
+    registry = _load_app(module)
+    _run(_serve_worker(registry, log, concurrency))
+
+
+@app.command()
+def worker(
+    module: Annotated[str, typer.Argument(help="File or module declaring the tasks.")],
+    log: LogOpt = DEFAULT_LOG_URL,
+    concurrency: Annotated[int, typer.Option(help="Runs executing at once.")] = 256,
+    json_logs: Annotated[bool, typer.Option("--json-logs/--console-logs")] = True,
+) -> None:
+    """Run a worker: owns partitions of the runs topic and executes their runs."""
+    configure_logging(json_logs=json_logs)
+    registry = _load_app(module)
+    _run(_serve_worker(registry, log, concurrency))
+
+
+# --- requests ------------------------------------------------------------
+
+
+@app.command()
+def trigger(
+    task: Annotated[str, typer.Argument(help="Task id.")],
+    payload: Annotated[str, typer.Option(help="Payload as JSON.")] = "null",
+    app_module: AppOpt = None,
+    log: LogOpt = DEFAULT_LOG_URL,
+    idempotency_key: Annotated[str | None, typer.Option()] = None,
+    delay: Annotated[float | None, typer.Option(help="Seconds before the run may start.")] = None,
+    priority: Annotated[int, typer.Option()] = 0,
+    tag: Annotated[list[str] | None, typer.Option(help="Tag (repeatable).")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the run to end.")] = False,
+    timeout: Annotated[float | None, typer.Option(help="Seconds to wait with --wait.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Trigger a run of TASK."""
+
+    async def go() -> dict[str, Any]:
+        registry = _registry(app_module, "stepline trigger")
+        t = registry.get(task)
+        value = _parse_json(payload, "--payload")
+        async with Client(log, registry=registry) as client:
+            handle = await client.trigger(
+                t, value, idempotency_key=idempotency_key, delay=delay,
+                priority=priority, tags=tag or (),
+            )
+            result: dict[str, Any] = {"run_id": handle.run_id, "task_id": t.id}
+            if wait:
+                state = await client.wait(handle.run_id, timeout=timeout, from_offset=handle.offset)
+                result.update(status=state.status, output=_payload_json(state.output),
+                              error=None if state.error is None else f"{state.error.type}: {state.error.message}")
+            return result
+
+    res = _run(go())
+    if as_json:
+        _print_json(res)
+    else:
+        out.print(f"triggered [bold]{res['task_id']}[/]: {res['run_id']}", highlight=False)
+        if wait:
+            out.print(f"status: {res['status']}", highlight=False)
+            if res.get("output") is not None:
+                out.print_json(data=res["output"])
+            if res.get("error"):
+                out.print(f"error: {res['error']}", highlight=False)
+    if wait and res.get("status") != "completed":
+        raise typer.Exit(1)
+
+
+@app.command()
+def cancel(
+    run_id: Annotated[str, typer.Argument(help="Run id.")],
+    log: LogOpt = DEFAULT_LOG_URL,
+    as_json: JsonOpt = False,
+) -> None:
+    """Cancel a pending, running, sleeping or retrying run."""
+
+    async def go() -> RunState:
+        async with Client(log) as client:
+            return await client.cancel(run_id)
+
+    state = _run(go())
+    if as_json:
+        _print_json({"run_id": run_id, "cancelled": True, "was": state.status})
+    else:
+        out.print(f"cancel requested for {run_id} (was {state.status})", highlight=False)
+
+
+# --- reading -------------------------------------------------------------
+
+
+def _runs_table(runs: list[RunState], title: str) -> Table:
+    table = Table(title=title)
+    for col in ("run", "task", "status", "attempt", "created", "error"):
+        table.add_column(col)
+    for r in runs:
+        status = r.status + (" (dead letter)" if r.dead_lettered else "")
+        error = f"{r.error.type}: {r.error.message}" if r.error and r.status == FAILED else ""
+        table.add_row(r.run_id, r.task_id, status, str(r.attempt_in_trigger), _time(r.created_at), error[:80])
+    return table
+
+
+async def _list(log: str) -> list[RunState]:
+    async with Client(log) as client:
+        with _progress("reading runs") as progress:
+            return await client.list_runs(progress)
+
+
+@runs_app.command("ls")
+def runs_ls(
+    log: LogOpt = DEFAULT_LOG_URL,
+    status: Annotated[str | None, typer.Option(help="Only runs with this status.")] = None,
+    task: Annotated[str | None, typer.Option(help="Only runs of this task.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """List runs, newest first."""
+    runs = _run(_list(log))
+    runs = [r for r in runs if (status is None or r.status == status) and (task is None or r.task_id == task)]
+    runs = runs[:limit]
+    if as_json:
+        _print_json([state_dict(r) for r in runs])
+    else:
+        out.print(_runs_table(runs, f"{len(runs)} run(s)"))
+
+
+@runs_app.command("show")
+def runs_show(
+    run_id: Annotated[str, typer.Argument(help="Run id.")],
+    log: LogOpt = DEFAULT_LOG_URL,
+    as_json: JsonOpt = False,
+) -> None:
+    """A run's state: status, steps with inputs and outputs, retries, errors."""
+
+    async def go() -> RunState:
+        async with Client(log) as client:
+            return await client.get_run(run_id)
+
+    state = _run(go())
+    d = state_dict(state)
+    if as_json:
+        _print_json(d)
+        return
+    out.print(f"[bold]{state.run_id}[/]  task {state.task_id}  [bold]{state.status}[/]"
+              f"{' (dead letter)' if state.dead_lettered else ''}  attempt {state.attempt_in_trigger}",
+              highlight=False)
+    out.print(f"payload: {json.dumps(d['payload'])}", highlight=False)
+    table = Table(title="steps")
+    for col in ("#", "name", "status", "attempt", "ms", "output / error"):
+        table.add_column(col)
+    for st in d["steps"]:
+        ms = "" if st["ended_at"] is None or st["started_at"] is None else str(st["ended_at"] - st["started_at"])
+        table.add_row(str(st["step"]), st["name"], st["status"], str(st["attempt"]), ms,
+                      (st["error"] or json.dumps(st["output"]))[:100])
+    out.print(table)
+    for r in d["retries"]:
+        out.print(f"retry → attempt {r['attempt']} after {r['delay_ms']} ms: {r['reason']}", highlight=False)
+    if state.output is not None:
+        out.print(f"output: {json.dumps(d['output'])}", highlight=False)
+    if state.error is not None and state.status == FAILED:
+        out.print(f"error: {state.error.type}: {state.error.message}", highlight=False)
+        out.print(state.error.stack, highlight=False)
+
+
+@app.command()
+def history(
+    run_id: Annotated[str, typer.Argument(help="Run id.")],
+    log: LogOpt = DEFAULT_LOG_URL,
+    as_json: JsonOpt = False,
+) -> None:
+    """Every event of a run, in log order."""
+
+    async def go() -> list[tuple[int, Event]]:
+        async with Client(log) as client:
+            with _progress("reading history") as progress:
+                events = await client.history(run_id, progress)
+            if not events:
+                from stepline.errors import UnknownRun
+
+                raise UnknownRun(run_id)
+            return events
+
+    events = _run(go())
+    rows = [event_dict(off, ev) for off, ev in events]
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table(title=f"history of {run_id}")
+    for col in ("offset", "time", "seq", "type", "body"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(str(row["offset"]), _time(row["time"]), str(row["seq"]), row["type"],
+                      json.dumps(row["body"], default=str)[:120])
+    out.print(table)
+
+
+@dlq_app.command("ls")
+def dlq_ls(log: LogOpt = DEFAULT_LOG_URL, as_json: JsonOpt = False) -> None:
+    """Runs that failed for good, with their last error."""
+    runs = [r for r in _run(_list(log)) if r.dead_lettered]
+    if as_json:
+        _print_json([state_dict(r) for r in runs])
+    else:
+        out.print(_runs_table(runs, f"{len(runs)} dead letter(s)"))
+
+
+@dlq_app.command("retry")
+def dlq_retry(
+    run_id: Annotated[str, typer.Argument(help="Run id.")],
+    payload: Annotated[str | None, typer.Option(help="Replacement payload as JSON.")] = None,
+    app_module: AppOpt = None,
+    log: LogOpt = DEFAULT_LOG_URL,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-trigger a dead letter; it resumes from its last completed step."""
+
+    async def go() -> RunState:
+        registry = load_app(app_module) if app_module else None
+        new_value = _parse_json(payload, "--payload") if payload is not None else None
+        async with Client(log, registry=registry) as client:
+            return await client.retry(run_id, new_value, new_payload=payload is not None)
+
+    state = _run(go())
+    if as_json:
+        _print_json({"run_id": run_id, "retriggered": True, "new_payload": payload is not None})
+    else:
+        out.print(f"retriggered {run_id} ({state.task_id}); it resumes after step "
+                  f"{state.completed_steps() - 1 if state.completed_steps() else '-'}", highlight=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

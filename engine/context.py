@@ -1,0 +1,209 @@
+"""Inside a run: the journal, `@step`, and durable `sleep`.
+
+Every attempt runs the task function from the top. Each `@step` call and
+each durable wait takes the next position in the run's journal, in the
+order the calls start (deterministic, also under `asyncio.gather`, whose
+children start in argument order). A position the journal already holds as
+completed returns the recorded output without running the step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, ParamSpec, Protocol, TypeVar, overload
+
+from stepline.errors import NonDeterminismError, NotInRunContext
+from stepline.events import Body, ErrorInfo, StepCompleted, StepFailed, StepStarted
+from stepline.ids import step_idempotency_key
+from stepline.payloads import Codec, describe_args
+from stepline.projections.runs import StepState
+from stepline.task import _annotations
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+SLEEP = "sleep"
+
+
+class Emitter(Protocol):
+    def __call__(self, body: Body) -> asyncio.Future[int]:
+        """Queue an event for this run; the future resolves once it is durable."""
+        ...
+
+
+class Suspend(BaseException):
+    """Unwinds a run that must wait. A BaseException, so that a task's own
+    `except Exception` cannot swallow a durable wait by accident."""
+
+    def __init__(self, step: int, reason: str, wake_at: int | None, condition: str | None) -> None:
+        super().__init__(reason)
+        self.step = step
+        self.reason = reason
+        self.wake_at = wake_at
+        self.condition = condition
+
+
+def error_info(exc: BaseException, retriable: bool = True) -> ErrorInfo:
+    stack = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return ErrorInfo(type(exc).__qualname__, str(exc), stack, retriable)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(eq=False)
+class RunContext:
+    run_id: str
+    task_id: str
+    attempt: int
+    journal: Mapping[int, StepState]
+    emit: Emitter
+    clock: Callable[[], int] = now_ms
+
+    def __post_init__(self) -> None:
+        self._next = 0
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        # The exception a step already recorded as StepFailed, so the runner
+        # does not record the same failure twice when it reaches the body.
+        self.recorded_failure: BaseException | None = None
+
+    def next_position(self, name: str) -> tuple[int, StepState | None]:
+        pos = self._next
+        self._next += 1
+        rec = self.journal.get(pos)
+        if rec is not None and rec.name != name:
+            raise NonDeterminismError(self.run_id, pos, rec.name, name)
+        return pos, rec
+
+    def step_started(self) -> None:
+        self._active += 1
+        self._idle.clear()
+
+    def step_ended(self) -> None:
+        self._active -= 1
+        if self._active == 0:
+            self._idle.set()
+
+    async def quiesce(self) -> None:
+        """Wait until no step of this run is executing."""
+        await self._idle.wait()
+
+
+_current: contextvars.ContextVar[RunContext | None] = contextvars.ContextVar(
+    "stepline_run", default=None
+)
+
+
+def current_run() -> RunContext | None:
+    return _current.get()
+
+
+def require_run(what: str) -> RunContext:
+    ctx = _current.get()
+    if ctx is None:
+        raise NotInRunContext(f"{what} can only be used inside a running task")
+    return ctx
+
+
+def idempotency_key() -> str:
+    """The current step's stable key (`run_id:step`), for external APIs."""
+    ctx = require_run("stepline.idempotency_key()")
+    pos = _step_position.get()
+    if pos is None:
+        raise NotInRunContext("stepline.idempotency_key() must be called inside a step")
+    return step_idempotency_key(ctx.run_id, pos)
+
+
+_step_position: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "stepline_step", default=None
+)
+
+
+def _step_wrapper(fn: Callable[P, Awaitable[R]], name: str) -> Callable[P, Awaitable[R]]:
+    _, ret = _annotations(fn)
+    codec = Codec(ret)
+
+    @functools.wraps(fn)
+    async def run_step(*args: P.args, **kwargs: P.kwargs) -> R:
+        ctx = _current.get()
+        if ctx is None:
+            return await fn(*args, **kwargs)  # a plain call outside any run
+        pos, rec = ctx.next_position(name)
+        if rec is not None and rec.status == "completed" and rec.output is not None:
+            value: R = codec.load(rec.output, f"recorded output of step {pos} ({name})")
+            return value
+        ctx.step_started()
+        token = _step_position.set(pos)
+        try:
+            ctx.emit(StepStarted(pos, name, ctx.attempt, describe_args(args, kwargs)))
+            try:
+                result = await fn(*args, **kwargs)
+            except (asyncio.CancelledError, Suspend):
+                raise
+            except Exception as exc:
+                ctx.recorded_failure = exc
+                await ctx.emit(StepFailed(ctx.attempt, error_info(exc), pos, name))
+                raise
+            output = codec.dump(result, f"output of step {pos} ({name})")
+            # Durable first, then hand the result on: a step whose checkpoint
+            # is not on the log has not completed, and may run again.
+            await ctx.emit(StepCompleted(pos, name, ctx.attempt, output))
+            return result
+        finally:
+            _step_position.reset(token)
+            ctx.step_ended()
+
+    return run_step
+
+
+@overload
+def step(fn: Callable[P, Awaitable[R]], /) -> Callable[P, Awaitable[R]]: ...
+
+
+@overload
+def step(*, name: str | None = None) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]: ...
+
+
+def step(
+    fn: Callable[P, Awaitable[R]] | None = None, /, *, name: str | None = None
+) -> Callable[P, Awaitable[R]] | Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+    """Make an async function a checkpointed step.
+
+    Awaiting it inside a task records StepStarted, runs it, and records
+    StepCompleted with its output; later attempts get the recorded output
+    back without running it. Outside a task it is a plain call.
+    """
+
+    def wrap(f: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+        return _step_wrapper(f, name or f.__qualname__)
+
+    return wrap(fn) if fn is not None else wrap
+
+
+async def sleep(duration: timedelta | float) -> None:
+    """Durable sleep: the run is suspended and no worker slot is held.
+
+    The wake time is fixed when the sleep is first reached and recorded, so
+    re-running the task after a crash does not restart the clock.
+    """
+    ctx = require_run("stepline.sleep()")
+    pos, rec = ctx.next_position(SLEEP)
+    if rec is not None and rec.status == "completed":
+        return
+    seconds = duration.total_seconds() if isinstance(duration, timedelta) else float(duration)
+    now = ctx.clock()
+    wake_at = rec.wake_at if rec is not None and rec.wake_at is not None else now + int(seconds * 1000)
+    # Let steps already running in parallel branches finish and record their
+    # checkpoints first, so suspending never throws away completed work.
+    await ctx.quiesce()
+    raise Suspend(pos, SLEEP, wake_at, None)

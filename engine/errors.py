@@ -1,0 +1,149 @@
+"""One error tree. Leaves say what was wrong and what to do about it."""
+
+from __future__ import annotations
+
+
+class SteplineError(Exception):
+    """Root of every error Stepline raises on purpose."""
+
+
+# --- the log ---------------------------------------------------------------
+
+
+class LogError(SteplineError):
+    """Something went wrong talking to the log."""
+
+    retriable: bool = False
+
+
+class LogUnavailable(LogError):
+    """The log could not be reached or opened."""
+
+    retriable = True
+
+
+class UnknownTopic(LogError):
+    pass
+
+
+class LogLocked(LogError):
+    """Another process holds the embedded log's single-worker lock."""
+
+    retriable = True
+
+
+class InvalidLogUrl(LogError, ValueError):
+    pass
+
+
+class LogWriteFailed(LogError):
+    """The log could not make an append durable (disk full, I/O error, locked).
+
+    Nothing of the failed batch was written; retry once the cause is gone.
+    """
+
+    retriable = True
+
+
+# --- schemas and encoding --------------------------------------------------
+
+
+class SchemaError(SteplineError):
+    """An event could not be encoded or decoded."""
+
+
+class UnknownSchemaVersion(SchemaError):
+    """The bytes carry a schema fingerprint this build does not know."""
+
+
+class MalformedEvent(SchemaError):
+    """The bytes are not a valid single-object-encoded Stepline event."""
+
+
+# --- definitions -----------------------------------------------------------
+
+
+class TaskDefinitionError(SteplineError, TypeError):
+    """A task, step, retry policy or queue was declared wrongly."""
+
+
+class UnknownTask(SteplineError, LookupError):
+    def __init__(self, task_id: str, known: list[str] | None = None) -> None:
+        hint = f"; known tasks: {', '.join(sorted(known))}" if known else ""
+        super().__init__(f"unknown task id {task_id!r}{hint}")
+        self.task_id = task_id
+
+
+class UnknownRun(SteplineError, LookupError):
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"no run with id {run_id!r} on this log")
+        self.run_id = run_id
+
+
+class InvalidRunState(SteplineError):
+    """The run is not in a state that allows the requested operation."""
+
+
+# --- payloads --------------------------------------------------------------
+
+
+class PayloadValidationError(SteplineError, ValueError):
+    """A payload or recorded output does not fit the declared type."""
+
+    def __init__(self, where: str, detail: str) -> None:
+        super().__init__(f"{where}: {detail}")
+        self.where = where
+        self.detail = detail
+
+
+# --- running ---------------------------------------------------------------
+
+
+class NonDeterminismError(SteplineError):
+    """The task code no longer matches the run's recorded journal.
+
+    Raised when a step at a given position has a different name than the one
+    recorded; the run fails without retry, since re-running would diverge
+    the same way. Deploy the change as a new task version instead.
+    """
+
+    def __init__(self, run_id: str, step: int, expected: str, got: str) -> None:
+        super().__init__(
+            f"run {run_id}: step {step} is {got!r} in the code but {expected!r} in "
+            f"the journal; the task changed under a run in flight"
+        )
+        self.run_id = run_id
+        self.step = step
+        self.expected = expected
+        self.got = got
+
+
+class RunFailedError(SteplineError):
+    """Raised by `handle.result()` when the run ended without an output."""
+
+    def __init__(self, run_id: str, status: str, error_type: str, message: str) -> None:
+        super().__init__(f"run {run_id} {status}: {error_type}: {message}")
+        self.run_id = run_id
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+
+
+class NotInRunContext(SteplineError, RuntimeError):
+    """A step or durable wait was used outside a running task."""
+
+
+class NoClient(SteplineError, RuntimeError):
+    """A trigger was made with no client: open `stepline.Client(url)` first."""
+
+
+class FatalError(SteplineError):
+    """Raise from a task to fail the run now, without retries."""
+
+
+class RetryAfter(SteplineError):
+    """Raise from a task to retry after a given delay (e.g. HTTP 429)."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

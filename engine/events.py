@@ -1,0 +1,241 @@
+"""The events Stepline records, as frozen dataclasses.
+
+These are the in-code shapes; `stepline.codec` translates them to and from
+Avro at the edge (schemas in `stepline.schemas`). Field names match the Avro
+field names one to one, so the codec stays a mechanical mapping.
+
+Times are integer milliseconds since the Unix epoch (Avro
+`timestamp-millis`), so an event's meaning never depends on a local clock
+or time zone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Union
+
+JSON = "application/json"
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """User data inside an event: opaque bytes plus how to read them."""
+
+    content_type: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """A failure as recorded: enough to classify, show and debug it."""
+
+    type: str
+    message: str
+    stack: str = ""
+    retriable: bool = True
+
+
+# --- stepline.runs ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RunTriggered:
+    TYPE: ClassVar[str] = "RunTriggered"
+    payload: Payload
+    idempotency_key: str | None = None
+    not_before: int | None = None
+    priority: int = 0
+    tags: tuple[str, ...] = ()
+    queue: str | None = None
+    concurrency_key: str | None = None
+    parent_run_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunStarted:
+    TYPE: ClassVar[str] = "RunStarted"
+    attempt: int
+    worker_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class StepStarted:
+    TYPE: ClassVar[str] = "StepStarted"
+    step: int
+    name: str
+    attempt: int
+    input: Payload | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StepCompleted:
+    TYPE: ClassVar[str] = "StepCompleted"
+    step: int
+    name: str
+    attempt: int
+    output: Payload
+
+
+@dataclass(frozen=True, slots=True)
+class StepFailed:
+    """An attempt failed; `step` is None when the task body itself raised."""
+
+    TYPE: ClassVar[str] = "StepFailed"
+    attempt: int
+    error: ErrorInfo
+    step: int | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryScheduled:
+    TYPE: ClassVar[str] = "RetryScheduled"
+    attempt: int  # the attempt that will run next
+    retry_at: int
+    delay_ms: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RunSuspended:
+    """The run waits; the worker holds nothing for it but a timer entry."""
+
+    TYPE: ClassVar[str] = "RunSuspended"
+    step: int
+    reason: str  # "sleep" | "event" | "child" | "token"
+    wake_at: int | None = None
+    condition: str | None = None  # JSON of the wake condition, for humans
+
+
+@dataclass(frozen=True, slots=True)
+class RunResumed:
+    TYPE: ClassVar[str] = "RunResumed"
+    step: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RunCompleted:
+    TYPE: ClassVar[str] = "RunCompleted"
+    output: Payload
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class RunFailed:
+    TYPE: ClassVar[str] = "RunFailed"
+    error: ErrorInfo
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class RunDeadLettered:
+    TYPE: ClassVar[str] = "RunDeadLettered"
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RunCancelled:
+    TYPE: ClassVar[str] = "RunCancelled"
+    reason: str
+    requested_by: str = "api"
+
+
+@dataclass(frozen=True, slots=True)
+class RunRetriggered:
+    """Manual retry of a dead letter, optionally with a new payload."""
+
+    TYPE: ClassVar[str] = "RunRetriggered"
+    payload: Payload | None = None
+    requested_by: str = "api"
+
+
+@dataclass(frozen=True, slots=True)
+class LogRecorded:
+    TYPE: ClassVar[str] = "LogRecorded"
+    level: str
+    message: str
+    attempt: int
+    fields: str = "{}"  # JSON object
+    step: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SlotGranted:
+    TYPE: ClassVar[str] = "SlotGranted"
+    queue: str
+    concurrency_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionClaimed:
+    """A worker took ownership of a partition; its epoch fences older owners."""
+
+    TYPE: ClassVar[str] = "PartitionClaimed"
+    partition: int
+    worker_id: str
+
+
+Body = Union[
+    RunTriggered,
+    RunStarted,
+    StepStarted,
+    StepCompleted,
+    StepFailed,
+    RetryScheduled,
+    RunSuspended,
+    RunResumed,
+    RunCompleted,
+    RunFailed,
+    RunDeadLettered,
+    RunCancelled,
+    RunRetriggered,
+    LogRecorded,
+    SlotGranted,
+    PartitionClaimed,
+]
+
+BODY_TYPES: tuple[type[Body], ...] = (
+    RunTriggered,
+    RunStarted,
+    StepStarted,
+    StepCompleted,
+    StepFailed,
+    RetryScheduled,
+    RunSuspended,
+    RunResumed,
+    RunCompleted,
+    RunFailed,
+    RunDeadLettered,
+    RunCancelled,
+    RunRetriggered,
+    LogRecorded,
+    SlotGranted,
+    PartitionClaimed,
+)
+
+# Events a client may append for a run it does not own. Everything else is
+# written by the partition owner and fenced by its epoch.
+REQUEST_TYPES: frozenset[str] = frozenset(
+    {RunTriggered.TYPE, RunCancelled.TYPE, RunRetriggered.TYPE}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """The envelope: one record on the log.
+
+    `seq` orders a run's events as written by its owner; `epoch` is the
+    owner's fencing epoch (0 for client requests, which are not fenced).
+    """
+
+    event_id: str
+    type: str
+    run_id: str
+    task_id: str
+    seq: int
+    time: int
+    epoch: int
+    body: Body
+    traceparent: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)

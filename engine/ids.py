@@ -1,0 +1,49 @@
+"""Identifiers. Random ones sort by creation time; derived ones are frozen.
+
+Run ids are `run_` + 26 characters of Crockford base32 (ULID layout: 48 bits
+of milliseconds, then 80 random bits), so listing by id lists by age.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def _b32(value: int, length: int) -> str:
+    out = []
+    for _ in range(length):
+        out.append(_ALPHABET[value & 31])
+        value >>= 5
+    return "".join(reversed(out))
+
+
+def new_run_id(now_ms: int | None = None) -> str:
+    ms = int(time.time() * 1000) if now_ms is None else now_ms
+    rand = int.from_bytes(os.urandom(10), "big")
+    return "run_" + _b32((ms << 80) | rand, 26)
+
+
+def idempotent_run_id(task_id: str, idempotency_key: str) -> str:
+    """The run id a trigger with an idempotency key always maps to.
+
+    NEVER change this format: existing logs hold runs under these ids, and
+    a repeated trigger must land on the same run forever.
+    """
+    digest = hashlib.sha256(f"stepline/idem/v1\x00{task_id}\x00{idempotency_key}".encode()).digest()
+    return "run_" + _b32(int.from_bytes(digest[:16], "big") >> 2, 26)
+
+
+def new_event_id() -> str:
+    return os.urandom(16).hex()
+
+
+def step_idempotency_key(run_id: str, step: int) -> str:
+    """Stable key for a step's external side effect: the same on every retry.
+
+    NEVER change this format: users pass it to payment and email APIs.
+    """
+    return f"{run_id}:{step}"

@@ -1,0 +1,119 @@
+"""The log port and its backends, opened by URL.
+
+    memory://NAME                      in-process, shared by NAME (tests)
+    sqlite:///relative/path.db         embedded, one file (the default)
+    sqlite:////absolute/path.db?synchronous=normal&poll_interval_ms=10
+
+A new backend is one `_open_<scheme>` function and one entry in `_OPENERS`.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from collections.abc import Callable
+
+from ..errors import InvalidLogUrl
+from .base import Assignment, Log, Membership, Record, TopicSpec, partition_for
+
+__all__ = [
+    # opening a log
+    "open_log",
+    "DEFAULT_LOG_URL",
+    # the port
+    "Log",
+    "Record",
+    "TopicSpec",
+    "Assignment",
+    "Membership",
+    "partition_for",
+]
+
+DEFAULT_LOG_URL = "sqlite:///.stepline/stepline.db"
+
+
+def _options(url: str, query: str, allowed: dict[str, str]) -> dict[str, str]:
+    """The URL's query options, each checked against `allowed` (name -> help)."""
+    options: dict[str, str] = {}
+    for name, values in urllib.parse.parse_qs(query, keep_blank_values=True).items():
+        if name not in allowed:
+            known = ", ".join(f"{k} ({v})" for k, v in allowed.items()) or "none"
+            raise InvalidLogUrl(f"unknown option {name!r} in log URL {url!r}; options: {known}")
+        options[name] = values[-1]
+    return options
+
+
+def _number(url: str, name: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise InvalidLogUrl(f"option {name}={text!r} in log URL {url!r} must be a positive number")
+    return value
+
+
+def _open_memory(url: str, parts: urllib.parse.SplitResult) -> Log:
+    from .memory import MemoryLog
+
+    _options(url, parts.query, {})
+    name = parts.netloc + parts.path
+    return MemoryLog(name or "default")
+
+
+def _open_sqlite(url: str, parts: urllib.parse.SplitResult) -> Log:
+    from .sqlite import SqliteLog
+
+    if parts.netloc:
+        raise InvalidLogUrl(
+            f"log URL {url!r} has a host {parts.netloc!r}; sqlite URLs have none: use "
+            "sqlite:///relative/path.db or sqlite:////absolute/path.db"
+        )
+    # Like SQLAlchemy: "sqlite:///" then the path, so a 4th slash means absolute.
+    path = urllib.parse.unquote(parts.path[1:])
+    if not path or path == ":memory:":
+        raise InvalidLogUrl(
+            f"log URL {url!r} names no database file; use sqlite:///path/to/file.db "
+            "(or memory://NAME for an in-process log)"
+        )
+    options = _options(
+        url,
+        parts.query,
+        {
+            "synchronous": "full (default) or normal",
+            "poll_interval_ms": "how often to look for other processes' appends, default 10",
+            "busy_timeout_ms": "how long to wait for another process's write lock, default 10000",
+        },
+    )
+    synchronous = options.get("synchronous", "full").lower()
+    if synchronous not in ("full", "normal"):
+        raise InvalidLogUrl(
+            f"option synchronous={synchronous!r} in log URL {url!r} must be 'full' or 'normal'"
+        )
+    poll_ms = _number(url, "poll_interval_ms", options.get("poll_interval_ms", "10"))
+    busy_ms = _number(url, "busy_timeout_ms", options.get("busy_timeout_ms", "10000"))
+    return SqliteLog(
+        path,
+        synchronous="full" if synchronous == "full" else "normal",
+        poll_interval=poll_ms / 1000,
+        busy_timeout_ms=int(busy_ms),
+    )
+
+
+_OPENERS: dict[str, Callable[[str, urllib.parse.SplitResult], Log]] = {
+    "memory": _open_memory,
+    "sqlite": _open_sqlite,
+}
+# Schemes we know but cannot open yet; a backend moves from here to _OPENERS.
+_PLANNED = {"kafka": "the Kafka backend is not in this build yet"}
+
+
+def open_log(url: str) -> Log:
+    """Build the `Log` a URL names; it connects on `start()` / `async with`."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower() if "://" in url else ""
+    opener = _OPENERS.get(scheme)
+    if opener is not None:
+        return opener(url, parts)
+    schemes = ", ".join(f"{s}://" for s in _OPENERS)
+    why = _PLANNED.get(scheme, "unsupported log URL")
+    raise InvalidLogUrl(f"{why}: {url!r}; supported schemes: {schemes} (default {DEFAULT_LOG_URL})")

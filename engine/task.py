@@ -1,0 +1,222 @@
+"""Declaring tasks: `@task`, `Queue`, and the registry workers run from."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+import typing
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+
+from stepline.errors import TaskDefinitionError, UnknownTask
+from stepline.payloads import Codec
+from stepline.retry import DEFAULT_RETRY, Retry
+
+if TYPE_CHECKING:
+    from stepline.client import Client, RunHandle
+
+PayloadT = TypeVar("PayloadT")
+ResultT = TypeVar("ResultT")
+
+TaskFn = Callable[[PayloadT], Awaitable[ResultT]]
+
+
+@dataclass(frozen=True, slots=True)
+class Queue:
+    """A named queue. `concurrency_limit` caps how many of its runs execute at once."""
+
+    name: str
+    concurrency_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise TaskDefinitionError("Queue needs a non-empty name")
+        if self.concurrency_limit is not None and self.concurrency_limit < 1:
+            raise TaskDefinitionError(
+                f"Queue {self.name!r}: concurrency_limit must be >= 1, got {self.concurrency_limit}"
+            )
+
+
+def _annotations(fn: Callable[..., Any]) -> tuple[Any, Any]:
+    """The payload and return types a task function declares (Any when absent)."""
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception as exc:
+        raise TaskDefinitionError(f"cannot resolve the annotations of {fn.__qualname__}: {exc}") from exc
+    params = list(inspect.signature(fn).parameters.values())
+    payload_t: Any = Any
+    if params:
+        payload_t = hints.get(params[0].name, Any)
+    ret: Any = hints.get("return", Any)
+    if ret is type(None):
+        ret = Any
+    return payload_t, ret
+
+
+class Task(Generic[PayloadT, ResultT]):
+    """A durable task. Call `trigger` to run it on a worker."""
+
+    def __init__(
+        self,
+        fn: TaskFn[PayloadT, ResultT],
+        *,
+        id: str,
+        retry: Retry | None = None,
+        queue: Queue | None = None,
+    ) -> None:
+        if not inspect.iscoroutinefunction(fn):
+            raise TaskDefinitionError(f"task {id!r}: {fn.__qualname__} must be an `async def`")
+        if len(inspect.signature(fn).parameters) > 1:
+            raise TaskDefinitionError(
+                f"task {id!r}: {fn.__qualname__} must take at most one argument (the payload)"
+            )
+        self.id = id
+        self.fn = fn
+        self.retry = retry or DEFAULT_RETRY
+        self.queue = queue or Queue(f"task/{id}")
+        payload_t, result_t = _annotations(fn)
+        self.payload_codec = Codec(payload_t)
+        self.output_codec = Codec(result_t)
+        self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn
+
+    def __repr__(self) -> str:
+        return f"<Task {self.id!r}>"
+
+    async def __call__(self, payload: PayloadT) -> ResultT:
+        """Run the function in-process, not durably: for tests and scripts."""
+        return await self.fn(payload)
+
+    async def trigger(
+        self,
+        payload: PayloadT | Any = None,
+        *,
+        idempotency_key: str | None = None,
+        delay: timedelta | float | None = None,
+        priority: int = 0,
+        tags: Sequence[str] = (),
+        concurrency_key: str | None = None,
+        client: Client | None = None,
+    ) -> RunHandle[ResultT]:
+        from stepline.client import current_client
+
+        c = client or current_client()
+        return await c.trigger(
+            self,
+            payload,
+            idempotency_key=idempotency_key,
+            delay=delay,
+            priority=priority,
+            tags=tags,
+            concurrency_key=concurrency_key,
+        )
+
+
+class Registry:
+    """Tasks by id. A default one backs the decorators; tests make their own."""
+
+    def __init__(self, tasks: Iterable[Task[Any, Any]] = ()) -> None:
+        self._tasks: dict[str, Task[Any, Any]] = {}
+        for t in tasks:
+            self.add(t)
+
+    def add(self, t: Task[Any, Any]) -> None:
+        existing = self._tasks.get(t.id)
+        if existing is not None and _origin(existing.fn) != _origin(t.fn):
+            raise TaskDefinitionError(
+                f"task id {t.id!r} is declared twice: by {_origin(existing.fn)} and {_origin(t.fn)}"
+            )
+        self._tasks[t.id] = t
+
+    def get(self, task_id: str) -> Task[Any, Any]:
+        try:
+            return self._tasks[task_id]
+        except KeyError:
+            raise UnknownTask(task_id, list(self._tasks)) from None
+
+    def __contains__(self, task_id: object) -> bool:
+        return task_id in self._tasks
+
+    def __iter__(self) -> typing.Iterator[Task[Any, Any]]:
+        return iter(self._tasks.values())
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def ids(self) -> list[str]:
+        return sorted(self._tasks)
+
+
+def _origin(fn: Callable[..., Any]) -> str:
+    return f"{fn.__module__}.{fn.__qualname__}"
+
+
+default_registry = Registry()
+
+
+@overload
+def task(fn: TaskFn[PayloadT, ResultT], /) -> Task[PayloadT, ResultT]: ...
+
+
+@overload
+def task(
+    *,
+    id: str | None = None,
+    retry: Retry | None = None,
+    queue: Queue | None = None,
+    registry: Registry | None = None,
+) -> Callable[[TaskFn[PayloadT, ResultT]], Task[PayloadT, ResultT]]: ...
+
+
+def task(
+    fn: TaskFn[PayloadT, ResultT] | None = None,
+    /,
+    *,
+    id: str | None = None,
+    retry: Retry | None = None,
+    queue: Queue | None = None,
+    registry: Registry | None = None,
+) -> Task[PayloadT, ResultT] | Callable[[TaskFn[PayloadT, ResultT]], Task[PayloadT, ResultT]]:
+    """Declare a durable task: `@task(id="process-order", retry=Retry(...))`."""
+
+    def wrap(f: TaskFn[PayloadT, ResultT]) -> Task[PayloadT, ResultT]:
+        t = Task(f, id=id or f.__name__.replace("_", "-"), retry=retry, queue=queue)
+        (registry if registry is not None else default_registry).add(t)
+        return t
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def load_app(target: str) -> Registry:
+    """Import a module by file path or dotted name; return the tasks it declared.
+
+    A module may define its own `registry`; otherwise the decorators' default
+    registry is used.
+    """
+    path = Path(target)
+    if target.endswith(".py") or path.exists():
+        if not path.exists():
+            raise TaskDefinitionError(f"no such module file: {target}")
+        name = path.stem
+        if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path.resolve()):
+            module = sys.modules[name]
+        else:
+            spec = importlib.util.spec_from_file_location(name, path.resolve())
+            if spec is None or spec.loader is None:
+                raise TaskDefinitionError(f"cannot import {target}")
+            sys.path.insert(0, str(path.resolve().parent))
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise TaskDefinitionError(f"cannot import app module {target!r}: {exc}") from exc
+    reg = getattr(module, "registry", None)
+    return reg if isinstance(reg, Registry) else default_registry

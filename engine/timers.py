@@ -1,0 +1,58 @@
+"""A timer wheel for durable waits: one heap, one sleeping task.
+
+Timers are hints, not truth: when one fires, the callback re-reads the
+run's state and does nothing if the run moved on (cancelled, resumed by
+someone else, its partition revoked). So stale entries need no removal,
+and a restart rebuilds every timer from the projection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from collections.abc import Callable
+
+
+class TimerWheel:
+    def __init__(self, fire: Callable[[str, str], None], clock: Callable[[], int] | None = None) -> None:
+        self._fire = fire
+        self._clock = clock or (lambda: int(time.time() * 1000))
+        self._heap: list[tuple[int, int, str, str]] = []
+        self._order = itertools.count()
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="stepline-timers")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    def schedule(self, due_ms: int, run_id: str, kind: str) -> None:
+        first = self._heap[0][0] if self._heap else None
+        heapq.heappush(self._heap, (due_ms, next(self._order), run_id, kind))
+        if first is None or due_ms < first:
+            self._changed.set()
+
+    async def _loop(self) -> None:
+        while True:
+            now = self._clock()
+            while self._heap and self._heap[0][0] <= now:
+                _, _, run_id, kind = heapq.heappop(self._heap)
+                self._fire(run_id, kind)
+            self._changed.clear()
+            timeout = None if not self._heap else (self._heap[0][0] - now) / 1000
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout)
+            except TimeoutError:
+                pass

@@ -1,0 +1,388 @@
+"""The worker: owns partitions, folds their events, runs what is runnable.
+
+Lifecycle of an owned partition:
+
+1. Rebuild: read the partition from the start and fold it into
+   `PartitionRuns` (snapshots come later; the fold is the same).
+2. Claim: append PartitionClaimed with an epoch above every epoch seen and
+   the group's generation, then read up to the claim, so nothing a previous
+   owner wrote before it is missed. From here on events of older epochs are
+   dropped by the projection.
+3. Resume: every live run is put back where it belongs: ready to start,
+   on a timer (delays, retries, sleeps), or restarted if it was running
+   when the previous owner died.
+4. Tail: new events are folded in log order, and each touched run is
+   re-examined (`_react`).
+
+The worker writes its own events through the Appender and folds them when
+it reads them back, in log order like everyone else's; to save decoding,
+the events it appended are kept by offset until read back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+from collections.abc import Callable
+import structlog
+
+from stepline import codec
+from stepline.appender import Appender
+from stepline.client import Client, _current_client
+from stepline.context import RunContext, error_info, now_ms
+from stepline.dispatch import ReadyQueue
+from stepline.errors import SchemaError, UnknownTask
+from stepline.events import (
+    Body,
+    Event,
+    PartitionClaimed,
+    RunDeadLettered,
+    RunFailed,
+    RunResumed,
+)
+from stepline.ids import new_event_id
+from stepline.log.base import Assignment, Log, Membership, partition_for
+from stepline.projections.runs import (
+    CANCELLED,
+    PENDING,
+    RETRYING,
+    RUNNING,
+    SUSPENDED,
+    PartitionRuns,
+    RunState,
+)
+from stepline.runner import execute_attempt
+from stepline.task import Registry
+from stepline.timers import TimerWheel
+from stepline.topics import Topics
+
+log = structlog.get_logger("stepline.worker")
+
+START = "start"
+RESUME = "resume"
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(2).hex()}"
+
+
+class Worker:
+    """Runs the tasks of a registry from a log. Use as an async context manager."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        log_: Log,
+        *,
+        topics: Topics | None = None,
+        concurrency: int = 256,
+        worker_id: str | None = None,
+        clock: Callable[[], int] = now_ms,
+        read_batch: int = 2000,
+        client: Client | None = None,
+    ) -> None:
+        self.registry = registry
+        self.log = log_
+        self.topics = topics or Topics()
+        self.concurrency = concurrency
+        self.worker_id = worker_id or default_worker_id()
+        self.clock = clock
+        self._read_batch = read_batch
+        # Tasks that trigger other tasks use this client.
+        self.client = client
+        self._rng = random.Random()
+        self._parts: dict[int, PartitionRuns] = {}
+        self._epoch: dict[int, int] = {}
+        self._readers: dict[int, asyncio.Task[None]] = {}
+        self._active: dict[str, asyncio.Task[None]] = {}
+        self._cancel_requested: set[str] = set()
+        self._recover: set[str] = set()
+        # Runs whose attempt ended but whose outcome is not folded yet, with
+        # the outcome's offset: until then their state lags behind the truth.
+        self._settling: dict[str, int] = {}
+        self._seq: dict[str, int] = {}
+        self._own: dict[tuple[int, int], Event] = {}
+        self._ready = ReadyQueue()
+        self._timers = TimerWheel(self._on_timer, clock)
+        self._membership: Membership | None = None
+        self._appender: Appender | None = None
+        self._nparts = 0
+        self._stopping = False
+        self.started = asyncio.Event()
+
+    # --- lifecycle -------------------------------------------------------
+
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        await self.log.ensure_topics(self.topics.specs())
+        self._nparts = await self.log.partitions(self.topics.runs)
+        self._appender = Appender(self.log, self.topics.runs, self._on_appended)
+        self._timers.start()
+        self._membership = await self.log.join_group(
+            self.topics.worker_group, self.topics.runs, self._on_assign, self._on_revoke
+        )
+        self.started.set()
+
+    async def close(self) -> None:
+        self._stopping = True
+        if self._membership is not None:
+            await self._on_revoke(frozenset(self._parts))
+            await self._membership.leave()
+            self._membership = None
+        await self._timers.stop()
+        if self._appender is not None:
+            await self._appender.drain()
+
+    # --- ownership -------------------------------------------------------
+
+    async def _on_assign(self, assignment: Assignment) -> None:
+        for p in sorted(assignment.partitions):
+            await self._claim(p, assignment.generation)
+        # Start only once every partition is rebuilt, so the first runs
+        # admitted are the best by priority across all of them.
+        self._pump()
+
+    async def _on_revoke(self, partitions: frozenset[int]) -> None:
+        doomed = [rid for rid in self._active if partition_for(rid.encode(), self._nparts) in partitions]
+        for rid in doomed:
+            self._active[rid].cancel()
+        await asyncio.gather(*(self._active[r] for r in doomed if r in self._active), return_exceptions=True)
+        for p in partitions:
+            reader = self._readers.pop(p, None)
+            if reader is not None:
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
+            self._parts.pop(p, None)
+            self._epoch.pop(p, None)
+
+    async def _claim(self, p: int, generation: int) -> None:
+        assert self._appender is not None
+        part = PartitionRuns(p)
+        await self._catch_up(part, await self.log.end_offset(self.topics.runs, p))
+        epoch = max(generation, part.epoch + 1)
+        claim = Event(
+            new_event_id(), PartitionClaimed.TYPE, "", "", 0, self.clock(), epoch,
+            PartitionClaimed(p, self.worker_id),
+        )
+        await self._appender.submit(claim, b"", p)
+        await self._catch_up(part, await self.log.end_offset(self.topics.runs, p))
+        if part.epoch != epoch:  # someone claimed after us: we are already fenced
+            log.warning("partition claimed by a newer owner", partition=p, epoch=epoch)
+            return
+        self._epoch[p] = epoch
+        self._parts[p] = part
+        live = list(part.live_runs())
+        for state in live:
+            if state.status == RUNNING:
+                self._recover.add(state.run_id)
+            self._react(state)
+        log.info("partition claimed", partition=p, epoch=epoch, live_runs=len(live),
+                 worker=self.worker_id)
+        self._readers[p] = asyncio.create_task(self._tail(p), name=f"stepline-tail-{p}")
+
+    async def _catch_up(self, part: PartitionRuns, end: int) -> None:
+        while part.next_offset < end:
+            recs = await self.log.read(self.topics.runs, part.partition, part.next_offset, self._read_batch)
+            for r in recs:
+                ev = self._decode(r.value, part.partition, r.offset)
+                if ev is not None:
+                    part.apply(ev, r.offset)
+                else:
+                    part.next_offset = r.offset + 1
+
+    # --- reading ---------------------------------------------------------
+
+    def _decode(self, value: bytes, p: int, offset: int) -> Event | None:
+        own = self._own.pop((p, offset), None)
+        if own is not None:
+            return own
+        try:
+            return codec.decode(value)
+        except SchemaError as exc:
+            # Never block the partition on one bad record; say where it is.
+            log.error("undecodable event skipped", partition=p, offset=offset, error=str(exc))
+            return None
+
+    def _on_appended(self, p: int, offsets: list[int], events: list[Event]) -> None:
+        part = self._parts.get(p)
+        if part is None:
+            return
+        for off, ev in zip(offsets, events):
+            if off >= part.next_offset:
+                self._own[(p, off)] = ev
+
+    async def _tail(self, p: int) -> None:
+        part = self._parts[p]
+        topic = self.topics.runs
+        while True:
+            recs = await self.log.read(topic, p, part.next_offset, self._read_batch, timeout=1.0)
+            touched: dict[str, RunState] = {}
+            for r in recs:
+                ev = self._decode(r.value, p, r.offset)
+                if ev is None:
+                    part.next_offset = r.offset + 1
+                    continue
+                st = part.apply(ev, r.offset)
+                if st is not None:
+                    touched[st.run_id] = st
+            for st in touched.values():
+                self._react(st)
+            if touched:
+                self._pump()
+
+    # --- deciding --------------------------------------------------------
+
+    def _react(self, state: RunState) -> None:
+        rid = state.run_id
+        status = state.status
+        if rid in self._active:
+            if status == CANCELLED:
+                self._cancel_requested.add(rid)
+                self._active[rid].cancel()
+            return
+        settling = self._settling.get(rid)
+        if settling is not None:
+            part = self._parts.get(partition_for(rid.encode(), self._nparts))
+            if part is not None and part.next_offset <= settling:
+                return  # this state predates the attempt's outcome
+            del self._settling[rid]
+        if status == PENDING:
+            if state.not_before is not None and state.not_before > self.clock():
+                self._timers.schedule(state.not_before, rid, START)
+            else:
+                self._enqueue(state)
+        elif status == RETRYING and state.retry_at is not None:
+            self._timers.schedule(state.retry_at, rid, START)
+        elif status == SUSPENDED and state.wake_at is not None:
+            self._timers.schedule(state.wake_at, rid, RESUME)
+        elif status == RUNNING and rid in self._recover:
+            self._enqueue(state)
+        else:
+            self._ready.discard(rid)
+            if status not in (RUNNING,):
+                self._seq.pop(rid, None)
+
+    def _enqueue(self, state: RunState) -> None:
+        task = self.registry._tasks.get(state.task_id)
+        queue, limit = (task.queue.name, task.queue.concurrency_limit) if task else ("", None)
+        self._ready.push(state.run_id, queue, limit, state.priority, state.created_at)
+
+    def _state(self, run_id: str) -> RunState | None:
+        part = self._parts.get(partition_for(run_id.encode(), self._nparts))
+        return None if part is None else part.runs.get(run_id)
+
+    def _on_timer(self, run_id: str, kind: str) -> None:
+        state = self._state(run_id)
+        if state is None or run_id in self._active:
+            return
+        now = self.clock()
+        if kind == RESUME and state.status == SUSPENDED and state.wake_at is not None and state.wake_at <= now:
+            waiting = [s for s in state.steps.values() if s.status == "waiting"]
+            for s in waiting:
+                self._emit(state, RunResumed(s.step, "timer"))
+        elif kind == START and self._runnable(state, now):
+            self._enqueue(state)
+            self._pump()
+
+    def _runnable(self, state: RunState, now: int) -> bool:
+        if state.status == PENDING:
+            return state.not_before is None or state.not_before <= now
+        if state.status == RETRYING:
+            return state.retry_at is None or state.retry_at <= now
+        return state.status == RUNNING and state.run_id in self._recover
+
+    def _pump(self) -> None:
+        now = self.clock()
+        while len(self._active) < self.concurrency:
+            nxt = self._ready.pop()
+            if nxt is None:
+                return
+            rid, queue = nxt
+            state = self._state(rid)
+            if state is None or rid in self._active or not self._runnable(state, now):
+                self._ready.release(queue)
+                continue
+            self._recover.discard(rid)
+            self._active[rid] = asyncio.create_task(self._run(state, queue), name=f"run-{rid}")
+
+    # --- executing -------------------------------------------------------
+
+    def _emit(self, state: RunState, body: Body) -> asyncio.Future[int]:
+        assert self._appender is not None
+        rid = state.run_id
+        p = partition_for(rid.encode(), self._nparts)
+        seq = max(self._seq.get(rid, 0), state.seq) + 1
+        self._seq[rid] = seq
+        ev = Event(new_event_id(), body.TYPE, rid, state.task_id, seq, self.clock(),
+                   self._epoch.get(p, 0), body)
+        return self._appender.submit(ev, rid.encode(), p)
+
+    async def _run(self, state: RunState, queue: str) -> None:
+        rid = state.run_id
+        outcome_offset: int | None = None
+        if self.client is not None:
+            _current_client.set(self.client)  # this attempt's own context copy
+        try:
+            try:
+                task = self.registry.get(state.task_id)
+            except UnknownTask as exc:
+                info = error_info(exc, retriable=False)
+                self._emit(state, RunFailed(info, state.attempt))
+                outcome_offset = await self._emit(
+                    state, RunDeadLettered(f"task {state.task_id!r} is not registered on this worker")
+                )
+                return
+            ctx = RunContext(rid, state.task_id, state.attempt, state.steps,
+                             lambda body: self._emit(state, body), self.clock)
+            outcome = await execute_attempt(task, state, ctx, self.worker_id, self._rng)
+            outcome_offset = outcome.offset
+            log.debug("attempt finished", run_id=rid, task=state.task_id, attempt=state.attempt,
+                      outcome=outcome.kind)
+        except asyncio.CancelledError:
+            if rid not in self._cancel_requested:
+                raise  # shutdown or revocation: the next owner resumes the run
+        except Exception:
+            # Recording the outcome failed (the log is down). The run stays
+            # live on the log and is resumed by whoever owns it next.
+            log.exception("could not record attempt outcome", run_id=rid)
+        finally:
+            self._cancel_requested.discard(rid)
+            self._active.pop(rid, None)
+            self._ready.release(queue)
+            if not self._stopping:
+                # If the outcome was already read back while this attempt was
+                # winding down, its reaction was skipped (the run was still
+                # active): react now. Otherwise the tail reacts when it folds it.
+                part = self._parts.get(partition_for(rid.encode(), self._nparts))
+                if outcome_offset is not None and part is not None:
+                    if part.next_offset > outcome_offset:
+                        latest = part.runs.get(rid)
+                        if latest is not None:
+                            self._react(latest)
+                    else:
+                        self._settling[rid] = outcome_offset
+                self._pump()
+
+    # --- introspection (tests, CLI) -------------------------------------
+
+    def runs(self) -> dict[str, RunState]:
+        out: dict[str, RunState] = {}
+        for part in self._parts.values():
+            out.update(part.runs)
+        return out
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    @property
+    def owned(self) -> frozenset[int]:
+        return frozenset(self._parts)

@@ -1,0 +1,360 @@
+"""Run state as a pure fold over run events.
+
+`fold_run(state, event) -> state` has no I/O, no clock and no globals: the
+same events always give the same state, which is what lets a worker rebuild
+a partition after a crash and `stepline replay` rebuild any projection.
+
+`PartitionRuns` holds the runs of one partition plus the fencing epoch. It
+is the only mutable piece: a dict of immutable `RunState`s, each replaced by
+the result of `fold_run`, so a state handed out is never changed under the
+reader's feet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+
+from stepline.events import (
+    REQUEST_TYPES,
+    ErrorInfo,
+    Event,
+    LogRecorded,
+    PartitionClaimed,
+    Payload,
+    RetryScheduled,
+    RunCancelled,
+    RunCompleted,
+    RunDeadLettered,
+    RunFailed,
+    RunResumed,
+    RunRetriggered,
+    RunStarted,
+    RunSuspended,
+    RunTriggered,
+    StepCompleted,
+    StepFailed,
+    StepStarted,
+)
+
+PENDING = "pending"
+RUNNING = "running"
+SUSPENDED = "suspended"
+RETRYING = "retrying"
+COMPLETED = "completed"
+FAILED = "failed"
+CANCELLED = "cancelled"
+
+TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
+LIVE = frozenset({PENDING, RUNNING, SUSPENDED, RETRYING})
+
+# Logs kept per run in the projection. The log itself keeps every record;
+# this bound only caps what one run can hold in a worker's memory.
+MAX_LOGS_PER_RUN = 1000
+
+_EMPTY_STEPS: Mapping[int, StepState] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class StepState:
+    step: int
+    name: str
+    status: str  # running | completed | failed | waiting
+    attempt: int
+    started_at: int | None = None
+    ended_at: int | None = None
+    input: Payload | None = None
+    output: Payload | None = None
+    error: ErrorInfo | None = None
+    wake_at: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptError:
+    attempt: int
+    step: int | None
+    step_name: str | None
+    error: ErrorInfo
+    time: int
+
+
+@dataclass(frozen=True, slots=True)
+class RetryInfo:
+    attempt: int
+    retry_at: int
+    delay_ms: int
+    reason: str
+    time: int
+
+
+@dataclass(frozen=True, slots=True)
+class LogLine:
+    time: int
+    level: str
+    message: str
+    attempt: int
+    step: int | None
+    fields: str
+
+
+@dataclass(frozen=True, slots=True)
+class RunState:
+    run_id: str
+    task_id: str
+    status: str
+    payload: Payload
+    created_at: int
+    updated_at: int
+    seq: int = 0
+    attempt: int = 1
+    # Attempt number at the last (re)trigger: retry policies count from here.
+    first_attempt: int = 1
+    priority: int = 0
+    tags: tuple[str, ...] = ()
+    idempotency_key: str | None = None
+    parent_run_id: str | None = None
+    queue: str | None = None
+    concurrency_key: str | None = None
+    not_before: int | None = None
+    steps: Mapping[int, StepState] = field(default_factory=lambda: _EMPTY_STEPS)
+    wake_at: int | None = None
+    retry_at: int | None = None
+    started_at: int | None = None
+    ended_at: int | None = None
+    output: Payload | None = None
+    error: ErrorInfo | None = None
+    dead_lettered: bool = False
+    errors: tuple[AttemptError, ...] = ()
+    retries: tuple[RetryInfo, ...] = ()
+    logs: tuple[LogLine, ...] = ()
+    logs_dropped: int = 0
+
+    @property
+    def live(self) -> bool:
+        return self.status in LIVE
+
+    @property
+    def attempt_in_trigger(self) -> int:
+        """1 for the first attempt since the run was (re)triggered."""
+        return self.attempt - self.first_attempt + 1
+
+    def completed_steps(self) -> int:
+        return sum(1 for s in self.steps.values() if s.status == "completed")
+
+
+def _with_step(state: RunState, step: StepState) -> Mapping[int, StepState]:
+    steps = dict(state.steps)
+    steps[step.step] = step
+    return MappingProxyType(steps)
+
+
+def fold_run(state: RunState | None, event: Event) -> RunState | None:
+    """Apply one event to one run's state. Unknown or misplaced events are no-ops.
+
+    Returns None only while the run has not been triggered yet (an event
+    that arrives for a run id with no RunTriggered is ignored).
+    """
+    body = event.body
+    t = event.time
+    if isinstance(body, RunTriggered):
+        if state is not None:
+            return state  # idempotent: a repeated trigger is a no-op
+        return RunState(
+            run_id=event.run_id,
+            task_id=event.task_id,
+            status=PENDING,
+            payload=body.payload,
+            created_at=t,
+            updated_at=t,
+            seq=event.seq,
+            priority=body.priority,
+            tags=tuple(body.tags),
+            idempotency_key=body.idempotency_key,
+            parent_run_id=body.parent_run_id,
+            queue=body.queue,
+            concurrency_key=body.concurrency_key,
+            not_before=body.not_before,
+        )
+    if state is None:
+        return None
+    if state.status in TERMINAL:
+        return _fold_terminal(state, event)
+    state = replace(state, updated_at=t, seq=max(state.seq, event.seq))
+
+    if isinstance(body, RunStarted):
+        return replace(
+            state,
+            status=RUNNING,
+            attempt=body.attempt,
+            started_at=state.started_at if state.started_at is not None else t,
+            wake_at=None,
+            retry_at=None,
+            not_before=None,
+        )
+    if isinstance(body, StepStarted):
+        prev = state.steps.get(body.step)
+        if prev is not None and prev.status == "completed":
+            return state
+        return replace(
+            state,
+            steps=_with_step(
+                state,
+                StepState(body.step, body.name, "running", body.attempt, t, input=body.input),
+            ),
+        )
+    if isinstance(body, StepCompleted):
+        prev = state.steps.get(body.step)
+        if prev is not None and prev.status == "completed":
+            return state  # exactly one accepted result per step
+        started = prev.started_at if prev is not None else t
+        inp = prev.input if prev is not None else None
+        return replace(
+            state,
+            steps=_with_step(
+                state,
+                StepState(
+                    body.step, body.name, "completed", body.attempt, started, t,
+                    input=inp, output=body.output,
+                ),
+            ),
+        )
+    if isinstance(body, StepFailed):
+        err = AttemptError(body.attempt, body.step, body.name, body.error, t)
+        state = replace(state, errors=state.errors + (err,), error=body.error)
+        if body.step is None:
+            return state
+        prev = state.steps.get(body.step)
+        if prev is not None and prev.status == "completed":
+            return state
+        return replace(
+            state,
+            steps=_with_step(
+                state,
+                StepState(
+                    body.step, body.name or (prev.name if prev else "?"), "failed",
+                    body.attempt, prev.started_at if prev else t, t,
+                    input=prev.input if prev else None, error=body.error,
+                ),
+            ),
+        )
+    if isinstance(body, RetryScheduled):
+        info = RetryInfo(body.attempt, body.retry_at, body.delay_ms, body.reason, t)
+        return replace(
+            state,
+            status=RETRYING,
+            attempt=body.attempt,
+            retry_at=body.retry_at,
+            retries=state.retries + (info,),
+        )
+    if isinstance(body, RunSuspended):
+        prev = state.steps.get(body.step)
+        if prev is not None and prev.status == "completed":
+            return state  # already resumed past this wait
+        return replace(
+            state,
+            status=SUSPENDED,
+            wake_at=body.wake_at,
+            steps=_with_step(
+                state,
+                StepState(
+                    body.step, body.reason, "waiting", state.attempt,
+                    prev.started_at if prev else t, wake_at=body.wake_at,
+                ),
+            ),
+        )
+    if isinstance(body, RunResumed):
+        prev = state.steps.get(body.step)
+        if prev is None or prev.status == "completed":
+            return state
+        return replace(
+            state,
+            status=PENDING,
+            wake_at=None,
+            steps=_with_step(state, replace(prev, status="completed", ended_at=t)),
+        )
+    if isinstance(body, RunCompleted):
+        return replace(state, status=COMPLETED, output=body.output, ended_at=t, error=None)
+    if isinstance(body, RunFailed):
+        return replace(state, status=FAILED, error=body.error, ended_at=t)
+    if isinstance(body, RunCancelled):
+        return replace(state, status=CANCELLED, ended_at=t, wake_at=None, retry_at=None)
+    if isinstance(body, LogRecorded):
+        return _with_log(state, event, body)
+    return state
+
+
+def _fold_terminal(state: RunState, event: Event) -> RunState:
+    """After a run ended only dead-lettering, retriggering and logs apply."""
+    body = event.body
+    t = event.time
+    if isinstance(body, RunDeadLettered):
+        return replace(state, dead_lettered=True, updated_at=t)
+    if isinstance(body, RunRetriggered) and state.status in (FAILED, CANCELLED):
+        next_attempt = state.attempt + 1
+        return replace(
+            state,
+            status=PENDING,
+            payload=body.payload if body.payload is not None else state.payload,
+            attempt=next_attempt,
+            first_attempt=next_attempt,
+            dead_lettered=False,
+            error=None,
+            ended_at=None,
+            updated_at=t,
+        )
+    if isinstance(body, LogRecorded):
+        return _with_log(state, event, body)
+    return state
+
+
+def _with_log(state: RunState, event: Event, body: LogRecorded) -> RunState:
+    if len(state.logs) >= MAX_LOGS_PER_RUN:
+        return replace(state, logs_dropped=state.logs_dropped + 1)
+    line = LogLine(event.time, body.level, body.message, body.attempt, body.step, body.fields)
+    return replace(state, logs=state.logs + (line,))
+
+
+@dataclass(slots=True)
+class PartitionRuns:
+    """Every run of one partition, fenced by the owner's epoch.
+
+    Events written by a partition owner carry its epoch; once a newer owner
+    has claimed the partition, events from older epochs are dropped, so a
+    zombie worker cannot record a second outcome for a step. Client
+    requests (trigger, cancel, retrigger) carry epoch 0 and are not fenced.
+    """
+
+    partition: int
+    epoch: int = 0
+    next_offset: int = 0
+    runs: dict[str, RunState] = field(default_factory=dict)
+    fenced: int = 0
+
+    def apply(self, event: Event, offset: int | None = None) -> RunState | None:
+        """Fold one event in; return the run's new state (None if not a run event)."""
+        if offset is not None:
+            self.next_offset = offset + 1
+        body = event.body
+        if isinstance(body, PartitionClaimed):
+            if event.epoch > self.epoch:
+                self.epoch = event.epoch
+            return None
+        if event.type not in REQUEST_TYPES and event.epoch < self.epoch:
+            self.fenced += 1
+            return None
+        new = fold_run(self.runs.get(event.run_id), event)
+        if new is not None:
+            self.runs[event.run_id] = new
+        return new
+
+    def live_runs(self) -> Iterator[RunState]:
+        return (r for r in self.runs.values() if r.status in LIVE)
+
+
+def fold_events(events: list[Event]) -> dict[str, RunState]:
+    """Fold a list of events (one partition's, in log order) into run states."""
+    part = PartitionRuns(partition=0)
+    for e in events:
+        part.apply(e)
+    return part.runs

@@ -1,0 +1,113 @@
+"""Shared fixtures: one engine suite, every backend.
+
+`backend_url` is parametrised over the log backends; an engine test that
+takes it runs once per backend. The Kafka backend joins the list when it
+exists, and every engine test then runs against a real broker too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import stepline as sl
+from stepline.topics import Topics
+
+BACKENDS = ["memory", "sqlite"]
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def make_url(kind: str, tmp_path: Path) -> str:
+    if kind == "memory":
+        return f"memory://test-{uuid.uuid4().hex}"
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path}/stepline.db"
+    raise ValueError(kind)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return make_url(request.param, tmp_path)
+
+
+async def eventually(
+    check: Callable[[], Any] | Callable[[], Awaitable[Any]],
+    timeout: float = 10.0,
+    what: str = "condition",
+) -> Any:
+    """Poll `check` until it returns something truthy; fail after `timeout` s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+class Engine:
+    """A client and a worker on one log, restartable like a process."""
+
+    def __init__(self, url: str, registry: sl.Registry, concurrency: int = 64) -> None:
+        self.url = url
+        self.registry = registry
+        self.concurrency = concurrency
+        self.topics = Topics(partitions=3)
+        self.client = sl.Client(url, registry=registry, topics=self.topics)
+        self.worker: sl.Worker | None = None
+        self._worker_log: Any = None
+
+    async def start(self) -> Engine:
+        await self.client.__aenter__()
+        await self.start_worker()
+        return self
+
+    async def start_worker(self) -> sl.Worker:
+        # A worker gets its own connection to the log, as a separate process would.
+        self._worker_log = sl.open_log(self.url)
+        await self._worker_log.start()
+        self.worker = sl.Worker(
+            self.registry, self._worker_log, topics=self.topics,
+            concurrency=self.concurrency, client=self.client,
+        )
+        await self.worker.start()
+        return self.worker
+
+    async def stop_worker(self) -> None:
+        if self.worker is not None:
+            await self.worker.close()
+            await self._worker_log.close()
+            self.worker = None
+
+    async def restart_worker(self) -> sl.Worker:
+        await self.stop_worker()
+        return await self.start_worker()
+
+    async def close(self) -> None:
+        await self.stop_worker()
+        await self.client.__aexit__(None, None, None)
+
+
+@pytest.fixture
+async def engine_factory(backend_url: str) -> AsyncIterator[Callable[..., Awaitable[Engine]]]:
+    engines: list[Engine] = []
+
+    async def make(registry: sl.Registry, concurrency: int = 64) -> Engine:
+        e = Engine(backend_url, registry, concurrency)
+        engines.append(e)
+        return await e.start()
+
+    yield make
+    for e in engines:
+        await e.close()

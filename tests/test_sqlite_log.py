@@ -1,0 +1,322 @@
+"""What only the embedded sqlite log promises: WAL, several processes, the group
+lock, and write errors that surface instead of vanishing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from stepline.errors import InvalidLogUrl, LogError, LogUnavailable, LogWriteFailed
+from stepline.log import DEFAULT_LOG_URL, Assignment, TopicSpec, open_log
+from stepline.log.sqlite import SCHEMA_VERSION, SqliteLog
+
+TOPIC = "events"
+
+
+def url_for(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "nested" / "dir" / "log.db"
+
+
+@pytest.fixture
+async def log(db: Path) -> AsyncIterator[SqliteLog]:
+    async with SqliteLog(db) as log:
+        await log.ensure_topics([TopicSpec(TOPIC, 2)])
+        yield log
+
+
+async def run_python(code: str, *args: str, timeout: float = 60) -> str:
+    """Run a snippet in a fresh interpreter; return its stdout, fail on error."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", textwrap.dedent(code), *args,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+async def no_op(_: object) -> None:
+    return None
+
+
+# --- the file ------------------------------------------------------------------
+
+
+async def test_the_file_is_in_wal_mode_with_a_schema_version(log: SqliteLog, db: Path) -> None:
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    finally:
+        conn.close()
+
+
+async def test_every_commit_is_fsynced_unless_normal_is_asked_for(tmp_path: Path) -> None:
+    def synchronous(conn: sqlite3.Connection) -> int:
+        return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+    async with open_log(url_for(tmp_path / "a.db")) as full:
+        assert await full._write(synchronous) == 2  # type: ignore[attr-defined]  # FULL
+    async with open_log(url_for(tmp_path / "b.db") + "?synchronous=normal") as normal:
+        assert await normal._write(synchronous) == 1  # type: ignore[attr-defined]  # NORMAL
+
+
+async def test_a_file_from_a_newer_build_is_refused(db: Path) -> None:
+    db.parent.mkdir(parents=True)
+    conn = sqlite3.connect(db)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(LogUnavailable, match="newer"):
+        async with SqliteLog(db):
+            pass
+
+
+async def test_a_path_that_cannot_be_opened_raises_log_unavailable(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(LogUnavailable, match=str(blocker)):
+        async with open_log(url_for(blocker / "log.db")):
+            pass
+    with pytest.raises(LogUnavailable, match=str(tmp_path)):
+        async with open_log(url_for(tmp_path)):  # a directory, not a file
+            pass
+
+
+# --- URLs ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("postgres://localhost/db", "supported schemes: memory://, sqlite://"),
+        ("stepline.db", "supported schemes"),
+        ("kafka://localhost:9092", "Kafka backend is not in this build"),
+        ("sqlite://host/log.db", "has a host"),
+        ("sqlite:///", "names no database file"),
+        ("sqlite:///x.db?synchronous=off", "'full' or 'normal'"),
+        ("sqlite:///x.db?poll_interval_ms=0", "positive"),
+        ("sqlite:///x.db?colour=blue", "unknown option 'colour'"),
+    ],
+)
+def test_an_invalid_url_says_what_is_wrong(url: str, says: str) -> None:
+    with pytest.raises(InvalidLogUrl) as info:
+        open_log(url)
+    assert says in str(info.value)
+    assert url in str(info.value)
+
+
+def test_sqlite_urls_follow_the_sqlalchemy_convention(tmp_path: Path) -> None:
+    relative = open_log("sqlite:///some/dir/log.db")
+    assert isinstance(relative, SqliteLog)
+    assert relative.path == os.path.abspath("some/dir/log.db")
+    absolute = open_log(f"sqlite:///{tmp_path}/log.db?synchronous=normal&poll_interval_ms=5")
+    assert isinstance(absolute, SqliteLog)
+    assert absolute.path == f"{tmp_path}/log.db"
+    assert (absolute.synchronous, absolute.poll_interval) == ("normal", 0.005)
+    assert isinstance(open_log(DEFAULT_LOG_URL), SqliteLog)
+
+
+# --- several processes ---------------------------------------------------------
+
+APPENDER = """
+    import asyncio, json, os, sys, time
+    from stepline.log import open_log
+
+    async def main(url, name, count, go):
+        async with open_log(url) as log:
+            print("ready", flush=True)
+            deadline = time.monotonic() + 30
+            while not os.path.exists(go):  # start together with the other process
+                assert time.monotonic() < deadline, "never told to go"
+                time.sleep(0.001)
+            # 8 appenders in a loop: many small batches, so the two processes'
+            # transactions interleave instead of landing as two big blocks.
+            async def appender(first):
+                got = []
+                for i in range(first, count, 8):
+                    value = f"{name}-{i}".encode()
+                    got += await log.append("events", 0, [(name.encode(), value)])
+                return got
+            results = await asyncio.gather(*(appender(j) for j in range(8)))
+        print(json.dumps([o for r in results for o in r]))
+
+    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]))
+"""
+
+
+async def test_two_processes_appending_to_one_partition_lose_nothing(
+    log: SqliteLog, db: Path, tmp_path: Path
+) -> None:
+    count = 400
+    go = tmp_path / "go"
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", textwrap.dedent(APPENDER), url_for(db), name, str(count),
+            str(go), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        for name in ("alpha", "beta")
+    ]
+    try:
+        for proc in procs:  # both have the log open: let them go at once
+            assert await asyncio.wait_for(proc.stdout.readline(), 30) == b"ready\n"  # type: ignore[union-attr]
+        go.touch()
+        outputs = await asyncio.wait_for(asyncio.gather(*(p.communicate() for p in procs)), 60)
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+    for proc, (_, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err.decode()
+    alpha, beta = [json.loads(out) for out, _ in outputs]
+    # And this process appends too, interleaved with nothing in particular.
+    mine = await log.append(TOPIC, 0, [(b"me", b"me-0")])
+
+    assert sorted(alpha + beta + mine) == list(range(2 * count + 1))
+    interleaved = sum(1 for o in alpha if o + 1 in set(beta))
+    assert interleaved > 0, "the processes never interleaved; the test proved nothing"
+    records = await log.read(TOPIC, 0, 0, max_records=10_000)
+    assert [r.offset for r in records] == list(range(2 * count + 1))
+    # Every offset a process was given holds that process's record.
+    for name, offsets in (("alpha", alpha), ("beta", beta)):
+        assert {records[o].key for o in offsets} == {name.encode()}
+        assert {records[o].value for o in offsets} == {f"{name}-{i}".encode() for i in range(count)}
+
+
+async def test_a_reader_sees_appends_made_by_another_process(log: SqliteLog, db: Path) -> None:
+    reader = asyncio.create_task(log.read(TOPIC, 1, 0, timeout=60))
+    await run_python(
+        """
+        import asyncio, sys
+        from stepline.log import open_log
+        async def main():
+            async with open_log(sys.argv[1]) as log:
+                await log.append("events", 1, [(b"cli", b"triggered from a CLI")])
+        asyncio.run(main())
+        """,
+        url_for(db),
+    )
+    records = await asyncio.wait_for(reader, 10)
+    assert [r.value for r in records] == [b"triggered from a CLI"]
+
+
+GROUP_HOLDER = """
+    import asyncio, sys
+    from stepline.log import open_log
+
+    async def main(url):
+        async with open_log(url) as log:
+            async def nothing(_):
+                pass
+            member = await log.join_group("workers", "events", nothing, nothing)
+            print(member.assignment.generation, flush=True)
+            await asyncio.Event().wait()  # hold the group until killed
+
+    asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def test_a_killed_members_group_lock_passes_to_the_next_joiner(
+    log: SqliteLog, db: Path
+) -> None:
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", textwrap.dedent(GROUP_HOLDER), url_for(db),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None
+        line = await asyncio.wait_for(holder.stdout.readline(), 30)
+        assert line, (await holder.stderr.read()).decode()  # type: ignore[union-attr]
+        held_generation = int(line)
+        assert os.path.exists(log.lock_path("workers"))
+
+        assigned: list[Assignment] = []
+
+        async def on_assign(assignment: Assignment) -> None:
+            assigned.append(assignment)
+
+        joining = asyncio.create_task(log.join_group("workers", TOPIC, on_assign, no_op))
+        done, _ = await asyncio.wait({joining}, timeout=0.3)
+        assert not done, "joined while another process held the group"
+
+        holder.send_signal(signal.SIGKILL)
+        member = await asyncio.wait_for(joining, 10)
+        assert member.assignment.partitions == {0, 1}
+        assert member.assignment.generation > held_generation
+        assert assigned == [member.assignment]
+        await member.leave()
+    finally:
+        if holder.returncode is None:
+            holder.kill()
+        await holder.wait()
+
+
+# --- write errors --------------------------------------------------------------
+
+
+async def test_a_full_database_fails_the_append_and_later_appends_work(log: SqliteLog) -> None:
+    await log.append(TOPIC, 0, [(b"k", b"before")])
+
+    def cap_at_current_size(conn: sqlite3.Connection) -> None:
+        size = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {size}")
+
+    await log._write(cap_at_current_size)
+    big = [(b"k", os.urandom(4000)) for _ in range(50)]
+    with pytest.raises(LogWriteFailed, match="SQLITE_FULL") as info:
+        await log.append(TOPIC, 0, big)
+    assert isinstance(info.value, LogError) and info.value.retriable
+    assert isinstance(info.value.__cause__, sqlite3.Error)
+
+    await log._write(lambda conn: conn.execute("PRAGMA max_page_count = 1073741823"))
+    # Nothing of the failed batch was written, so offsets carry on from 1.
+    assert await log.append(TOPIC, 0, big) == list(range(1, 51))
+    assert await log.end_offset(TOPIC, 0) == 51
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB tmpfs; needs root and mount rights, else the test skips."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+async def test_a_full_disk_fails_the_append_and_later_appends_work(tiny_disk: Path) -> None:
+    async with SqliteLog(tiny_disk / "log.db") as log:
+        await log.ensure_topics([TopicSpec(TOPIC, 1)])
+        written = 0
+        with pytest.raises(LogWriteFailed) as info:
+            for _ in range(1000):  # 1000 x 16 KiB is far more than 1 MiB
+                await log.append(TOPIC, 0, [(b"k", os.urandom(1024))] * 16)
+                written += 16
+        assert "full" in str(info.value).lower()
+        assert written > 0
+
+        subprocess.run(["mount", "-o", "remount,size=64m", str(tiny_disk)], check=True)
+        assert await log.append(TOPIC, 0, [(b"k", b"after")]) == [written]
+        records = await log.read(TOPIC, 0, written)
+        assert [r.value for r in records] == [b"after"]
