@@ -29,6 +29,7 @@ from stepline.errors import (
     UnknownTask,
 )
 from stepline.log import DEFAULT_LOG_URL, open_log
+from stepline.logs import configure_logging
 from stepline.projections.runs import RunState, StepState
 from stepline.retry import Retry, Rule, http_status
 from stepline.task import Queue, Registry, Task, default_registry, load_app, task
@@ -59,6 +60,7 @@ __all__ = [
     "Worker",
     "open_log",
     "DEFAULT_LOG_URL",
+    "configure_logging",
     # errors
     "SteplineError",
     "FatalError",

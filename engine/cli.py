@@ -38,7 +38,7 @@ app.add_typer(runs_app, name="runs")
 app.add_typer(dlq_app, name="dlq")
 
 out = Console(soft_wrap=True)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 LogOpt = Annotated[str, typer.Option("--log", envvar="STEPLINE_LOG", help="Log URL.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
@@ -305,8 +305,11 @@ def cancel(
 
 def _runs_table(runs: list[RunState], title: str) -> Table:
     table = Table(title=title)
-    for col in ("run", "task", "status", "attempt", "created", "error"):
+    table.add_column("run", no_wrap=True)
+    for col in ("task", "status", "attempt"):
         table.add_column(col)
+    table.add_column("created", no_wrap=True)
+    table.add_column("error")
     for r in runs:
         status = r.status + (" (dead letter)" if r.dead_lettered else "")
         error = f"{r.error.type}: {r.error.message}" if r.error and r.status == FAILED else ""
