@@ -244,9 +244,7 @@ class Client:
     ) -> RunHandle[R]:
         """Append RunTriggered; validation errors raise before anything is written."""
         task_id, t = self._task(task)
-        pcodec = t.payload_codec if t else ANY
-        value = pcodec.validate(payload, f"payload for task {task_id!r}")
-        data = pcodec.dump(value, f"payload for task {task_id!r}")
+        data = (t.payload_codec if t else ANY).check_and_dump(payload, f"payload for task {task_id!r}")
         now = self.clock()
         run_id = idempotent_run_id(task_id, idempotency_key) if idempotency_key else new_run_id(now)
         not_before = None
@@ -288,8 +286,7 @@ class Client:
             if self.registry is not None and state.task_id in self.registry:
                 t = self.registry.get(state.task_id)
             pcodec = t.payload_codec if t else ANY
-            where = f"payload for task {state.task_id!r}"
-            replacement = pcodec.dump(pcodec.validate(payload, where), where)
+            replacement = pcodec.check_and_dump(payload, f"payload for task {state.task_id!r}")
         body = RunRetriggered(replacement, "client")
         await self._append(Event(new_event_id(), body.TYPE, run_id, state.task_id, 0, self.clock(), 0, body))
         return state

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 
 class SteplineError(Exception):
     """Root of every error Stepline raises on purpose."""
@@ -144,6 +146,8 @@ class FatalError(SteplineError):
 class RetryAfter(SteplineError):
     """Raise from a task to retry after a given delay (e.g. HTTP 429)."""
 
-    def __init__(self, message: str, retry_after: float) -> None:
+    def __init__(self, message: str, retry_after: float | timedelta) -> None:
         super().__init__(message)
-        self.retry_after = retry_after
+        self.retry_after: float = (
+            retry_after.total_seconds() if isinstance(retry_after, timedelta) else float(retry_after)
+        )

@@ -13,12 +13,20 @@ import time
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
+# Two base32 digits per table entry: ids are made once per trigger.
+_PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]
+
+
 def _b32(value: int, length: int) -> str:
+    """`length` Crockford base32 digits of `value`, most significant first."""
     out = []
-    for _ in range(length):
+    if length % 2:
         out.append(_ALPHABET[value & 31])
         value >>= 5
-    return "".join(reversed(out))
+    for _ in range(length // 2):
+        out.append(_PAIRS[value & 1023][::-1])
+        value >>= 10
+    return "".join(out)[::-1]
 
 
 def new_run_id(now_ms: int | None = None) -> str:

@@ -38,6 +38,12 @@ class Codec:
             raise PayloadValidationError(where, f"not JSON-serialisable: {exc}") from exc
         return Payload(JSON, data)
 
+    def check_and_dump(self, value: Any, where: str) -> Payload:
+        """Validate a value given by a caller (e.g. to trigger) and encode it."""
+        if self._plain:
+            return self.dump(value, where)
+        return self.dump(self.validate(value, where), where)
+
     def validate(self, value: Any, where: str) -> Any:
         """Validate a Python value (e.g. a dict given to trigger)."""
         if self._plain:

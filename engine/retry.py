@@ -121,6 +121,8 @@ class Retry:
             raise TaskDefinitionError(f"Retry.factor must be >= 1, got {self.factor}")
         if _secs(self.min_timeout) < 0 or _secs(self.max_timeout) < _secs(self.min_timeout):
             raise TaskDefinitionError("Retry needs 0 <= min_timeout <= max_timeout")
+        if self.fixed is not None and _secs(self.fixed) < 0:
+            raise TaskDefinitionError(f"Retry fixed delay must be >= 0, got {self.fixed}")
 
     # --- constructors --------------------------------------------------
 
