@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, ParamSpec, Protocol, TypeVar, overload
+from typing import ParamSpec, Protocol, TypeVar, overload
 
 from stepline.errors import NonDeterminismError, NotInRunContext
 from stepline.events import Body, ErrorInfo, StepCompleted, StepFailed, StepStarted

@@ -26,6 +26,7 @@ import os
 import random
 import socket
 from collections.abc import Callable
+
 import structlog
 
 from stepline import codec
