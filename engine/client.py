@@ -363,7 +363,8 @@ class Client:
             if state.status in TERMINAL:
                 return state
         try:
-            ev = await asyncio.wait_for(fut, timeout)
+            async with asyncio.timeout(timeout):
+                ev = await fut
         except TimeoutError:
             raise TimeoutError(f"run {run_id} did not finish within {timeout} s") from None
         finally:

@@ -345,8 +345,6 @@ class Worker:
                              lambda body: self._emit(state, body), self.clock)
             outcome = await execute_attempt(task, state, ctx, self.worker_id, self._rng)
             outcome_offset = outcome.offset
-            log.debug("attempt finished", run_id=rid, task=state.task_id, attempt=state.attempt,
-                      outcome=outcome.kind)
         except asyncio.CancelledError:
             if rid not in self._cancel_requested:
                 raise  # shutdown or revocation: the next owner resumes the run

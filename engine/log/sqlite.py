@@ -190,7 +190,45 @@ class _Call:
 _Op = _Append | _Call
 # (future, result, error) per operation of a batch, in queue order.
 _Results = list[tuple[asyncio.Future[Any], Any, BaseException | None]]
-_Deliver = Callable[[_Results, set[tuple[int, int]]], None]
+_Rows = dict[tuple[int, int], list[tuple[int, bytes, bytes, int]]]
+_Deliver = Callable[[_Results, _Rows], None]
+
+
+class _Recent:
+    """A contiguous run of offsets this process committed last in a partition.
+
+    Only committed (durable) records enter it. When another process appended
+    in between, the run restarts at our batch, so it never has holes: any
+    offset inside [start, end) is exactly what the table holds.
+    """
+
+    KEEP = 20_000
+
+    __slots__ = ("start", "rows")
+
+    def __init__(self) -> None:
+        self.start = 0
+        self.rows: list[tuple[int, bytes, bytes, int]] = []
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.rows)
+
+    def add(self, rows: list[tuple[int, bytes, bytes, int]]) -> None:
+        if not rows:
+            return
+        if not self.rows or rows[0][0] != self.end:
+            self.start, self.rows = rows[0][0], list(rows)
+        else:
+            self.rows.extend(rows)
+        if len(self.rows) > 2 * self.KEEP:
+            drop = len(self.rows) - self.KEEP
+            del self.rows[:drop]
+            self.start += drop
+
+    def slice(self, offset: int, max_records: int) -> list[tuple[int, bytes, bytes, int]]:
+        i = offset - self.start
+        return self.rows[i : i + max_records]
 
 
 class _Writer:
@@ -289,16 +327,16 @@ class _Writer:
             try:
                 results, touched = self._transaction(batch)
             except sqlite3.Error as exc:
-                results, touched = self._failed(batch, exc), set()
+                results, touched = self._failed(batch, exc), {}
         except sqlite3.Error as exc:
-            results, touched = self._failed(batch, exc), set()
+            results, touched = self._failed(batch, exc), {}
         assert self._loop is not None and self._deliver is not None
         try:
             self._loop.call_soon_threadsafe(self._deliver, results, touched)
         except RuntimeError:
             pass  # the loop is closed; nobody is left to tell
 
-    def _transaction(self, batch: list[_Op]) -> tuple[_Results, set[tuple[int, int]]]:
+    def _transaction(self, batch: list[_Op]) -> tuple[_Results, _Rows]:
         conn, turnstile = self._conn, self._turnstile
         assert conn is not None and turnstile is not None
         turnstile.enter()
@@ -314,6 +352,7 @@ class _Writer:
             now_ms = time.time_ns() // 1_000_000
             nexts: dict[tuple[int, int], int] = {}
             rows: list[tuple[int, int, int, bytes, bytes, int]] = []
+            written: _Rows = {}
             results: _Results = []
             for op in batch:
                 if isinstance(op, _Call):
@@ -327,8 +366,10 @@ class _Writer:
                     top = conn.execute(_MAX_OFFSET, where).fetchone()[0]
                     start = 0 if top is None else top + 1
                 tid, part = where
+                mine = written.setdefault(where, [])
                 for i, (key, value) in enumerate(op.records):
                     rows.append((tid, part, start + i, key, value, now_ms))
+                    mine.append((start + i, key, value, now_ms))
                 nexts[where] = start + len(op.records)
                 results.append((op.future, list(range(start, nexts[where])), None))
             # One executemany for the whole batch; ops' relative order is kept.
@@ -347,7 +388,7 @@ class _Writer:
         self._next.update(nexts)
         self.commits += 1
         self.records_written += len(rows)
-        return results, set(nexts)
+        return results, written
 
     @staticmethod
     def _call(
@@ -504,6 +545,10 @@ class SqliteLog(Log):
         # bumped on every append so a reader can tell it missed one.
         self._waiters: dict[tuple[int, int], list[asyncio.Future[None]]] = {}
         self._appended: dict[tuple[int, int], int] = {}
+        # What this process committed last, per partition: readers in this
+        # process (the worker tailing its own appends, a client awaiting a
+        # result) are served from here without a query.
+        self._recent: dict[tuple[int, int], _Recent] = {}
         # Out-of-process wake-ups: the poller's last data_version, and a
         # counter bumped each time it changes.
         self._data_version = -1
@@ -568,7 +613,7 @@ class SqliteLog(Log):
         writer.submit(_Call(fn, future))
         return await future
 
-    def _deliver(self, results: _Results, touched: set[tuple[int, int]]) -> None:
+    def _deliver(self, results: _Results, written: _Rows) -> None:
         """Runs on the loop, once per written batch (writer step 5)."""
         for future, value, exc in results:
             if future.done():
@@ -577,7 +622,8 @@ class SqliteLog(Log):
                 future.set_result(value)
             else:
                 future.set_exception(exc)
-        for where in touched:
+        for where, rows in written.items():
+            self._recent.setdefault(where, _Recent()).add(rows)
             self._appended[where] = self._appended.get(where, 0) + 1
             for waiter in self._waiters.pop(where, ()):
                 _set_if_pending(waiter)
@@ -646,8 +692,11 @@ class SqliteLog(Log):
 
     async def _select(self, topic: str, where: tuple[int, int], offset: int,
                       max_records: int) -> list[Record]:
-        _, readers = self._parts()
         tid, part = where
+        recent = self._recent.get(where)
+        if recent is not None and recent.start <= offset < recent.end:
+            return [Record(topic, part, o, k, v, ts) for o, k, v, ts in recent.slice(offset, max_records)]
+        _, readers = self._parts()
         rows = await readers.run(
             lambda c: c.execute(_SELECT, (tid, part, offset, max_records)).fetchall()
         )
