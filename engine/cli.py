@@ -183,6 +183,11 @@ def _registry(app_module: str | None, needed_for: str) -> Registry:
 
 
 async def _serve_worker(registry: Registry, log_url: str, concurrency: int) -> None:
+    # The log's writer and reader threads hand results back to the event
+    # loop; with CPython's default 5 ms switch interval each hand-off can
+    # wait that long for the GIL while the loop is busy. This process is
+    # ours, so shorten it (a library embedded in an app leaves it alone).
+    sys.setswitchinterval(0.0005)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,0 +1,53 @@
+"""Smoke test of the benchmark: `bench/run.py --quick` completes, every run
+it drives ends with the right output, and it writes a JSONL line for every
+workload. Timings are never asserted (the CI machine is shared and noisy)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# workload -> the parameter sets it must report (as the JSONL `params`).
+EXPECTED = {
+    "c_fsync": [{"bytes": 200}],
+    "c_sqlite": [{"synchronous": "full", "rows_per_commit": 1},
+                 {"synchronous": "normal", "rows_per_commit": 1}],
+    "micro_codec": [{"event": "StepCompleted"}],
+    "a_throughput": [{"in_flight": c, "steps": 3} for c in (1, 16, 256)],
+    "b_latency": [{"steps": n, "in_flight": 1} for n in (0, 1, 10, 100)],
+    "b_slope": [{"steps": [0, 1, 10, 100]}],
+    "b_amortised": [{"steps": 100, "in_flight": 256}],
+}
+ENGINE_WORKLOADS = {"a_throughput", "b_latency", "b_slope", "b_amortised"}
+MODES = ("FULL (fsync)", "NORMAL (no fsync)")
+
+
+def test_bench_quick(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out", str(tmp_path),
+         "--tmpdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=180, cwd=ROOT,
+    )
+    assert proc.returncode == 0, f"bench failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    files = list(tmp_path.glob("*.jsonl"))
+    assert len(files) == 1, files
+    rows = [json.loads(line) for line in files[0].read_text().splitlines() if line.strip()]
+    assert rows and all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+
+    for workload, param_sets in EXPECTED.items():
+        for params in param_sets:
+            hits = [r for r in rows if r["workload"] == workload and r["params"] == params]
+            if workload in ENGINE_WORKLOADS:
+                for mode in MODES:
+                    assert any(mode in r["system"] for r in hits), (workload, params, mode)
+            else:
+                assert hits, (workload, params)
+    for r in rows:
+        m = r["metrics"]
+        if r["workload"] in ("a_throughput", "b_latency", "b_amortised"):
+            assert m["completed"] == m["runs"] > 0, r
+        assert r["rep"] == 1
