@@ -19,22 +19,36 @@ import pytest
 import stepline as sl
 from stepline.topics import Topics
 
+# "kafka" joins this list with the Kafka issue: the engine suite passes on
+# a local broker, but is not yet stable enough there to gate CI on.
 BACKENDS = ["memory", "sqlite"]
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def make_url(kind: str, tmp_path: Path) -> str:
-    if kind == "memory":
-        return f"memory://test-{uuid.uuid4().hex}"
-    if kind == "sqlite":
-        return f"sqlite:///{tmp_path}/stepline.db"
-    raise ValueError(kind)
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> str:
+    """Bootstrap servers of a real broker: KAFKA_BOOTSTRAP_SERVERS, or started."""
+    from tests.kafka_broker import BrokerUnavailable, ensure_broker
+
+    try:
+        return ensure_broker()
+    except BrokerUnavailable as exc:
+        if IN_CI:
+            pytest.fail(f"CI=true and no Kafka broker could be had: {exc}")
+        pytest.skip(f"no Kafka broker (a failure under CI=true, a skip otherwise): {exc}")
 
 
 @pytest.fixture(params=BACKENDS)
 def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return make_url(request.param, tmp_path)
+    """A fresh, empty log of each backend; Kafka gets a new namespace per test."""
+    kind = request.param
+    if kind == "memory":
+        return f"memory://test-{uuid.uuid4().hex}"
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path}/stepline.db"
+    servers = request.getfixturevalue("kafka_bootstrap")
+    return f"kafka://{servers}?namespace=test-{uuid.uuid4().hex[:12]}"
 
 
 async def eventually(

@@ -2,6 +2,10 @@
 
 To add a backend, add its name to `BACKENDS` and a branch in `backend_url`
 that returns a URL naming a fresh, empty log for one test.
+
+Kafka runs against one real broker for the whole session (see
+`tests/kafka_broker.py`); each test gets a fresh namespace, so its topics
+and groups are new and nothing is shared between tests.
 """
 
 from __future__ import annotations
@@ -16,18 +20,30 @@ import pytest
 from stepline.errors import UnknownTopic
 from stepline.log import Assignment, Log, TopicSpec, open_log
 
-BACKENDS = ["memory", "sqlite"]
+BACKENDS = ["memory", "sqlite", "kafka"]
+# Backends whose groups seat one member at a time: it holds every partition
+# and later joiners queue behind it. Kafka shares the partitions out among
+# the live members instead (parallelism = partitions).
+SINGLE_SEAT = {"memory", "sqlite"}
 
 LogFactory = Callable[[], Awaitable[Log]]
 
 
 @pytest.fixture(params=BACKENDS)
-def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "memory":
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def backend_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if backend == "memory":
         return f"memory://contract-{uuid.uuid4().hex}"
-    if request.param == "sqlite":
+    if backend == "sqlite":
         return f"sqlite:///{tmp_path / 'log.db'}"
-    raise AssertionError(f"no URL for backend {request.param!r}")
+    if backend == "kafka":
+        servers = request.getfixturevalue("kafka_bootstrap")
+        return f"kafka://{servers}?namespace=contract-{uuid.uuid4().hex[:12]}"
+    raise AssertionError(f"no URL for backend {backend!r}")
 
 
 @pytest.fixture
@@ -231,32 +247,64 @@ class Callbacks:
 
 
 async def test_a_member_gets_every_partition_and_a_second_waits_its_turn(
-    open_another: LogFactory, topic: str
+    backend: str, open_another: LogFactory, topic: str
 ) -> None:
     first_log, second_log = await open_another(), await open_another()
     await first_log.ensure_topics([TopicSpec(topic, 4)])
     first, second = Callbacks(), Callbacks()
+    everything = frozenset(range(4))
 
     member = await within(first_log.join_group("workers", topic, first.on_assign, first.on_revoke))
-    assert member.assignment.partitions == frozenset(range(4))  # type: ignore[attr-defined]
+    assert member.assignment.partitions == everything  # type: ignore[attr-defined]
     assert first.events == [("assign", member.assignment)]  # type: ignore[attr-defined]
+    generation = member.assignment.generation  # type: ignore[attr-defined]
 
     joining = asyncio.create_task(
         second_log.join_group("workers", topic, second.on_assign, second.on_revoke)
     )
-    done, _ = await asyncio.wait({joining}, timeout=0.3)
-    assert not done, "a second member joined while the first still held the group"
-    assert second.events == []
+    if backend in SINGLE_SEAT:
+        done, _ = await asyncio.wait({joining}, timeout=0.3)
+        assert not done, "a second member joined while the first still held the group"
+        assert second.events == []
+    else:
+        # The second member gets a share: the first gives everything up first,
+        # then each partition has exactly one member, in a newer generation.
+        other = await within(joining, 30)
+        await eventually(
+            lambda: member.assignment.generation  # type: ignore[attr-defined]
+            == other.assignment.generation  # type: ignore[attr-defined]
+            and member.assignment.partitions | other.assignment.partitions == everything  # type: ignore[attr-defined]
+            and not member.assignment.partitions & other.assignment.partitions,  # type: ignore[attr-defined]
+            what="the partitions to be shared by both members",
+        )
+        assert ("revoke", everything) in first.events
+        assert other.assignment.generation > generation  # type: ignore[attr-defined]
+        assert other.assignment.partitions  # type: ignore[attr-defined]
 
+    held = member.assignment.partitions  # type: ignore[attr-defined]
     await member.leave()  # type: ignore[attr-defined]
-    assert first.events[-1] == ("revoke", frozenset(range(4)))
+    assert first.events[-1] == ("revoke", held)
     successor = await within(joining)
-    assert successor.assignment.partitions == frozenset(range(4))  # type: ignore[attr-defined]
+    await eventually(
+        lambda: successor.assignment.partitions == everything,  # type: ignore[attr-defined]
+        what="the remaining member to get every partition",
+    )
     assert (
         successor.assignment.generation  # type: ignore[attr-defined]
         > member.assignment.generation  # type: ignore[attr-defined]
     )
+    assert second.events[-1] == ("assign", successor.assignment)  # type: ignore[attr-defined]
     await successor.leave()  # type: ignore[attr-defined]
+
+
+async def eventually(check: Callable[[], object], timeout: float = 30.0,
+                     what: str = "condition") -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 async def test_the_generation_grows_with_every_join(log: Log, topic: str) -> None:
