@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import random
 import time
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -32,7 +33,7 @@ def _b32(value: int, length: int) -> str:
 
 def new_run_id(now_ms: int | None = None) -> str:
     ms = int(time.time() * 1000) if now_ms is None else now_ms
-    rand = int.from_bytes(os.urandom(10), "big")
+    rand = _random.getrandbits(80)
     return "run_" + _b32((ms << 80) | rand, 26)
 
 
@@ -46,17 +47,23 @@ def idempotent_run_id(task_id: str, idempotency_key: str) -> str:
     return "run_" + _b32(int.from_bytes(digest[:16], "big") >> 2, 26)
 
 
+# Seeded from the OS, renewed in a forked child. Run ids need uniqueness,
+# not secrecy; os.urandom per id released the GIL on every trigger.
+_random = random.Random(os.urandom(16))
 _event_prefix = os.urandom(8).hex()
 _event_counter = itertools.count()
 
 
-def _renew_event_prefix() -> None:
+def _after_fork() -> None:
     global _event_prefix
-    _event_prefix = os.urandom(8).hex()
+    # Seeded from the OS, renewed in a forked child. Run ids need uniqueness,
+# not secrecy; os.urandom per id released the GIL on every trigger.
+_random = random.Random(os.urandom(16))
+_event_prefix = os.urandom(8).hex()
 
 
 # A forked child must not continue its parent's sequence under its prefix.
-os.register_at_fork(after_in_child=_renew_event_prefix)
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def new_event_id() -> str:

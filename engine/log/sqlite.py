@@ -204,19 +204,23 @@ class _Recent:
 
     KEEP = 20_000
 
-    __slots__ = ("start", "rows")
+    __slots__ = ("start", "rows", "mark")
 
     def __init__(self) -> None:
         self.start = 0
         self.rows: list[tuple[int, bytes, bytes, int]] = []
+        # The external-commit counter when we last added: if it moved since,
+        # someone else may have appended past `end`.
+        self.mark = -1
 
     @property
     def end(self) -> int:
         return self.start + len(self.rows)
 
-    def add(self, rows: list[tuple[int, bytes, bytes, int]]) -> None:
+    def add(self, rows: list[tuple[int, bytes, bytes, int]], mark: int) -> None:
         if not rows:
             return
+        self.mark = mark
         if not self.rows or rows[0][0] != self.end:
             self.start, self.rows = rows[0][0], list(rows)
         else:
@@ -623,7 +627,7 @@ class SqliteLog(Log):
             else:
                 future.set_exception(exc)
         for where, rows in written.items():
-            self._recent.setdefault(where, _Recent()).add(rows)
+            self._recent.setdefault(where, _Recent()).add(rows, self._external)
             self._appended[where] = self._appended.get(where, 0) + 1
             for waiter in self._waiters.pop(where, ()):
                 _set_if_pending(waiter)
@@ -691,11 +695,19 @@ class SqliteLog(Log):
         return await future
 
     async def _select(self, topic: str, where: tuple[int, int], offset: int,
-                      max_records: int) -> list[Record]:
+                      max_records: int, will_wait: bool = False) -> list[Record]:
         tid, part = where
         recent = self._recent.get(where)
-        if recent is not None and recent.start <= offset < recent.end:
-            return [Record(topic, part, o, k, v, ts) for o, k, v, ts in recent.slice(offset, max_records)]
+        if recent is not None:
+            if recent.start <= offset < recent.end:
+                return [Record(topic, part, o, k, v, ts) for o, k, v, ts in recent.slice(offset, max_records)]
+            if will_wait and offset == recent.end and recent.mark == self._external:
+                # Caught up with our own last commit, and the poller has seen
+                # no other commit since. The caller is about to wait, and the
+                # poller wakes it if another process did append: skip the
+                # query. (A caller that will not wait gets the query, or it
+                # could spin on a stale answer.)
+                return []
         _, readers = self._parts()
         rows = await readers.run(
             lambda c: c.execute(_SELECT, (tid, part, offset, max_records)).fetchall()
@@ -717,7 +729,7 @@ class SqliteLog(Log):
             # Counters first, then the query: an append committed after the
             # query started bumps one of them, so it is never slept through.
             seen = (self._appended.get(where, 0), self._external)
-            found = await self._select(topic, where, offset, max_records)
+            found = await self._select(topic, where, offset, max_records, timeout > 0)
             remaining = deadline - loop.time()
             if found or remaining <= 0:
                 return found
