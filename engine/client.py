@@ -140,6 +140,19 @@ class _Watcher:
         self.task = asyncio.create_task(self._loop(), name=f"stepline-watch-{partition}")
 
     async def _loop(self) -> None:
+        try:
+            await self._tail()
+        except Exception as exc:
+            # The log failed under us: waiters get the error now rather than
+            # a timeout later, and the next wait starts a new watcher.
+            self.client._watchers.pop(self.partition, None)
+            for futures in self.waiters.values():
+                for f in futures:
+                    if not f.done():
+                        f.set_exception(exc)
+            self.waiters.clear()
+
+    async def _tail(self) -> None:
         offset = self.start
         log_, topic = self.client.log, self.client.topics.runs
         while True:

@@ -152,17 +152,23 @@ class Worker:
         self._pump()
 
     async def _on_revoke(self, partitions: frozenset[int]) -> None:
-        doomed = [rid for rid in self._active if partition_for(rid.encode(), self._nparts) in partitions]
-        for rid in doomed:
-            self._active[rid].cancel()
-        await asyncio.gather(*(self._active[r] for r in doomed if r in self._active), return_exceptions=True)
+        """Stop everything for these partitions before anyone else may own them.
+
+        The partitions are forgotten first, so that no run of theirs starts
+        while the running ones wind down (a run ending frees a slot, and the
+        pump would otherwise pick a queued run of a partition being revoked).
+        """
+        readers = [self._readers.pop(p) for p in partitions if p in self._readers]
         for p in partitions:
-            reader = self._readers.pop(p, None)
-            if reader is not None:
-                reader.cancel()
-                await asyncio.gather(reader, return_exceptions=True)
             self._parts.pop(p, None)
             self._epoch.pop(p, None)
+        for reader in readers:
+            reader.cancel()
+        doomed = [t for rid, t in self._active.items()
+                  if partition_for(rid.encode(), self._nparts) in partitions]
+        for t in doomed:
+            t.cancel()
+        await asyncio.gather(*readers, *doomed, return_exceptions=True)
 
     async def _claim(self, p: int, generation: int) -> None:
         assert self._appender is not None

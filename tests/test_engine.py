@@ -432,10 +432,12 @@ async def test_an_unknown_task_on_the_worker_dead_letters_the_run(engine_factory
     # A client that does not know the task (another service) cannot check it.
     other = sl.Client(log=e.client.log, topics=e.topics)
     await other.start()
-    handle = await other.trigger("not-deployed", {"a": 1})
-    await other.close()
-    with pytest.raises(sl.RunFailedError, match="UnknownTask"):
-        await handle.result(timeout=10)
+    try:
+        handle = await other.trigger("not-deployed", {"a": 1})
+        with pytest.raises(sl.RunFailedError, match="UnknownTask"):
+            await handle.result(timeout=10)
+    finally:
+        await other.close()
     state = await eventually(lambda: _dead(e, handle.run_id), what="dead letter")
     assert "not registered" in (await event_types_bodies(e, handle.run_id))
 
