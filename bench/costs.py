@@ -20,9 +20,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sl_tasks  # noqa: E402
+
 from stepline import codec  # noqa: E402
 from stepline.events import (  # noqa: E402
-    JSON, Event, Payload, RunCompleted, RunStarted, RunTriggered, StepCompleted, StepStarted,
+    JSON,
+    Event,
+    Payload,
+    RunCompleted,
+    RunStarted,
+    RunTriggered,
+    StepCompleted,
+    StepStarted,
 )
 from stepline.ids import new_event_id, new_run_id  # noqa: E402
 from stepline.projections.runs import PartitionRuns, fold_run  # noqa: E402

@@ -16,6 +16,13 @@ commit, the default) and again on `?synchronous=normal` (no fsync)):
   c_sqlite       SQLite WAL single-row commits, FULL and NORMAL
   micro_codec    stepline.codec encode/decode of a StepCompleted
 
+With --kafka (the default; --no-kafka turns it off) the same run also
+measures Stepline on a real Kafka broker and that broker's raw limit with
+plain aiokafka (bench/kafka_bench.py: systems "stepline-kafka" and
+"aiokafka-raw", workloads k_*). When no broker can be had (see
+tests/kafka_broker.py) that part is skipped with the reason printed.
+--kafka-only runs just that part.
+
 One JSON line per (system, workload, parameters, repetition) goes to
 OUT/<UTC timestamp>.jsonl (default bench/results/); a summary table
 (median [min-max] over repetitions) is printed at the end. The exit code
@@ -44,6 +51,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import kafka_bench  # noqa: E402
 import physical  # noqa: E402
 import workloads  # noqa: E402
 
@@ -199,6 +207,7 @@ HEADLINES: dict[str, list[tuple[str, str, str]]] = {
                  ("commits_per_s", "commits/s", "{:,.0f}")],
     "micro_codec": [("encode_us", "encode µs", "{:.2f}"), ("decode_us", "decode µs", "{:.2f}"),
                     ("bytes", "bytes", "{:.0f}")],
+    **kafka_bench.HEADLINES,
 }
 
 
@@ -253,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(HERE / "results"), help="folder for the .jsonl (default bench/results)")
     ap.add_argument("--tmpdir", default=None, help="where the databases go (default: the system temp dir)")
     ap.add_argument("--timeout", type=float, default=None, help="per-workload timeout, s")
+    ap.add_argument("--kafka", action=argparse.BooleanOptionalAction, default=True,
+                    help="also measure Stepline on Kafka and the raw broker (default on; "
+                         "skipped with the reason when no broker can be had)")
+    ap.add_argument("--kafka-only", action="store_true", help="only the Kafka part")
     args = ap.parse_args(argv)
     reps = args.reps if args.reps is not None else (1 if args.quick else 3)
     sz = sizes(args.quick)
@@ -267,8 +280,20 @@ def main(argv: list[str] | None = None) -> int:
     rec = Recorder(path, env)
     print(f"stepline bench: {reps} rep(s){' (quick)' if args.quick else ''} -> {path}", file=sys.stderr)
     t0 = time.perf_counter()
+    bootstrap = None
+    if args.kafka or args.kafka_only:
+        try:
+            bootstrap = kafka_bench.get_broker()
+            print(f"kafka: broker at {bootstrap}", file=sys.stderr)
+        except Exception as exc:  # BrokerUnavailable or anything on the way to it
+            print(f"kafka: skipped: no broker could be had: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
+    ksz = kafka_bench.sizes(args.quick)
     for rep in range(1, reps + 1):
-        one_rep(rec, rep, sz, args.tmpdir, timeout)
+        if not args.kafka_only:
+            one_rep(rec, rep, sz, args.tmpdir, timeout)
+        if bootstrap is not None:
+            kafka_bench.one_rep(rec, rep, ksz, bootstrap, timeout, _run_async)
     print_summary(rec.rows, path)
     failed = [r for r in rec.rows if not r["ok"]]
     print(f"{len(rec.rows)} results in {time.perf_counter() - t0:.0f} s; "

@@ -19,12 +19,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import sl_tasks
+
 import stepline as sl
 from stepline.logs import configure_logging
 from stepline.projections.runs import COMPLETED
 from stepline.topics import Topics
-
-import sl_tasks
 
 # As the CLI does for `stepline dev`/`worker` (there at INFO; WARNING here only to keep the
 # per-partition "claimed" lines out of the output, none is on a hot path). Without

@@ -439,6 +439,7 @@ async def test_an_unknown_task_on_the_worker_dead_letters_the_run(engine_factory
     finally:
         await other.close()
     state = await eventually(lambda: _dead(e, handle.run_id), what="dead letter")
+    assert state.error is not None and state.error.type == "UnknownTask"
     assert "not registered" in (await event_types_bodies(e, handle.run_id))
 
 
