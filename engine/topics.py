@@ -8,6 +8,9 @@ from stepline.log.base import TopicSpec
 
 DEFAULT_NAMESPACE = "stepline"
 DEFAULT_PARTITIONS = 4
+# Snapshots are shortcuts, refreshed as partitions advance; a week keeps the
+# last one of a quiet partition around (past that, rebuild from offset 0).
+SNAPSHOT_RETENTION_MS = 7 * 24 * 3600 * 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +31,10 @@ class Topics:
         return f"{self.namespace}.queues"
 
     @property
+    def snapshots(self) -> str:
+        return f"{self.namespace}.snapshots"
+
+    @property
     def worker_group(self) -> str:
         return f"{self.namespace}.workers"
 
@@ -36,4 +43,5 @@ class Topics:
             TopicSpec(self.runs, self.partitions),
             TopicSpec(self.events, self.partitions),
             TopicSpec(self.queues, self.partitions),
+            TopicSpec(self.snapshots, self.partitions, SNAPSHOT_RETENTION_MS),
         ]

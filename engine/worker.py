@@ -34,7 +34,7 @@ from stepline.appender import Appender
 from stepline.client import Client, _current_client
 from stepline.context import RunContext, error_info, now_ms
 from stepline.dispatch import ReadyQueue
-from stepline.errors import SchemaError, UnknownTask
+from stepline.errors import LogError, SchemaError, UnknownTask
 from stepline.events import (
     Body,
     Event,
@@ -54,7 +54,9 @@ from stepline.projections.runs import (
     PartitionRuns,
     RunState,
 )
+from stepline.projections.snapshot import SnapshotError
 from stepline.runner import execute_attempt
+from stepline.snapshots import SnapshotStore
 from stepline.task import Registry
 from stepline.timers import TimerWheel
 from stepline.topics import Topics
@@ -83,6 +85,7 @@ class Worker:
         clock: Callable[[], int] = now_ms,
         read_batch: int = 2000,
         client: Client | None = None,
+        snapshot_every: int = 50_000,
     ) -> None:
         self.registry = registry
         self.log = log_
@@ -91,6 +94,12 @@ class Worker:
         self.worker_id = worker_id or default_worker_id()
         self.clock = clock
         self._read_batch = read_batch
+        # Events folded between snapshots of a partition; a revoke also
+        # snapshots when at least a tenth of that has accumulated.
+        self.snapshot_every = snapshot_every
+        self._folded_since: dict[int, int] = {}
+        # Where each claimed partition's rebuild started (0 without a snapshot).
+        self.rebuilt_from: dict[int, int] = {}
         # Tasks that trigger other tasks use this client.
         self.client = client
         self._rng = random.Random()
@@ -126,6 +135,7 @@ class Worker:
         await self.log.ensure_topics(self.topics.specs())
         self._nparts = await self.log.partitions(self.topics.runs)
         self._appender = Appender(self.log, self.topics.runs, self._on_appended)
+        self._snapshots = SnapshotStore(self.log, self.topics.snapshots)
         self._timers.start()
         self._membership = await self.log.join_group(
             self.topics.worker_group, self.topics.runs, self._on_assign, self._on_revoke
@@ -159,8 +169,8 @@ class Worker:
         pump would otherwise pick a queued run of a partition being revoked).
         """
         readers = [self._readers.pop(p) for p in partitions if p in self._readers]
+        leaving = [part for p in partitions if (part := self._parts.pop(p, None)) is not None]
         for p in partitions:
-            self._parts.pop(p, None)
             self._epoch.pop(p, None)
         for reader in readers:
             reader.cancel()
@@ -169,10 +179,17 @@ class Worker:
         for t in doomed:
             t.cancel()
         await asyncio.gather(*readers, *doomed, return_exceptions=True)
+        # Leave a recent snapshot for the next owner. Its state is a fold of
+        # a log prefix, valid whoever writes it, even after losing ownership.
+        for part in leaving:
+            if self._folded_since.get(part.partition, 0) >= max(1, self.snapshot_every // 10):
+                await self._snapshot(part)
 
     async def _claim(self, p: int, generation: int) -> None:
         assert self._appender is not None
-        part = PartitionRuns(p)
+        part = await self._load_snapshot(p)
+        self.rebuilt_from[p] = part.next_offset
+        self._folded_since[p] = 0
         await self._catch_up(part, await self.log.end_offset(self.topics.runs, p))
         epoch = max(generation, part.epoch + 1)
         claim = Event(
@@ -194,6 +211,21 @@ class Worker:
         log.info("partition claimed", partition=p, epoch=epoch, live_runs=len(live),
                  worker=self.worker_id)
         self._readers[p] = asyncio.create_task(self._tail(p), name=f"stepline-tail-{p}")
+
+    async def _load_snapshot(self, p: int) -> PartitionRuns:
+        try:
+            part = await self._snapshots.load(p)
+        except (SnapshotError, LogError) as exc:
+            log.warning("snapshot unusable, rebuilding from offset 0", partition=p, error=str(exc))
+            part = None
+        return part if part is not None else PartitionRuns(p)
+
+    async def _snapshot(self, part: PartitionRuns) -> None:
+        try:
+            await self._snapshots.save(part)
+            self._folded_since[part.partition] = 0
+        except LogError as exc:  # a shortcut lost, nothing else
+            log.warning("could not write a snapshot", partition=part.partition, error=str(exc))
 
     async def _catch_up(self, part: PartitionRuns, end: int) -> None:
         while part.next_offset < end:
@@ -244,6 +276,9 @@ class Worker:
                 self._react(st)
             if touched:
                 self._pump()
+            folded = self._folded_since[p] = self._folded_since.get(p, 0) + len(recs)
+            if folded >= self.snapshot_every:
+                await self._snapshot(part)
 
     # --- deciding --------------------------------------------------------
 

@@ -73,10 +73,11 @@ async def eventually(
 class Engine:
     """A client and a worker on one log, restartable like a process."""
 
-    def __init__(self, url: str, registry: sl.Registry, concurrency: int = 64) -> None:
+    def __init__(self, url: str, registry: sl.Registry, concurrency: int = 64, **worker_options: Any) -> None:
         self.url = url
         self.registry = registry
         self.concurrency = concurrency
+        self.worker_options = worker_options
         self.topics = Topics(partitions=3)
         self.client = sl.Client(url, registry=registry, topics=self.topics)
         self.worker: sl.Worker | None = None
@@ -93,7 +94,7 @@ class Engine:
         await self._worker_log.start()
         self.worker = sl.Worker(
             self.registry, self._worker_log, topics=self.topics,
-            concurrency=self.concurrency, client=self.client,
+            concurrency=self.concurrency, client=self.client, **self.worker_options,
         )
         await self.worker.start()
         return self.worker
@@ -117,8 +118,8 @@ class Engine:
 async def engine_factory(backend_url: str) -> AsyncIterator[Callable[..., Awaitable[Engine]]]:
     engines: list[Engine] = []
 
-    async def make(registry: sl.Registry, concurrency: int = 64) -> Engine:
-        e = Engine(backend_url, registry, concurrency)
+    async def make(registry: sl.Registry, concurrency: int = 64, **worker_options: Any) -> Engine:
+        e = Engine(backend_url, registry, concurrency, **worker_options)
         engines.append(e)
         return await e.start()
 

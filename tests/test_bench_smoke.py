@@ -42,11 +42,18 @@ KAFKA_EXPECTED = [
 ]
 
 
-def test_bench_quick(tmp_path: Path) -> None:
+def test_bench_quick(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    # Share the session's broker with the bench process, so that it neither
+    # starts a second one nor stops it at exit under the other tests' feet.
+    env = dict(os.environ)
+    try:
+        env["KAFKA_BOOTSTRAP_SERVERS"] = request.getfixturevalue("kafka_bootstrap")
+    except pytest.skip.Exception:
+        pass  # no broker here (not CI): the bench reports its Kafka part skipped
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out", str(tmp_path),
          "--tmpdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=180, cwd=ROOT,
+        capture_output=True, text=True, timeout=180, cwd=ROOT, env=env,
     )
     assert proc.returncode == 0, f"bench failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     files = list(tmp_path.glob("*.jsonl"))

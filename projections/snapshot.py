@@ -1,0 +1,129 @@
+"""Snapshots of a partition's run state: bytes <-> PartitionRuns.
+
+A snapshot is `fold(log[0:next_offset])` written down, so whoever writes
+it, a rebuild may start from it and fold only the tail. The format is
+versioned JSON (no pickle: the log outlives the code), zlib-compressed.
+An unknown version or a damaged snapshot is refused with SnapshotError and
+the caller rebuilds from offset 0 instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import zlib
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from stepline.errors import SteplineError
+from stepline.events import ErrorInfo, Payload
+from stepline.projections.runs import (
+    AttemptError,
+    LogLine,
+    PartitionRuns,
+    RetryInfo,
+    RunState,
+    StepState,
+)
+
+VERSION = 1
+
+
+class SnapshotError(SteplineError):
+    """A snapshot could not be read; rebuild from the log instead."""
+
+
+def _payload(p: Payload | None) -> Any:
+    return None if p is None else [p.content_type, base64.b64encode(p.data).decode()]
+
+
+def _unpayload(v: Any) -> Payload | None:
+    return None if v is None else Payload(v[0], base64.b64decode(v[1]))
+
+
+def _error(e: ErrorInfo | None) -> Any:
+    return None if e is None else [e.type, e.message, e.stack, e.retriable]
+
+
+def _unerror(v: Any) -> ErrorInfo | None:
+    return None if v is None else ErrorInfo(v[0], v[1], v[2], v[3])
+
+
+def _step(s: StepState) -> list[Any]:
+    return [s.step, s.name, s.status, s.attempt, s.started_at, s.ended_at,
+            _payload(s.input), _payload(s.output), _error(s.error), s.wake_at]
+
+
+def _unstep(v: list[Any]) -> StepState:
+    return StepState(v[0], v[1], v[2], v[3], v[4], v[5],
+                     _unpayload(v[6]), _unpayload(v[7]), _unerror(v[8]), v[9])
+
+
+# RunState fields stored as they are (JSON scalars); the rest are converted.
+_PLAIN = (
+    "run_id", "task_id", "status", "created_at", "updated_at", "seq", "attempt",
+    "first_attempt", "priority", "idempotency_key", "parent_run_id", "queue",
+    "concurrency_key", "not_before", "wake_at", "retry_at", "started_at", "ended_at",
+    "dead_lettered", "logs_dropped",
+)
+
+
+def _run(r: RunState) -> dict[str, Any]:
+    d: dict[str, Any] = {name: getattr(r, name) for name in _PLAIN}
+    d["tags"] = list(r.tags)
+    d["payload"] = _payload(r.payload)
+    d["output"] = _payload(r.output)
+    d["error"] = _error(r.error)
+    d["steps"] = [_step(s) for s in r.steps.values()]
+    d["errors"] = [[e.attempt, e.step, e.step_name, _error(e.error), e.time] for e in r.errors]
+    d["retries"] = [[i.attempt, i.retry_at, i.delay_ms, i.reason, i.time] for i in r.retries]
+    d["logs"] = [[g.time, g.level, g.message, g.attempt, g.step, g.fields] for g in r.logs]
+    return d
+
+
+def _unrun(d: dict[str, Any]) -> RunState:
+    steps: Mapping[int, StepState] = MappingProxyType({s[0]: _unstep(s) for s in d["steps"]})
+    payload = _unpayload(d["payload"])
+    if payload is None:
+        raise SnapshotError(f"run {d.get('run_id')!r} has no payload")
+    return RunState(
+        **{name: d[name] for name in _PLAIN},
+        tags=tuple(d["tags"]),
+        payload=payload,
+        output=_unpayload(d["output"]),
+        error=_unerror(d["error"]),
+        steps=steps,
+        errors=tuple(AttemptError(e[0], e[1], e[2], _unerror(e[3]), e[4]) for e in d["errors"]),  # type: ignore[arg-type]
+        retries=tuple(RetryInfo(*i) for i in d["retries"]),
+        logs=tuple(LogLine(*g) for g in d["logs"]),
+    )
+
+
+def dump(part: PartitionRuns) -> bytes:
+    doc = {
+        "v": VERSION,
+        "partition": part.partition,
+        "epoch": part.epoch,
+        "next_offset": part.next_offset,
+        "fenced": part.fenced,
+        "runs": [_run(r) for r in part.runs.values()],
+    }
+    return zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 3)
+
+
+def load(data: bytes) -> PartitionRuns:
+    try:
+        doc = json.loads(zlib.decompress(data))
+    except (zlib.error, ValueError) as exc:
+        raise SnapshotError(f"snapshot is damaged: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("v") != VERSION:
+        raise SnapshotError(f"snapshot version {doc.get('v') if isinstance(doc, dict) else '?'} is unknown")
+    try:
+        part = PartitionRuns(doc["partition"], doc["epoch"], doc["next_offset"], fenced=doc["fenced"])
+        for d in doc["runs"]:
+            run = _unrun(d)
+            part.runs[run.run_id] = run
+    except (KeyError, IndexError, TypeError) as exc:
+        raise SnapshotError(f"snapshot is damaged: {type(exc).__name__}: {exc}") from exc
+    return part

@@ -1,0 +1,94 @@
+"""Partition snapshots: a rebuild starts from the newest one and folds only the tail."""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+
+import pytest
+
+import stepline as sl
+from stepline.projections import snapshot
+from stepline.projections.runs import PartitionRuns
+from stepline.projections.snapshot import SnapshotError
+
+from .conftest import eventually
+
+
+def registry() -> tuple[sl.Registry, sl.Task]:
+    reg = sl.Registry()
+
+    @sl.step
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    @sl.task(id="adder", registry=reg, retry=sl.Retry(max_attempts=2, min_timeout=0.01))
+    async def adder(p: dict) -> int:
+        total = await add(p["n"], 1)
+        if p.get("nap"):
+            await sl.sleep(p["nap"])
+        if p.get("fail"):
+            raise ValueError("asked to fail")
+        return await add(total, 1)
+
+    return reg, adder
+
+
+async def test_a_restarted_worker_rebuilds_from_snapshots_to_the_same_state(engine_factory):
+    reg, adder = registry()
+    e = await engine_factory(reg, snapshot_every=20)
+    handles = [await adder.trigger({"n": i, "fail": i % 7 == 0}) for i in range(30)]
+    sleeper = await adder.trigger({"n": 100, "nap": 1.0})
+    for h in handles:
+        try:
+            await h.result(timeout=20)
+        except sl.RunFailedError:
+            pass
+    await eventually(lambda: _status(e, sleeper.run_id, "suspended"), what="the sleeper to suspend")
+
+    worker = await e.restart_worker()
+    assert any(start > 0 for start in worker.rebuilt_from.values()), worker.rebuilt_from
+    # The sleeping run is resumed from the snapshot's state after the restart.
+    assert await sleeper.result(timeout=20) == 102
+    rebuilt = worker.runs()
+    from_zero = {r.run_id: r for r in await e.client.list_runs()}
+    assert set(rebuilt) == set(from_zero)
+    for run_id, state in from_zero.items():
+        assert rebuilt[run_id] == state, run_id
+
+
+async def _status(e, run_id, status):
+    s = await e.client.get_run(run_id)
+    return s if s.status == status else None
+
+
+async def test_a_snapshot_round_trips_every_run_state(engine_factory):
+    reg, adder = registry()
+    e = await engine_factory(reg)
+    for i in range(12):
+        h = await adder.trigger({"n": i, "fail": i % 4 == 0})
+        with pytest.raises(sl.RunFailedError) if i % 4 == 0 else _nothing():
+            await h.result(timeout=20)
+    await asyncio.sleep(0.2)
+    assert e.worker is not None
+    for part in e.worker._parts.values():
+        copy = snapshot.load(snapshot.dump(part))
+        assert (copy.partition, copy.epoch, copy.next_offset) == (part.partition, part.epoch, part.next_offset)
+        assert copy.runs == part.runs
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def test_a_damaged_or_unknown_snapshot_is_refused_not_guessed():
+    good = snapshot.dump(PartitionRuns(3, epoch=2, next_offset=10))
+    assert snapshot.load(good).next_offset == 10
+    with pytest.raises(SnapshotError, match="damaged"):
+        snapshot.load(good[:-4])
+    with pytest.raises(SnapshotError, match="version 99"):
+        snapshot.load(zlib.compress(b'{"v": 99}'))
