@@ -7,10 +7,11 @@ stderr and a non-zero exit code; a command that fails appends nothing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
@@ -60,9 +61,9 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-def _run(coro: Awaitable[T]) -> T:
+def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
-        return asyncio.run(coro)  # type: ignore[arg-type]
+        return asyncio.run(coro)
     except (SteplineError, CliError) as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
@@ -153,7 +154,8 @@ def state_dict(s: RunState) -> dict[str, Any]:
 
 def event_dict(offset: int, ev: Event) -> dict[str, Any]:
     body: dict[str, Any] = {}
-    for name in ev.body.__slots__:  # type: ignore[union-attr]
+    for f in dataclasses.fields(ev.body):
+        name = f.name
         v = getattr(ev.body, name)
         if isinstance(v, Payload):
             v = _payload_json(v)

@@ -27,6 +27,7 @@ from stepline.errors import (
     UnknownRun,
 )
 from stepline.events import (
+    JSON,
     Event,
     Payload,
     RunCancelled,
@@ -389,10 +390,13 @@ class Client:
         return self._terminal_state(run_id, ev)
 
     def _terminal_state(self, run_id: str, ev: Event) -> RunState:
-        """A state good enough for result(): built from the terminal event alone."""
-        seed = RunTriggered(Payload("application/json", b"null"))
-        st = fold_run(None, Event("", seed.TYPE, run_id, ev.task_id, 0, ev.time, 0, seed))
-        return fold_run(st, ev) or st  # type: ignore[return-value]
+        """A state good enough for result(): built from the terminal event alone.
+
+        The watcher sees only terminal events; folding the whole run to
+        answer a result() would read its partition again.
+        """
+        start = RunState(run_id, ev.task_id, "pending", Payload(JSON, b"null"), ev.time, ev.time)
+        return fold_run(start, ev) or start
 
 
 __all__ = ["Client", "RunHandle", "current_client"]

@@ -139,6 +139,9 @@ class Registry:
         except KeyError:
             raise UnknownTask(task_id, list(self._tasks)) from None
 
+    def find(self, task_id: str) -> Task[Any, Any] | None:
+        return self._tasks.get(task_id)
+
     def __contains__(self, task_id: object) -> bool:
         return task_id in self._tasks
 

@@ -313,7 +313,7 @@ class Worker:
                 self._seq.pop(rid, None)
 
     def _enqueue(self, state: RunState) -> None:
-        task = self.registry._tasks.get(state.task_id)
+        task = self.registry.find(state.task_id)
         queue, limit = (task.queue.name, task.queue.concurrency_limit) if task else ("", None)
         self._ready.push(state.run_id, queue, limit, state.priority, state.created_at)
 

@@ -69,6 +69,13 @@ _PLAIN = (
 )
 
 
+def _unattempt_error(v: list[Any]) -> AttemptError:
+    error = _unerror(v[3])
+    if error is None:
+        raise SnapshotError("an attempt error without its error")
+    return AttemptError(v[0], v[1], v[2], error, v[4])
+
+
 def _run(r: RunState) -> dict[str, Any]:
     d: dict[str, Any] = {name: getattr(r, name) for name in _PLAIN}
     d["tags"] = list(r.tags)
@@ -94,7 +101,7 @@ def _unrun(d: dict[str, Any]) -> RunState:
         output=_unpayload(d["output"]),
         error=_unerror(d["error"]),
         steps=steps,
-        errors=tuple(AttemptError(e[0], e[1], e[2], _unerror(e[3]), e[4]) for e in d["errors"]),  # type: ignore[arg-type]
+        errors=tuple(_unattempt_error(e) for e in d["errors"]),
         retries=tuple(RetryInfo(*i) for i in d["retries"]),
         logs=tuple(LogLine(*g) for g in d["logs"]),
     )
