@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
@@ -333,28 +333,36 @@ class Client:
             raise UnknownRun(run_id)
         return state
 
-    async def list_runs(self, progress: Progress | None = None) -> list[RunState]:
-        """All runs, folded from the log (newest first)."""
-        total = 0
-        ends = {}
-        for p in range(self._nparts):
-            ends[p] = await self.log.end_offset(self.topics.runs, p)
-            total += ends[p]
-        done = 0
-        runs: list[RunState] = []
+    async def events(
+        self, progress: Progress | None = None
+    ) -> AsyncIterator[tuple[int, int, Event]]:
+        """Every event on the runs topic as (partition, offset, event), in log
+        order within each partition, up to the ends as of the call."""
+        ends = {p: await self.log.end_offset(self.topics.runs, p) for p in range(self._nparts)}
+        total, done = sum(ends.values()), 0
         for p, end in ends.items():
-            part = PartitionRuns(p)
             offset = 0
             while offset < end:
                 recs = await self.log.read(self.topics.runs, p, offset, 5000)
                 for r in recs:
-                    part.apply(codec.decode(r.value), r.offset)
+                    if r.offset >= end:
+                        break
+                    yield p, r.offset, codec.decode(r.value)
                 step = (recs[-1].offset + 1 - offset) if recs else end - offset
                 offset += step
                 done += step
                 if progress:
-                    progress(done, total)
-            runs.extend(part.runs.values())
+                    progress(min(done, total), total)
+
+    async def list_runs(self, progress: Progress | None = None) -> list[RunState]:
+        """All runs, folded from the log (newest first)."""
+        parts: dict[int, PartitionRuns] = {}
+        async for p, offset, ev in self.events(progress):
+            part = parts.get(p)
+            if part is None:
+                part = parts[p] = PartitionRuns(p)
+            part.apply(ev, offset)
+        runs = [r for part in parts.values() for r in part.runs.values()]
         runs.sort(key=lambda r: (r.created_at, r.run_id), reverse=True)
         return runs
 

@@ -26,7 +26,6 @@ from pathlib import Path
 import pytest
 
 import stepline as sl
-from stepline import codec
 from stepline.events import PartitionClaimed, StepCompleted, StepStarted
 from stepline.projections.runs import PartitionRuns
 
@@ -89,38 +88,20 @@ def fleet(fleet_url: str, tmp_path: Path) -> Iterator[Fleet]:
 async def accepted_histories(client: sl.Client) -> tuple[dict[str, list], int]:
     """Each run's events as the projection accepts them, and how many were fenced."""
     per_run: dict[str, list] = {}
-    fenced = 0
-    runs_topic = client.topics.runs
-    for p in range(await client.log.partitions(runs_topic)):
-        part = PartitionRuns(p)
-        end = await client.log.end_offset(runs_topic, p)
-        offset = 0
-        while offset < end:
-            for rec in await client.log.read(runs_topic, p, offset, 5000):
-                offset = rec.offset + 1
-                ev = codec.decode(rec.value)
-                before = part.fenced
-                if part.apply(ev, rec.offset) is not None or isinstance(ev.body, PartitionClaimed):
-                    if part.fenced == before and ev.run_id:
-                        per_run.setdefault(ev.run_id, []).append(ev)
-        fenced += part.fenced
-    return per_run, fenced
+    parts: dict[int, PartitionRuns] = {}
+    async for p, offset, ev in client.events():
+        part = parts.setdefault(p, PartitionRuns(p))
+        before = part.fenced
+        part.apply(ev, offset)
+        if part.fenced == before and ev.run_id:
+            per_run.setdefault(ev.run_id, []).append(ev)
+    return per_run, sum(part.fenced for part in parts.values())
 
 
 async def owners(client: sl.Client) -> dict[int, str]:
     """The worker that last claimed each partition of the runs topic."""
-    out: dict[int, str] = {}
-    runs_topic = client.topics.runs
-    for p in range(await client.log.partitions(runs_topic)):
-        end = await client.log.end_offset(runs_topic, p)
-        offset = 0
-        while offset < end:
-            for rec in await client.log.read(runs_topic, p, offset, 5000):
-                offset = rec.offset + 1
-                ev = codec.decode(rec.value)
-                if isinstance(ev.body, PartitionClaimed):
-                    out[p] = ev.body.worker_id
-    return out
+    return {p: ev.body.worker_id async for p, _, ev in client.events()
+            if isinstance(ev.body, PartitionClaimed)}
 
 
 async def settled(client: sl.Client, workers: int) -> bool:
