@@ -7,6 +7,11 @@
                       events/s (records appended, counted at the log)
       k_latency       1- and 10-step task, one run at a time: p50/p99
       k_slope         ms per step between the two p50s
+      k_workers       3-step no-op task run by THREE `stepline worker`
+                      processes (bench/sl_tasks.py), triggered from this
+                      process with up to 512 in flight: runs/s, events/s,
+                      CPU s per 1,000 runs (workers + driver; the broker's
+                      apart, when its pid is known from scripts/kafka.sh)
     aiokafka-raw    plain aiokafka on the same broker, acks=all and
                     enable_idempotence=True, ~150-byte records, one topic of
                     6 partitions:
@@ -25,9 +30,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -41,6 +49,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PARTITIONS = 6
 CAPS = (16, 256)
 STEP_COUNTS = (1, 10)
+WORKERS = 3
+WORKERS_IN_FLIGHT = 512
+SETTLE_TIMEOUT_S = 90.0
 RECORD_BYTES = 150
 RAW_IN_FLIGHT = 256
 
@@ -49,10 +60,12 @@ def sizes(quick: bool) -> dict[str, Any]:
     if quick:
         return {"a_runs": {16: 80, 256: 300}, "a_warmup": {16: 16, 256: 64},
                 "b_runs": {1: 10, 10: 10}, "b_warmup": 2,
-                "raw_records": 3000, "raw_single": 30}
+                "raw_records": 3000, "raw_single": 30,
+                "w_runs": 300, "w_warmup": 64}
     return {"a_runs": {16: 800, 256: 3000}, "a_warmup": {16: 50, 256: 256},
             "b_runs": {1: 100, 10: 50}, "b_warmup": 5,
-            "raw_records": 50000, "raw_single": 300}
+            "raw_records": 50000, "raw_single": 300,
+            "w_runs": 3000, "w_warmup": 512}
 
 
 def get_broker() -> str:
@@ -181,6 +194,175 @@ async def step_latency(bootstrap: str, steps: int, n: int, warmup: int) -> dict[
         "appends_per_run": (c1 - c0) / max(n, 1),
         "events_per_run": (r1 - r0) / max(n, 1),
     }}
+
+
+# --- several worker processes ------------------------------------------------------
+
+TASKS_FILE = Path(__file__).resolve().parent / "sl_tasks.py"  # has a module-level `registry`
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime of a process, in seconds, from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        rest = f.read().rpartition(")")[2].split()  # the name may hold spaces
+    return (int(rest[11]) + int(rest[12])) / _CLK_TCK  # fields 14, 15 of proc(5)
+
+
+def script_broker_pid(bootstrap: str) -> int | None:
+    """The pid of scripts/kafka.sh's broker when it is the one at `bootstrap`."""
+    state = Path(os.environ.get("KAFKA_STATE_DIR") or ROOT / ".kafka")
+    try:
+        pid = int((state / "broker.pid").read_text().strip())
+        addr = (state / "bootstrap").read_text().strip()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    if b"kafka.Kafka" not in cmdline or addr.split(",")[0] != bootstrap.split(",")[0].strip():
+        return None
+    return pid
+
+
+async def _owners(client: Any) -> dict[int, str]:
+    """The worker that last claimed each partition of the runs topic (as
+    tests/test_kafka_workers.py reads it: PartitionClaimed events)."""
+    from stepline import codec
+    from stepline.events import PartitionClaimed
+
+    out: dict[int, str] = {}
+    topic = client.topics.runs
+    for p in range(await client.log.partitions(topic)):
+        end = await client.log.end_offset(topic, p)
+        offset = 0
+        while offset < end:
+            for rec in await client.log.read(topic, p, offset, 5000):
+                offset = rec.offset + 1
+                ev = codec.decode(rec.value)
+                if isinstance(ev.body, PartitionClaimed):
+                    out[p] = ev.body.worker_id
+    return out
+
+
+async def _records(client: Any) -> int:
+    """Records in all of the namespace's topics (sum of end offsets)."""
+    total = 0
+    for spec in client.topics.specs():
+        for p in range(await client.log.partitions(spec.name)):
+            total += await client.log.end_offset(spec.name, p)
+    return total
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM (the worker's clean shutdown), then kill what is left."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(10)
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+async def workers_throughput(bootstrap: str, n: int, warmup: int, workers: int = WORKERS,
+                             cap: int = WORKERS_IN_FLIGHT) -> dict[str, Any]:
+    """3-step task executed by `workers` `stepline worker` processes, triggered
+    from this process (a Client only, no Worker) with up to `cap` in flight."""
+    import stepline as sl
+
+    sys.setswitchinterval(0.0005)  # as the worker processes set it
+    ns = fresh_namespace("bench-w")
+    url = log_url(bootstrap, ns)
+    errors: list[str] = []
+    procs: list[subprocess.Popen[bytes]] = []
+    logdir = Path(tempfile.mkdtemp(prefix="stepline-bench-workers-"))
+    broker = script_broker_pid(bootstrap)
+    try:
+        # The driver's Client makes the topics before any worker starts.
+        async with sl.Client(url, registry=sl_tasks.registry) as client:
+            for i in range(workers):
+                with (logdir / f"worker-{i}.log").open("wb") as err:
+                    procs.append(subprocess.Popen(
+                        [sys.executable, "-m", "stepline.cli", "worker", str(TASKS_FILE),
+                         "--log", url, "--concurrency", str(workloads.WORKER_CONCURRENCY)],
+                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                        cwd=ROOT))
+            t_start = time.perf_counter()
+            while True:
+                dead = [i for i, p in enumerate(procs) if p.poll() is not None]
+                if dead:
+                    raise RuntimeError(f"worker(s) {dead} exited before settling: "
+                                       f"{_tail(logdir / f'worker-{dead[0]}.log')} (logs in {logdir})")
+                owners = await _owners(client)
+                if len(owners) == PARTITIONS and len(set(owners.values())) == workers:
+                    break
+                if time.perf_counter() - t_start > SETTLE_TIMEOUT_S:
+                    raise TimeoutError(f"{workers} workers did not share the {PARTITIONS} "
+                                       f"partitions in {SETTLE_TIMEOUT_S:.0f} s: owners {owners} "
+                                       f"(logs in {logdir})")
+                await asyncio.sleep(0.25)
+            settle_s = time.perf_counter() - t_start
+
+            w = await workloads.drive(client, sl_tasks.noop3, sl_tasks.expected_noop3, warmup, cap,
+                                      base=10**9)
+            rec0 = await _records(client)
+            wcpu0 = [proc_cpu_s(p.pid) for p in procs]
+            bcpu0 = proc_cpu_s(broker) if broker else None
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            r = await workloads.drive(client, sl_tasks.noop3, sl_tasks.expected_noop3, n, cap)
+            elapsed, dcpu = time.perf_counter() - t0, time.process_time() - cpu0
+            wcpu = [proc_cpu_s(p.pid) - c for p, c in zip(procs, wcpu0, strict=True)]
+            bcpu = proc_cpu_s(broker) - bcpu0 if broker and bcpu0 is not None else None
+            rec1 = await _records(client)
+            owners_after = await _owners(client)
+            errors += w.errors + r.errors
+            if r.completed != n or w.completed != warmup:
+                errors.append(f"completed {r.completed}/{n} (warm-up {w.completed}/{warmup})")
+            dead = [i for i, p in enumerate(procs) if p.poll() is not None]
+            if dead:
+                errors.append(f"worker(s) {dead} exited during the run: "
+                              f"{_tail(logdir / f'worker-{dead[0]}.log')}")
+    finally:
+        _stop(procs)
+        await delete_namespace(bootstrap, ns)
+    for i, p in enumerate(procs):
+        if p.returncode not in (0, -signal.SIGTERM) and not errors:
+            errors.append(f"worker {i} exited {p.returncode} on SIGTERM: "
+                          f"{_tail(logdir / f'worker-{i}.log')}")
+    done = max(r.completed, 1)
+    total_cpu = sum(wcpu) + dcpu
+    metrics: dict[str, Any] = {
+        "runs": n, "completed": r.completed, "workers": workers, "in_flight": cap,
+        "worker_concurrency": workloads.WORKER_CONCURRENCY, "settle_s": settle_s,
+        "elapsed_s": elapsed, "runs_per_s": r.completed / elapsed,
+        "events_per_s_nominal": 9 * r.completed / elapsed,
+        "records_written": rec1 - rec0, "records_per_run": (rec1 - rec0) / done,
+        "cpu_s_per_1000_runs": 1000 * total_cpu / done,
+        "cpu_s_per_1000_runs_workers": 1000 * sum(wcpu) / done,
+        "cpu_s_per_1000_runs_driver": 1000 * dcpu / done,
+        "cpu_s_per_1000_runs_broker": 1000 * bcpu / done if bcpu is not None else None,
+        "worker_cpu_s": wcpu, "driver_cpu_s": dcpu, "broker_cpu_s": bcpu,
+        "cpu_utilisation": (total_cpu + (bcpu or 0.0)) / elapsed,
+        "cpus": os.cpu_count(),
+        "rebalanced_during_run": owners_after != owners,
+        "aim_runs_per_s": 1500, "vs_aim": r.completed / elapsed / 1500,
+    }
+    if not errors:
+        import shutil
+
+        shutil.rmtree(logdir, ignore_errors=True)
+    else:
+        errors.append(f"worker logs kept in {logdir}")
+    return {"ok": not errors, "errors": errors, "metrics": metrics}
 
 
 # --- raw aiokafka ----------------------------------------------------------------
@@ -331,6 +513,14 @@ HEADLINES: dict[str, list[tuple[str, str, str]]] = {
                   ("appends_per_run", "appends/run", "{:.1f}")],
     "k_slope": [("ms_per_step", "ms/step (slope of p50)", "{:.3f}"),
                 ("intercept_ms", "intercept ms", "{:.2f}")],
+    "k_workers": [("runs_per_s", "runs/s", "{:,.0f}"),
+                  ("events_per_s_nominal", "events/s (9 per run)", "{:,.0f}"),
+                  ("vs_aim", "runs/s ÷ aim 1,500", "{:.2f}"),
+                  ("cpu_s_per_1000_runs", "CPU s/1k runs, workers + driver", "{:.2f}"),
+                  ("cpu_s_per_1000_runs_workers", "  of which workers", "{:.2f}"),
+                  ("cpu_s_per_1000_runs_driver", "  of which driver", "{:.2f}"),
+                  ("cpu_s_per_1000_runs_broker", "CPU s/1k runs, broker", "{:.2f}"),
+                  ("settle_s", "s to settle", "{:.1f}")],
     "k_raw_produce": [("produced_per_s", "records/s produced (acked)", "{:,.0f}"),
                       ("e2e_per_s", "records/s produce->consume", "{:,.0f}")],
     "k_raw_single": [("p50_ms", "single produce p50 ms", "{:.2f}"),
@@ -361,6 +551,9 @@ def one_rep(rec: Any, rep: int, sz: dict[str, Any], bootstrap: str, timeout: flo
         tput[cap] = measure(SYSTEM, "k_throughput",
                             {"in_flight": cap, "steps": 3, "partitions": PARTITIONS},
                             lambda c=cap: throughput(bootstrap, c, sz["a_runs"][c], sz["a_warmup"][c]))
+    measure(SYSTEM, "k_workers", {"workers": WORKERS, "in_flight": WORKERS_IN_FLIGHT, "steps": 3,
+                                  "partitions": PARTITIONS},
+            lambda: workers_throughput(bootstrap, sz["w_runs"], sz["w_warmup"]))
     lat: dict[int, dict[str, Any]] = {}
     for n in STEP_COUNTS:
         lat[n] = measure(SYSTEM, "k_latency", {"steps": n, "in_flight": 1, "partitions": PARTITIONS},

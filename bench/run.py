@@ -19,7 +19,8 @@ commit, the default) and again on `?synchronous=normal` (no fsync)):
 With --kafka (the default; --no-kafka turns it off) the same run also
 measures Stepline on a real Kafka broker and that broker's raw limit with
 plain aiokafka (bench/kafka_bench.py: systems "stepline-kafka" and
-"aiokafka-raw", workloads k_*). When no broker can be had (see
+"aiokafka-raw", workloads k_*; k_workers starts three `stepline worker`
+processes). When no broker can be had (see
 tests/kafka_broker.py) that part is skipped with the reason printed.
 --kafka-only runs just that part.
 

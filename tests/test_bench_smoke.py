@@ -35,6 +35,7 @@ KAFKA_EXPECTED = [
     ("aiokafka-raw", "k_raw_single", {"partitions": 6, "in_flight": 1, "bytes": 150}),
     *[("stepline-kafka", "k_throughput", {"in_flight": c, "steps": 3, "partitions": 6})
       for c in (16, 256)],
+    ("stepline-kafka", "k_workers", {"workers": 3, "in_flight": 512, "steps": 3, "partitions": 6}),
     *[("stepline-kafka", "k_latency", {"steps": n, "in_flight": 1, "partitions": 6})
       for n in (1, 10)],
     ("stepline-kafka", "k_slope", {"steps": [1, 10], "partitions": 6}),
@@ -71,7 +72,8 @@ def test_bench_quick(tmp_path: Path, request: pytest.FixtureRequest) -> None:
                 assert hits, (workload, params)
     for r in rows:
         m = r["metrics"]
-        if r["workload"] in ("a_throughput", "b_latency", "b_amortised", "k_throughput", "k_latency"):
+        if r["workload"] in ("a_throughput", "b_latency", "b_amortised", "k_throughput", "k_latency",
+                             "k_workers"):
             assert m["completed"] == m["runs"] > 0, r
         if r["workload"] == "k_raw_produce":
             assert m["completed"] == m["consumed"] == m["records"] > 0, r
