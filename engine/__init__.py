@@ -9,7 +9,7 @@ Everything a user needs is importable from here; the modules behind it are
 implementation and may move.
 """
 
-from stepline.client import Client, RunHandle
+from stepline.client import Client, RunHandle, publish
 from stepline.context import idempotency_key, sleep, step
 from stepline.errors import (
     FatalError,
@@ -53,6 +53,7 @@ __all__ = [
     "load_app",
     # triggering and inspecting runs
     "Client",
+    "publish",
     "RunHandle",
     "RunState",
     "StepState",

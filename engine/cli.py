@@ -289,6 +289,28 @@ def trigger(
 
 
 @app.command()
+def publish(
+    name: Annotated[str, typer.Argument(help="Event name, e.g. user.created.")],
+    data: Annotated[str, typer.Option(help="Event data as JSON.")] = "null",
+    key: Annotated[str | None, typer.Option(help="Partitioning key (keeps order per key).")] = None,
+    log: LogOpt = DEFAULT_LOG_URL,
+    as_json: JsonOpt = False,
+) -> None:
+    """Publish a domain event on the events topic."""
+
+    async def go() -> str:
+        value = _parse_json(data, "--data")
+        async with Client(log) as client:
+            return await client.publish(name, value, key=key, source="cli")
+
+    event_id = _run(go())
+    if as_json:
+        _print_json({"event_id": event_id, "name": name, "key": key})
+    else:
+        out.print(f"published {name}: {event_id}", highlight=False)
+
+
+@app.command()
 def cancel(
     run_id: Annotated[str, typer.Argument(help="Run id.")],
     log: LogOpt = DEFAULT_LOG_URL,

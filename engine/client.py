@@ -21,6 +21,7 @@ from stepline import codec
 from stepline.appender import Appender
 from stepline.context import now_ms
 from stepline.errors import (
+    InvalidEventName,
     InvalidRunState,
     NoClient,
     RunFailedError,
@@ -28,6 +29,7 @@ from stepline.errors import (
 )
 from stepline.events import (
     JSON,
+    DomainEvent,
     Event,
     Payload,
     RunCancelled,
@@ -90,6 +92,11 @@ def _peek_type(value: bytes) -> bytes:
         return value[pos : pos + n2]
     except IndexError:
         return b""
+
+
+async def publish(name: str, data: Any = None, *, key: str | None = None, source: str = "api") -> str:
+    """Publish a domain event through the current client (see Client.publish)."""
+    return await current_client().publish(name, data, key=key, source=source)
 
 
 def current_client() -> Client:
@@ -190,6 +197,7 @@ class Client:
         self.topics = topics or Topics()
         self._appender: Appender | None = None
         self._nparts = 0
+        self._event_partitions = 0
         self._watchers: dict[int, _Watcher] = {}
         self._token: contextvars.Token[Client | None] | None = None
         self.clock = now_ms
@@ -216,6 +224,7 @@ class Client:
             await self.log.start()
         await self.log.ensure_topics(self.topics.specs())
         self._nparts = await self.log.partitions(self.topics.runs)
+        self._event_partitions = await self.log.partitions(self.topics.events)
         self._appender = Appender(self.log, self.topics.runs)
 
     async def close(self) -> None:
@@ -273,6 +282,28 @@ class Client:
         # With an idempotency key the run may predate this trigger: watch from 0.
         return RunHandle(run_id, task_id, self, t.output_codec if t else ANY,
                          None if idempotency_key else offset)
+
+    async def publish(
+        self, name: str, data: Any = None, *, key: str | None = None, source: str = "api"
+    ) -> str:
+        """Append a DomainEvent to the events topic; returns its event id.
+
+        Events with the same key land in one partition and keep their order;
+        without a key the event id spreads them out.
+        """
+        if not name or any(c.isspace() for c in name) or name.startswith(".") or name.endswith("."):
+            raise InvalidEventName(f"event name must be a non-empty dotted name without spaces, got {name!r}")
+        payload = ANY.dump(data, f"data of event {name!r}")
+        event_id = new_event_id()
+        body = DomainEvent(name, payload, key, source)
+        ev = Event(event_id, body.TYPE, "", "", 0, self.clock(), 0, body)
+        partition_key = (key or event_id).encode()
+        await self.log.append(
+            self.topics.events,
+            partition_for(partition_key, self._event_partitions),
+            [(partition_key, codec.encode(ev))],
+        )
+        return event_id
 
     async def cancel(self, run_id: str, reason: str = "cancelled by request") -> RunState:
         state = await self.get_run(run_id)
@@ -407,4 +438,4 @@ class Client:
         return fold_run(start, ev) or start
 
 
-__all__ = ["Client", "RunHandle", "current_client"]
+__all__ = ["Client", "RunHandle", "current_client", "publish"]

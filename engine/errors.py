@@ -98,6 +98,10 @@ class PayloadValidationError(SteplineError, ValueError):
         self.detail = detail
 
 
+class InvalidEventName(SteplineError, ValueError):
+    """An event name must be a non-empty dotted name without spaces."""
+
+
 # --- running ---------------------------------------------------------------
 
 

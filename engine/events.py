@@ -4,9 +4,8 @@ These are the in-code shapes; `stepline.codec` translates them to and from
 Avro at the edge (schemas in `stepline.schemas`). Field names match the Avro
 field names one to one, so the codec stays a mechanical mapping.
 
-Times are integer milliseconds since the Unix epoch (Avro
-`timestamp-millis`), so an event's meaning never depends on a local clock
-or time zone.
+Times are integer milliseconds since the Unix epoch (plain Avro longs), so
+an event's meaning never depends on a local clock or time zone.
 """
 
 from __future__ import annotations
@@ -176,6 +175,23 @@ class PartitionClaimed:
     worker_id: str
 
 
+# --- stepline.events ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DomainEvent:
+    """Something that happened (user.created, a webhook delivery). Schema v2.
+
+    On the events topic; the envelope's run_id and task_id are empty.
+    """
+
+    TYPE: ClassVar[str] = "DomainEvent"
+    name: str
+    data: Payload
+    key: str | None = None
+    source: str = "api"
+
+
 Body = Union[
     RunTriggered,
     RunStarted,
@@ -193,6 +209,7 @@ Body = Union[
     LogRecorded,
     SlotGranted,
     PartitionClaimed,
+    DomainEvent,
 ]
 
 BODY_TYPES: tuple[type[Body], ...] = (
@@ -212,6 +229,7 @@ BODY_TYPES: tuple[type[Body], ...] = (
     LogRecorded,
     SlotGranted,
     PartitionClaimed,
+    DomainEvent,
 )
 
 # Events a client may append for a run it does not own. Everything else is

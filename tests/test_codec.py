@@ -22,6 +22,7 @@ from stepline.errors import MalformedEvent, SchemaError, UnknownSchemaVersion
 from stepline.events import (
     BODY_TYPES,
     JSON,
+    DomainEvent,
     ErrorInfo,
     Event,
     LogRecorded,
@@ -73,6 +74,8 @@ EXAMPLES = [
     SlotGranted(queue="payments"),
     SlotGranted(queue="payments", concurrency_key="customer-3"),
     PartitionClaimed(partition=7, worker_id="worker-b"),
+    DomainEvent(name="user.created", data=PAYLOAD, key="user-42", source="webhook:auth"),
+    DomainEvent(name="order.paid", data=Payload(JSON, b"{}")),
 ]
 
 
@@ -382,3 +385,14 @@ def test_the_current_schema_is_frozen_in_history() -> None:
         f"history file: freeze the new schema as schemas/history/Event.v<N+1>.avsc, add a golden "
         f"fixture tests/fixtures/events-v<N+1>.bin and a test reading it (schemas/README.md)."
     )
+
+
+def test_a_domain_event_written_by_schema_v2_stays_readable() -> None:
+    """tests/fixtures/events-v2.bin: a DomainEvent as v2 first wrote it (make_events_v2.py)."""
+    records = read_length_prefixed(FIXTURES / "events-v2.bin")
+    v2 = json.loads((schemas.HISTORY_DIR / "Event.v2.avsc").read_text())
+    v2_fp = bytes.fromhex(fastavro_fingerprint(to_parsing_canonical_form(v2), "CRC-64-AVRO"))
+    assert all(r[2:10] == v2_fp for r in records)
+    [event] = [codec.decode(r) for r in records]
+    assert event.type == "DomainEvent" and event.run_id == ""
+    assert event.body == DomainEvent("user.created", Payload(JSON, b'{"plan": "pro"}'), "user-42", "api")

@@ -50,6 +50,9 @@ async def test_a_restarted_worker_rebuilds_from_snapshots_to_the_same_state(engi
     assert any(start > 0 for start in worker.rebuilt_from.values()), worker.rebuilt_from
     # The sleeping run is resumed from the snapshot's state after the restart.
     assert await sleeper.result(timeout=20) == 102
+    # The client saw the outcome; let the worker fold its own last events too.
+    await eventually(lambda: worker.runs()[sleeper.run_id].status == "completed",
+                     what="the worker to fold the sleeper's completion")
     rebuilt = worker.runs()
     from_zero = {r.run_id: r for r in await e.client.list_runs()}
     assert set(rebuilt) == set(from_zero)
