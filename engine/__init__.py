@@ -10,6 +10,7 @@ implementation and may move.
 """
 
 from stepline.client import Client, RunHandle, publish
+from stepline.consumers.router import Subscription
 from stepline.context import idempotency_key, sleep, step
 from stepline.errors import (
     FatalError,
@@ -45,6 +46,7 @@ __all__ = [
     "idempotency_key",
     "Task",
     "Queue",
+    "Subscription",
     "Retry",
     "Rule",
     "http_status",

@@ -264,10 +264,16 @@ class Client:
         tags: Sequence[str] = (),
         concurrency_key: str | None = None,
         parent_run_id: str | None = None,
+        validate: bool = True,
     ) -> RunHandle[R]:
-        """Append RunTriggered; validation errors raise before anything is written."""
+        """Append RunTriggered; validation errors raise before anything is written.
+
+        `validate=False` (the event router) records the payload as given; a
+        payload that does not fit then fails its run, not the caller.
+        """
         task_id, t = self._task(task)
-        data = (t.payload_codec if t else ANY).check_and_dump(payload, f"payload for task {task_id!r}")
+        where = f"payload for task {task_id!r}"
+        data = (t.payload_codec if t and validate else ANY).check_and_dump(payload, where)
         now = self.clock()
         run_id = idempotent_run_id(task_id, idempotency_key) if idempotency_key else new_run_id(now)
         not_before = None

@@ -13,6 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
+from stepline.consumers.router import Subscription
 from stepline.errors import TaskDefinitionError, UnknownTask
 from stepline.payloads import Codec
 from stepline.retry import DEFAULT_RETRY, Retry
@@ -68,6 +69,7 @@ class Task(Generic[PayloadT, ResultT]):
         id: str,
         retry: Retry | None = None,
         queue: Queue | None = None,
+        on: Subscription | Sequence[Subscription] = (),
     ) -> None:
         if not inspect.iscoroutinefunction(fn):
             raise TaskDefinitionError(f"task {id!r}: {fn.__qualname__} must be an `async def`")
@@ -79,6 +81,7 @@ class Task(Generic[PayloadT, ResultT]):
         self.fn = fn
         self.retry = retry or DEFAULT_RETRY
         self.queue = queue or Queue(f"task/{id}")
+        self.subscriptions: tuple[Subscription, ...] = (on,) if isinstance(on, Subscription) else tuple(on)
         payload_t, result_t = _annotations(fn)
         self.payload_codec = Codec(payload_t)
         self.output_codec = Codec(result_t)
@@ -172,6 +175,7 @@ def task(
     id: str | None = None,
     retry: Retry | None = None,
     queue: Queue | None = None,
+    on: Subscription | Sequence[Subscription] = (),
     registry: Registry | None = None,
 ) -> Callable[[TaskFn[PayloadT, ResultT]], Task[PayloadT, ResultT]]: ...
 
@@ -183,12 +187,17 @@ def task(
     id: str | None = None,
     retry: Retry | None = None,
     queue: Queue | None = None,
+    on: Subscription | Sequence[Subscription] = (),
     registry: Registry | None = None,
 ) -> Task[PayloadT, ResultT] | Callable[[TaskFn[PayloadT, ResultT]], Task[PayloadT, ResultT]]:
-    """Declare a durable task: `@task(id="process-order", retry=Retry(...))`."""
+    """Declare a durable task: `@task(id="process-order", retry=Retry(...))`.
+
+    `on=Subscription("user.created", where=...)` also starts it for every
+    matching domain event.
+    """
 
     def wrap(f: TaskFn[PayloadT, ResultT]) -> Task[PayloadT, ResultT]:
-        t = Task(f, id=id or f.__name__.replace("_", "-"), retry=retry, queue=queue)
+        t = Task(f, id=id or f.__name__.replace("_", "-"), retry=retry, queue=queue, on=on)
         (registry if registry is not None else default_registry).add(t)
         return t
 

@@ -32,6 +32,7 @@ import structlog
 from stepline import codec
 from stepline.appender import Appender
 from stepline.client import Client, _current_client
+from stepline.consumers.router import Router
 from stepline.context import RunContext, error_info, now_ms
 from stepline.dispatch import ReadyQueue
 from stepline.errors import LogError, SchemaError, UnknownTask
@@ -86,6 +87,7 @@ class Worker:
         read_batch: int = 2000,
         client: Client | None = None,
         snapshot_every: int = 50_000,
+        route_events: bool = True,
     ) -> None:
         self.registry = registry
         self.log = log_
@@ -97,6 +99,11 @@ class Worker:
         # Events folded between snapshots of a partition; a revoke also
         # snapshots when at least a tenth of that has accumulated.
         self.snapshot_every = snapshot_every
+        # Route domain events to subscribed tasks (needs a client to trigger with).
+        self._router: Router | None = (
+            Router(registry, client) if route_events and client is not None
+            and any(t.subscriptions for t in registry) else None
+        )
         self._folded_since: dict[int, int] = {}
         # Where each claimed partition's rebuild started (0 without a snapshot).
         self.rebuilt_from: dict[int, int] = {}
@@ -140,10 +147,14 @@ class Worker:
         self._membership = await self.log.join_group(
             self.topics.worker_group, self.topics.runs, self._on_assign, self._on_revoke
         )
+        if self._router is not None:
+            await self._router.start()
         self.started.set()
 
     async def close(self) -> None:
         self._stopping = True
+        if self._router is not None:
+            await self._router.close()
         if self._membership is not None:
             await self._on_revoke(frozenset(self._parts))
             await self._membership.leave()

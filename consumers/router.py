@@ -1,0 +1,165 @@
+"""The subscription router: domain events -> runs of subscribed tasks.
+
+The router is a consumer group of its own on the events topic. For each
+event, in order per partition, it appends one RunTriggered per matching
+subscription, then commits the partition's offset (durable first, then
+acknowledge). The run id of a fan-out derives from the event id and the
+subscribing task, so an event delivered again (a crash before the commit,
+a rebalance) maps to the same runs, and the projection ignores the
+repeated triggers: never a second run.
+
+One subscriber cannot block the others or the partition: a `where`
+callable that raises counts as no match for that subscription and is
+logged; data that does not fit a task's payload type still starts its run,
+which then fails on its own with the validation error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from stepline import codec
+from stepline.consumers.patterns import Matcher, compile_name, compile_where
+from stepline.errors import SchemaError
+from stepline.events import DomainEvent
+from stepline.log.base import Assignment
+
+if TYPE_CHECKING:
+    from stepline.client import Client
+    from stepline.task import Registry
+
+log = structlog.get_logger("stepline.router")
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """Start a task for every domain event named `event` whose data matches `where`.
+
+    `event` may use `*` segments (`user.*`); `where` is a pattern (see
+    `stepline.consumers.patterns`) or a callable `(data) -> bool`. Both are
+    checked here, at definition.
+    """
+
+    event: str
+    where: Any = None
+    _name: Any = field(init=False, repr=False, compare=False)
+    _data: Matcher = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_name", compile_name(self.event))
+        object.__setattr__(self, "_data", compile_where(self.where))
+
+    def matches(self, name: str, data: Any) -> bool:
+        if not self._name(name):
+            return False
+        return bool(self._data(data if isinstance(data, dict) else {}))
+
+
+def fanout_key(event_id: str) -> str:
+    """The idempotency key of a fan-out run; with the task id it fixes the run id.
+
+    NEVER change this format: redelivered events must map to existing runs.
+    """
+    return f"stepline/event/{event_id}"
+
+
+class Router:
+    """Routes the events topic to the subscriptions of a registry."""
+
+    def __init__(self, registry: Registry, client: Client, read_batch: int = 500) -> None:
+        self.registry = registry
+        self.client = client
+        self.topic = client.topics.events
+        self.group = f"{client.topics.namespace}.router"
+        self._read_batch = read_batch
+        self._readers: dict[int, asyncio.Task[None]] = {}
+        self._membership: Any = None
+        self.routed = 0
+        self.triggered = 0
+
+    def subscribers(self) -> list[tuple[str, Sequence[Subscription]]]:
+        return [(t.id, t.subscriptions) for t in self.registry if t.subscriptions]
+
+    async def start(self) -> None:
+        self._membership = await self.client.log.join_group(
+            self.group, self.topic, self._on_assign, self._on_revoke
+        )
+
+    async def close(self) -> None:
+        if self._membership is not None:
+            await self._membership.leave()
+            self._membership = None
+        await self._on_revoke(frozenset(self._readers))
+
+    async def _on_assign(self, assignment: Assignment) -> None:
+        committed = await self.client.log.committed(self.group, self.topic)
+        for p in assignment.partitions:
+            start = committed.get(p, 0)
+            self._readers[p] = asyncio.create_task(self._route(p, start), name=f"stepline-router-{p}")
+
+    async def _on_revoke(self, partitions: frozenset[int]) -> None:
+        tasks = [self._readers.pop(p) for p in partitions if p in self._readers]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _route(self, p: int, offset: int) -> None:
+        subscribers = self.subscribers()
+        while True:
+            recs = await self.client.log.read(self.topic, p, offset, self._read_batch, timeout=1.0)
+            if not recs:
+                continue
+            triggers = []
+            for r in recs:
+                triggers.extend(self._fan_out(r.value, p, r.offset, subscribers))
+            # Durable first, then acknowledge: the runs, then the offset.
+            await asyncio.gather(*triggers)
+            offset = recs[-1].offset + 1
+            await self.client.log.commit(self.group, self.topic, {p: offset})
+
+    def _fan_out(
+        self, value: bytes, p: int, offset: int, subscribers: list[tuple[str, Sequence[Subscription]]]
+    ) -> list[Any]:
+        try:
+            ev = codec.decode(value)
+        except SchemaError as exc:
+            log.error("undecodable event skipped", partition=p, offset=offset, error=str(exc))
+            return []
+        body = ev.body
+        if not isinstance(body, DomainEvent):
+            return []
+        self.routed += 1
+        try:
+            data = codec_json(body)
+        except ValueError as exc:
+            log.error("event data is not JSON; skipped", event_id=ev.event_id, error=str(exc))
+            return []
+        out = []
+        for task_id, subs in subscribers:
+            if not any(self._safe_match(s, task_id, body.name, data) for s in subs):
+                continue
+            self.triggered += 1
+            out.append(self.client.trigger(
+                task_id, data, idempotency_key=fanout_key(ev.event_id), validate=False,
+                tags=(f"event:{body.name}",),
+            ))
+        return out
+
+    @staticmethod
+    def _safe_match(sub: Subscription, task_id: str, name: str, data: Any) -> bool:
+        try:
+            return sub.matches(name, data)
+        except Exception as exc:  # a broken predicate: no match for this one only
+            log.error("subscription predicate raised; treated as no match",
+                      task=task_id, subscription=sub.event, error=f"{type(exc).__name__}: {exc}")
+            return False
+
+
+def codec_json(body: DomainEvent) -> Any:
+    return json.loads(body.data.data) if body.data.data else None
