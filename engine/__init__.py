@@ -33,6 +33,7 @@ from stepline.log import DEFAULT_LOG_URL, open_log
 from stepline.logs import configure_logging
 from stepline.projections.runs import RunState, StepState
 from stepline.retry import Retry, Rule, http_status
+from stepline.schedule import Cron, Every, ScheduleTick
 from stepline.task import Queue, Registry, Task, default_registry, load_app, task
 from stepline.worker import Worker
 
@@ -47,6 +48,9 @@ __all__ = [
     "Task",
     "Queue",
     "Subscription",
+    "Cron",
+    "Every",
+    "ScheduleTick",
     "Retry",
     "Rule",
     "http_status",

@@ -17,6 +17,7 @@ from stepline.consumers.router import Subscription
 from stepline.errors import TaskDefinitionError, UnknownTask
 from stepline.payloads import Codec
 from stepline.retry import DEFAULT_RETRY, Retry
+from stepline.schedule import Cron, Every
 
 if TYPE_CHECKING:
     from stepline.client import Client, RunHandle
@@ -70,6 +71,7 @@ class Task(Generic[PayloadT, ResultT]):
         retry: Retry | None = None,
         queue: Queue | None = None,
         on: Subscription | Sequence[Subscription] = (),
+        schedule: Cron | Every | None = None,
     ) -> None:
         if not inspect.iscoroutinefunction(fn):
             raise TaskDefinitionError(f"task {id!r}: {fn.__qualname__} must be an `async def`")
@@ -82,6 +84,7 @@ class Task(Generic[PayloadT, ResultT]):
         self.retry = retry or DEFAULT_RETRY
         self.queue = queue or Queue(f"task/{id}")
         self.subscriptions: tuple[Subscription, ...] = (on,) if isinstance(on, Subscription) else tuple(on)
+        self.schedule = schedule
         payload_t, result_t = _annotations(fn)
         self.payload_codec = Codec(payload_t)
         self.output_codec = Codec(result_t)
@@ -176,6 +179,7 @@ def task(
     retry: Retry | None = None,
     queue: Queue | None = None,
     on: Subscription | Sequence[Subscription] = (),
+    schedule: Cron | Every | None = None,
     registry: Registry | None = None,
 ) -> Callable[[TaskFn[PayloadT, ResultT]], Task[PayloadT, ResultT]]: ...
 
@@ -188,16 +192,18 @@ def task(
     retry: Retry | None = None,
     queue: Queue | None = None,
     on: Subscription | Sequence[Subscription] = (),
+    schedule: Cron | Every | None = None,
     registry: Registry | None = None,
 ) -> Task[PayloadT, ResultT] | Callable[[TaskFn[PayloadT, ResultT]], Task[PayloadT, ResultT]]:
     """Declare a durable task: `@task(id="process-order", retry=Retry(...))`.
 
     `on=Subscription("user.created", where=...)` also starts it for every
-    matching domain event.
+    matching domain event; `schedule=Cron("0 3 * * *")` on every tick.
     """
 
     def wrap(f: TaskFn[PayloadT, ResultT]) -> Task[PayloadT, ResultT]:
-        t = Task(f, id=id or f.__name__.replace("_", "-"), retry=retry, queue=queue, on=on)
+        t = Task(f, id=id or f.__name__.replace("_", "-"), retry=retry, queue=queue, on=on,
+                 schedule=schedule)
         (registry if registry is not None else default_registry).add(t)
         return t
 

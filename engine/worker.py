@@ -57,6 +57,7 @@ from stepline.projections.runs import (
 )
 from stepline.projections.snapshot import SnapshotError
 from stepline.runner import execute_attempt
+from stepline.schedule import Scheduler
 from stepline.snapshots import SnapshotStore
 from stepline.task import Registry
 from stepline.timers import TimerWheel
@@ -104,6 +105,10 @@ class Worker:
             Router(registry, client) if route_events and client is not None
             and any(t.subscriptions for t in registry) else None
         )
+        self._scheduler: Scheduler | None = (
+            Scheduler(registry, client) if client is not None
+            and any(t.schedule is not None for t in registry) else None
+        )
         self._folded_since: dict[int, int] = {}
         # Where each claimed partition's rebuild started (0 without a snapshot).
         self.rebuilt_from: dict[int, int] = {}
@@ -149,10 +154,14 @@ class Worker:
         )
         if self._router is not None:
             await self._router.start()
+        if self._scheduler is not None:
+            self._scheduler.start()
         self.started.set()
 
     async def close(self) -> None:
         self._stopping = True
+        if self._scheduler is not None:
+            await self._scheduler.close()
         if self._router is not None:
             await self._router.close()
         if self._membership is not None:

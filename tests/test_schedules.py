@@ -1,0 +1,98 @@
+"""Schedules: one run per tick, whoever fires it; missed ticks by policy."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+import stepline as sl
+from stepline.ids import idempotent_run_id
+from stepline.schedule import Scheduler, tick_key
+
+from .conftest import eventually
+
+
+def ticking(interval: float, catch_up: timedelta | None = None) -> sl.Registry:
+    reg = sl.Registry()
+
+    @sl.task(id="tick", registry=reg, schedule=sl.Every(timedelta(seconds=interval), catch_up=catch_up))
+    async def tick(t: sl.ScheduleTick) -> str:
+        return t.scheduled_at.isoformat()
+
+    return reg
+
+
+def scheduled_at(state: sl.RunState) -> datetime:
+    return datetime.fromisoformat(json.loads(state.payload.data)["scheduled_at"])
+
+
+async def test_every_tick_runs_once_under_its_derived_run_id(engine_factory):
+    e = await engine_factory(ticking(0.3))
+    await eventually(lambda: _completed(e, 3), timeout=20, what="three ticks to run")
+    runs = [r for r in await e.client.list_runs() if r.status == "completed"]
+    for r in runs:
+        at = scheduled_at(r)
+        assert int(at.timestamp() * 1000) % 300 == 0  # on the interval's grid
+        assert r.run_id == idempotent_run_id("tick", tick_key(at))
+    assert len({scheduled_at(r) for r in runs}) == len(runs)
+
+
+async def _completed(e, n: int) -> bool:
+    return sum(r.status == "completed" for r in await e.client.list_runs()) >= n
+
+
+async def test_a_tick_fired_by_three_schedulers_runs_once(engine_factory):
+    reg = ticking(0.25)
+    e = await engine_factory(reg)  # its worker fires the ticks too
+    others = [Scheduler(reg, e.client) for _ in range(2)]
+    for s in others:
+        s.start()
+    try:
+        await eventually(lambda: _completed(e, 4), timeout=20, what="four ticks to run")
+    finally:
+        for s in others:
+            await s.close()
+    await asyncio.sleep(0.3)
+    runs = await e.client.list_runs()
+    ticks = [scheduled_at(r) for r in runs]
+    assert len(ticks) == len(set(ticks)), "a tick started two runs"
+    triggers = [ev.type for _, ev in await e.client.history(runs[-1].run_id)].count("RunTriggered")
+    assert triggers >= 2  # fired more than once, kept once
+
+
+async def test_missed_ticks_are_skipped_unless_a_catch_up_window_is_set(engine_factory):
+    started = datetime.now(UTC)
+    e = await engine_factory(ticking(0.1, catch_up=timedelta(seconds=1)))
+    await eventually(lambda: _completed(e, 9), timeout=20, what="the caught-up ticks to run")
+    earliest = min(scheduled_at(r) for r in await e.client.list_runs())
+    assert started - timedelta(seconds=1.2) <= earliest < started - timedelta(seconds=0.5)
+
+
+async def test_without_catch_up_no_tick_before_the_start_runs(engine_factory):
+    started = datetime.now(UTC)
+    e = await engine_factory(ticking(0.1))
+    await eventually(lambda: _completed(e, 2), timeout=20, what="two ticks to run")
+    assert min(scheduled_at(r) for r in await e.client.list_runs()) > started
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: sl.Cron("61 * * * *"), "invalid cron expression '61 * * * *'"),
+        (lambda: sl.Cron("every day"), "invalid cron expression"),
+        (lambda: sl.Cron("0 3 * * *", tz="Mars/Base"), "unknown time zone 'Mars/Base'"),
+        (lambda: sl.Every(timedelta(0)), "must be positive"),
+    ],
+)
+def test_a_bad_schedule_fails_at_definition_with_a_clear_message(make, message):
+    with pytest.raises(sl.TaskDefinitionError, match=message.replace("*", r"\*")):
+        make()
+
+
+def test_cron_ticks_follow_the_time_zone():
+    cron = sl.Cron("0 3 * * *", tz="Europe/Berlin")
+    first = next(cron.ticks_after(datetime(2026, 7, 1, 12, 0, tzinfo=UTC)))
+    assert first == datetime(2026, 7, 2, 1, 0, tzinfo=UTC)  # 03:00 CEST
