@@ -8,6 +8,10 @@ subscribing task, so an event delivered again (a crash before the commit,
 a rebalance) maps to the same runs, and the projection ignores the
 repeated triggers: never a second run.
 
+The router also resolves event waits (`wait_for_event`): every routed event
+is offered to the table of open waits (consumers/waits.py), and a match
+appends WaitCompleted to the waiting run before the offset is committed.
+
 One subscriber cannot block the others or the partition: a `where`
 callable that raises counts as no match for that subscription and is
 logged; data that does not fit a task's payload type still starts its run,
@@ -26,6 +30,7 @@ import structlog
 
 from stepline import codec
 from stepline.consumers.patterns import Matcher, compile_name, compile_where
+from stepline.consumers.waits import SeenEvent, WaitEntry, WaitsTable, unregister
 from stepline.errors import SchemaError
 from stepline.events import DomainEvent
 from stepline.log.base import Assignment
@@ -82,11 +87,15 @@ class Router:
         self._membership: Any = None
         self.routed = 0
         self.triggered = 0
+        self.waits = WaitsTable(client.log, client.topics.waits, self._resolve_wait)
 
     def subscribers(self) -> list[tuple[str, Sequence[Subscription]]]:
         return [(t.id, t.subscriptions) for t in self.registry if t.subscriptions]
 
     async def start(self) -> None:
+        # The whole table first: an event routed before it is loaded could
+        # miss a wait registered long ago.
+        await self.waits.start()
         self._membership = await self.client.log.join_group(
             self.group, self.topic, self._on_assign, self._on_revoke
         )
@@ -96,6 +105,7 @@ class Router:
             await self._membership.leave()
             self._membership = None
         await self._on_revoke(frozenset(self._readers))
+        await self.waits.close()
 
     async def _on_assign(self, assignment: Assignment) -> None:
         committed = await self.client.log.committed(self.group, self.topic)
@@ -116,15 +126,25 @@ class Router:
             if not recs:
                 continue
             triggers = []
+            seen: list[SeenEvent] = []
             for r in recs:
-                triggers.extend(self._fan_out(r.value, p, r.offset, subscribers))
+                triggers.extend(self._fan_out(r.value, p, r.offset, subscribers, seen))
             # Durable first, then acknowledge: the runs, then the offset.
             await asyncio.gather(*triggers)
+            now = self.client.clock()
+            for event in seen:
+                await self.waits.offer(event, now)
             offset = recs[-1].offset + 1
             await self.client.log.commit(self.group, self.topic, {p: offset})
 
+    async def _resolve_wait(self, entry: WaitEntry, event: SeenEvent) -> None:
+        await self.client.resolve_wait(entry.run_id, entry.task_id, entry.step, "event",
+                                       event.event_id, output=event.raw)
+        await unregister(self.client.log, self.client.topics.waits, entry.run_id, entry.step)
+
     def _fan_out(
-        self, value: bytes, p: int, offset: int, subscribers: list[tuple[str, Sequence[Subscription]]]
+        self, value: bytes, p: int, offset: int, subscribers: list[tuple[str, Sequence[Subscription]]],
+        seen: list[SeenEvent],
     ) -> list[Any]:
         try:
             ev = codec.decode(value)
@@ -140,6 +160,7 @@ class Router:
         except ValueError as exc:
             log.error("event data is not JSON; skipped", event_id=ev.event_id, error=str(exc))
             return []
+        seen.append(SeenEvent(ev.event_id, body.name, ev.time, data, body.data))
         out = []
         for task_id, subs in subscribers:
             if not any(self._safe_match(s, task_id, body.name, data) for s in subs):

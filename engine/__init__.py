@@ -13,8 +13,10 @@ from stepline.client import Client, RunHandle, publish
 from stepline.consumers.router import Subscription
 from stepline.context import idempotency_key, sleep, step
 from stepline.errors import (
+    ChildRunFailed,
     FatalError,
     InvalidRunState,
+    InvalidToken,
     LogError,
     LogUnavailable,
     NoClient,
@@ -35,6 +37,7 @@ from stepline.projections.runs import RunState, StepState
 from stepline.retry import Retry, Rule, http_status
 from stepline.schedule import Cron, Every, ScheduleTick
 from stepline.task import Queue, Registry, Task, default_registry, load_app, task
+from stepline.waits import WaitToken, create_token, wait_for_event, wait_for_token
 from stepline.worker import Worker
 
 __version__ = "0.1.0"
@@ -45,6 +48,10 @@ __all__ = [
     "step",
     "sleep",
     "idempotency_key",
+    "wait_for_event",
+    "wait_for_token",
+    "create_token",
+    "WaitToken",
     "Task",
     "Queue",
     "Subscription",
@@ -79,6 +86,8 @@ __all__ = [
     "UnknownTask",
     "UnknownRun",
     "InvalidRunState",
+    "InvalidToken",
+    "ChildRunFailed",
     "NoClient",
     "NotInRunContext",
     "LogError",

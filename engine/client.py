@@ -23,6 +23,7 @@ from stepline.context import now_ms
 from stepline.errors import (
     InvalidEventName,
     InvalidRunState,
+    InvalidToken,
     NoClient,
     RunFailedError,
     UnknownRun,
@@ -30,13 +31,15 @@ from stepline.errors import (
 from stepline.events import (
     JSON,
     DomainEvent,
+    ErrorInfo,
     Event,
     Payload,
     RunCancelled,
     RunRetriggered,
     RunTriggered,
+    WaitCompleted,
 )
-from stepline.ids import idempotent_run_id, new_event_id, new_run_id
+from stepline.ids import TOKEN, idempotent_run_id, new_event_id, new_run_id, parse_token
 from stepline.log import open_log
 from stepline.log.base import Log, partition_for
 from stepline.payloads import ANY, Codec
@@ -97,6 +100,12 @@ def _peek_type(value: bytes) -> bytes:
 async def publish(name: str, data: Any = None, *, key: str | None = None, source: str = "api") -> str:
     """Publish a domain event through the current client (see Client.publish)."""
     return await current_client().publish(name, data, key=key, source=source)
+
+
+def check_event_name(name: str) -> None:
+    """Raise InvalidEventName unless `name` can be published (e.g. `user.created`)."""
+    if not name or any(c.isspace() for c in name) or name.startswith(".") or name.endswith("."):
+        raise InvalidEventName(f"event name must be a non-empty dotted name without spaces, got {name!r}")
 
 
 def current_client() -> Client:
@@ -264,6 +273,7 @@ class Client:
         tags: Sequence[str] = (),
         concurrency_key: str | None = None,
         parent_run_id: str | None = None,
+        parent_step: int | None = None,
         validate: bool = True,
     ) -> RunHandle[R]:
         """Append RunTriggered; validation errors raise before anything is written.
@@ -282,7 +292,7 @@ class Client:
             not_before = now + int(secs * 1000)
         body = RunTriggered(
             data, idempotency_key, not_before, priority, tuple(tags),
-            t.queue.name if t else None, concurrency_key, parent_run_id,
+            t.queue.name if t else None, concurrency_key, parent_run_id, parent_step,
         )
         offset = await self._append(Event(new_event_id(), body.TYPE, run_id, task_id, 1, now, 0, body))
         # With an idempotency key the run may predate this trigger: watch from 0.
@@ -297,8 +307,7 @@ class Client:
         Events with the same key land in one partition and keep their order;
         without a key the event id spreads them out.
         """
-        if not name or any(c.isspace() for c in name) or name.startswith(".") or name.endswith("."):
-            raise InvalidEventName(f"event name must be a non-empty dotted name without spaces, got {name!r}")
+        check_event_name(name)
         payload = ANY.dump(data, f"data of event {name!r}")
         event_id = new_event_id()
         body = DomainEvent(name, payload, key, source)
@@ -340,6 +349,33 @@ class Client:
             replacement = pcodec.check_and_dump(payload, f"payload for task {state.task_id!r}")
         body = RunRetriggered(replacement, "client")
         await self._append(Event(new_event_id(), body.TYPE, run_id, state.task_id, 0, self.clock(), 0, body))
+        return state
+
+    async def resolve_wait(
+        self, run_id: str, task_id: str, step: int, reason: str, source: str,
+        output: Payload | None = None, error: ErrorInfo | None = None,
+    ) -> int:
+        """Append WaitCompleted: the first resolution of a wait wins, repeats are no-ops."""
+        body = WaitCompleted(step, reason, source, output, error)
+        return await self._append(Event(new_event_id(), body.TYPE, run_id, task_id, 0, self.clock(), 0, body))
+
+    async def complete_token(self, token: str, data: Any = None) -> RunState:
+        """Resume the run waiting on `token` (`wait_for_token`) with `data`.
+
+        Raises InvalidToken for a malformed token or one that was already
+        completed or timed out, and InvalidRunState when its run has ended.
+        """
+        run_id, step = parse_token(token)
+        state = await self.get_run(run_id)
+        if state.status in TERMINAL:
+            raise InvalidRunState(f"run {run_id} is already {state.status}; token {token} cannot complete it")
+        rec = state.steps.get(step)
+        if rec is not None and rec.status != "waiting":
+            raise InvalidToken(f"token {token} was already {'completed' if rec.output else 'resolved or timed out'}")
+        if rec is not None and rec.name != TOKEN:
+            raise InvalidToken(f"token {token} does not name a token wait (step {step} is {rec.name!r})")
+        output = ANY.dump(data, f"data for token {token}")
+        await self.resolve_wait(run_id, state.task_id, step, TOKEN, token, output=output)
         return state
 
     # --- reading -------------------------------------------------------------
@@ -444,4 +480,4 @@ class Client:
         return fold_run(start, ev) or start
 
 
-__all__ = ["Client", "RunHandle", "current_client", "publish"]
+__all__ = ["Client", "RunHandle", "check_event_name", "current_client", "publish"]

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import ParamSpec, Protocol, TypeVar, overload
 
+from stepline.consumers.waits import WaitEntry
 from stepline.errors import NonDeterminismError, NotInRunContext
 from stepline.events import Body, ErrorInfo, StepCompleted, StepFailed, StepStarted
 from stepline.ids import step_idempotency_key
 from stepline.payloads import Codec, describe_args
-from stepline.projections.runs import StepState
+from stepline.projections.runs import DONE_STEPS, StepState
 from stepline.task import _annotations
 
 P = ParamSpec("P")
@@ -38,16 +39,23 @@ class Emitter(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """One open wait: the journal position it holds and what wakes it."""
+
+    step: int
+    reason: str  # sleep | event | token | child
+    wake_at: int | None = None  # deadline (a sleep's end, a wait's timeout)
+    condition: str | None = None  # JSON, for humans and the dashboard
+
+
 class Suspend(BaseException):
     """Unwinds a run that must wait. A BaseException, so that a task's own
     `except Exception` cannot swallow a durable wait by accident."""
 
-    def __init__(self, step: int, reason: str, wake_at: int | None, condition: str | None) -> None:
-        super().__init__(reason)
-        self.step = step
-        self.reason = reason
-        self.wake_at = wake_at
-        self.condition = condition
+    def __init__(self, *waits: Wait) -> None:
+        super().__init__(", ".join(w.reason for w in waits))
+        self.waits = waits
 
 
 def error_info(exc: BaseException, retriable: bool = True) -> ErrorInfo:
@@ -59,6 +67,12 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+class Requester(Protocol):
+    def __call__(self, run_id: str, task_id: str, body: Body) -> asyncio.Future[int]:
+        """Append a request (unfenced) to another run, e.g. a child's result to its parent."""
+        ...
+
+
 @dataclass(eq=False)
 class RunContext:
     run_id: str
@@ -67,6 +81,10 @@ class RunContext:
     journal: Mapping[int, StepState]
     emit: Emitter
     clock: Callable[[], int] = now_ms
+    # Where event waits are registered for the router; None outside a worker.
+    register_wait: Callable[[WaitEntry], Awaitable[None]] | None = None
+    # Appends to other runs (a child's result to its parent); None outside a worker.
+    request: Requester | None = None
 
     def __post_init__(self) -> None:
         self._next = 0
@@ -198,7 +216,7 @@ async def sleep(duration: timedelta | float) -> None:
     """
     ctx = require_run("stepline.sleep()")
     pos, rec = ctx.next_position(SLEEP)
-    if rec is not None and rec.status == "completed":
+    if rec is not None and rec.status in DONE_STEPS:
         return
     seconds = duration.total_seconds() if isinstance(duration, timedelta) else float(duration)
     now = ctx.clock()
@@ -206,4 +224,4 @@ async def sleep(duration: timedelta | float) -> None:
     # Let steps already running in parallel branches finish and record their
     # checkpoints first, so suspending never throws away completed work.
     await ctx.quiesce()
-    raise Suspend(pos, SLEEP, wake_at, None)
+    raise Suspend(Wait(pos, SLEEP, wake_at))

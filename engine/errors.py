@@ -102,6 +102,13 @@ class InvalidEventName(SteplineError, ValueError):
     """An event name must be a non-empty dotted name without spaces."""
 
 
+# --- serving ---------------------------------------------------------------
+
+
+class ServeConfigError(SteplineError, ValueError):
+    """The HTTP server was configured wrongly: no API token, a bad webhook source."""
+
+
 # --- running ---------------------------------------------------------------
 
 
@@ -155,3 +162,19 @@ class RetryAfter(SteplineError):
         self.retry_after: float = (
             retry_after.total_seconds() if isinstance(retry_after, timedelta) else float(retry_after)
         )
+
+
+class InvalidToken(SteplineError, ValueError):
+    """A wait token that is malformed, unknown, or already used."""
+
+
+class ChildRunFailed(SteplineError):
+    """Raised in a parent by `trigger_and_wait` when the child run failed or
+    was cancelled. Its error is recorded, so every replay raises it again."""
+
+    def __init__(self, child_run_id: str, task_id: str, error_type: str, message: str) -> None:
+        super().__init__(f"child run {child_run_id} ({task_id}) failed: {error_type}: {message}")
+        self.child_run_id = child_run_id
+        self.task_id = task_id
+        self.error_type = error_type
+        self.message = message

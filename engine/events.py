@@ -48,6 +48,7 @@ class RunTriggered:
     queue: str | None = None
     concurrency_key: str | None = None
     parent_run_id: str | None = None
+    parent_step: int | None = None  # schema v3
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +193,25 @@ class DomainEvent:
     source: str = "api"
 
 
+@dataclass(frozen=True, slots=True)
+class WaitCompleted:
+    """Resolves a durable wait: an event matched, a token was completed, a
+    child run ended. Schema v3.
+
+    A request, like a trigger: the router, a CLI or a child's worker appends
+    it to the waiting run's partition without owning it. The fold accepts
+    the first resolution of a wait and ignores the rest, so redelivery and
+    races (an event against the wait's timeout) are harmless.
+    """
+
+    TYPE: ClassVar[str] = "WaitCompleted"
+    step: int
+    reason: str  # event | token | child
+    source: str  # event id, token, child run id
+    output: Payload | None = None
+    error: ErrorInfo | None = None
+
+
 Body = Union[
     RunTriggered,
     RunStarted,
@@ -210,6 +230,7 @@ Body = Union[
     SlotGranted,
     PartitionClaimed,
     DomainEvent,
+    WaitCompleted,
 ]
 
 BODY_TYPES: tuple[type[Body], ...] = (
@@ -230,12 +251,13 @@ BODY_TYPES: tuple[type[Body], ...] = (
     SlotGranted,
     PartitionClaimed,
     DomainEvent,
+    WaitCompleted,
 )
 
 # Events a client may append for a run it does not own. Everything else is
 # written by the partition owner and fenced by its epoch.
 REQUEST_TYPES: frozenset[str] = frozenset(
-    {RunTriggered.TYPE, RunCancelled.TYPE, RunRetriggered.TYPE}
+    {RunTriggered.TYPE, RunCancelled.TYPE, RunRetriggered.TYPE, WaitCompleted.TYPE}
 )
 
 

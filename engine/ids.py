@@ -56,10 +56,8 @@ _event_counter = itertools.count()
 
 def _after_fork() -> None:
     global _event_prefix
-    # Seeded from the OS, renewed in a forked child. Run ids need uniqueness,
-# not secrecy; os.urandom per id released the GIL on every trigger.
-_random = random.Random(os.urandom(16))
-_event_prefix = os.urandom(8).hex()
+    _random.seed(os.urandom(16))
+    _event_prefix = os.urandom(8).hex()
 
 
 # A forked child must not continue its parent's sequence under its prefix.
@@ -81,3 +79,35 @@ def step_idempotency_key(run_id: str, step: int) -> str:
     NEVER change this format: users pass it to payment and email APIs.
     """
     return f"{run_id}:{step}"
+
+
+TOKEN = "token"
+
+
+def wait_token(run_id: str, step: int) -> str:
+    """The token of the `wait_for_token` at journal position `step`: the same
+    on every replay, so a token handed to a human stays valid across retries.
+
+    NEVER change this format: tokens sit in emails and approval queues.
+    """
+    return f"tok_{run_id}_{step}"
+
+
+def parse_token(token: str) -> tuple[str, int]:
+    """(run_id, step) of a token; InvalidToken when it is not one."""
+    from stepline.errors import InvalidToken
+
+    body = token[4:] if token.startswith("tok_") else ""
+    run_id, _, step = body.rpartition("_")
+    if not run_id.startswith("run_") or not step.isdigit():
+        raise InvalidToken(f"not a Stepline wait token: {token!r} (expected tok_<run id>_<step>)")
+    return run_id, int(step)
+
+
+def child_idempotency_key(parent_run_id: str, step: int) -> str:
+    """The idempotency key of the child a parent starts at `step`, so that
+    replaying the parent finds the same child instead of starting another.
+
+    NEVER change this format: existing parents find their children by it.
+    """
+    return f"stepline/child/{parent_run_id}/{step}"

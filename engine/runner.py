@@ -16,6 +16,8 @@ from typing import Any
 from stepline.context import RunContext, Suspend, _current, error_info
 from stepline.errors import NonDeterminismError, PayloadValidationError
 from stepline.events import (
+    ErrorInfo,
+    Payload,
     RetryScheduled,
     RunCompleted,
     RunDeadLettered,
@@ -23,6 +25,7 @@ from stepline.events import (
     RunStarted,
     RunSuspended,
     StepFailed,
+    WaitCompleted,
 )
 from stepline.projections.runs import RunState
 from stepline.task import Task
@@ -51,13 +54,29 @@ async def execute_attempt(
         result = await task.fn(payload)
         output = task.output_codec.dump(result, f"output of run {state.run_id}")
     except Suspend as s:
-        off = await emit(RunSuspended(s.step, s.reason, s.wake_at, s.condition))
-        return Outcome("suspended", off, s.reason)
+        for w in s.waits[:-1]:
+            emit(RunSuspended(w.step, w.reason, w.wake_at, w.condition))
+        last = s.waits[-1]
+        off = await emit(RunSuspended(last.step, last.reason, last.wake_at, last.condition))
+        return Outcome("suspended", off, str(s))
     except Exception as exc:
         return await _failed(task, state, ctx, exc, rng)
     finally:
         _current.reset(token)
+    await _tell_parent(state, ctx, output=output)
     return Outcome("completed", await emit(RunCompleted(output, attempt)))
+
+
+async def _tell_parent(
+    state: RunState, ctx: RunContext, output: Payload | None = None, error: ErrorInfo | None = None
+) -> None:
+    """A child's result goes to its waiting parent before the child records
+    its own end: a crash in between repeats the notice (the parent keeps
+    the first), where the other order could lose it."""
+    if ctx.request is None or state.parent_run_id is None or state.parent_step is None:
+        return
+    body = WaitCompleted(state.parent_step, "child", state.run_id, output, error)
+    await ctx.request(state.parent_run_id, "", body)
 
 
 async def _failed(
@@ -71,6 +90,7 @@ async def _failed(
         emit(StepFailed(attempt, info))
     delay = task.retry.next_delay(state.attempt_in_trigger, exc, rng) if retriable else None
     if delay is None:
+        await _tell_parent(state, ctx, error=info)
         emit(RunFailed(info, attempt))
         tries = state.attempt_in_trigger
         off = await emit(RunDeadLettered(f"{info.type} after {tries} attempt{'s' * (tries != 1)}"))

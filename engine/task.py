@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
 import inspect
@@ -121,6 +122,51 @@ class Task(Generic[PayloadT, ResultT]):
             tags=tags,
             concurrency_key=concurrency_key,
         )
+
+
+    async def batch_trigger(
+        self,
+        payloads: Sequence[PayloadT | Any],
+        *,
+        priority: int = 0,
+        tags: Sequence[str] = (),
+        client: Client | None = None,
+    ) -> list[RunHandle[ResultT]]:
+        """Trigger one run per payload, without waiting for them.
+
+        Every payload is validated before the first run is recorded, so a
+        bad one fails the whole batch up front rather than half of it.
+        """
+        from stepline.client import current_client
+
+        c = client or current_client()
+        for i, p in enumerate(payloads):
+            self.payload_codec.check_and_dump(p, f"payload {i} of the batch for task {self.id!r}")
+        return list(await asyncio.gather(*(
+            c.trigger(self, p, priority=priority, tags=tags) for p in payloads
+        )))
+
+    async def trigger_and_wait(
+        self, payload: PayloadT | Any = None, *, priority: int = 0, tags: Sequence[str] = ()
+    ) -> ResultT:
+        """From inside a task: run this task as a child and return its output.
+
+        The parent is suspended meanwhile and holds no worker slot; a child
+        that fails raises ChildRunFailed here.
+        """
+        from stepline.waits import trigger_children
+
+        [result] = await trigger_children(self, [payload], priority=priority, tags=tags)
+        return result
+
+    async def batch_trigger_and_wait(
+        self, payloads: Sequence[PayloadT | Any], *, priority: int = 0, tags: Sequence[str] = ()
+    ) -> list[ResultT]:
+        """From inside a task: one child per payload, in parallel; their outputs
+        in order once all have ended. The parent waits suspended."""
+        from stepline.waits import trigger_children
+
+        return await trigger_children(self, list(payloads), priority=priority, tags=tags)
 
 
 class Registry:

@@ -31,6 +31,10 @@ class Topics:
         return f"{self.namespace}.queues"
 
     @property
+    def waits(self) -> str:
+        return f"{self.namespace}.waits"
+
+    @property
     def snapshots(self) -> str:
         return f"{self.namespace}.snapshots"
 
@@ -44,4 +48,7 @@ class Topics:
             TopicSpec(self.events, self.partitions),
             TopicSpec(self.queues, self.partitions),
             TopicSpec(self.snapshots, self.partitions, SNAPSHOT_RETENTION_MS),
+            # Open event waits, keyed by run and step; a wait's tombstone
+            # follows when it resolves, so compaction keeps the open ones.
+            TopicSpec(self.waits, self.partitions, compact=True),
         ]

@@ -33,16 +33,19 @@ from stepline import codec
 from stepline.appender import Appender
 from stepline.client import Client, _current_client
 from stepline.consumers.router import Router
-from stepline.context import RunContext, error_info, now_ms
+from stepline.consumers.waits import WaitEntry, register, unregister
+from stepline.context import SLEEP, RunContext, error_info, now_ms
 from stepline.dispatch import ReadyQueue
 from stepline.errors import LogError, SchemaError, UnknownTask
 from stepline.events import (
     Body,
+    ErrorInfo,
     Event,
     PartitionClaimed,
     RunDeadLettered,
     RunFailed,
     RunResumed,
+    WaitCompleted,
 )
 from stepline.ids import new_event_id
 from stepline.log.base import Assignment, Log, Membership, partition_for
@@ -62,6 +65,7 @@ from stepline.snapshots import SnapshotStore
 from stepline.task import Registry
 from stepline.timers import TimerWheel
 from stepline.topics import Topics
+from stepline.waits import EVENT
 
 log = structlog.get_logger("stepline.worker")
 
@@ -100,10 +104,10 @@ class Worker:
         # Events folded between snapshots of a partition; a revoke also
         # snapshots when at least a tenth of that has accumulated.
         self.snapshot_every = snapshot_every
-        # Route domain events to subscribed tasks (needs a client to trigger with).
+        # Route domain events to subscribed tasks and waiting runs (needs a
+        # client to append with).
         self._router: Router | None = (
-            Router(registry, client) if route_events and client is not None
-            and any(t.subscriptions for t in registry) else None
+            Router(registry, client) if route_events and client is not None else None
         )
         self._scheduler: Scheduler | None = (
             Scheduler(registry, client) if client is not None
@@ -132,6 +136,7 @@ class Worker:
         self._appender: Appender | None = None
         self._nparts = 0
         self._stopping = False
+        self._background: set[asyncio.Task[None]] = set()
         self.started = asyncio.Event()
 
     # --- lifecycle -------------------------------------------------------
@@ -169,6 +174,7 @@ class Worker:
             await self._membership.leave()
             self._membership = None
         await self._timers.stop()
+        await asyncio.gather(*self._background, return_exceptions=True)
         if self._appender is not None:
             await self._appender.drain()
 
@@ -305,6 +311,12 @@ class Worker:
     def _react(self, state: RunState) -> None:
         rid = state.run_id
         status = state.status
+        if status == CANCELLED and state.parent_step is not None and state.parent_run_id is not None:
+            # A cancelled child still answers its parent's trigger_and_wait.
+            self._request(state.parent_run_id, "", WaitCompleted(
+                state.parent_step, "child", rid,
+                error=ErrorInfo("Cancelled", "the child run was cancelled", "", False),
+            ))
         if rid in self._active:
             if status == CANCELLED:
                 self._cancel_requested.add(rid)
@@ -347,12 +359,22 @@ class Worker:
             return
         now = self.clock()
         if kind == RESUME and state.status == SUSPENDED and state.wake_at is not None and state.wake_at <= now:
-            waiting = [s for s in state.steps.values() if s.status == "waiting"]
-            for s in waiting:
-                self._emit(state, RunResumed(s.step, "timer"))
+            due = [s for s in state.steps.values()
+                   if s.status == "waiting" and s.wake_at is not None and s.wake_at <= now]
+            for s in due:
+                self._emit(state, RunResumed(s.step, "timer" if s.name == SLEEP else "timeout"))
+                if s.name == EVENT:
+                    self._forget_wait(run_id, s.step)
         elif kind == START and self._runnable(state, now):
             self._enqueue(state)
             self._pump()
+
+    def _forget_wait(self, run_id: str, step: int) -> None:
+        """Drop a timed-out event wait from the router's table. Best effort:
+        a leftover entry only costs a WaitCompleted the fold ignores."""
+        t = asyncio.create_task(unregister(self.log, self.topics.waits, run_id, step))
+        self._background.add(t)
+        t.add_done_callback(self._background.discard)
 
     def _runnable(self, state: RunState, now: int) -> bool:
         if state.status == PENDING:
@@ -387,6 +409,15 @@ class Worker:
                    self._epoch.get(p, 0), body)
         return self._appender.submit(ev, rid.encode(), p)
 
+    def _request(self, run_id: str, task_id: str, body: Body) -> asyncio.Future[int]:
+        """Append a request (epoch 0, unfenced) to any run, owned here or not."""
+        assert self._appender is not None
+        ev = Event(new_event_id(), body.TYPE, run_id, task_id, 0, self.clock(), 0, body)
+        return self._appender.submit(ev, run_id.encode(), partition_for(run_id.encode(), self._nparts))
+
+    async def _register_wait(self, entry: WaitEntry) -> None:
+        await register(self.log, self.topics.waits, entry)
+
     async def _run(self, state: RunState, queue: str) -> None:
         rid = state.run_id
         outcome_offset: int | None = None
@@ -403,7 +434,8 @@ class Worker:
                 )
                 return
             ctx = RunContext(rid, state.task_id, state.attempt, state.steps,
-                             lambda body: self._emit(state, body), self.clock)
+                             lambda body: self._emit(state, body), self.clock,
+                             register_wait=self._register_wait, request=self._request)
             outcome = await execute_attempt(task, state, ctx, self.worker_id, self._rng)
             outcome_offset = outcome.offset
         except asyncio.CancelledError:

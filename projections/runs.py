@@ -37,6 +37,7 @@ from stepline.events import (
     StepCompleted,
     StepFailed,
     StepStarted,
+    WaitCompleted,
 )
 
 PENDING = "pending"
@@ -46,6 +47,10 @@ RETRYING = "retrying"
 COMPLETED = "completed"
 FAILED = "failed"
 CANCELLED = "cancelled"
+
+# A wait resolved before the run recorded it; done, like "completed".
+RESOLVED = "resolved"
+DONE_STEPS = frozenset({"completed", RESOLVED})
 
 TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
 LIVE = frozenset({PENDING, RUNNING, SUSPENDED, RETRYING})
@@ -61,7 +66,7 @@ _EMPTY_STEPS: Mapping[int, StepState] = MappingProxyType({})
 class StepState:
     step: int
     name: str
-    status: str  # running | completed | failed | waiting
+    status: str  # running | completed | failed | waiting | resolved
     attempt: int
     started_at: int | None = None
     ended_at: int | None = None
@@ -115,6 +120,7 @@ class RunState:
     tags: tuple[str, ...] = ()
     idempotency_key: str | None = None
     parent_run_id: str | None = None
+    parent_step: int | None = None
     queue: str | None = None
     concurrency_key: str | None = None
     not_before: int | None = None
@@ -141,7 +147,7 @@ class RunState:
         return self.attempt - self.first_attempt + 1
 
     def completed_steps(self) -> int:
-        return sum(1 for s in self.steps.values() if s.status == "completed")
+        return sum(1 for s in self.steps.values() if s.status in DONE_STEPS)
 
 
 def _compile_evolve() -> Callable[[RunState, dict[str, Any]], RunState]:
@@ -195,6 +201,7 @@ def fold_run(state: RunState | None, event: Event) -> RunState | None:
             tags=tuple(body.tags),
             idempotency_key=body.idempotency_key,
             parent_run_id=body.parent_run_id,
+            parent_step=body.parent_step,
             queue=body.queue,
             concurrency_key=body.concurrency_key,
             not_before=body.not_before,
@@ -273,21 +280,23 @@ def _changes(state: RunState, event: Event) -> dict[str, Any] | None:
     if isinstance(body, RunSuspended):
         prev = steps.get(body.step)
         if prev is not None and prev.status == "completed":
-            return {}  # already resumed past this wait
+            return {}  # a stale duplicate: already resumed past this wait
+        if prev is not None and prev.status == RESOLVED:
+            # Resolved before the wait was recorded (a token completed, a
+            # child ended or an event matched first): nothing to wait for.
+            return _waits_changed(_with_step(state, replace(prev, status="completed")))
         step = StepState(
             body.step, body.reason, "waiting", state.attempt,
             prev.started_at if prev else t, wake_at=body.wake_at,
         )
-        return {"status": SUSPENDED, "wake_at": body.wake_at, "steps": _with_step(state, step)}
+        return _waits_changed(_with_step(state, step))
     if isinstance(body, RunResumed):
         prev = steps.get(body.step)
-        if prev is None or prev.status == "completed":
+        if prev is None or prev.status != "waiting":
             return {}
-        return {
-            "status": PENDING,
-            "wake_at": None,
-            "steps": _with_step(state, replace(prev, status="completed", ended_at=t)),
-        }
+        return _waits_changed(_with_step(state, replace(prev, status="completed", ended_at=t)))
+    if isinstance(body, WaitCompleted):
+        return _wait_completed(state, body, t)
     if isinstance(body, RunCompleted):
         return {"status": COMPLETED, "output": body.output, "ended_at": t, "error": None}
     if isinstance(body, RunFailed):
@@ -297,6 +306,32 @@ def _changes(state: RunState, event: Event) -> dict[str, Any] | None:
     if isinstance(body, LogRecorded):
         return _log_changes(state, event, body)
     return None
+
+
+def _waits_changed(steps: Mapping[int, StepState]) -> dict[str, Any]:
+    """Status after a wait opened or closed: suspended while any wait is open
+    (woken by the earliest deadline among them), else ready to run again."""
+    waiting = [s for s in steps.values() if s.status == "waiting"]
+    if not waiting:
+        return {"status": PENDING, "wake_at": None, "steps": steps}
+    deadlines = [s.wake_at for s in waiting if s.wake_at is not None]
+    return {"status": SUSPENDED, "wake_at": min(deadlines) if deadlines else None, "steps": steps}
+
+
+def _wait_completed(state: RunState, body: WaitCompleted, t: int) -> dict[str, Any]:
+    """The first resolution of a wait wins; later ones (redelivery, a late
+    event after the timeout) change nothing."""
+    prev = state.steps.get(body.step)
+    if prev is not None and (prev.status != "waiting" or prev.name != body.reason):
+        return {}
+    if prev is None:
+        # Resolved early, while the run is still on its way to the wait:
+        # the journal answers when it gets there.
+        early = StepState(body.step, body.reason, RESOLVED, state.attempt, t, t,
+                          output=body.output, error=body.error)
+        return {"steps": _with_step(state, early)}
+    step = replace(prev, status="completed", ended_at=t, output=body.output, error=body.error)
+    return _waits_changed(_with_step(state, step))
 
 
 def _fold_terminal(state: RunState, event: Event) -> RunState:

@@ -27,7 +27,9 @@ from stepline.projections.runs import (
     StepState,
 )
 
-VERSION = 1
+# 2: runs gained parent_step (schema v3). A snapshot of another version is
+# not read; the partition is rebuilt from the log instead.
+VERSION = 2
 
 
 class SnapshotError(SteplineError):
@@ -63,7 +65,7 @@ def _unstep(v: list[Any]) -> StepState:
 # RunState fields stored as they are (JSON scalars); the rest are converted.
 _PLAIN = (
     "run_id", "task_id", "status", "created_at", "updated_at", "seq", "attempt",
-    "first_attempt", "priority", "idempotency_key", "parent_run_id", "queue",
+    "first_attempt", "priority", "idempotency_key", "parent_run_id", "parent_step", "queue",
     "concurrency_key", "not_before", "wake_at", "retry_at", "started_at", "ended_at",
     "dead_lettered", "logs_dropped",
 )

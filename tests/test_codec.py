@@ -42,6 +42,7 @@ from stepline.events import (
     StepCompleted,
     StepFailed,
     StepStarted,
+    WaitCompleted,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -54,6 +55,7 @@ ERROR = ErrorInfo("builtins.ValueError", "card declined", "Traceback...", retria
 EXAMPLES = [
     RunTriggered(PAYLOAD, "order-17", 1700000000000, 5, ("billing", "eu"), "payments", "c-3", None),
     RunTriggered(Payload("text/plain", b"")),
+    RunTriggered(PAYLOAD, parent_run_id="run_p", parent_step=7),
     RunStarted(attempt=1, worker_id="worker-a"),
     StepStarted(step=0, name="charge", attempt=1),
     StepStarted(step=0, name="charge", attempt=1, input=PAYLOAD),
@@ -76,6 +78,8 @@ EXAMPLES = [
     PartitionClaimed(partition=7, worker_id="worker-b"),
     DomainEvent(name="user.created", data=PAYLOAD, key="user-42", source="webhook:auth"),
     DomainEvent(name="order.paid", data=Payload(JSON, b"{}")),
+    WaitCompleted(step=3, reason="token", source="tok_abc", output=PAYLOAD),
+    WaitCompleted(step=4, reason="child", source="run_c", error=ERROR),
 ]
 
 
@@ -151,8 +155,10 @@ bodies = st.one_of(
     st.builds(RunTriggered, payload=payloads, idempotency_key=opt_text,
               not_before=st.none() | longs, priority=ints,
               tags=st.lists(text, max_size=5).map(tuple), queue=opt_text,
-              concurrency_key=opt_text, parent_run_id=opt_text),
+              concurrency_key=opt_text, parent_run_id=opt_text, parent_step=st.none() | ints),
     st.builds(RunStarted, attempt=ints, worker_id=text),
+    st.builds(WaitCompleted, step=ints, reason=text, source=text, output=st.none() | payloads,
+              error=st.none() | errors),
     st.builds(StepStarted, step=ints, name=text, attempt=ints, input=st.none() | payloads),
     st.builds(StepCompleted, step=ints, name=text, attempt=ints, output=payloads),
     st.builds(StepFailed, attempt=ints, error=errors, step=st.none() | ints, name=opt_text),
@@ -396,3 +402,35 @@ def test_a_domain_event_written_by_schema_v2_stays_readable() -> None:
     [event] = [codec.decode(r) for r in records]
     assert event.type == "DomainEvent" and event.run_id == ""
     assert event.body == DomainEvent("user.created", Payload(JSON, b'{"plan": "pro"}'), "user-42", "api")
+
+
+def test_what_schema_v3_added_stays_readable() -> None:
+    """tests/fixtures/events-v3.bin: WaitCompleted and RunTriggered.parent_step as v3 wrote them."""
+    records = read_length_prefixed(FIXTURES / "events-v3.bin")
+    v3 = json.loads((schemas.HISTORY_DIR / "Event.v3.avsc").read_text())
+    v3_fp = bytes.fromhex(fastavro_fingerprint(to_parsing_canonical_form(v3), "CRC-64-AVRO"))
+    assert all(r[2:10] == v3_fp for r in records)
+    trigger, resolved, failed = [codec.decode(r) for r in records]
+    assert trigger.body.parent_run_id == "run_01KA0000000000000000000000"
+    assert trigger.body.parent_step == 4
+    assert resolved.body == WaitCompleted(2, "event", "evt-9", Payload(JSON, b'{"approved": true}'))
+    assert failed.body == WaitCompleted(
+        5, "child", "run_01KC0000000000000000000000", None, ErrorInfo("ValueError", "bad", "", False)
+    )
+
+
+def test_a_v2_trigger_reads_with_no_parent_step() -> None:
+    v2 = json.loads((schemas.HISTORY_DIR / "Event.v2.avsc").read_text())
+    header = b"\xc3\x01" + bytes.fromhex(fastavro_fingerprint(to_parsing_canonical_form(v2), "CRC-64-AVRO"))
+    buf = BytesIO()
+    fastavro.schemaless_writer(buf, fastavro.parse_schema(v2), {
+        "event_id": "e", "type": "RunTriggered", "run_id": "run_x", "task_id": "t", "seq": 1,
+        "time": 5, "epoch": 0, "traceparent": None, "extra": {},
+        "body": ("io.stepline.RunTriggered", {
+            "payload": {"content_type": JSON, "data": b"1"}, "idempotency_key": None,
+            "not_before": None, "priority": 0, "tags": [], "queue": None,
+            "concurrency_key": None, "parent_run_id": "run_p",
+        }),
+    })
+    body = codec.decode(header + buf.getvalue()).body
+    assert body == RunTriggered(Payload(JSON, b"1"), parent_run_id="run_p", parent_step=None)

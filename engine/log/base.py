@@ -11,6 +11,9 @@ Semantics, shared by all backends:
 * `append` returns only when the records are durable by the backend's
   standard (fsync for sqlite, acks=all for Kafka) and returns their offsets.
   Records of one call to one partition keep their order.
+* An empty value is a tombstone: on a compacted topic (`TopicSpec.compact`)
+  Kafka eventually drops the key's older records; other backends keep them
+  all, and readers treat the empty value as "deleted".
 * `read` returns records at offsets >= the given one, waiting up to
   `timeout` seconds for at least one to arrive.
 * A group assigns each partition of a topic to exactly one live member;
@@ -44,6 +47,8 @@ class TopicSpec:
     partitions: int
     # None keeps records forever; run history is never compacted away.
     retention_ms: int | None = None
+    # A table keyed by record key (the latest value per key matters), not a history.
+    compact: bool = False
 
 
 @dataclass(frozen=True, slots=True)

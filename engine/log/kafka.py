@@ -663,7 +663,7 @@ class KafkaLog(Log):
             retention = spec.retention_ms if spec.retention_ms is not None else -1
             if self.retention_ms is not None:
                 retention = self.retention_ms
-            configs = {"retention.ms": str(retention), "cleanup.policy": "delete"}
+            configs = {"retention.ms": str(retention), "cleanup.policy": "compact" if spec.compact else "delete"}
             if self.min_insync_replicas is not None:
                 configs["min.insync.replicas"] = str(self.min_insync_replicas)
             new.append(NewTopic(
@@ -759,7 +759,7 @@ class KafkaLog(Log):
                     continue
                 batch = producer.create_batch()
                 overflow = any(
-                    batch.append(key=k, value=v, timestamp=None) is None
+                    batch.append(key=k, value=v or None, timestamp=None) is None
                     for call in taken for k, v in call.records
                 )
                 if overflow:  # cannot happen while _RECORD_OVERHEAD is an upper bound
@@ -849,7 +849,7 @@ class KafkaLog(Log):
             sub.add_done_callback(collect)
             batch = producer.create_batch()
             for k, v in chunk:
-                batch.append(key=k, value=v, timestamp=None)
+                batch.append(key=k, value=v or None, timestamp=None)
             batch.close()
             await self._send(producer, topic, partition, batch, [_Call(chunk, 0, sub)])
 
