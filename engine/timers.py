@@ -53,6 +53,8 @@ class TimerWheel:
             self._changed.clear()
             timeout = None if not self._heap else (self._heap[0][0] - now) / 1000
             try:
-                await asyncio.wait_for(self._changed.wait(), timeout)
+                # asyncio.timeout: wait_for may swallow a cancel on 3.11.
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait()
             except TimeoutError:
                 pass

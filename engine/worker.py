@@ -154,13 +154,17 @@ class Worker:
         self._appender = Appender(self.log, self.topics.runs, self._on_appended)
         self._snapshots = SnapshotStore(self.log, self.topics.snapshots)
         self._timers.start()
+        # Ticks first: on the single-seat backends joining the group waits
+        # while another worker holds it, and a standby firing ticks is
+        # harmless (one run per tick) and keeps schedules going if the
+        # active worker is wedged.
+        if self._scheduler is not None:
+            self._scheduler.start()
         self._membership = await self.log.join_group(
             self.topics.worker_group, self.topics.runs, self._on_assign, self._on_revoke
         )
         if self._router is not None:
             await self._router.start()
-        if self._scheduler is not None:
-            self._scheduler.start()
         self.started.set()
 
     async def close(self) -> None:

@@ -63,6 +63,41 @@ async def test_a_tick_fired_by_three_schedulers_runs_once(engine_factory):
     assert triggers >= 2  # fired more than once, kept once
 
 
+async def test_a_cron_tick_fires_once_across_three_workers(engine_factory):
+    """Three workers, each with its own connection and scheduler, share the
+    partitions; every tick still starts exactly one run."""
+    reg = sl.Registry()
+    executions: list[str] = []
+
+    @sl.task(id="cron", registry=reg, schedule=sl.Cron("* * * * * *"))  # every second
+    async def cron(t: sl.ScheduleTick) -> None:
+        executions.append(t.scheduled_at.isoformat())
+
+    e = await engine_factory(reg)
+    extra = []
+    for _ in range(2):
+        log_ = sl.open_log(e.url)
+        await log_.start()
+        w = sl.Worker(reg, log_, topics=e.topics, client=e.client)
+        # On the single-seat logs (memory, sqlite) a second worker is a
+        # standby: start() waits for the seat, but its scheduler already fires.
+        extra.append((w, log_, asyncio.create_task(w.start())))
+    try:
+        await eventually(lambda: len(executions) >= 3, timeout=30, what="three cron ticks to run")
+    finally:
+        for w, log_, starting in extra:
+            await w.close()
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            await log_.close()
+    runs = await e.client.list_runs()
+    ticks = [scheduled_at(r) for r in runs]
+    assert len(ticks) == len(set(ticks)), "a tick started two runs"
+    assert len(executions) == len(set(executions)), "a tick executed twice"
+    fired = [[ev.type for _, ev in await e.client.history(r.run_id)].count("RunTriggered") for r in runs]
+    assert max(fired) >= 2  # several workers fired a tick; one run was kept
+
+
 async def test_missed_ticks_are_skipped_unless_a_catch_up_window_is_set(engine_factory):
     started = datetime.now(UTC)
     e = await engine_factory(ticking(0.1, catch_up=timedelta(seconds=1)))

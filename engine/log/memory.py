@@ -235,7 +235,11 @@ class MemoryLog(Log):
                 waiter: asyncio.Future[None] = loop.create_future()
                 part.waiters.append(waiter)
             try:
-                await asyncio.wait_for(waiter, remaining)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for returns the
+                # result when the waiter completes as the reader is cancelled,
+                # swallowing the cancel (a tail loop then never stops).
+                async with asyncio.timeout(remaining):
+                    await waiter
             except TimeoutError:
                 return []
             finally:
