@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -29,6 +30,9 @@ from stepline.logs import configure_logging
 from stepline.projections.runs import FAILED, RunState
 from stepline.task import Registry, load_app
 from stepline.worker import Worker
+
+if TYPE_CHECKING:
+    from stepline.server import ServeConfig, WebhookSource
 
 T = TypeVar("T")
 
@@ -238,6 +242,101 @@ def worker(
     _run(_serve_worker(registry, log, concurrency))
 
 
+def _source_pairs(entries: list[str], flag: str, shape: str, echo: bool) -> dict[str, str]:
+    """`SOURCE=VALUE` entries as a dict; `echo=False` keeps secrets out of error messages."""
+    pairs: dict[str, str] = {}
+    for n, entry in enumerate(entries, 1):
+        source, sep, value = entry.partition("=")
+        if not sep or not source or not value:
+            shown = repr(entry) if echo else f"#{n}"
+            raise CliError(f"{flag} {shown} is not {shape}")
+        if source in pairs:
+            raise CliError(f"{flag} names source {source!r} twice")
+        pairs[source] = value
+    return pairs
+
+
+def _webhook_sources(webhook: list[str] | None, webhook_event: list[str] | None) -> dict[str, WebhookSource]:
+    from stepline.server import WebhookSource
+
+    # Flags replace the environment variable, as for every other option.
+    entries = webhook or [e.strip() for e in os.environ.get("STEPLINE_WEBHOOKS", "").split(",") if e.strip()]
+    secrets = _source_pairs(entries, "--webhook", "SOURCE=SECRET", echo=False)
+    events = _source_pairs(webhook_event or [], "--webhook-event", "SOURCE=EVENT.NAME", echo=True)
+    unknown = sorted(set(events) - set(secrets))
+    if unknown:
+        raise CliError(f"--webhook-event for source(s) without a --webhook secret: {', '.join(unknown)}")
+    return {name: WebhookSource(name, secret, events.get(name)) for name, secret in secrets.items()}
+
+
+async def _serve_http(config: ServeConfig, registry: Registry | None, log_url: str, host: str, port: int) -> None:
+    from stepline.server import serve as serve_http
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    def announce(addresses: list[str]) -> None:
+        sources = ", ".join(f"{s.name} -> {s.event}" for s in config.webhooks.values()) or "none"
+        auth = "bearer token" if config.auth_required else "OFF (--no-auth)"
+        err.print(f"stepline serve on {', '.join(addresses)} for {log_url}: auth {auth}; "
+                  f"webhook sources: {sources}", highlight=False)
+
+    async with Client(log_url, registry=registry) as client:
+        server = asyncio.create_task(serve_http(client, config, registry, host, port, on_listening=announce))
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({server, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        server.cancel()
+        stopping.cancel()
+        try:
+            await server
+        except asyncio.CancelledError:
+            pass  # stopped by a signal
+        except OSError as exc:  # the port is taken, the host is not ours
+            raise CliError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+@app.command()
+def serve(
+    app_module: AppOpt = None,
+    log: LogOpt = DEFAULT_LOG_URL,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port; 0 picks a free one.")] = 8080,
+    api_token: Annotated[str | None, typer.Option(
+        "--api-token", envvar="STEPLINE_API_TOKEN", show_default=False,
+        help="Bearer token the /v1/ API requires. Prefer the variable: other users can read argv.",
+    )] = None,
+    webhook: Annotated[list[str] | None, typer.Option(
+        "--webhook", show_default=False,
+        help="SOURCE=SECRET: accept deliveries signed with SECRET at /v1/webhooks/SOURCE (repeatable). "
+             "Default: STEPLINE_WEBHOOKS, comma-separated SOURCE=SECRET.",
+    )] = None,
+    webhook_event: Annotated[list[str] | None, typer.Option(
+        "--webhook-event", show_default=False,
+        help="SOURCE=EVENT.NAME: publish SOURCE's deliveries as EVENT.NAME, not webhook.SOURCE (repeatable).",
+    )] = None,
+    max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body accepted.")] = 1 << 20,
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="Serve the API without a token (local use only).")] = False,
+    json_logs: Annotated[bool, typer.Option("--json-logs/--console-logs")] = True,
+) -> None:
+    """Serve the HTTP API: trigger runs, publish events, read runs, receive signed webhooks."""
+    from stepline.server import ServeConfig
+
+    configure_logging(json_logs=json_logs)
+    if not api_token and not no_auth:
+        _fail("stepline serve needs an API token: pass --api-token or set STEPLINE_API_TOKEN "
+              "(or --no-auth for local development)")
+    registry = _load_app(app_module) if app_module else None
+    try:
+        config = ServeConfig(api_token, _webhook_sources(webhook, webhook_event),
+                             max_body_bytes=max_body_bytes, auth_required=not no_auth)
+    except (SteplineError, CliError) as exc:
+        _fail(str(exc))
+        raise
+    _run(_serve_http(config, registry, log, host, port))
+
+
 # --- requests ------------------------------------------------------------
 
 
@@ -327,6 +426,27 @@ def cancel(
         _print_json({"run_id": run_id, "cancelled": True, "was": state.status})
     else:
         out.print(f"cancel requested for {run_id} (was {state.status})", highlight=False)
+
+
+@app.command("complete-token")
+def complete_token(
+    token: Annotated[str, typer.Argument(help="The token a run waits on (tok_...).")],
+    data: Annotated[str, typer.Option(help="What wait_for_token returns, as JSON.")] = "null",
+    log: LogOpt = DEFAULT_LOG_URL,
+    as_json: JsonOpt = False,
+) -> None:
+    """Resume a run waiting in wait_for_token (a human approval, a callback)."""
+    value = _parse_json(data, "--data")
+
+    async def go() -> RunState:
+        async with Client(log) as client:
+            return await client.complete_token(token, value)
+
+    state = _run(go())
+    if as_json:
+        _print_json({"token": token, "run_id": state.run_id, "completed": True})
+    else:
+        out.print(f"token completed; run {state.run_id} resumes", highlight=False)
 
 
 # --- reading -------------------------------------------------------------
