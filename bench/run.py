@@ -15,6 +15,10 @@ commit, the default) and again on `?synchronous=normal` (no fsync)):
   c_fsync        write 200 B + fsync loop on the benchmark's disk
   c_sqlite       SQLite WAL single-row commits, FULL and NORMAL
   micro_codec    stepline.codec encode/decode of a StepCompleted
+  f_match        10 subscription filters matched in process: the fan-out ceiling
+  f_fanout       the router fanning E events out to 10 filtered subscriptions
+                 (3 match each), sqlite FULL and memory://; events/s, runs/s
+                 (bench/fanout.py; --no-fanout leaves both out)
 
 With --kafka (the default; --no-kafka turns it off) the same run also
 measures Stepline on a real Kafka broker and that broker's raw limit with
@@ -52,6 +56,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import fanout  # noqa: E402
 import kafka_bench  # noqa: E402
 import physical  # noqa: E402
 import workloads  # noqa: E402
@@ -208,6 +213,7 @@ HEADLINES: dict[str, list[tuple[str, str, str]]] = {
                  ("commits_per_s", "commits/s", "{:,.0f}")],
     "micro_codec": [("encode_us", "encode µs", "{:.2f}"), ("decode_us", "decode µs", "{:.2f}"),
                     ("bytes", "bytes", "{:.0f}")],
+    **fanout.HEADLINES,
     **kafka_bench.HEADLINES,
 }
 
@@ -267,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also measure Stepline on Kafka and the raw broker (default on; "
                          "skipped with the reason when no broker can be had)")
     ap.add_argument("--kafka-only", action="store_true", help="only the Kafka part")
+    ap.add_argument("--fanout", action=argparse.BooleanOptionalAction, default=True,
+                    help="also measure the event router's fan-out (bench/fanout.py; default on)")
     args = ap.parse_args(argv)
     reps = args.reps if args.reps is not None else (1 if args.quick else 3)
     sz = sizes(args.quick)
@@ -293,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(1, reps + 1):
         if not args.kafka_only:
             one_rep(rec, rep, sz, args.tmpdir, timeout)
+            if args.fanout:
+                fanout.one_rep(rec, rep, fanout.sizes(args.quick), args.tmpdir, timeout, _run_async)
         if bootstrap is not None:
             kafka_bench.one_rep(rec, rep, ksz, bootstrap, timeout, _run_async)
     print_summary(rec.rows, path)
