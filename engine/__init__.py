@@ -36,7 +36,7 @@ from stepline.logs import configure_logging
 from stepline.projections.runs import RunState, StepState
 from stepline.retry import Retry, Rule, http_status
 from stepline.schedule import Cron, Every, ScheduleTick
-from stepline.task import Queue, Registry, Task, default_registry, load_app, task
+from stepline.task import Queue, RateLimit, Registry, Task, default_registry, load_app, task
 from stepline.waits import WaitToken, create_token, wait_for_event, wait_for_token
 from stepline.worker import Worker
 
@@ -54,6 +54,7 @@ __all__ = [
     "WaitToken",
     "Task",
     "Queue",
+    "RateLimit",
     "Subscription",
     "Cron",
     "Every",

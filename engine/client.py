@@ -64,7 +64,7 @@ _current_client: contextvars.ContextVar[Client | None] = contextvars.ContextVar(
     "stepline_client", default=None
 )
 
-_TERMINAL_TYPES = frozenset({b"RunCompleted", b"RunFailed", b"RunCancelled"})
+_TERMINAL_TYPES = frozenset({b"RunCompleted", b"RunFailed", b"RunCancelled", b"RunExpired"})
 
 # Single-object encoding header: 2-byte marker + 8-byte schema fingerprint.
 _HEADER = 10
@@ -106,6 +106,11 @@ def check_event_name(name: str) -> None:
     """Raise InvalidEventName unless `name` can be published (e.g. `user.created`)."""
     if not name or any(c.isspace() for c in name) or name.startswith(".") or name.endswith("."):
         raise InvalidEventName(f"event name must be a non-empty dotted name without spaces, got {name!r}")
+
+
+def _ms(duration: timedelta | float) -> int:
+    secs = duration.total_seconds() if isinstance(duration, timedelta) else float(duration)
+    return int(secs * 1000)
 
 
 def current_client() -> Client:
@@ -274,10 +279,16 @@ class Client:
         concurrency_key: str | None = None,
         parent_run_id: str | None = None,
         parent_step: int | None = None,
+        ttl: timedelta | float | None = None,
+        idempotency_key_ttl: timedelta | float | None = None,
         validate: bool = True,
     ) -> RunHandle[R]:
         """Append RunTriggered; validation errors raise before anything is written.
 
+        `ttl`: the run expires (RunExpired) unless it starts within it.
+        `idempotency_key_ttl`: the key maps to the same run only while that
+        run is younger than this; later the key starts a new run (without
+        it, a key means one run forever).
         `validate=False` (the event router) records the payload as given; a
         payload that does not fit then fails its run, not the caller.
         """
@@ -285,19 +296,43 @@ class Client:
         where = f"payload for task {task_id!r}"
         data = (t.payload_codec if t and validate else ANY).check_and_dump(payload, where)
         now = self.clock()
-        run_id = idempotent_run_id(task_id, idempotency_key) if idempotency_key else new_run_id(now)
-        not_before = None
-        if delay is not None:
-            secs = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
-            not_before = now + int(secs * 1000)
+        if idempotency_key and idempotency_key_ttl is not None:
+            run_id, existing = await self._keyed_run(task_id, idempotency_key, _ms(idempotency_key_ttl), now)
+            if existing:
+                return RunHandle(run_id, task_id, self, t.output_codec if t else ANY, None)
+        elif idempotency_key:
+            run_id = idempotent_run_id(task_id, idempotency_key)
+        else:
+            run_id = new_run_id(now)
+        not_before = now + _ms(delay) if delay is not None else None
+        expires_at = now + _ms(ttl) if ttl is not None else None
         body = RunTriggered(
             data, idempotency_key, not_before, priority, tuple(tags),
-            t.queue.name if t else None, concurrency_key, parent_run_id, parent_step,
+            t.queue.name if t else None, concurrency_key, parent_run_id, parent_step, expires_at,
         )
         offset = await self._append(Event(new_event_id(), body.TYPE, run_id, task_id, 1, now, 0, body))
         # With an idempotency key the run may predate this trigger: watch from 0.
         return RunHandle(run_id, task_id, self, t.output_codec if t else ANY,
                          None if idempotency_key else offset)
+
+    async def _keyed_run(self, task_id: str, key: str, ttl_ms: int, now: int) -> tuple[str, bool]:
+        """The run an idempotency key maps to under a TTL: (run id, exists).
+
+        Generation n of a key is the run id of `key` (n = 0) or `key#n`; a
+        key whose run outlived the TTL moves on to the next generation. Each
+        look-up reads the run's partition, so keys with a TTL cost a read
+        per trigger where plain keys cost none.
+        """
+        generation = 0
+        while True:
+            run_id = idempotent_run_id(task_id, key if generation == 0 else f"{key}#{generation}")
+            try:
+                state = await self.get_run(run_id)
+            except UnknownRun:
+                return run_id, False
+            if now - state.created_at < ttl_ms:
+                return run_id, True
+            generation += 1
 
     async def publish(
         self, name: str, data: Any = None, *, key: str | None = None, source: str = "api"

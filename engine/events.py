@@ -49,6 +49,7 @@ class RunTriggered:
     concurrency_key: str | None = None
     parent_run_id: str | None = None
     parent_step: int | None = None  # schema v3
+    expires_at: int | None = None  # schema v4
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +213,39 @@ class WaitCompleted:
     error: ErrorInfo | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class SlotRequested:
+    """On the queues topic (keyed by queue); the envelope names the run. Schema v4."""
+
+    TYPE: ClassVar[str] = "SlotRequested"
+    queue: str
+    concurrency_key: str | None = None
+    priority: int = 0
+    created_at: int = 0
+    limit: int | None = None
+    key_limit: int | None = None
+    rate_limit: int | None = None
+    rate_period_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SlotReleased:
+    """On the queues topic: a slot given back, or a request withdrawn. Schema v4."""
+
+    TYPE: ClassVar[str] = "SlotReleased"
+    queue: str
+    concurrency_key: str | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RunExpired:
+    """The run's time to live ran out before it started. Schema v4."""
+
+    TYPE: ClassVar[str] = "RunExpired"
+    expires_at: int
+
+
 Body = Union[
     RunTriggered,
     RunStarted,
@@ -231,6 +265,9 @@ Body = Union[
     PartitionClaimed,
     DomainEvent,
     WaitCompleted,
+    SlotRequested,
+    SlotReleased,
+    RunExpired,
 ]
 
 BODY_TYPES: tuple[type[Body], ...] = (
@@ -252,12 +289,17 @@ BODY_TYPES: tuple[type[Body], ...] = (
     PartitionClaimed,
     DomainEvent,
     WaitCompleted,
+    SlotRequested,
+    SlotReleased,
+    RunExpired,
 )
 
 # Events a client may append for a run it does not own. Everything else is
 # written by the partition owner and fenced by its epoch.
 REQUEST_TYPES: frozenset[str] = frozenset(
-    {RunTriggered.TYPE, RunCancelled.TYPE, RunRetriggered.TYPE, WaitCompleted.TYPE}
+    {RunTriggered.TYPE, RunCancelled.TYPE, RunRetriggered.TYPE, WaitCompleted.TYPE,
+     # The queue's owner admits runs it does not own (schema v4).
+     SlotGranted.TYPE}
 )
 
 

@@ -31,9 +31,21 @@ def _b32(value: int, length: int) -> str:
     return "".join(out)[::-1]
 
 
+_last_run: tuple[int, int] = (0, 0)
+
+
 def new_run_id(now_ms: int | None = None) -> str:
+    """Monotonic within a process (ULID's rule): a second id in the same
+    millisecond is the previous one plus one, so ids triggered one after
+    another sort in trigger order, which is how queues break priority ties."""
+    global _last_run
     ms = int(time.time() * 1000) if now_ms is None else now_ms
-    rand = _random.getrandbits(80)
+    last_ms, last_rand = _last_run
+    if ms == last_ms and last_rand < (1 << 80) - 1:
+        rand = last_rand + 1
+    else:
+        rand = _random.getrandbits(79)  # headroom for the increments
+    _last_run = (ms, rand)
     return "run_" + _b32((ms << 80) | rand, 26)
 
 
@@ -55,8 +67,9 @@ _event_counter = itertools.count()
 
 
 def _after_fork() -> None:
-    global _event_prefix
+    global _event_prefix, _last_run
     _random.seed(os.urandom(16))
+    _last_run = (0, 0)
     _event_prefix = os.urandom(8).hex()
 
 

@@ -30,19 +30,50 @@ TaskFn = Callable[[PayloadT], Awaitable[ResultT]]
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimit:
+    """At most `limit` runs of a queue start per `period` (all workers together)."""
+
+    limit: int
+    period: timedelta | float
+
+    def __post_init__(self) -> None:
+        if self.limit < 1:
+            raise TaskDefinitionError(f"RateLimit: limit must be >= 1, got {self.limit}")
+        if self.period_ms <= 0:
+            raise TaskDefinitionError(f"RateLimit: period must be positive, got {self.period!r}")
+
+    @property
+    def period_ms(self) -> int:
+        seconds = self.period.total_seconds() if isinstance(self.period, timedelta) else float(self.period)
+        return int(seconds * 1000)
+
+
+@dataclass(frozen=True, slots=True)
 class Queue:
-    """A named queue. `concurrency_limit` caps how many of its runs execute at once."""
+    """A named queue, shared by every task that names it.
+
+    `concurrency_limit` caps how many of its runs execute at once across all
+    workers; `key_limit` caps each concurrency key (`trigger(...,
+    concurrency_key="tenant-42")`) inside it; `rate_limit` caps starts per
+    period. A queue with any of them admits runs through the queues topic;
+    without, runs start as soon as a worker has room.
+    """
 
     name: str
     concurrency_limit: int | None = None
+    key_limit: int | None = None
+    rate_limit: RateLimit | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
             raise TaskDefinitionError("Queue needs a non-empty name")
-        if self.concurrency_limit is not None and self.concurrency_limit < 1:
-            raise TaskDefinitionError(
-                f"Queue {self.name!r}: concurrency_limit must be >= 1, got {self.concurrency_limit}"
-            )
+        for what, value in (("concurrency_limit", self.concurrency_limit), ("key_limit", self.key_limit)):
+            if value is not None and value < 1:
+                raise TaskDefinitionError(f"Queue {self.name!r}: {what} must be >= 1, got {value}")
+
+    @property
+    def limited(self) -> bool:
+        return self.concurrency_limit is not None or self.key_limit is not None or self.rate_limit is not None
 
 
 def _annotations(fn: Callable[..., Any]) -> tuple[Any, Any]:
@@ -61,6 +92,50 @@ def _annotations(fn: Callable[..., Any]) -> tuple[Any, Any]:
     return payload_t, ret
 
 
+# Where an attempt runs: in the worker's event loop, or in a fresh child process.
+Isolation = typing.Literal["inline", "process"]
+ISOLATIONS: tuple[str, ...] = typing.get_args(Isolation)
+
+
+def _max_duration(task_id: str, value: timedelta | float | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, timedelta)):
+        raise TaskDefinitionError(
+            f"task {task_id!r}: max_duration must be seconds or a timedelta, got {value!r}"
+        )
+    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if not 0 < seconds < float("inf"):  # also rejects NaN, which compares false
+        raise TaskDefinitionError(f"task {task_id!r}: max_duration must be positive and finite, got {value!r}")
+    return seconds
+
+
+def _isolation(
+    task_id: str, fn: Callable[..., Any], isolation: str, memory_limit_mb: int | None
+) -> tuple[str, int | None]:
+    if isolation not in ISOLATIONS:
+        raise TaskDefinitionError(
+            f"task {task_id!r}: isolation must be one of {', '.join(map(repr, ISOLATIONS))}, got {isolation!r}"
+        )
+    if memory_limit_mb is not None:
+        if isolation != "process":
+            raise TaskDefinitionError(
+                f"task {task_id!r}: memory_limit_mb needs isolation='process' (a limit "
+                f"applies to a whole process, and an inline task shares the worker's)"
+            )
+        if isinstance(memory_limit_mb, bool) or not isinstance(memory_limit_mb, int) or memory_limit_mb < 1:
+            raise TaskDefinitionError(
+                f"task {task_id!r}: memory_limit_mb must be a positive int, got {memory_limit_mb!r}"
+            )
+    if isolation == "process" and "<locals>" in fn.__qualname__:
+        raise TaskDefinitionError(
+            f"task {task_id!r}: a task with isolation='process' must be declared at module level, "
+            f"since its child process finds it again by importing its module; "
+            f"{fn.__qualname__} is local to a function"
+        )
+    return isolation, memory_limit_mb
+
+
 class Task(Generic[PayloadT, ResultT]):
     """A durable task. Call `trigger` to run it on a worker."""
 
@@ -73,6 +148,9 @@ class Task(Generic[PayloadT, ResultT]):
         queue: Queue | None = None,
         on: Subscription | Sequence[Subscription] = (),
         schedule: Cron | Every | None = None,
+        max_duration: timedelta | float | None = None,
+        isolation: Isolation = "inline",
+        memory_limit_mb: int | None = None,
     ) -> None:
         if not inspect.iscoroutinefunction(fn):
             raise TaskDefinitionError(f"task {id!r}: {fn.__qualname__} must be an `async def`")
@@ -86,6 +164,9 @@ class Task(Generic[PayloadT, ResultT]):
         self.queue = queue or Queue(f"task/{id}")
         self.subscriptions: tuple[Subscription, ...] = (on,) if isinstance(on, Subscription) else tuple(on)
         self.schedule = schedule
+        # Seconds per attempt, enforced by the runner; None means unbounded.
+        self.max_duration = _max_duration(id, max_duration)
+        self.isolation, self.memory_limit_mb = _isolation(id, fn, isolation, memory_limit_mb)
         payload_t, result_t = _annotations(fn)
         self.payload_codec = Codec(payload_t)
         self.output_codec = Codec(result_t)
@@ -108,8 +189,11 @@ class Task(Generic[PayloadT, ResultT]):
         priority: int = 0,
         tags: Sequence[str] = (),
         concurrency_key: str | None = None,
+        ttl: timedelta | float | None = None,
+        idempotency_key_ttl: timedelta | float | None = None,
         client: Client | None = None,
     ) -> RunHandle[ResultT]:
+        """Start a run (see Client.trigger for ttl and idempotency_key_ttl)."""
         from stepline.client import current_client
 
         c = client or current_client()
@@ -121,6 +205,8 @@ class Task(Generic[PayloadT, ResultT]):
             priority=priority,
             tags=tags,
             concurrency_key=concurrency_key,
+            ttl=ttl,
+            idempotency_key_ttl=idempotency_key_ttl,
         )
 
 
@@ -227,6 +313,9 @@ def task(
     on: Subscription | Sequence[Subscription] = (),
     schedule: Cron | Every | None = None,
     registry: Registry | None = None,
+    max_duration: timedelta | float | None = None,
+    isolation: Isolation = "inline",
+    memory_limit_mb: int | None = None,
 ) -> Callable[[TaskFn[PayloadT, ResultT]], Task[PayloadT, ResultT]]: ...
 
 
@@ -240,16 +329,23 @@ def task(
     on: Subscription | Sequence[Subscription] = (),
     schedule: Cron | Every | None = None,
     registry: Registry | None = None,
+    max_duration: timedelta | float | None = None,
+    isolation: Isolation = "inline",
+    memory_limit_mb: int | None = None,
 ) -> Task[PayloadT, ResultT] | Callable[[TaskFn[PayloadT, ResultT]], Task[PayloadT, ResultT]]:
     """Declare a durable task: `@task(id="process-order", retry=Retry(...))`.
 
     `on=Subscription("user.created", where=...)` also starts it for every
     matching domain event; `schedule=Cron("0 3 * * *")` on every tick.
+    `max_duration=30` fails an attempt that runs longer (the retry policy
+    decides what next); `isolation="process"` runs each attempt in a child
+    process, optionally capped at `memory_limit_mb` of address space.
     """
 
     def wrap(f: TaskFn[PayloadT, ResultT]) -> Task[PayloadT, ResultT]:
         t = Task(f, id=id or f.__name__.replace("_", "-"), retry=retry, queue=queue, on=on,
-                 schedule=schedule)
+                 schedule=schedule, max_duration=max_duration, isolation=isolation,
+                 memory_limit_mb=memory_limit_mb)
         (registry if registry is not None else default_registry).add(t)
         return t
 

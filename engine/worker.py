@@ -30,6 +30,7 @@ from collections.abc import Callable
 import structlog
 
 from stepline import codec
+from stepline.admission import Admission
 from stepline.appender import Appender
 from stepline.client import Client, _current_client
 from stepline.consumers.router import Router
@@ -42,19 +43,27 @@ from stepline.events import (
     ErrorInfo,
     Event,
     PartitionClaimed,
+    RetryScheduled,
+    RunCompleted,
     RunDeadLettered,
+    RunExpired,
     RunFailed,
     RunResumed,
+    RunSuspended,
+    SlotReleased,
+    SlotRequested,
     WaitCompleted,
 )
 from stepline.ids import new_event_id
 from stepline.log.base import Assignment, Log, Membership, partition_for
 from stepline.projections.runs import (
     CANCELLED,
+    EXPIRED,
     PENDING,
     RETRYING,
     RUNNING,
     SUSPENDED,
+    TERMINAL,
     PartitionRuns,
     RunState,
 )
@@ -62,7 +71,7 @@ from stepline.projections.snapshot import SnapshotError
 from stepline.runner import execute_attempt
 from stepline.schedule import Scheduler
 from stepline.snapshots import SnapshotStore
-from stepline.task import Registry
+from stepline.task import Queue, Registry
 from stepline.timers import TimerWheel
 from stepline.topics import Topics
 from stepline.waits import EVENT
@@ -71,6 +80,21 @@ log = structlog.get_logger("stepline.worker")
 
 START = "start"
 RESUME = "resume"
+EXPIRE = "expire"
+
+# Events that end an attempt; a slot held for the attempt is released first.
+_ENDS_ATTEMPT = (RunCompleted, RunSuspended, RetryScheduled, RunFailed)
+
+
+def _copy_result(src: asyncio.Future[int], dst: asyncio.Future[int]) -> None:
+    if dst.done():
+        return
+    if src.cancelled():
+        dst.cancel()
+    elif src.exception() is not None:
+        dst.set_exception(src.exception())  # type: ignore[arg-type]
+    else:
+        dst.set_result(src.result())
 
 
 def default_worker_id() -> str:
@@ -137,6 +161,13 @@ class Worker:
         self._nparts = 0
         self._stopping = False
         self._background: set[asyncio.Task[None]] = set()
+        # Admission to limited queues: runs that asked for a slot and have
+        # not seen it granted; runs whose attempt holds one; and, per run, the
+        # release that must be durable before the attempt's outcome is.
+        self._asked: dict[str, SlotRequested] = {}
+        self._holding: dict[str, tuple[str, str | None, str]] = {}
+        self._gates: dict[str, asyncio.Future[int]] = {}
+        self._expiring: set[str] = set()
         self.started = asyncio.Event()
 
     # --- lifecycle -------------------------------------------------------
@@ -152,6 +183,8 @@ class Worker:
         await self.log.ensure_topics(self.topics.specs())
         self._nparts = await self.log.partitions(self.topics.runs)
         self._appender = Appender(self.log, self.topics.runs, self._on_appended)
+        self._admission = Admission(self.log, self.topics, self._request, self.clock, self.worker_id)
+        await self._admission.prepare()
         self._snapshots = SnapshotStore(self.log, self.topics.snapshots)
         self._timers.start()
         # Ticks first: on the single-seat backends joining the group waits
@@ -165,10 +198,12 @@ class Worker:
         )
         if self._router is not None:
             await self._router.start()
+        await self._admission.start()
         self.started.set()
 
     async def close(self) -> None:
         self._stopping = True
+        await self._admission.close()
         if self._scheduler is not None:
             await self._scheduler.close()
         if self._router is not None:
@@ -202,6 +237,8 @@ class Worker:
         leaving = [part for p in partitions if (part := self._parts.pop(p, None)) is not None]
         for p in partitions:
             self._epoch.pop(p, None)
+        for rid in [r for r in self._asked if partition_for(r.encode(), self._nparts) in partitions]:
+            del self._asked[rid]  # the next owner asks again; the queue keeps one request
         for reader in readers:
             reader.cancel()
         doomed = [t for rid, t in self._active.items()
@@ -332,8 +369,16 @@ class Worker:
             if part is not None and part.next_offset <= settling:
                 return  # this state predates the attempt's outcome
             del self._settling[rid]
+        if rid in self._asked and status in TERMINAL | {SUSPENDED}:
+            self._withdraw(state, status)
         if status == PENDING:
-            if state.not_before is not None and state.not_before > self.clock():
+            now = self.clock()
+            if state.expires_at is not None and state.started_at is None:
+                if state.expires_at <= now:
+                    self._expire(state)
+                    return
+                self._timers.schedule(state.expires_at, rid, EXPIRE)
+            if state.not_before is not None and state.not_before > now:
                 self._timers.schedule(state.not_before, rid, START)
             else:
                 self._enqueue(state)
@@ -350,8 +395,63 @@ class Worker:
 
     def _enqueue(self, state: RunState) -> None:
         task = self.registry.find(state.task_id)
+        if task is not None and task.queue.limited:
+            if state.slot is None:
+                self._ask_slot(state, task.queue)
+                return
+            # Admitted by the queue's owner, for all workers: no local limit.
+            self._asked.pop(state.run_id, None)
+            self._ready.push(state.run_id, task.queue.name, None, state.priority, state.created_at)
+            return
         queue, limit = (task.queue.name, task.queue.concurrency_limit) if task else ("", None)
         self._ready.push(state.run_id, queue, limit, state.priority, state.created_at)
+
+    # --- admission to limited queues -------------------------------------
+
+    def _ask_slot(self, state: RunState, queue: Queue) -> None:
+        rid = state.run_id
+        if rid in self._asked:
+            return
+        rate = queue.rate_limit
+        body = SlotRequested(
+            queue.name, state.concurrency_key, state.priority, state.created_at,
+            queue.concurrency_limit, queue.key_limit,
+            rate.limit if rate else None, rate.period_ms if rate else None,
+        )
+        self._asked[rid] = body
+        fut = self._admission.request(rid, state.task_id, body)
+
+        def failed(f: asyncio.Future[int]) -> None:
+            if not f.cancelled() and f.exception() is not None and self._asked.get(rid) is body:
+                # Ask again on the next reaction to this run.
+                del self._asked[rid]
+                log.warning("slot request failed", run_id=rid, error=str(f.exception()))
+
+        fut.add_done_callback(failed)
+
+    def _withdraw(self, state: RunState, reason: str) -> None:
+        """Give back a slot asked for (or granted too late) by a run that no longer wants it."""
+        asked = self._asked.pop(state.run_id)
+        self._background_future(self._admission.release(
+            state.run_id, state.task_id, SlotReleased(asked.queue, asked.concurrency_key, reason)))
+
+    def _background_future(self, fut: asyncio.Future[int]) -> None:
+        def done(f: asyncio.Future[int]) -> None:
+            if not f.cancelled() and f.exception() is not None:
+                log.warning("could not append to the queues topic", error=str(f.exception()))
+
+        fut.add_done_callback(done)
+
+    def _expire(self, state: RunState) -> None:
+        rid = state.run_id
+        if rid in self._expiring or state.expires_at is None:
+            return
+        self._expiring.add(rid)
+        self._ready.discard(rid)
+        if rid in self._asked:
+            self._withdraw(state, EXPIRED)
+        self._emit(state, RunExpired(state.expires_at)).add_done_callback(
+            lambda _: self._expiring.discard(rid))
 
     def _state(self, run_id: str) -> RunState | None:
         part = self._parts.get(partition_for(run_id.encode(), self._nparts))
@@ -372,6 +472,8 @@ class Worker:
         elif kind == START and self._runnable(state, now):
             self._enqueue(state)
             self._pump()
+        elif kind == EXPIRE and state.status == PENDING and state.started_at is None:
+            self._expire(state)
 
     def _forget_wait(self, run_id: str, step: int) -> None:
         """Drop a timed-out event wait from the router's table. Best effort:
@@ -398,6 +500,12 @@ class Worker:
             if state is None or rid in self._active or not self._runnable(state, now):
                 self._ready.release(queue)
                 continue
+            if state.expires_at is not None and state.started_at is None and state.expires_at <= now:
+                self._ready.release(queue)
+                self._expire(state)
+                continue
+            if state.slot is not None:
+                self._holding[rid] = (state.slot, state.concurrency_key, state.task_id)
             self._recover.discard(rid)
             self._active[rid] = asyncio.create_task(self._run(state, queue), name=f"run-{rid}")
 
@@ -411,7 +519,33 @@ class Worker:
         self._seq[rid] = seq
         ev = Event(new_event_id(), body.TYPE, rid, state.task_id, seq, self.clock(),
                    self._epoch.get(p, 0), body)
-        return self._appender.submit(ev, rid.encode(), p)
+        if rid in self._holding and isinstance(body, _ENDS_ATTEMPT):
+            # The user's code is done: free the slot, durably, before the
+            # outcome is recorded. In the other order a crash between the two
+            # would leave the slot held by a run that has ended.
+            queue, key, task_id = self._holding.pop(rid)
+            self._gates[rid] = self._admission.release(
+                rid, task_id, SlotReleased(queue, key, body.TYPE))
+        gate = self._gates.get(rid)
+        if gate is None:
+            return self._appender.submit(ev, rid.encode(), p)
+        if gate.done():
+            del self._gates[rid]
+            if not gate.cancelled() and gate.exception() is not None:
+                log.warning("slot release failed; the slot may stay held", run_id=rid,
+                            error=str(gate.exception()))
+            return self._appender.submit(ev, rid.encode(), p)
+        # Later events of the run queue up behind the release, in order
+        # (done-callbacks run in the order they were added).
+        out: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def submit(_: asyncio.Future[int]) -> None:
+            assert self._appender is not None
+            inner = self._appender.submit(ev, rid.encode(), p)
+            inner.add_done_callback(lambda f: _copy_result(f, out))
+
+        gate.add_done_callback(submit)
+        return out
 
     def _request(self, run_id: str, task_id: str, body: Body) -> asyncio.Future[int]:
         """Append a request (epoch 0, unfenced) to any run, owned here or not."""
@@ -450,6 +584,13 @@ class Worker:
             # live on the log and is resumed by whoever owns it next.
             log.exception("could not record attempt outcome", run_id=rid)
         finally:
+            holding = self._holding.pop(rid, None)
+            if holding is not None and rid in self._cancel_requested:
+                queue_name, key, task_id = holding
+                self._background_future(self._admission.release(
+                    rid, task_id, SlotReleased(queue_name, key, CANCELLED)))
+            # Otherwise (revoked, shutting down) the run keeps its slot: its
+            # next owner resumes it as a holder.
             self._cancel_requested.discard(rid)
             self._active.pop(rid, None)
             self._ready.release(queue)

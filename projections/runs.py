@@ -28,12 +28,14 @@ from stepline.events import (
     RunCancelled,
     RunCompleted,
     RunDeadLettered,
+    RunExpired,
     RunFailed,
     RunResumed,
     RunRetriggered,
     RunStarted,
     RunSuspended,
     RunTriggered,
+    SlotGranted,
     StepCompleted,
     StepFailed,
     StepStarted,
@@ -47,12 +49,13 @@ RETRYING = "retrying"
 COMPLETED = "completed"
 FAILED = "failed"
 CANCELLED = "cancelled"
+EXPIRED = "expired"
 
 # A wait resolved before the run recorded it; done, like "completed".
 RESOLVED = "resolved"
 DONE_STEPS = frozenset({"completed", RESOLVED})
 
-TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
+TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED, EXPIRED})
 LIVE = frozenset({PENDING, RUNNING, SUSPENDED, RETRYING})
 
 # Logs kept per run in the projection. The log itself keeps every record;
@@ -124,6 +127,10 @@ class RunState:
     queue: str | None = None
     concurrency_key: str | None = None
     not_before: int | None = None
+    expires_at: int | None = None
+    # The limited queue that admitted this run (SlotGranted), until its
+    # attempt ends; None when it holds no slot.
+    slot: str | None = None
     steps: Mapping[int, StepState] = field(default_factory=lambda: _EMPTY_STEPS)
     wake_at: int | None = None
     retry_at: int | None = None
@@ -205,6 +212,7 @@ def fold_run(state: RunState | None, event: Event) -> RunState | None:
             queue=body.queue,
             concurrency_key=body.concurrency_key,
             not_before=body.not_before,
+            expires_at=body.expires_at,
         )
     if state is None:
         return None
@@ -272,6 +280,7 @@ def _changes(state: RunState, event: Event) -> dict[str, Any] | None:
     if isinstance(body, RetryScheduled):
         info = RetryInfo(body.attempt, body.retry_at, body.delay_ms, body.reason, t)
         return {
+            "slot": None,
             "status": RETRYING,
             "attempt": body.attempt,
             "retry_at": body.retry_at,
@@ -298,11 +307,17 @@ def _changes(state: RunState, event: Event) -> dict[str, Any] | None:
     if isinstance(body, WaitCompleted):
         return _wait_completed(state, body, t)
     if isinstance(body, RunCompleted):
-        return {"status": COMPLETED, "output": body.output, "ended_at": t, "error": None}
+        return {"status": COMPLETED, "output": body.output, "ended_at": t, "error": None, "slot": None}
     if isinstance(body, RunFailed):
-        return {"status": FAILED, "error": body.error, "ended_at": t}
+        return {"status": FAILED, "error": body.error, "ended_at": t, "slot": None}
     if isinstance(body, RunCancelled):
-        return {"status": CANCELLED, "ended_at": t, "wake_at": None, "retry_at": None}
+        return {"status": CANCELLED, "ended_at": t, "wake_at": None, "retry_at": None, "slot": None}
+    if isinstance(body, SlotGranted):
+        return {"slot": body.queue} if state.slot is None else {}
+    if isinstance(body, RunExpired):
+        if state.status != PENDING or state.started_at is not None:
+            return {}  # it started in time; a late expiry changes nothing
+        return {"status": EXPIRED, "ended_at": t, "slot": None}
     if isinstance(body, LogRecorded):
         return _log_changes(state, event, body)
     return None
@@ -310,12 +325,13 @@ def _changes(state: RunState, event: Event) -> dict[str, Any] | None:
 
 def _waits_changed(steps: Mapping[int, StepState]) -> dict[str, Any]:
     """Status after a wait opened or closed: suspended while any wait is open
-    (woken by the earliest deadline among them), else ready to run again."""
+    (woken by the earliest deadline among them), else ready to run again.
+    Either way the attempt is over, and with it any queue slot."""
     waiting = [s for s in steps.values() if s.status == "waiting"]
     if not waiting:
-        return {"status": PENDING, "wake_at": None, "steps": steps}
+        return {"status": PENDING, "wake_at": None, "steps": steps, "slot": None}
     deadlines = [s.wake_at for s in waiting if s.wake_at is not None]
-    return {"status": SUSPENDED, "wake_at": min(deadlines) if deadlines else None, "steps": steps}
+    return {"status": SUSPENDED, "wake_at": min(deadlines) if deadlines else None, "steps": steps, "slot": None}
 
 
 def _wait_completed(state: RunState, body: WaitCompleted, t: int) -> dict[str, Any]:

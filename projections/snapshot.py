@@ -27,9 +27,9 @@ from stepline.projections.runs import (
     StepState,
 )
 
-# 2: runs gained parent_step (schema v3). A snapshot of another version is
-# not read; the partition is rebuilt from the log instead.
-VERSION = 2
+# 2: runs gained parent_step (schema v3); 3: expires_at and slot (v4). A
+# snapshot of another version is not read; the partition is rebuilt instead.
+VERSION = 3
 
 
 class SnapshotError(SteplineError):
@@ -66,7 +66,7 @@ def _unstep(v: list[Any]) -> StepState:
 _PLAIN = (
     "run_id", "task_id", "status", "created_at", "updated_at", "seq", "attempt",
     "first_attempt", "priority", "idempotency_key", "parent_run_id", "parent_step", "queue",
-    "concurrency_key", "not_before", "wake_at", "retry_at", "started_at", "ended_at",
+    "concurrency_key", "not_before", "expires_at", "slot", "wake_at", "retry_at", "started_at", "ended_at",
     "dead_lettered", "logs_dropped",
 )
 

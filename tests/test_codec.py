@@ -32,6 +32,7 @@ from stepline.events import (
     RunCancelled,
     RunCompleted,
     RunDeadLettered,
+    RunExpired,
     RunFailed,
     RunResumed,
     RunRetriggered,
@@ -39,6 +40,8 @@ from stepline.events import (
     RunSuspended,
     RunTriggered,
     SlotGranted,
+    SlotReleased,
+    SlotRequested,
     StepCompleted,
     StepFailed,
     StepStarted,
@@ -80,6 +83,10 @@ EXAMPLES = [
     DomainEvent(name="order.paid", data=Payload(JSON, b"{}")),
     WaitCompleted(step=3, reason="token", source="tok_abc", output=PAYLOAD),
     WaitCompleted(step=4, reason="child", source="run_c", error=ERROR),
+    SlotRequested(queue="emails", concurrency_key="t-1", priority=2, created_at=17, limit=10, key_limit=1),
+    SlotRequested(queue="q", created_at=1, rate_limit=5, rate_period_ms=1000),
+    SlotReleased(queue="emails", concurrency_key="t-1", reason="completed"),
+    RunExpired(expires_at=1700000009000),
 ]
 
 
@@ -155,7 +162,8 @@ bodies = st.one_of(
     st.builds(RunTriggered, payload=payloads, idempotency_key=opt_text,
               not_before=st.none() | longs, priority=ints,
               tags=st.lists(text, max_size=5).map(tuple), queue=opt_text,
-              concurrency_key=opt_text, parent_run_id=opt_text, parent_step=st.none() | ints),
+              concurrency_key=opt_text, parent_run_id=opt_text, parent_step=st.none() | ints,
+              expires_at=st.none() | longs),
     st.builds(RunStarted, attempt=ints, worker_id=text),
     st.builds(WaitCompleted, step=ints, reason=text, source=text, output=st.none() | payloads,
               error=st.none() | errors),
@@ -434,3 +442,16 @@ def test_a_v2_trigger_reads_with_no_parent_step() -> None:
     })
     body = codec.decode(header + buf.getvalue()).body
     assert body == RunTriggered(Payload(JSON, b"1"), parent_run_id="run_p", parent_step=None)
+
+
+def test_what_schema_v4_added_stays_readable() -> None:
+    """tests/fixtures/events-v4.bin: admission events, RunExpired and RunTriggered.expires_at."""
+    records = read_length_prefixed(FIXTURES / "events-v4.bin")
+    v4 = json.loads((schemas.HISTORY_DIR / "Event.v4.avsc").read_text())
+    v4_fp = bytes.fromhex(fastavro_fingerprint(to_parsing_canonical_form(v4), "CRC-64-AVRO"))
+    assert all(r[2:10] == v4_fp for r in records)
+    trigger, requested, released, expired = [codec.decode(r).body for r in records]
+    assert (trigger.queue, trigger.concurrency_key, trigger.expires_at) == ("emails", "tenant-1", 1795700060000)
+    assert requested == SlotRequested("emails", "tenant-1", 3, 1795700000001, 10, 2, 100, 60000)
+    assert released == SlotReleased("emails", "tenant-1", "completed")
+    assert expired == RunExpired(1795700060000)

@@ -221,3 +221,23 @@ def ids_ms(run_id: str) -> int:
 
 def test_a_run_id_carries_the_time_it_was_made() -> None:
     assert ids_ms(new_run_id(1_700_000_000_123)) == 1_700_000_000_123
+
+
+def test_run_ids_made_in_one_millisecond_sort_in_the_order_they_were_made() -> None:
+    ids = [new_run_id(now_ms=1_800_000_000_000) for _ in range(50)]
+    assert ids == sorted(ids) and len(set(ids)) == 50
+
+
+def test_a_forked_child_gets_its_own_event_id_prefix() -> None:
+    import os
+
+    from stepline.ids import new_event_id
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child reports its id and leaves at once
+        os.write(write, new_event_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    assert child[:16] != new_event_id()[:16]

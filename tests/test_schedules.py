@@ -59,8 +59,8 @@ async def test_a_tick_fired_by_three_schedulers_runs_once(engine_factory):
     runs = await e.client.list_runs()
     ticks = [scheduled_at(r) for r in runs]
     assert len(ticks) == len(set(ticks)), "a tick started two runs"
-    triggers = [ev.type for _, ev in await e.client.history(runs[-1].run_id)].count("RunTriggered")
-    assert triggers >= 2  # fired more than once, kept once
+    triggers = [[ev.type for _, ev in await e.client.history(r.run_id)].count("RunTriggered") for r in runs]
+    assert max(triggers) >= 2  # a tick fired more than once, kept once
 
 
 async def test_a_cron_tick_fires_once_across_three_workers(engine_factory):
