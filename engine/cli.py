@@ -350,6 +350,8 @@ def trigger(
     delay: Annotated[float | None, typer.Option(help="Seconds before the run may start.")] = None,
     priority: Annotated[int, typer.Option()] = 0,
     tag: Annotated[list[str] | None, typer.Option(help="Tag (repeatable).")] = None,
+    concurrency_key: Annotated[str | None, typer.Option(help="Key the queue's key_limit applies to.")] = None,
+    ttl: Annotated[float | None, typer.Option(help="Seconds the run may wait to start before it expires.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the run to end.")] = False,
     timeout: Annotated[float | None, typer.Option(help="Seconds to wait with --wait.")] = None,
     as_json: JsonOpt = False,
@@ -363,7 +365,7 @@ def trigger(
         async with Client(log, registry=registry) as client:
             handle = await client.trigger(
                 t, value, idempotency_key=idempotency_key, delay=delay,
-                priority=priority, tags=tag or (),
+                priority=priority, tags=tag or (), concurrency_key=concurrency_key, ttl=ttl,
             )
             result: dict[str, Any] = {"run_id": handle.run_id, "task_id": t.id}
             if wait:

@@ -225,22 +225,19 @@ class _TriggerRequest:
     delay: float | None
     priority: int
     tags: tuple[str, ...]
+    concurrency_key: str | None = None
+    ttl: float | None = None
 
 
-_TRIGGER_FIELDS = frozenset({"payload", "idempotency_key", "delay", "priority", "tags"})
+_TRIGGER_FIELDS = frozenset({"payload", "idempotency_key", "delay", "priority", "tags", "concurrency_key", "ttl"})
 _EVENT_FIELDS = frozenset({"name", "data", "key"})
 _TOKEN_FIELDS = frozenset({"data"})
 
 
 def _trigger_request(raw: bytes) -> _TriggerRequest:
     body = _json_object(raw, _TRIGGER_FIELDS)
-    delay = body.get("delay")
-    # bool is an int to Python, never a number of seconds or a priority to a caller.
-    if delay is not None and (
-        isinstance(delay, bool) or not isinstance(delay, int | float)
-        or not math.isfinite(delay) or not 0 <= delay <= _MAX_DELAY_S
-    ):
-        raise _HttpError(400, f"delay must be a number of seconds from 0 to {_MAX_DELAY_S}")
+    delay = _seconds(body, "delay")
+    ttl = _seconds(body, "ttl")
     priority = body.get("priority", 0)
     if isinstance(priority, bool) or not isinstance(priority, int) or priority not in _PRIORITY_RANGE:
         raise _HttpError(400, "priority must be a 32-bit integer")
@@ -248,7 +245,18 @@ def _trigger_request(raw: bytes) -> _TriggerRequest:
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         raise _HttpError(400, "tags must be a list of strings")
     return _TriggerRequest(body.get("payload"), _optional_str(body, "idempotency_key"), delay, priority,
-                           tuple(tags))
+                           tuple(tags), _optional_str(body, "concurrency_key"), ttl)
+
+
+def _seconds(body: dict[str, Any], name: str) -> float | None:
+    value = body.get(name)
+    # bool is an int to Python, never a number of seconds to a caller.
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int | float)
+        or not math.isfinite(value) or not 0 <= value <= _MAX_DELAY_S
+    ):
+        raise _HttpError(400, f"{name} must be a number of seconds from 0 to {_MAX_DELAY_S}")
+    return value
 
 
 def _parse_signature(header: str | None) -> tuple[int, list[str]]:
@@ -331,7 +339,7 @@ class _Api:
         task: Task[Any, Any] | str = self.registry.get(task_id) if self.registry is not None else task_id
         handle = await self.client.trigger(
             task, req.payload, idempotency_key=req.idempotency_key, delay=req.delay,
-            priority=req.priority, tags=req.tags,
+            priority=req.priority, tags=req.tags, concurrency_key=req.concurrency_key, ttl=req.ttl,
         )
         return web.json_response(
             {"run_id": handle.run_id, "task_id": handle.task_id}, status=202,
@@ -351,6 +359,13 @@ class _Api:
         self.authenticate(request)
         state = await self.client.get_run(request.match_info["run_id"])
         return web.json_response(state_dict(state))
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        """Stop a run: a running step is cancelled at once, a waiting run never resumes."""
+        self.authenticate(request)
+        run_id = request.match_info["run_id"]
+        was = await self.client.cancel(run_id, "cancelled over the API")
+        return web.json_response({"run_id": run_id, "cancelled": True, "was": was.status}, status=202)
 
     async def complete_token(self, request: web.Request) -> web.Response:
         """Resume a run waiting in `wait_for_token` with `{"data": ...}`."""
@@ -416,6 +431,7 @@ def create_app(client: Client, config: ServeConfig, registry: Registry | None = 
     app.router.add_post("/v1/events", api.publish)
     app.router.add_get("/v1/runs/{run_id}", api.get_run)
     app.router.add_post("/v1/tokens/{token}/complete", api.complete_token)
+    app.router.add_post("/v1/runs/{run_id}/cancel", api.cancel)
     app.router.add_post("/v1/webhooks/{source}", api.webhook)
     return app
 

@@ -298,6 +298,36 @@ async def test_a_token_completed_over_http_resumes_the_waiting_run(engine_factor
         assert status == 400 and "not a Stepline wait token" in answer["error"]
 
 
+async def test_a_run_cancelled_over_http_stops_and_a_second_cancel_is_refused(engine_factory):
+    reg = server_app()
+
+    @sl.task(id="sleepy", registry=reg)
+    async def sleepy(_: None) -> None:
+        await sl.sleep(3600)
+
+    e = await engine_factory(reg)
+    handle = await e.client.trigger("sleepy", None)
+
+    async def suspended() -> bool:
+        return (await e.client.get_run(handle.run_id)).status == "suspended"
+
+    await eventually(suspended, timeout=30, what="the run to sleep")
+    async with api(e) as (http, base):
+        url = f"{base}/v1/runs/{handle.run_id}/cancel"
+        status, answer = await call(http, "POST", url, headers=bearer())
+        assert (status, answer["was"]) == (202, "suspended")
+        with_state = await eventually(lambda: _cancelled(e, handle.run_id), timeout=30, what="cancelled")
+        assert with_state
+        status, answer = await call(http, "POST", url, headers=bearer())
+        assert status == 409 and "already cancelled" in answer["error"]
+        status, _ = await call(http, "POST", f"{base}/v1/runs/run_nope/cancel", headers=bearer())
+        assert status == 404
+
+
+async def _cancelled(e: Any, run_id: str) -> bool:
+    return (await e.client.get_run(run_id)).status == "cancelled"
+
+
 # --- the command line -------------------------------------------------------------
 
 
