@@ -12,13 +12,16 @@ implementation and may move.
 from stepline.client import Client, RunHandle, publish
 from stepline.consumers.router import Subscription
 from stepline.context import idempotency_key, sleep, step
+from stepline.debounce import Debounce
 from stepline.errors import (
+    ChildProcessDied,
     ChildRunFailed,
     FatalError,
     InvalidRunState,
     InvalidToken,
     LogError,
     LogUnavailable,
+    MaxDurationExceeded,
     NoClient,
     NonDeterminismError,
     NotInRunContext,
@@ -55,6 +58,7 @@ __all__ = [
     "Task",
     "Queue",
     "RateLimit",
+    "Debounce",
     "Subscription",
     "Cron",
     "Every",
@@ -89,6 +93,8 @@ __all__ = [
     "InvalidRunState",
     "InvalidToken",
     "ChildRunFailed",
+    "MaxDurationExceeded",
+    "ChildProcessDied",
     "NoClient",
     "NotInRunContext",
     "LogError",

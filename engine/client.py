@@ -20,6 +20,7 @@ from typing import Any, Generic, TypeVar
 from stepline import codec
 from stepline.appender import Appender
 from stepline.context import now_ms
+from stepline.debounce import Debounce
 from stepline.errors import (
     InvalidEventName,
     InvalidRunState,
@@ -48,6 +49,7 @@ from stepline.projections.runs import (
     COMPLETED,
     FAILED,
     LIVE,
+    PENDING,
     TERMINAL,
     PartitionRuns,
     RunState,
@@ -296,6 +298,10 @@ class Client:
         where = f"payload for task {task_id!r}"
         data = (t.payload_codec if t and validate else ANY).check_and_dump(payload, where)
         now = self.clock()
+        debounce = getattr(t, "debounce", None) if t is not None else None
+        if debounce is not None and idempotency_key is None:
+            return await self._debounced(t, debounce, payload, data, now, priority=priority, tags=tags,
+                                         concurrency_key=concurrency_key, ttl=ttl)
         if idempotency_key and idempotency_key_ttl is not None:
             run_id, existing = await self._keyed_run(task_id, idempotency_key, _ms(idempotency_key_ttl), now)
             if existing:
@@ -314,6 +320,45 @@ class Client:
         # With an idempotency key the run may predate this trigger: watch from 0.
         return RunHandle(run_id, task_id, self, t.output_codec if t else ANY,
                          None if idempotency_key else offset)
+
+    async def _debounced(
+        self, t: Task[Any, R], debounce: Debounce, payload: Any, data: Payload, now: int, *,
+        priority: int, tags: Sequence[str], concurrency_key: str | None, ttl: timedelta | float | None,
+    ) -> RunHandle[R]:
+        """Trigger through the key's pending run (see engine/debounce.py).
+
+        The current generation is the first whose run is missing or still
+        pending and unstarted. If that run starts between our look and our
+        append, the fold ignores the append: we then move on a generation.
+        """
+        generation = 0
+        while True:
+            key = debounce.key_of(payload, generation)
+            run_id = idempotent_run_id(t.id, key)
+            try:
+                state: RunState | None = await self.get_run(run_id)
+            except UnknownRun:
+                state = None
+            if state is not None and not (state.status == PENDING and state.started_at is None):
+                generation += 1
+                continue
+            start = now + debounce.period_ms
+            body = RunTriggered(data, key, start, priority, tuple(tags), t.queue.name, concurrency_key,
+                                expires_at=None if ttl is None else start + _ms(ttl))
+            offset = await self._append(Event(new_event_id(), body.TYPE, run_id, t.id, 1, now, 0, body))
+            if await self._took(run_id, offset):
+                return RunHandle(run_id, t.id, self, t.output_codec, None)
+            generation += 1
+
+    async def _took(self, run_id: str, offset: int) -> bool:
+        """Whether the trigger at `offset` found the run pending and unstarted (or new)."""
+        part = PartitionRuns(self.partition_of(run_id))
+        for off, ev in await self.history(run_id):
+            if off >= offset:
+                break
+            part.apply(ev, off)
+        before = part.runs.get(run_id)
+        return before is None or (before.status == PENDING and before.started_at is None)
 
     async def _keyed_run(self, task_id: str, key: str, ttl_ms: int, now: int) -> tuple[str, bool]:
         """The run an idempotency key maps to under a TTL: (run id, exists).

@@ -178,3 +178,56 @@ class ChildRunFailed(SteplineError):
         self.task_id = task_id
         self.error_type = error_type
         self.message = message
+
+
+# --- flow control ----------------------------------------------------------
+
+
+class MaxDurationExceeded(SteplineError):
+    """An attempt ran past its task's `max_duration` and was cancelled (or its
+    child process killed). A failure like any other: the retry policy decides."""
+
+    def __init__(self, task_id: str, limit: float, attempt: int) -> None:
+        super().__init__(
+            f"task {task_id!r} exceeded its max_duration of {limit:g} s on attempt {attempt}"
+        )
+        self.task_id = task_id
+        self.limit = limit
+        self.attempt = attempt
+
+    def __reduce__(self) -> tuple[type[MaxDurationExceeded], tuple[str, float, int]]:
+        return (type(self), (self.task_id, self.limit, self.attempt))
+
+
+class IsolationError(SteplineError):
+    """The child process of a task with isolation="process" could not run or
+    finish the attempt (the app did not import, the task was not found)."""
+
+
+class ChildProcessDied(IsolationError):
+    """The child process running an isolated attempt ended without reporting an
+    outcome: a crash, a signal, the memory limit, or `sys.exit` in the task."""
+
+    def __init__(self, task_id: str, attempt: int, returncode: int | None) -> None:
+        super().__init__(f"the child process of task {task_id!r} died on attempt {attempt}: {_death(returncode)}")
+        self.task_id = task_id
+        self.attempt = attempt
+        self.returncode = returncode
+
+    def __reduce__(self) -> tuple[type[ChildProcessDied], tuple[str, int, int | None]]:
+        return (type(self), (self.task_id, self.attempt, self.returncode))
+
+
+def _death(returncode: int | None) -> str:
+    """A process's end in words: a negative return code is the signal that killed it."""
+    import signal
+
+    if returncode is None:
+        return "it closed its connection and did not exit"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"killed by {name}"
+    return f"exit code {returncode}"

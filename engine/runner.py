@@ -5,16 +5,22 @@ RetryScheduled, or RunFailed + RunDeadLettered. Each is awaited until
 durable before the attempt counts as finished, so a crash at any point
 leaves the run either in its previous state (and it is resumed) or in the
 new one.
+
+An attempt of a task with `max_duration` that runs longer fails with
+MaxDurationExceeded, like any error under the retry policy. A task with
+isolation="process" runs its attempt in a child process (engine/isolation.py),
+which records through this same code.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 from dataclasses import dataclass
 from typing import Any
 
 from stepline.context import RunContext, Suspend, _current, error_info
-from stepline.errors import NonDeterminismError, PayloadValidationError
+from stepline.errors import MaxDurationExceeded, NonDeterminismError, PayloadValidationError
 from stepline.events import (
     ErrorInfo,
     Payload,
@@ -45,13 +51,35 @@ async def execute_attempt(
     worker_id: str,
     rng: random.Random,
 ) -> Outcome:
+    if task.isolation == "process":
+        from stepline.isolation import execute_in_child  # the module imports this one
+
+        return await execute_in_child(task, state, ctx, worker_id, rng)
+    ctx.emit(RunStarted(state.attempt, worker_id))
+    return await run_body(task, state, ctx, rng, task.max_duration)
+
+
+async def run_body(
+    task: Task[Any, Any],
+    state: RunState,
+    ctx: RunContext,
+    rng: random.Random,
+    max_duration: float | None,
+) -> Outcome:
+    """The attempt after RunStarted: run the function, record how it ended.
+
+    A child process runs this with `max_duration=None`: its parent enforces
+    the limit by killing it, which also stops code that never yields.
+    """
     emit = ctx.emit
     attempt = state.attempt
-    emit(RunStarted(attempt, worker_id))
     token = _current.set(ctx)
     try:
         payload = task.payload_codec.load(state.payload, f"payload of run {state.run_id}")
-        result = await task.fn(payload)
+        if max_duration is None:
+            result = await task.fn(payload)
+        else:
+            result = await _bounded(task, payload, max_duration, attempt)
         output = task.output_codec.dump(result, f"output of run {state.run_id}")
     except Suspend as s:
         for w in s.waits[:-1]:
@@ -65,6 +93,23 @@ async def execute_attempt(
         _current.reset(token)
     await _tell_parent(state, ctx, output=output)
     return Outcome("completed", await emit(RunCompleted(output, attempt)))
+
+
+async def _bounded(task: Task[Any, Any], payload: Any, limit: float, attempt: int) -> Any:
+    """The task function under its max_duration.
+
+    asyncio.timeout rather than wait_for, which on 3.11 can swallow a
+    cancel arriving as it times out (a run cancelled at its deadline would
+    then record a failure instead of ending). Suspend passes through.
+    """
+    deadline = asyncio.timeout(limit)
+    try:
+        async with deadline:
+            return await task.fn(payload)
+    except TimeoutError as exc:
+        if deadline.expired():
+            raise MaxDurationExceeded(task.id, limit, attempt) from exc
+        raise  # the task's own timeout, not ours
 
 
 async def _tell_parent(

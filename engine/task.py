@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from stepline.consumers.router import Subscription
+from stepline.debounce import Debounce
 from stepline.errors import TaskDefinitionError, UnknownTask
 from stepline.payloads import Codec
 from stepline.retry import DEFAULT_RETRY, Retry
@@ -151,6 +152,7 @@ class Task(Generic[PayloadT, ResultT]):
         max_duration: timedelta | float | None = None,
         isolation: Isolation = "inline",
         memory_limit_mb: int | None = None,
+        debounce: Debounce | None = None,
     ) -> None:
         if not inspect.iscoroutinefunction(fn):
             raise TaskDefinitionError(f"task {id!r}: {fn.__qualname__} must be an `async def`")
@@ -167,6 +169,9 @@ class Task(Generic[PayloadT, ResultT]):
         # Seconds per attempt, enforced by the runner; None means unbounded.
         self.max_duration = _max_duration(id, max_duration)
         self.isolation, self.memory_limit_mb = _isolation(id, fn, isolation, memory_limit_mb)
+        if debounce is not None and not isinstance(debounce, Debounce):
+            raise TaskDefinitionError(f"task {id!r}: debounce must be a stepline.Debounce, got {debounce!r}")
+        self.debounce = debounce
         payload_t, result_t = _annotations(fn)
         self.payload_codec = Codec(payload_t)
         self.output_codec = Codec(result_t)
@@ -316,6 +321,7 @@ def task(
     max_duration: timedelta | float | None = None,
     isolation: Isolation = "inline",
     memory_limit_mb: int | None = None,
+    debounce: Debounce | None = None,
 ) -> Callable[[TaskFn[PayloadT, ResultT]], Task[PayloadT, ResultT]]: ...
 
 
@@ -332,6 +338,7 @@ def task(
     max_duration: timedelta | float | None = None,
     isolation: Isolation = "inline",
     memory_limit_mb: int | None = None,
+    debounce: Debounce | None = None,
 ) -> Task[PayloadT, ResultT] | Callable[[TaskFn[PayloadT, ResultT]], Task[PayloadT, ResultT]]:
     """Declare a durable task: `@task(id="process-order", retry=Retry(...))`.
 
@@ -340,12 +347,14 @@ def task(
     `max_duration=30` fails an attempt that runs longer (the retry policy
     decides what next); `isolation="process"` runs each attempt in a child
     process, optionally capped at `memory_limit_mb` of address space.
+    `debounce=Debounce(30, key=...)` runs only the last of a key's triggers
+    that come less than 30 s apart.
     """
 
     def wrap(f: TaskFn[PayloadT, ResultT]) -> Task[PayloadT, ResultT]:
         t = Task(f, id=id or f.__name__.replace("_", "-"), retry=retry, queue=queue, on=on,
                  schedule=schedule, max_duration=max_duration, isolation=isolation,
-                 memory_limit_mb=memory_limit_mb)
+                 memory_limit_mb=memory_limit_mb, debounce=debounce)
         (registry if registry is not None else default_registry).add(t)
         return t
 
