@@ -42,6 +42,9 @@ from stepline.events import (
     WaitCompleted,
 )
 
+# The idempotency-key prefix of debounced triggers (engine/debounce.py).
+DEBOUNCE_PREFIX = "stepline/debounce/"
+
 PENDING = "pending"
 RUNNING = "running"
 SUSPENDED = "suspended"
@@ -195,6 +198,14 @@ def fold_run(state: RunState | None, event: Event) -> RunState | None:
     t = event.time
     if isinstance(body, RunTriggered):
         if state is not None:
+            if (
+                body.idempotency_key is not None and body.idempotency_key.startswith(DEBOUNCE_PREFIX)
+                and state.status == PENDING and state.started_at is None
+            ):
+                # A later trigger of a debounced key: it replaces the payload
+                # and pushes the start back, until the run has started.
+                return _evolve(state, {"payload": body.payload, "not_before": body.not_before,
+                                       "updated_at": t})
             return state  # idempotent: a repeated trigger is a no-op
         return RunState(
             run_id=event.run_id,
