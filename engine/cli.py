@@ -139,12 +139,25 @@ def state_dict(s: RunState) -> dict[str, Any]:
         },
         "wake_at": s.wake_at,
         "retry_at": s.retry_at,
+        "started_at": s.started_at,
+        "expires_at": s.expires_at,
+        "queue": s.queue,
+        "concurrency_key": s.concurrency_key,
+        "parent_run_id": s.parent_run_id,
+        "parent_step": s.parent_step,
+        "errors": [
+            {"attempt": e.attempt, "step": e.step, "step_name": e.step_name, "time": e.time,
+             "type": e.error.type, "message": e.error.message, "stack": e.error.stack}
+            for e in s.errors
+        ],
         "steps": [
             {
                 "step": st.step, "name": st.name, "status": st.status, "attempt": st.attempt,
                 "started_at": st.started_at, "ended_at": st.ended_at,
                 "input": _payload_json(st.input), "output": _payload_json(st.output),
                 "error": None if st.error is None else f"{st.error.type}: {st.error.message}",
+                "wake_at": st.wake_at,
+                "condition": None if st.condition is None else json.loads(st.condition),
             }
             for st in sorted(s.steps.values(), key=lambda x: x.step)
         ],
@@ -152,7 +165,9 @@ def state_dict(s: RunState) -> dict[str, Any]:
             {"attempt": r.attempt, "retry_at": r.retry_at, "delay_ms": r.delay_ms, "reason": r.reason}
             for r in s.retries
         ],
-        "logs": [{"time": lg.time, "level": lg.level, "message": lg.message} for lg in s.logs],
+        "logs": [{"time": lg.time, "level": lg.level, "message": lg.message, "attempt": lg.attempt,
+                  "step": lg.step, "fields": json.loads(lg.fields) if lg.fields else {}} for lg in s.logs],
+        "logs_dropped": s.logs_dropped,
     }
 
 

@@ -80,6 +80,7 @@ class StepState:
     output: Payload | None = None
     error: ErrorInfo | None = None
     wake_at: int | None = None
+    condition: str | None = None  # a wait's wake condition (JSON), as recorded
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,7 +308,7 @@ def _changes(state: RunState, event: Event) -> dict[str, Any] | None:
             return _waits_changed(_with_step(state, replace(prev, status="completed")))
         step = StepState(
             body.step, body.reason, "waiting", state.attempt,
-            prev.started_at if prev else t, wake_at=body.wake_at,
+            prev.started_at if prev else t, wake_at=body.wake_at, condition=body.condition,
         )
         return _waits_changed(_with_step(state, step))
     if isinstance(body, RunResumed):

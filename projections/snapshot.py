@@ -27,9 +27,10 @@ from stepline.projections.runs import (
     StepState,
 )
 
-# 2: runs gained parent_step (schema v3); 3: expires_at and slot (v4). A
-# snapshot of another version is not read; the partition is rebuilt instead.
-VERSION = 3
+# 2: runs gained parent_step (schema v3); 3: expires_at and slot (v4);
+# 4: steps keep their wake condition. A snapshot of another version is not
+# read; the partition is rebuilt from the log instead.
+VERSION = 4
 
 
 class SnapshotError(SteplineError):
@@ -54,12 +55,12 @@ def _unerror(v: Any) -> ErrorInfo | None:
 
 def _step(s: StepState) -> list[Any]:
     return [s.step, s.name, s.status, s.attempt, s.started_at, s.ended_at,
-            _payload(s.input), _payload(s.output), _error(s.error), s.wake_at]
+            _payload(s.input), _payload(s.output), _error(s.error), s.wake_at, s.condition]
 
 
 def _unstep(v: list[Any]) -> StepState:
     return StepState(v[0], v[1], v[2], v[3], v[4], v[5],
-                     _unpayload(v[6]), _unpayload(v[7]), _unerror(v[8]), v[9])
+                     _unpayload(v[6]), _unpayload(v[7]), _unerror(v[8]), v[9], v[10])
 
 
 # RunState fields stored as they are (JSON scalars); the rest are converted.
