@@ -321,11 +321,6 @@ cmd_start() {
   write_config "$data"
 
   local cp="$LIB/*"
-  # shellcheck disable=SC2206
-  local jvm=($HEAP_OPTS -XX:+UseG1GC -XX:MaxGCPauseMillis=20
-    -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true
-    -Dlog4j2.configurationFile="$LOG4J_CONFIG" -Dkafka.logs.dir="$LOGS"
-    ${KAFKA_JVM_OPTS:-})
 
   # A KRaft cluster id is a base64url (unpadded) random UUID; like Kafka's
   # own generator, avoid a leading '-' that would read as an option.
@@ -343,6 +338,18 @@ cmd_start() {
   fi
 
   log "starting Kafka broker on $HOST:$PORT (controller $HOST:$CONTROLLER_PORT, data $data)"
+  launch_broker "$t0"
+}
+
+# launch_broker T0: start the JVM on the written config and wait until it
+# answers. Needs $LIB resolved and $CONFIG written.
+launch_broker() {
+  local t0="$1" pid rc cp="$LIB/*"
+  # shellcheck disable=SC2206
+  local jvm=($HEAP_OPTS -XX:+UseG1GC -XX:MaxGCPauseMillis=20
+    -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true
+    -Dlog4j2.configurationFile="$LOG4J_CONFIG" -Dkafka.logs.dir="$LOGS"
+    ${KAFKA_JVM_OPTS:-})
   # setsid: the broker outlives this script and is not hit by the caller's
   # Ctrl-C. stdin/stdout/stderr and the lock fd are detached so a caller that
   # captures our output does not wait for the broker to exit.
@@ -374,6 +381,27 @@ cmd_start() {
   echo "$HOST:$PORT"
 }
 
+# Restart the running broker on its data: a broker outage, for fault tests.
+# The log survives; clients see the broker go away and come back.
+cmd_restart() {
+  local pid i t0=$SECONDS
+  pid="$(broker_pid)" || die "no broker is running; nothing to restart"
+  [[ -f "$DATA_FILE" && -f "$CONFIG" ]] || die "the running broker was not started by this script"
+  log "restarting broker (pid $pid) on its data $(cat "$DATA_FILE")..."
+  kill -TERM "$pid" 2>/dev/null || true
+  for ((i = 0; i < 300; i++)); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -KILL "$pid" 2>/dev/null || true
+    sleep 0.5
+  fi
+  rm -f "$PID_FILE"
+  sleep "${KAFKA_DOWN_SECONDS:-0}"
+  launch_broker "$t0"
+}
+
 cmd_status() {
   local pid
   if pid="$(broker_pid)"; then
@@ -387,9 +415,9 @@ cmd_status() {
 main() {
   local cmd="${1:-}"
   case "$cmd" in
-    start | stop | status) ;;
+    start | stop | status | restart) ;;
     *)
-      echo "usage: $0 start|stop|status" >&2
+      echo "usage: $0 start|stop|status|restart" >&2
       exit 2
       ;;
   esac
@@ -404,6 +432,7 @@ main() {
   case "$cmd" in
     start) cmd_start ;;
     stop) stop_broker ;;
+    restart) cmd_restart ;;
   esac
 }
 
