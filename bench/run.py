@@ -19,6 +19,10 @@ commit, the default) and again on `?synchronous=normal` (no fsync)):
   f_fanout       the router fanning E events out to 10 filtered subscriptions
                  (3 match each), sqlite FULL and memory://; events/s, runs/s
                  (bench/fanout.py; --no-fanout leaves both out)
+  q_admission    a limited queue's slot release -> next run's start, concurrency_limit
+                 1 and 10, against the same limit as worker concurrency (no admission);
+                 sqlite FULL, memory:// and Kafka when a broker is had
+                 (bench/admission.py; --no-admission leaves it out)
 
 With --kafka (the default; --no-kafka turns it off) the same run also
 measures Stepline on a real Kafka broker and that broker's raw limit with
@@ -56,6 +60,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import admission  # noqa: E402
 import fanout  # noqa: E402
 import kafka_bench  # noqa: E402
 import physical  # noqa: E402
@@ -214,6 +219,7 @@ HEADLINES: dict[str, list[tuple[str, str, str]]] = {
     "micro_codec": [("encode_us", "encode µs", "{:.2f}"), ("decode_us", "decode µs", "{:.2f}"),
                     ("bytes", "bytes", "{:.0f}")],
     **fanout.HEADLINES,
+    **admission.HEADLINES,
     **kafka_bench.HEADLINES,
 }
 
@@ -275,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kafka-only", action="store_true", help="only the Kafka part")
     ap.add_argument("--fanout", action=argparse.BooleanOptionalAction, default=True,
                     help="also measure the event router's fan-out (bench/fanout.py; default on)")
+    ap.add_argument("--admission", action=argparse.BooleanOptionalAction, default=True,
+                    help="also measure queue admission overhead (bench/admission.py; default on)")
     args = ap.parse_args(argv)
     reps = args.reps if args.reps is not None else (1 if args.quick else 3)
     sz = sizes(args.quick)
@@ -303,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
             one_rep(rec, rep, sz, args.tmpdir, timeout)
             if args.fanout:
                 fanout.one_rep(rec, rep, fanout.sizes(args.quick), args.tmpdir, timeout, _run_async)
+            if args.admission:
+                admission.one_rep(rec, rep, admission.sizes(args.quick), args.tmpdir, timeout,
+                                  _run_async, bootstrap)
         if bootstrap is not None:
             kafka_bench.one_rep(rec, rep, ksz, bootstrap, timeout, _run_async)
     print_summary(rec.rows, path)
