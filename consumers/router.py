@@ -34,6 +34,7 @@ from stepline.consumers.waits import SeenEvent, WaitEntry, WaitsTable, unregiste
 from stepline.errors import SchemaError
 from stepline.events import DomainEvent
 from stepline.log.base import Assignment
+from stepline.quarantine import quarantine
 
 if TYPE_CHECKING:
     from stepline.client import Client
@@ -128,7 +129,13 @@ class Router:
             triggers = []
             seen: list[SeenEvent] = []
             for r in recs:
-                triggers.extend(self._fan_out(r.value, p, r.offset, subscribers, seen))
+                try:
+                    triggers.extend(self._fan_out(r.value, p, r.offset, subscribers, seen))
+                except SchemaError as exc:
+                    # Never block the partition on one bad record; keep it aside.
+                    log.error("undecodable event quarantined", partition=p, offset=r.offset, error=str(exc))
+                    triggers.append(quarantine(self.client.log, self.client.topics.quarantine,
+                                               self.topic, p, r.offset, r.value, str(exc), "router"))
             # Durable first, then acknowledge: the runs, then the offset.
             await asyncio.gather(*triggers)
             now = self.client.clock()
@@ -146,11 +153,7 @@ class Router:
         self, value: bytes, p: int, offset: int, subscribers: list[tuple[str, Sequence[Subscription]]],
         seen: list[SeenEvent],
     ) -> list[Any]:
-        try:
-            ev = codec.decode(value)
-        except SchemaError as exc:
-            log.error("undecodable event skipped", partition=p, offset=offset, error=str(exc))
-            return []
+        ev = codec.decode(value)
         body = ev.body
         if not isinstance(body, DomainEvent):
             return []

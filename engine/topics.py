@@ -35,6 +35,10 @@ class Topics:
         return f"{self.namespace}.waits"
 
     @property
+    def quarantine(self) -> str:
+        return f"{self.namespace}.quarantine"
+
+    @property
     def snapshots(self) -> str:
         return f"{self.namespace}.snapshots"
 
@@ -51,4 +55,6 @@ class Topics:
             # Open event waits, keyed by run and step; a wait's tombstone
             # follows when it resolves, so compaction keeps the open ones.
             TopicSpec(self.waits, self.partitions, compact=True),
+            # Undecodable records, copied aside with the reason; kept forever.
+            TopicSpec(self.quarantine, 1),
         ]

@@ -68,6 +68,7 @@ from stepline.projections.runs import (
     RunState,
 )
 from stepline.projections.snapshot import SnapshotError
+from stepline.quarantine import quarantine
 from stepline.runner import execute_attempt
 from stepline.schedule import Scheduler
 from stepline.snapshots import SnapshotStore
@@ -313,8 +314,13 @@ class Worker:
         try:
             return codec.decode(value)
         except SchemaError as exc:
-            # Never block the partition on one bad record; say where it is.
-            log.error("undecodable event skipped", partition=p, offset=offset, error=str(exc))
+            # Never block the partition on one bad record; keep it aside
+            # with the reason (a rebuild meets it again: one entry per place).
+            log.error("undecodable event quarantined", partition=p, offset=offset, error=str(exc))
+            t = asyncio.create_task(quarantine(self.log, self.topics.quarantine, self.topics.runs, p,
+                                               offset, value, str(exc), f"worker {self.worker_id}"))
+            self._background.add(t)
+            t.add_done_callback(self._background.discard)
             return None
 
     def _on_appended(self, p: int, offsets: list[int], events: list[Event]) -> None:
