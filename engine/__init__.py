@@ -35,7 +35,7 @@ from stepline.errors import (
     UnknownTask,
 )
 from stepline.log import DEFAULT_LOG_URL, open_log
-from stepline.logs import configure_logging
+from stepline.logs import configure_logging, logger
 from stepline.projections.runs import RunState, StepState
 from stepline.retry import Retry, Rule, http_status
 from stepline.schedule import Cron, Every, ScheduleTick
@@ -51,6 +51,7 @@ __all__ = [
     "step",
     "sleep",
     "idempotency_key",
+    "logger",
     "wait_for_event",
     "wait_for_token",
     "create_token",

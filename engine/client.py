@@ -17,7 +17,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-from stepline import codec
+from stepline import codec, tracing
 from stepline.appender import Appender
 from stepline.context import now_ms
 from stepline.debounce import Debounce
@@ -31,6 +31,7 @@ from stepline.errors import (
 )
 from stepline.events import (
     JSON,
+    REQUEST_TYPES,
     DomainEvent,
     ErrorInfo,
     Event,
@@ -161,6 +162,9 @@ class _Watcher:
         self.start = start
         self.waiters: dict[str, list[asyncio.Future[Event]]] = {}
         self.recent: OrderedDict[str, Event] = OrderedDict()
+        # The newest owner epoch seen since `start` (claims before it are not
+        # read, so fencing here covers what this watcher saw).
+        self.epoch = 0
         self.task = asyncio.create_task(self._loop(), name=f"stepline-watch-{partition}")
 
     async def _loop(self) -> None:
@@ -183,9 +187,15 @@ class _Watcher:
             recs = await log_.read(topic, self.partition, offset, 5000, timeout=1.0)
             for r in recs:
                 offset = r.offset + 1
-                if _peek_type(r.value) not in _TERMINAL_TYPES:
+                kind = _peek_type(r.value)
+                if kind == b"PartitionClaimed":
+                    self.epoch = max(self.epoch, codec.decode(r.value).epoch)
+                    continue
+                if kind not in _TERMINAL_TYPES:
                     continue
                 ev = codec.decode(r.value)
+                if ev.type not in REQUEST_TYPES and ev.epoch < self.epoch:
+                    continue  # a replaced owner's late outcome: the fold drops it too
                 self.recent[ev.run_id] = ev
                 if len(self.recent) > self.RECENT:
                     self.recent.popitem(last=False)
@@ -267,6 +277,10 @@ class Client:
         assert self._appender is not None, "client not started"
         return await self._appender.submit(ev, ev.run_id.encode(), self.partition_of(ev.run_id))
 
+    async def _append_trigger(self, ev: Event) -> int:
+        """Append a RunTriggered in a `stepline.trigger` span whose W3C context it carries."""
+        return await tracing.traced_trigger(ev, self._append)
+
     # --- requests ----------------------------------------------------------
 
     async def trigger(
@@ -316,7 +330,7 @@ class Client:
             data, idempotency_key, not_before, priority, tuple(tags),
             t.queue.name if t else None, concurrency_key, parent_run_id, parent_step, expires_at,
         )
-        offset = await self._append(Event(new_event_id(), body.TYPE, run_id, task_id, 1, now, 0, body))
+        offset = await self._append_trigger(Event(new_event_id(), body.TYPE, run_id, task_id, 1, now, 0, body))
         # With an idempotency key the run may predate this trigger: watch from 0.
         return RunHandle(run_id, task_id, self, t.output_codec if t else ANY,
                          None if idempotency_key else offset)
@@ -345,7 +359,7 @@ class Client:
             start = now + debounce.period_ms
             body = RunTriggered(data, key, start, priority, tuple(tags), t.queue.name, concurrency_key,
                                 expires_at=None if ttl is None else start + _ms(ttl))
-            offset = await self._append(Event(new_event_id(), body.TYPE, run_id, t.id, 1, now, 0, body))
+            offset = await self._append_trigger(Event(new_event_id(), body.TYPE, run_id, t.id, 1, now, 0, body))
             if await self._took(run_id, offset):
                 return RunHandle(run_id, t.id, self, t.output_codec, None)
             generation += 1
@@ -460,8 +474,15 @@ class Client:
 
     # --- reading -------------------------------------------------------------
 
-    async def history(self, run_id: str, progress: Progress | None = None) -> list[tuple[int, Event]]:
-        """Every event of a run, in log order, with its offset."""
+    async def history(
+        self, run_id: str, progress: Progress | None = None, *, claims: bool = False
+    ) -> list[tuple[int, Event]]:
+        """Every event of a run, in log order, with its offset.
+
+        With `claims=True` the partition's PartitionClaimed events come too,
+        so that a fold of the result fences a replaced owner's late events
+        exactly as the worker's own fold does.
+        """
         p = self.partition_of(run_id)
         key = run_id.encode()
         out: list[tuple[int, Event]] = []
@@ -470,7 +491,7 @@ class Client:
         while offset < end:
             recs = await self.log.read(self.topics.runs, p, offset, 5000)
             for r in recs:
-                if r.key == key:
+                if r.key == key or (claims and r.key == b"" and _peek_type(r.value) == b"PartitionClaimed"):
                     out.append((r.offset, codec.decode(r.value)))
             offset = recs[-1].offset + 1 if recs else end
             if progress:
@@ -479,7 +500,7 @@ class Client:
 
     async def get_run(self, run_id: str) -> RunState:
         part = PartitionRuns(self.partition_of(run_id))
-        for off, ev in await self.history(run_id):
+        for off, ev in await self.history(run_id, claims=True):
             part.apply(ev, off)
         state = part.runs.get(run_id)
         if state is None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import ParamSpec, Protocol, TypeVar, overload
 
+from stepline import tracing
 from stepline.consumers.waits import WaitEntry
 from stepline.errors import NonDeterminismError, NotInRunContext
 from stepline.events import Body, ErrorInfo, StepCompleted, StepFailed, StepStarted
@@ -163,20 +164,22 @@ def _step_wrapper(fn: Callable[P, Awaitable[R]], name: str) -> Callable[P, Await
         ctx.step_started()
         token = _step_position.set(pos)
         try:
-            ctx.emit(StepStarted(pos, name, ctx.attempt, describe_args(args, kwargs)))
-            try:
-                result = await fn(*args, **kwargs)
-            except (asyncio.CancelledError, Suspend):
-                raise
-            except Exception as exc:
-                ctx.recorded_failure = exc
-                await ctx.emit(StepFailed(ctx.attempt, error_info(exc), pos, name))
-                raise
-            output = codec.dump(result, f"output of step {pos} ({name})")
-            # Durable first, then hand the result on: a step whose checkpoint
-            # is not on the log has not completed, and may run again.
-            await ctx.emit(StepCompleted(pos, name, ctx.attempt, output))
-            return result
+            # The step's span and duration (a no-op unless the attempt is traced or metered).
+            with tracing.step_scope(name, pos):
+                ctx.emit(StepStarted(pos, name, ctx.attempt, describe_args(args, kwargs)))
+                try:
+                    result = await fn(*args, **kwargs)
+                except (asyncio.CancelledError, Suspend):
+                    raise
+                except Exception as exc:
+                    ctx.recorded_failure = exc
+                    await ctx.emit(StepFailed(ctx.attempt, error_info(exc), pos, name))
+                    raise
+                output = codec.dump(result, f"output of step {pos} ({name})")
+                # Durable first, then hand the result on: a step whose checkpoint
+                # is not on the log has not completed, and may run again.
+                await ctx.emit(StepCompleted(pos, name, ctx.attempt, output))
+                return result
         finally:
             _step_position.reset(token)
             ctx.step_ended()

@@ -33,8 +33,10 @@ from stepline.events import (
     StepFailed,
     WaitCompleted,
 )
+from stepline.logs import note_dropped
 from stepline.projections.runs import RunState
 from stepline.task import Task
+from stepline.tracing import attempt_failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,12 +77,15 @@ async def run_body(
     attempt = state.attempt
     token = _current.set(ctx)
     try:
-        payload = task.payload_codec.load(state.payload, f"payload of run {state.run_id}")
-        if max_duration is None:
-            result = await task.fn(payload)
-        else:
-            result = await _bounded(task, payload, max_duration, attempt)
-        output = task.output_codec.dump(result, f"output of run {state.run_id}")
+        try:
+            payload = task.payload_codec.load(state.payload, f"payload of run {state.run_id}")
+            if max_duration is None:
+                result = await task.fn(payload)
+            else:
+                result = await _bounded(task, payload, max_duration, attempt)
+            output = task.output_codec.dump(result, f"output of run {state.run_id}")
+        finally:
+            note_dropped(ctx)  # how many log lines the cap dropped, before the outcome
     except Suspend as s:
         for w in s.waits[:-1]:
             emit(RunSuspended(w.step, w.reason, w.wake_at, w.condition))
@@ -131,6 +136,7 @@ async def _failed(
     attempt = state.attempt
     retriable = not isinstance(exc, (NonDeterminismError, PayloadValidationError))
     info = error_info(exc, retriable)
+    attempt_failed(exc)
     if exc is not ctx.recorded_failure:
         emit(StepFailed(attempt, info))
     delay = task.retry.next_delay(state.attempt_in_trigger, exc, rng) if retriable else None

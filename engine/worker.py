@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import structlog
 
-from stepline import codec
+from stepline import codec, tracing
 from stepline.admission import Admission
 from stepline.appender import Appender
 from stepline.client import Client, _current_client
@@ -50,6 +50,7 @@ from stepline.events import (
     RunFailed,
     RunResumed,
     RunSuspended,
+    RunTriggered,
     SlotReleased,
     SlotRequested,
     WaitCompleted,
@@ -169,6 +170,11 @@ class Worker:
         self._holding: dict[str, tuple[str, str | None, str]] = {}
         self._gates: dict[str, asyncio.Future[int]] = {}
         self._expiring: set[str] = set()
+        # W3C context of each live run's RunTriggered: its attempts' spans
+        # are children of the trigger's, so a run is one trace wherever it
+        # was triggered. (Runs whose trigger is older than the snapshot a
+        # partition was rebuilt from have none: their attempts start traces.)
+        self._trace_parents: dict[str, tracing.TraceParent] = {}
         self.started = asyncio.Event()
 
     # --- lifecycle -------------------------------------------------------
@@ -200,10 +206,12 @@ class Worker:
         if self._router is not None:
             await self._router.start()
         await self._admission.start()
+        tracing.watch_worker(self)
         self.started.set()
 
     async def close(self) -> None:
         self._stopping = True
+        tracing.unwatch_worker(self)
         await self._admission.close()
         if self._scheduler is not None:
             await self._scheduler.close()
@@ -240,6 +248,8 @@ class Worker:
             self._epoch.pop(p, None)
         for rid in [r for r in self._asked if partition_for(r.encode(), self._nparts) in partitions]:
             del self._asked[rid]  # the next owner asks again; the queue keeps one request
+        for rid in [r for r in self._trace_parents if partition_for(r.encode(), self._nparts) in partitions]:
+            del self._trace_parents[rid]
         for reader in readers:
             reader.cancel()
         doomed = [t for rid, t in self._active.items()
@@ -301,11 +311,23 @@ class Worker:
             for r in recs:
                 ev = self._decode(r.value, part.partition, r.offset)
                 if ev is not None:
-                    part.apply(ev, r.offset)
+                    self._fold(part, ev, r.offset)
                 else:
                     part.next_offset = r.offset + 1
 
     # --- reading ---------------------------------------------------------
+
+    def _fold(self, part: PartitionRuns, ev: Event, offset: int) -> RunState | None:
+        """Fold one event, keeping the trace context of each live run's trigger."""
+        st = part.apply(ev, offset)
+        if st is not None:
+            if ev.traceparent is not None and type(ev.body) is RunTriggered:
+                parent = tracing.trigger_context(ev)
+                if parent is not None and st.status not in TERMINAL:
+                    self._trace_parents.setdefault(st.run_id, parent)
+            elif self._trace_parents and st.status in TERMINAL:
+                self._trace_parents.pop(st.run_id, None)
+        return st
 
     def _decode(self, value: bytes, p: int, offset: int) -> Event | None:
         own = self._own.pop((p, offset), None)
@@ -342,7 +364,7 @@ class Worker:
                 if ev is None:
                     part.next_offset = r.offset + 1
                     continue
-                st = part.apply(ev, r.offset)
+                st = self._fold(part, ev, r.offset)
                 if st is not None:
                     touched[st.run_id] = st
             for st in touched.values():
@@ -517,14 +539,14 @@ class Worker:
 
     # --- executing -------------------------------------------------------
 
-    def _emit(self, state: RunState, body: Body) -> asyncio.Future[int]:
+    def _emit(self, state: RunState, body: Body, traceparent: str | None = None) -> asyncio.Future[int]:
         assert self._appender is not None
         rid = state.run_id
         p = partition_for(rid.encode(), self._nparts)
         seq = max(self._seq.get(rid, 0), state.seq) + 1
         self._seq[rid] = seq
         ev = Event(new_event_id(), body.TYPE, rid, state.task_id, seq, self.clock(),
-                   self._epoch.get(p, 0), body)
+                   self._epoch.get(p, 0), body, traceparent)
         if rid in self._holding and isinstance(body, _ENDS_ATTEMPT):
             # The user's code is done: free the slot, durably, before the
             # outcome is recorded. In the other order a crash between the two
@@ -567,29 +589,39 @@ class Worker:
         outcome_offset: int | None = None
         if self.client is not None:
             _current_client.set(self.client)  # this attempt's own context copy
+        # The attempt's span, current while it runs; its events carry its context.
+        span = tracing.start_attempt(rid, state.task_id, state.attempt, self._trace_parents.get(rid))
+        tp = span.traceparent
         try:
             try:
                 task = self.registry.get(state.task_id)
             except UnknownTask as exc:
                 info = error_info(exc, retriable=False)
-                self._emit(state, RunFailed(info, state.attempt))
+                span.record_failure(exc)
+                self._emit(state, RunFailed(info, state.attempt), tp)
                 outcome_offset = await self._emit(
-                    state, RunDeadLettered(f"task {state.task_id!r} is not registered on this worker")
+                    state, RunDeadLettered(f"task {state.task_id!r} is not registered on this worker"), tp
                 )
+                span.ended("failed", "UnknownTask")
                 return
             ctx = RunContext(rid, state.task_id, state.attempt, state.steps,
-                             lambda body: self._emit(state, body), self.clock,
+                             lambda body: self._emit(state, body, tp), self.clock,
                              register_wait=self._register_wait, request=self._request)
             outcome = await execute_attempt(task, state, ctx, self.worker_id, self._rng)
+            span.ended(outcome.kind, outcome.detail)
             outcome_offset = outcome.offset
         except asyncio.CancelledError:
             if rid not in self._cancel_requested:
                 raise  # shutdown or revocation: the next owner resumes the run
-        except Exception:
+            span.ended("cancelled")
+        except Exception as exc:
             # Recording the outcome failed (the log is down). The run stays
             # live on the log and is resumed by whoever owns it next.
             log.exception("could not record attempt outcome", run_id=rid)
+            span.record_failure(exc)
+            span.ended("error", "could not record the outcome")
         finally:
+            span.close()  # first: runs started from here must not inherit its context
             holding = self._holding.pop(rid, None)
             if holding is not None and rid in self._cancel_requested:
                 queue_name, key, task_id = holding
@@ -621,6 +653,29 @@ class Worker:
         for part in self._parts.values():
             out.update(part.runs)
         return out
+
+    def queue_depths(self) -> dict[str, int]:
+        """Runs ready to start here, by queue (the `stepline.queue.depth` gauge).
+
+        Read from the ready queue's entries, copied first: the metrics
+        exporter may call this from its own thread.
+        """
+        ready = self._ready
+        queued = set(ready._queued)
+        entries = list(ready._heap) + [e for held in list(ready._held.values()) for e in list(held)]
+        by_queue: dict[str, set[str]] = {}
+        for *_, run_id, queue in entries:
+            if run_id in queued:
+                by_queue.setdefault(queue, set()).add(run_id)
+        return {q: len(ids) for q, ids in by_queue.items()}
+
+    def run_counts(self) -> dict[str, int]:
+        """Runs of the owned partitions by state (the `stepline.partition.runs` gauge)."""
+        counts: dict[str, int] = {}
+        for part in list(self._parts.values()):
+            for st in list(part.runs.values()):
+                counts[st.status] = counts.get(st.status, 0) + 1
+        return counts
 
     @property
     def active(self) -> int:

@@ -18,7 +18,8 @@ from stepline.ids import idempotent_run_id, new_run_id
 EXPECTED_PUBLIC_NAMES = frozenset({
     # declaring tasks
     "task", "step", "sleep", "idempotency_key", "Task", "Queue", "Retry", "Rule",
-    "http_status", "Registry", "default_registry", "load_app",
+    "http_status", "Registry", "default_registry", "load_app", "logger", "wait_for_event",
+    "wait_for_token", "create_token", "WaitToken", "RateLimit", "Debounce",
     # triggering and inspecting runs
     "Client", "RunHandle", "RunState", "StepState",
     # running
