@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.stamp
 # Extra arguments for pytest, e.g. `make test PYTEST_ARGS='-k sqlite -x'`.
 PYTEST_ARGS ?=
 
-.PHONY: setup quickstart test bench clean
+.PHONY: setup quickstart test bench soak clean
 
 # setup: create .venv and install stepline editable with test+bench extras (skipped while the stamp is newer than pyproject.toml).
 setup: $(STAMP)
@@ -27,12 +27,19 @@ quickstart: setup
 	$(PY) examples/process_order.py
 
 # test: run the test suite; fails on test failures and also when no test is collected (pytest exit code 5).
+# The dashboard's browser tests need Debian's chromium: installed here when missing (a failure
+# under CI=true; elsewhere, without root, those tests skip).
 test: setup
+	scripts/browser.sh || test "$${CI:-}" != true
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 # bench: run the benchmarks.
 bench: setup
 	$(PY) bench/run.py
+
+# soak: SIGKILL workers under load for 5 minutes (not part of `test`); e.g. SOAK_ARGS='--log kafka --duration 60'.
+soak: setup
+	$(PY) bench/soak.py $(SOAK_ARGS)
 
 # clean: remove the virtualenv, build artefacts and local run state.
 clean:
