@@ -45,7 +45,7 @@ class Admission:
         self._appender = Appender(log_, self.topic)
         self._parts: dict[int, QueuePartition] = {}
         self._readers: dict[int, asyncio.Task[None]] = {}
-        self._wakeups: dict[tuple[int, str], asyncio.TimerHandle] = {}
+        self._wakeups: dict[tuple[int, str], asyncio.TimerHandle | asyncio.Task[None]] = {}
         self._membership: Membership | None = None
         self._nparts = 0
         # One grant decision at a time per partition: the tail and a rate
@@ -184,7 +184,16 @@ class Admission:
             if self._parts.get(part.partition) is part:
                 loop.create_task(self._grant(part, q))
 
-        self._wakeups[key] = loop.call_later(max(0.0, (at_ms - self._clock()) / 1000), fire)
+        sleep_until = getattr(self._clock, "sleep_until", None)
+        if sleep_until is None:
+            self._wakeups[key] = loop.call_later(max(0.0, (at_ms - self._clock()) / 1000), fire)
+            return
+
+        async def on_clock() -> None:  # a virtual clock (stepline.testing) tells when
+            await sleep_until(at_ms)
+            fire()
+
+        self._wakeups[key] = loop.create_task(on_clock())
 
 
 __all__ = ["Admission", "Waiter"]

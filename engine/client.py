@@ -48,6 +48,7 @@ from stepline.payloads import ANY, Codec
 from stepline.projections.runs import (
     CANCELLED,
     COMPLETED,
+    EXPIRED,
     FAILED,
     LIVE,
     PENDING,
@@ -140,10 +141,11 @@ class RunHandle(Generic[R]):
         state = await self.client.wait(self.run_id, timeout=secs, from_offset=self.offset)
         if state.status != COMPLETED or state.output is None:
             err = state.error
-            raise RunFailedError(
-                self.run_id, state.status,
-                err.type if err else "Cancelled", err.message if err else "the run was cancelled",
-            )
+            if err is not None:
+                raise RunFailedError(self.run_id, state.status, err.type, err.message)
+            if state.status == EXPIRED:
+                raise RunFailedError(self.run_id, state.status, "Expired", "it did not start within its ttl")
+            raise RunFailedError(self.run_id, state.status, "Cancelled", "the run was cancelled")
         value: R = self.output_codec.load(state.output, f"output of run {self.run_id}")
         return value
 

@@ -267,8 +267,11 @@ class Worker:
         assert self._appender is not None
         part = await self._load_snapshot(p)
         self.rebuilt_from[p] = part.next_offset
-        self._folded_since[p] = 0
         await self._catch_up(part, await self.log.end_offset(self.topics.runs, p))
+        # What the rebuild folded counts towards the next snapshot: a worker
+        # restarted more often than `snapshot_every` events arrive would
+        # otherwise never write one, and every restart would rebuild from 0.
+        self._folded_since[p] = part.next_offset - self.rebuilt_from[p]
         epoch = max(generation, part.epoch + 1)
         claim = Event(
             new_event_id(), PartitionClaimed.TYPE, "", "", 0, self.clock(), epoch,
@@ -289,6 +292,11 @@ class Worker:
         log.info("partition claimed", partition=p, epoch=epoch, live_runs=len(live),
                  worker=self.worker_id)
         self._readers[p] = asyncio.create_task(self._tail(p), name=f"stepline-tail-{p}")
+        if self._folded_since[p] >= self.snapshot_every:
+            # A long rebuild: leave a snapshot now so the next owner starts there.
+            t = asyncio.create_task(self._snapshot(part), name=f"stepline-snapshot-{p}")
+            self._background.add(t)
+            t.add_done_callback(self._background.discard)
 
     async def _load_snapshot(self, p: int) -> PartitionRuns:
         try:

@@ -95,3 +95,26 @@ def test_a_damaged_or_unknown_snapshot_is_refused_not_guessed():
         snapshot.load(good[:-4])
     with pytest.raises(SnapshotError, match="version 99"):
         snapshot.load(zlib.compress(b'{"v": 99}'))
+
+
+async def test_a_worker_restarted_before_snapshot_every_still_leaves_one_after_a_long_rebuild(engine_factory):
+    """Restarts more frequent than `snapshot_every` new events must not mean
+    rebuilding from offset 0 forever: the rebuild itself counts."""
+    reg, adder = registry()
+    e = await engine_factory(reg, snapshot_every=10_000)
+    for h in [await adder.trigger({"n": i}) for i in range(30)]:
+        await h.result(timeout=20)
+    await e.stop_worker()
+    # Far fewer events than snapshot_every, but a rebuild of all of them:
+    e.worker_options["snapshot_every"] = 20
+    worker = await e.start_worker()
+    assert all(start == 0 for start in worker.rebuilt_from.values())  # nothing to start from yet
+    await eventually(lambda: _snapshots_written(e), timeout=20, what="a snapshot after the long rebuild")
+    again = await e.restart_worker()
+    assert any(start > 0 for start in again.rebuilt_from.values()), again.rebuilt_from
+
+
+async def _snapshots_written(e) -> bool:
+    topic = e.client.topics.snapshots
+    return any([await e.client.log.end_offset(topic, p) > 0
+                for p in range(await e.client.log.partitions(topic))])
