@@ -12,13 +12,21 @@ import asyncio
 import heapq
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 
 class TimerWheel:
     def __init__(self, fire: Callable[[str, str], None], clock: Callable[[], int] | None = None) -> None:
         self._fire = fire
         self._clock = clock or (lambda: int(time.time() * 1000))
+        # A clock whose time jumps (stepline.testing.VirtualClock) says how to
+        # wait for it: `wait_until(due_ms, woken)` returns once `woken` is
+        # set, and the clock sets it when its time reaches due_ms. A real
+        # timeout computed from such a clock's readings would mean nothing.
+        # Real clocks have no such method and keep the asyncio.timeout below.
+        self._wait_until: Callable[[int, asyncio.Event], Awaitable[None]] | None = getattr(
+            clock, "wait_until", None
+        )
         self._heap: list[tuple[int, int, str, str]] = []
         self._order = itertools.count()
         self._changed = asyncio.Event()
@@ -51,6 +59,9 @@ class TimerWheel:
                 _, _, run_id, kind = heapq.heappop(self._heap)
                 self._fire(run_id, kind)
             self._changed.clear()
+            if self._heap and self._wait_until is not None:
+                await self._wait_until(self._heap[0][0], self._changed)
+                continue
             timeout = None if not self._heap else (self._heap[0][0] - now) / 1000
             try:
                 # asyncio.timeout: wait_for may swallow a cancel on 3.11.
