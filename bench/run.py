@@ -23,6 +23,9 @@ commit, the default) and again on `?synchronous=normal` (no fsync)):
                  1 and 10, against the same limit as worker concurrency (no admission);
                  sqlite FULL, memory:// and Kafka when a broker is had
                  (bench/admission.py; --no-admission leaves it out)
+  query_catchup  the query projection's rebuild over N runs' events vs. raw read+decode;
+  query_list     GET /v1/runs p50/p99 at N runs (first, filtered, tag, deep, text pages)
+                 (bench/query.py; N = 100k, 10k with --quick; --no-query leaves them out)
 
 With --kafka (the default; --no-kafka turns it off) the same run also
 measures Stepline on a real Kafka broker and that broker's raw limit with
@@ -64,6 +67,7 @@ import admission  # noqa: E402
 import fanout  # noqa: E402
 import kafka_bench  # noqa: E402
 import physical  # noqa: E402
+import query  # noqa: E402
 import workloads  # noqa: E402
 
 MODES = {
@@ -220,6 +224,7 @@ HEADLINES: dict[str, list[tuple[str, str, str]]] = {
                     ("bytes", "bytes", "{:.0f}")],
     **fanout.HEADLINES,
     **admission.HEADLINES,
+    **query.HEADLINES,
     **kafka_bench.HEADLINES,
 }
 
@@ -283,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also measure the event router's fan-out (bench/fanout.py; default on)")
     ap.add_argument("--admission", action=argparse.BooleanOptionalAction, default=True,
                     help="also measure queue admission overhead (bench/admission.py; default on)")
+    ap.add_argument("--query", action=argparse.BooleanOptionalAction, default=True,
+                    help="also measure the query projection and runs list (bench/query.py; default on)")
     args = ap.parse_args(argv)
     reps = args.reps if args.reps is not None else (1 if args.quick else 3)
     sz = sizes(args.quick)
@@ -314,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.admission:
                 admission.one_rep(rec, rep, admission.sizes(args.quick), args.tmpdir, timeout,
                                   _run_async, bootstrap)
+            if args.query:
+                query.one_rep(rec, rep, query.sizes(args.quick), args.tmpdir, timeout, _run_async)
         if bootstrap is not None:
             kafka_bench.one_rep(rec, rep, ksz, bootstrap, timeout, _run_async)
     print_summary(rec.rows, path)

@@ -12,6 +12,8 @@ import json
 import os
 import signal
 import sys
+import time
+import urllib.parse
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -27,6 +29,7 @@ from stepline.errors import SteplineError
 from stepline.events import Event, Payload
 from stepline.log import DEFAULT_LOG_URL
 from stepline.logs import configure_logging
+from stepline.projections.query_store import DEFAULT_QUERY_DB
 from stepline.projections.runs import FAILED, RunState
 from stepline.task import Registry, load_app
 from stepline.worker import Worker
@@ -83,14 +86,14 @@ def _parse_json(text: str, what: str) -> Any:
 
 
 @contextmanager
-def _progress(label: str) -> Iterator[Callable[[int, int], None]]:
+def _progress(label: str, threshold: int = PROGRESS_THRESHOLD) -> Iterator[Callable[[int, int], None]]:
     bar: RichProgress | None = None
     task_id: Any = None
 
     def update(done: int, total: int) -> None:
         nonlocal bar, task_id
         if bar is None:
-            if total < PROGRESS_THRESHOLD:
+            if total < threshold:
                 return
             bar = RichProgress(console=err, transient=True)
             bar.start()
@@ -171,7 +174,7 @@ def state_dict(s: RunState) -> dict[str, Any]:
     }
 
 
-def event_dict(offset: int, ev: Event) -> dict[str, Any]:
+def event_dict(offset: int, ev: Event, stacks: bool = False) -> dict[str, Any]:
     body: dict[str, Any] = {}
     for f in dataclasses.fields(ev.body):
         name = f.name
@@ -179,7 +182,7 @@ def event_dict(offset: int, ev: Event) -> dict[str, Any]:
         if isinstance(v, Payload):
             v = _payload_json(v)
         elif hasattr(v, "__slots__"):
-            v = {k: getattr(v, k) for k in v.__slots__ if k != "stack"}
+            v = {k: getattr(v, k) for k in v.__slots__ if k != "stack" or stacks}
         elif isinstance(v, tuple):
             v = list(v)
         body[name] = v
@@ -232,16 +235,72 @@ def _load_app(module: str) -> Registry:
         raise
 
 
+def _dev_query_db(log_url: str) -> str:
+    """The query projection's file for `dev`: beside a SQLite log, so that two
+    logs never share one (the projection is of one log)."""
+    prefix = "sqlite:///"
+    if log_url.startswith(prefix):
+        path = urllib.parse.unquote(urllib.parse.urlsplit(log_url).path[1:])
+        if path and path != ":memory:":
+            stem, dot, _ = path.rpartition(".")
+            return f"{stem if dot else path}.query.db"
+    return DEFAULT_QUERY_DB
+
+
+async def _serve_dev(registry: Registry, log_url: str, concurrency: int, port: int, query_db: str) -> None:
+    """A worker and the HTTP API with the dashboard (auth off, loopback only), in one process."""
+    from stepline.server import ServeConfig, serve_api
+
+    sys.setswitchinterval(0.0005)  # as in _serve_worker: this process is ours
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    config = ServeConfig(api_token=None, webhooks={}, auth_required=False)
+
+    def announce(addresses: list[str]) -> None:
+        base = addresses[0]
+        err.print(f"dashboard: {base}/   API: {base}/v1/ (no auth: local development only)", highlight=False)
+
+    async with Client(log_url, registry=registry) as client:
+        async with Worker(registry, client.log, concurrency=concurrency, topics=client.topics,
+                          client=client) as worker:
+            err.print(
+                f"stepline dev: worker [bold]{worker.worker_id}[/] on {log_url}: "
+                f"{len(registry)} task(s): {', '.join(registry.ids())}",
+                highlight=False,
+            )
+            server = asyncio.create_task(serve_api(client, config, registry, "127.0.0.1", port,
+                                                   query_db=query_db, on_listening=announce))
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({server, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            server.cancel()
+            stopping.cancel()
+            try:
+                await server
+            except asyncio.CancelledError:
+                pass  # stopped by a signal
+            except OSError as exc:  # the port is taken
+                raise CliError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc} "
+                               "(pick another with --port, or --port 0 for a free one)") from None
+
+
 @app.command()
 def dev(
     module: Annotated[str, typer.Argument(help="File or module declaring the tasks.")],
     log: LogOpt = DEFAULT_LOG_URL,
     concurrency: Annotated[int, typer.Option(help="Runs executing at once.")] = 256,
+    port: Annotated[int, typer.Option(help="Port of the API and dashboard on 127.0.0.1; 0 picks a free one.")] = 8080,
+    query_db: Annotated[str | None, typer.Option(
+        "--query-db", show_default=False,
+        help="SQLite file of the query projection behind the dashboard's lists "
+             "(default: beside a SQLite log, else " + DEFAULT_QUERY_DB + ").",
+    )] = None,
 ) -> None:
-    """Embedded log and a worker in one process, console logs."""
+    """Embedded log, a worker, and the HTTP API with the dashboard (no auth), in one process."""
     configure_logging(json_logs=False)
     registry = _load_app(module)
-    _run(_serve_worker(registry, log, concurrency))
+    _run(_serve_dev(registry, log, concurrency, port, query_db or _dev_query_db(log)))
 
 
 @app.command()
@@ -284,8 +343,11 @@ def _webhook_sources(webhook: list[str] | None, webhook_event: list[str] | None)
     return {name: WebhookSource(name, secret, events.get(name)) for name, secret in secrets.items()}
 
 
-async def _serve_http(config: ServeConfig, registry: Registry | None, log_url: str, host: str, port: int) -> None:
-    from stepline.server import serve as serve_http
+async def _serve_http(
+    config: ServeConfig, registry: Registry | None, log_url: str, host: str, port: int,
+    query_db: str | None = None,
+) -> None:
+    from stepline.server import serve_api
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -299,7 +361,8 @@ async def _serve_http(config: ServeConfig, registry: Registry | None, log_url: s
                   f"webhook sources: {sources}", highlight=False)
 
     async with Client(log_url, registry=registry) as client:
-        server = asyncio.create_task(serve_http(client, config, registry, host, port, on_listening=announce))
+        server = asyncio.create_task(serve_api(client, config, registry, host, port, query_db=query_db,
+                                               on_listening=announce))
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({server, stopping}, return_when=asyncio.FIRST_COMPLETED)
         server.cancel()
@@ -333,9 +396,13 @@ def serve(
     )] = None,
     max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body accepted.")] = 1 << 20,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="Serve the API without a token (local use only).")] = False,
+    query_db: Annotated[str, typer.Option(
+        "--query-db", help="SQLite file of the query projection behind the run and event lists, kept up "
+                           "to date by this process; '' serves without lists (they answer 503).",
+    )] = DEFAULT_QUERY_DB,
     json_logs: Annotated[bool, typer.Option("--json-logs/--console-logs")] = True,
 ) -> None:
-    """Serve the HTTP API: trigger runs, publish events, read runs, receive signed webhooks."""
+    """Serve the HTTP API: trigger runs, publish events, read and list runs, receive signed webhooks."""
     from stepline.server import ServeConfig
 
     configure_logging(json_logs=json_logs)
@@ -349,7 +416,7 @@ def serve(
     except (SteplineError, CliError) as exc:
         _fail(str(exc))
         raise
-    _run(_serve_http(config, registry, log, host, port))
+    _run(_serve_http(config, registry, log, host, port, query_db or None))
 
 
 # --- requests ------------------------------------------------------------
@@ -511,22 +578,51 @@ def runs_ls(
 def runs_show(
     run_id: Annotated[str, typer.Argument(help="Run id.")],
     log: LogOpt = DEFAULT_LOG_URL,
+    as_of: Annotated[str | None, typer.Option(
+        "--as-of", show_default=False,
+        help="The state at a past point: a log offset (inclusive), an ISO-8601 time (UTC unless it "
+             "names a zone) or a relative time such as -5m.",
+    )] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """A run's state: status, steps with inputs and outputs, retries, errors."""
+    from stepline.replay import StateAt, iso_ms, parse_point, state_at
 
-    async def go() -> RunState:
+    async def go() -> RunState | StateAt:
         async with Client(log) as client:
-            return await client.get_run(run_id)
+            if as_of is None:
+                return await client.get_run(run_id)
+            try:
+                point = parse_point(as_of, client.clock())
+            except ValueError as exc:
+                raise CliError(str(exc)) from None
+            events = await client.history(run_id)
+            if not events:
+                from stepline.errors import UnknownRun
 
-    state = _run(go())
+                raise UnknownRun(run_id)
+            try:
+                return state_at(run_id, events, point)
+            except ValueError as exc:
+                raise CliError(str(exc)) from None
+
+    found = _run(go())
+    at = found if isinstance(found, StateAt) else None
+    state = found.state if isinstance(found, StateAt) else found
     d = state_dict(state)
     if as_json:
-        _print_json(d)
+        _print_json(d if at is None else {**d, "as_of": {**at.header(), "requested": as_of}})
         return
+    if at is not None:
+        out.print(f"as of offset {at.offset} ({iso_ms(at.time)}): event {at.events} of {at.total}, "
+                  f"{at.type}", highlight=False, markup=False)
     out.print(f"[bold]{state.run_id}[/]  task {state.task_id}  [bold]{state.status}[/]"
               f"{' (dead letter)' if state.dead_lettered else ''}  attempt {state.attempt_in_trigger}",
               highlight=False)
+    if state.status == "suspended" and state.wake_at is not None:
+        out.print(f"wakes at {iso_ms(state.wake_at)}", highlight=False, markup=False)
+    elif state.status == "retrying" and state.retry_at is not None:
+        out.print(f"retries at {iso_ms(state.retry_at)}", highlight=False, markup=False)
     out.print(f"payload: {json.dumps(d['payload'])}", highlight=False)
     table = Table(title="steps")
     for col in ("#", "name", "status", "attempt", "ms", "output / error"):
@@ -545,13 +641,46 @@ def runs_show(
         out.print(state.error.stack, highlight=False)
 
 
+# Body fields holding times (ms): shown as ISO times by `history`.
+_TIME_FIELDS = frozenset({"retry_at", "wake_at", "not_before", "expires_at"})
+# Body fields holding JSON text: shown parsed.
+_JSON_TEXT_FIELDS = frozenset({"condition", "fields"})
+
+
+def _is_error(v: Any) -> bool:
+    return isinstance(v, dict) and "type" in v and "message" in v and "retriable" in v
+
+
+def _body_text(body: dict[str, Any]) -> str:
+    """`name=value` pairs, values as JSON: readable, and still greppable."""
+    from stepline.replay import iso_ms
+
+    parts = []
+    for name, v in body.items():
+        if v is None or v == []:
+            continue
+        if name in _TIME_FIELDS and isinstance(v, int):
+            v = iso_ms(v)
+        elif name in _JSON_TEXT_FIELDS and isinstance(v, str):
+            try:
+                v = json.loads(v)
+            except ValueError:
+                pass
+        elif _is_error(v):
+            v = f"{v['type']}: {v['message']}" + ("" if v["retriable"] else " (not retriable)")
+        parts.append(f"{name}={json.dumps(v, default=str, ensure_ascii=False)}")
+    return " ".join(parts)
+
+
 @app.command()
 def history(
     run_id: Annotated[str, typer.Argument(help="Run id.")],
     log: LogOpt = DEFAULT_LOG_URL,
+    stacks: Annotated[bool, typer.Option("--stacks", help="Show the stack of each recorded error.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Every event of a run, in log order."""
+    """Every event of a run, in log order: offset, time (UTC), type and body."""
+    from stepline.replay import iso_ms
 
     async def go() -> list[tuple[int, Event]]:
         async with Client(log) as client:
@@ -564,17 +693,20 @@ def history(
             return events
 
     events = _run(go())
-    rows = [event_dict(off, ev) for off, ev in events]
+    rows = [event_dict(off, ev, stacks=stacks) for off, ev in events]
     if as_json:
         _print_json(rows)
         return
-    table = Table(title=f"history of {run_id}")
-    for col in ("offset", "time", "seq", "type", "body"):
-        table.add_column(col)
+    out.print(f"history of [bold]{run_id}[/] ({rows[0]['task_id']}): {len(rows)} event(s)", highlight=False)
+    offset_w = max(len(str(r["offset"])) for r in rows)
+    type_w = max(len(r["type"]) for r in rows)
     for row in rows:
-        table.add_row(str(row["offset"]), _time(row["time"]), str(row["seq"]), row["type"],
-                      json.dumps(row["body"], default=str)[:120])
-    out.print(table)
+        # markup=False: bodies are user data, and "[...]" in them is not Rich markup.
+        out.print(f"{row['offset']:>{offset_w}}  {iso_ms(row['time'])}  {row['type']:<{type_w}}  "
+                  f"{_body_text(row['body'])}", highlight=False, markup=False)
+        for v in row["body"].values():
+            if stacks and _is_error(v) and v.get("stack"):
+                out.print("    " + v["stack"].rstrip().replace("\n", "\n    "), highlight=False, markup=False)
 
 
 @dlq_app.command("ls")
@@ -609,6 +741,67 @@ def dlq_retry(
     else:
         out.print(f"retriggered {run_id} ({state.task_id}); it resumes after step "
                   f"{state.completed_steps() - 1 if state.completed_steps() else '-'}", highlight=False)
+
+
+@app.command()
+def replay(
+    check: Annotated[str | None, typer.Option(
+        "--check", help="MODULE: re-execute recorded runs against this code, without side effects, "
+                        "and report non-determinism.")] = None,
+    projection: Annotated[str | None, typer.Option(
+        "--projection", help="Rebuild a projection from offset 0: 'query' (the API's read model).")] = None,
+    run: Annotated[list[str] | None, typer.Option("--run", help="Only this run (repeatable).")] = None,
+    task: Annotated[list[str] | None, typer.Option("--task", help="Only runs of this task (repeatable).")] = None,
+    query_db: Annotated[str, typer.Option(help="The query projection's database.")] = ".stepline/query.db",
+    log: LogOpt = DEFAULT_LOG_URL,
+    as_json: JsonOpt = False,
+) -> None:
+    """Replay the log: check recorded runs against new code, or rebuild a projection."""
+    if (check is None) == (projection is None):
+        _fail("pass exactly one of --check MODULE or --projection query")
+    if projection is not None:
+        _replay_projection(projection, query_db, log, as_json)
+        return
+    assert check is not None
+    from stepline.replay import check_runs
+
+    registry = _load_app(check)
+
+    async def go() -> Any:
+        with _progress("replaying runs", threshold=1) as progress:
+            return await check_runs(log, registry, run_ids=run or None, task_ids=task or None,
+                                    progress=progress)
+
+    report = _run(go())
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        for p in report.problems:
+            where = f" at step {p.position}" if p.position is not None else ""
+            out.print(f"[bold red]{p.kind}[/] {p.run_id} ({p.task_id}, {p.status}){where}: {p.message}",
+                      highlight=False)
+        out.print(f"checked {report.checked} run(s): {report.ok} ok, {len(report.problems)} problem(s), "
+                  f"{report.skipped} skipped (task not in {check})", highlight=False)
+    if report.problems:
+        raise typer.Exit(1)
+
+
+def _replay_projection(name: str, db: str, log_url: str, as_json: bool) -> None:
+    if name != "query":
+        _fail(f"unknown projection {name!r}; the one rebuildable projection is 'query'")
+    from stepline.projections.query import rebuild
+
+    async def go() -> int:
+        with _progress("rebuilding the query projection", threshold=1) as progress:
+            return await rebuild(log_url, db, progress)
+
+    started = time.monotonic()
+    applied = _run(go())
+    elapsed = time.monotonic() - started
+    if as_json:
+        _print_json({"projection": name, "db": db, "events": applied, "seconds": round(elapsed, 3)})
+    else:
+        out.print(f"rebuilt the query projection {db}: {applied:,} events in {elapsed:.1f} s", highlight=False)
 
 
 def main() -> None:

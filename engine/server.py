@@ -31,6 +31,7 @@ from aiohttp import web
 
 from stepline.cli import state_dict
 from stepline.client import Client, check_event_name
+from stepline.dashboard import add_dashboard_routes
 from stepline.errors import (
     InvalidEventName,
     InvalidRunState,
@@ -42,6 +43,7 @@ from stepline.errors import (
     UnknownTask,
 )
 from stepline.ids import parse_token
+from stepline.projections.query import QueryProjector, QueryStore
 from stepline.task import Registry, Task
 
 log = structlog.get_logger("stepline.server")
@@ -315,10 +317,13 @@ class _Api:
         self.registry = registry
         self.replays = _ReplayGuard(config.signature_tolerance_s)
 
-    def authenticate(self, request: web.Request) -> None:
+    def authenticate(self, request: web.Request, *, query_token: bool = False) -> None:
+        """`query_token=True` also accepts `?token=` (EventSource cannot send headers)."""
         if not self.config.auth_required:
             return
         header = request.headers.get("Authorization")
+        if header is None and query_token and request.query.get("token"):
+            header = f"Bearer {request.query['token']}"
         if header is None:
             raise _unauthorized("missing Authorization header: send 'Authorization: Bearer <API token>'")
         scheme, _, given = header.partition(" ")
@@ -331,6 +336,12 @@ class _Api:
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
+
+    async def info(self, request: web.Request) -> web.Response:
+        """Unauthenticated: tells the dashboard whether to ask for a token."""
+        from stepline import __version__
+
+        return web.json_response({"auth": self.config.auth_required, "version": __version__})
 
     async def trigger(self, request: web.Request) -> web.Response:
         self.authenticate(request)
@@ -417,12 +428,18 @@ class _Api:
         return expected
 
 
-def create_app(client: Client, config: ServeConfig, registry: Registry | None = None) -> web.Application:
+def create_app(
+    client: Client, config: ServeConfig, registry: Registry | None = None, *, query: QueryStore | None = None,
+) -> web.Application:
     """The HTTP API over a started client.
 
     With a registry, unknown task ids are refused (404) and payloads are
-    validated (422); without one a trigger is recorded as given.
+    validated (422); without one a trigger is recorded as given. With a
+    query store (kept up to date by a QueryProjector) the run and event
+    lists of engine/query_api.py answer; without one they answer 503.
     """
+    from stepline.query_api import add_query_routes
+
     # Above our own limit, so a too-large body gets our 413 and its message.
     app = web.Application(middlewares=[_json_errors], client_max_size=config.max_body_bytes + 1)
     api = _Api(client, config, registry)
@@ -433,6 +450,9 @@ def create_app(client: Client, config: ServeConfig, registry: Registry | None = 
     app.router.add_post("/v1/tokens/{token}/complete", api.complete_token)
     app.router.add_post("/v1/runs/{run_id}/cancel", api.cancel)
     app.router.add_post("/v1/webhooks/{source}", api.webhook)
+    add_query_routes(app, api, query)
+    app.router.add_get("/v1/info", api.info)
+    add_dashboard_routes(app)
     return app
 
 
@@ -444,9 +464,10 @@ async def serve(
     port: int,
     *,
     on_listening: Callable[[list[str]], None] | None = None,
+    query: QueryStore | None = None,
 ) -> None:
     """Serve until cancelled. `on_listening` gets the bound addresses (the real port for port 0)."""
-    runner = web.AppRunner(create_app(client, config, registry), access_log=None)
+    runner = web.AppRunner(create_app(client, config, registry, query=query), access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
@@ -458,9 +479,29 @@ async def serve(
         await runner.cleanup()
 
 
+async def serve_api(
+    client: Client,
+    config: ServeConfig,
+    registry: Registry | None,
+    host: str,
+    port: int,
+    *,
+    query_db: str | None,
+    on_listening: Callable[[list[str]], None] | None = None,
+) -> None:
+    """Serve until cancelled, with the query projection of `query_db` kept up
+    to date in this process on the client's log (None: no lists, 503)."""
+    if query_db is None:
+        await serve(client, config, registry, host, port, on_listening=on_listening)
+        return
+    async with QueryStore(query_db) as store:
+        async with QueryProjector(client.log, store, topics=client.topics):
+            await serve(client, config, registry, host, port, on_listening=on_listening, query=store)
+
+
 def _address(sockname: Any) -> str:
     host, port = sockname[0], sockname[1]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-__all__ = ["SIGNATURE_HEADER", "ServeConfig", "WebhookSource", "create_app", "serve", "sign_webhook"]
+__all__ = ["SIGNATURE_HEADER", "ServeConfig", "WebhookSource", "create_app", "serve", "serve_api", "sign_webhook"]

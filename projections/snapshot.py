@@ -110,6 +110,19 @@ def _unrun(d: dict[str, Any]) -> RunState:
     )
 
 
+def run_to_json(r: RunState) -> dict[str, Any]:
+    """One run in the snapshot's per-run JSON form (the query projection stores it)."""
+    return _run(r)
+
+
+def run_from_json(d: dict[str, Any]) -> RunState:
+    """The inverse of `run_to_json`; SnapshotError when `d` does not add up."""
+    try:
+        return _unrun(d)
+    except (KeyError, IndexError, TypeError) as exc:
+        raise SnapshotError(f"run state is damaged: {type(exc).__name__}: {exc}") from exc
+
+
 def dump(part: PartitionRuns) -> bytes:
     doc = {
         "v": VERSION,
