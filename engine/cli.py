@@ -29,6 +29,7 @@ from stepline.errors import SteplineError
 from stepline.events import Event, Payload
 from stepline.log import DEFAULT_LOG_URL
 from stepline.logs import configure_logging
+from stepline.payloads import payload_json
 from stepline.projections.query_store import DEFAULT_QUERY_DB
 from stepline.projections.runs import FAILED, RunState
 from stepline.task import Registry, load_app
@@ -113,13 +114,6 @@ def _time(ms: int | None) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
-def _payload_json(p: Payload | None) -> Any:
-    if p is None:
-        return None
-    try:
-        return json.loads(p.data)
-    except ValueError:
-        return {"content_type": p.content_type, "bytes": len(p.data)}
 
 
 def state_dict(s: RunState) -> dict[str, Any]:
@@ -135,8 +129,8 @@ def state_dict(s: RunState) -> dict[str, Any]:
         "priority": s.priority,
         "tags": list(s.tags),
         "idempotency_key": s.idempotency_key,
-        "payload": _payload_json(s.payload),
-        "output": _payload_json(s.output),
+        "payload": payload_json(s.payload),
+        "output": payload_json(s.output),
         "error": None if s.error is None else {
             "type": s.error.type, "message": s.error.message, "stack": s.error.stack,
         },
@@ -157,7 +151,7 @@ def state_dict(s: RunState) -> dict[str, Any]:
             {
                 "step": st.step, "name": st.name, "status": st.status, "attempt": st.attempt,
                 "started_at": st.started_at, "ended_at": st.ended_at,
-                "input": _payload_json(st.input), "output": _payload_json(st.output),
+                "input": payload_json(st.input), "output": payload_json(st.output),
                 "error": None if st.error is None else f"{st.error.type}: {st.error.message}",
                 "wake_at": st.wake_at,
                 "condition": None if st.condition is None else json.loads(st.condition),
@@ -180,7 +174,7 @@ def event_dict(offset: int, ev: Event, stacks: bool = False) -> dict[str, Any]:
         name = f.name
         v = getattr(ev.body, name)
         if isinstance(v, Payload):
-            v = _payload_json(v)
+            v = payload_json(v)
         elif hasattr(v, "__slots__"):
             v = {k: getattr(v, k) for k in v.__slots__ if k != "stack" or stacks}
         elif isinstance(v, tuple):
@@ -247,6 +241,23 @@ def _dev_query_db(log_url: str) -> str:
     return DEFAULT_QUERY_DB
 
 
+async def _serve_until(stop: asyncio.Event, serving: Coroutine[Any, Any, None], where: str,
+                       hint: str = "") -> None:
+    """Run `serving` until `stop` is set (SIGINT/SIGTERM); a port that cannot
+    be bound is one clear error."""
+    server = asyncio.create_task(serving)
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({server, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    server.cancel()
+    stopping.cancel()
+    try:
+        await server
+    except asyncio.CancelledError:
+        pass  # stopped by a signal
+    except OSError as exc:  # the port is taken, the host is not ours
+        raise CliError(f"cannot listen on {where}: {exc.strerror or exc}{hint}") from None
+
+
 async def _serve_dev(registry: Registry, log_url: str, concurrency: int, port: int, query_db: str) -> None:
     """A worker and the HTTP API with the dashboard (auth off, loopback only), in one process."""
     from stepline.server import ServeConfig, serve_api
@@ -270,19 +281,9 @@ async def _serve_dev(registry: Registry, log_url: str, concurrency: int, port: i
                 f"{len(registry)} task(s): {', '.join(registry.ids())}",
                 highlight=False,
             )
-            server = asyncio.create_task(serve_api(client, config, registry, "127.0.0.1", port,
-                                                   query_db=query_db, on_listening=announce))
-            stopping = asyncio.create_task(stop.wait())
-            await asyncio.wait({server, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            server.cancel()
-            stopping.cancel()
-            try:
-                await server
-            except asyncio.CancelledError:
-                pass  # stopped by a signal
-            except OSError as exc:  # the port is taken
-                raise CliError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc} "
-                               "(pick another with --port, or --port 0 for a free one)") from None
+            await _serve_until(stop, serve_api(client, config, registry, "127.0.0.1", port,
+                                               query_db=query_db, on_listening=announce),
+                               f"127.0.0.1:{port}", " (pick another with --port, or --port 0 for a free one)")
 
 
 @app.command()
@@ -361,18 +362,8 @@ async def _serve_http(
                   f"webhook sources: {sources}", highlight=False)
 
     async with Client(log_url, registry=registry) as client:
-        server = asyncio.create_task(serve_api(client, config, registry, host, port, query_db=query_db,
-                                               on_listening=announce))
-        stopping = asyncio.create_task(stop.wait())
-        await asyncio.wait({server, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        server.cancel()
-        stopping.cancel()
-        try:
-            await server
-        except asyncio.CancelledError:
-            pass  # stopped by a signal
-        except OSError as exc:  # the port is taken, the host is not ours
-            raise CliError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        await _serve_until(stop, serve_api(client, config, registry, host, port, query_db=query_db,
+                                           on_listening=announce), f"{host}:{port}")
 
 
 @app.command()
@@ -452,7 +443,7 @@ def trigger(
             result: dict[str, Any] = {"run_id": handle.run_id, "task_id": t.id}
             if wait:
                 state = await client.wait(handle.run_id, timeout=timeout, from_offset=handle.offset)
-                result.update(status=state.status, output=_payload_json(state.output),
+                result.update(status=state.status, output=payload_json(state.output),
                               error=None if state.error is None else f"{state.error.type}: {state.error.message}")
             return result
 

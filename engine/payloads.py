@@ -91,3 +91,14 @@ def describe_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Payload | No
         return None
     value: Any = list(args) if not kwargs else {"args": list(args), "kwargs": kwargs}
     return Payload(JSON, to_json(value, fallback=repr))
+
+
+def payload_json(p: Payload | None) -> Any:
+    """A payload as JSON for people (CLI, API, dashboard); non-JSON bytes as
+    their content type and size."""
+    if p is None:
+        return None
+    try:
+        return json.loads(p.data)
+    except ValueError:
+        return {"content_type": p.content_type, "bytes": len(p.data)}

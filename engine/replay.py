@@ -37,8 +37,9 @@ from typing import Any
 from stepline.client import Client, _current_client
 from stepline.context import RunContext, Suspend, _current
 from stepline.errors import NonDeterminismError, PayloadValidationError
-from stepline.events import Body, Event, Payload
+from stepline.events import Body, Event
 from stepline.ids import TOKEN
+from stepline.payloads import payload_json
 from stepline.projections.runs import COMPLETED, DONE_STEPS, PartitionRuns, RunState, StepState
 from stepline.task import Registry, Task
 from stepline.topics import Topics
@@ -254,13 +255,6 @@ def _problem(state: RunState, kind: str, message: str, **details: Any) -> Replay
     return ReplayProblem(state.run_id, state.task_id, kind, message, state.status, **details)
 
 
-def _json(p: Payload | None) -> Any:
-    if p is None:
-        return None
-    try:
-        return json.loads(p.data)
-    except ValueError:
-        return {"content_type": p.content_type, "bytes": len(p.data)}
 
 
 def _completed_after(state: RunState, reached: int) -> StepState | None:
@@ -319,7 +313,7 @@ def _judge(task: Task[Any, Any], state: RunState, ctx: _ReplayContext,
         if state.status == COMPLETED:
             return _problem(state, DIVERGENCE, f"the code raised {error} where the history completed "
                             f"the run", position=ctx.reached, error=error,
-                            recorded_output=_json(state.output))
+                            recorded_output=payload_json(state.output))
         return None  # the history ends where the code fails: nothing to contradict
     if later is not None:
         return _problem(state, NON_DETERMINISTIC, f"the code returned before position {later.step}, which "
@@ -327,10 +321,10 @@ def _judge(task: Task[Any, Any], state: RunState, ctx: _ReplayContext,
     if state.status != COMPLETED:
         return None
     try:
-        replayed = _json(task.output_codec.dump(result, f"output of run {state.run_id}"))
+        replayed = payload_json(task.output_codec.dump(result, f"output of run {state.run_id}"))
     except PayloadValidationError as exc:
         return _problem(state, PAYLOAD_INVALID, str(exc), error=f"{type(exc).__name__}: {exc}")
-    recorded = _json(state.output)
+    recorded = payload_json(state.output)
     if replayed != recorded:
         return _problem(state, DIVERGENCE, f"the code returns {json.dumps(replayed)} where the history "
                         f"completed with {json.dumps(recorded)}",
