@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.stamp
 # Extra arguments for pytest, e.g. `make test PYTEST_ARGS='-k sqlite -x'`.
 PYTEST_ARGS ?=
 
-.PHONY: setup quickstart test bench soak clean
+.PHONY: setup quickstart lint test bench soak clean
 
 # setup: create .venv and install stepline editable with test+bench extras (skipped while the stamp is newer than pyproject.toml).
 setup: $(STAMP)
@@ -26,10 +26,15 @@ $(STAMP): pyproject.toml
 quickstart: setup
 	$(PY) examples/process_order.py
 
+# lint: ruff, then mypy --strict on the package as it installs (scripts/typecheck.sh); fails on any finding.
+lint: setup
+	$(PY) -m ruff check engine projections consumers schemas tests examples
+	PY=$(PY) scripts/typecheck.sh
+
 # test: run the test suite; fails on test failures and also when no test is collected (pytest exit code 5).
 # The dashboard's browser tests need Debian's chromium: installed here when missing (a failure
 # under CI=true; elsewhere, without root, those tests skip).
-test: setup
+test: setup lint
 	scripts/browser.sh || test "$${CI:-}" != true
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 

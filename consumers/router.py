@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -152,7 +152,7 @@ class Router:
     def _fan_out(
         self, value: bytes, p: int, offset: int, subscribers: list[tuple[str, Sequence[Subscription]]],
         seen: list[SeenEvent],
-    ) -> list[Any]:
+    ) -> list[Awaitable[object]]:
         ev = codec.decode(value)
         body = ev.body
         if not isinstance(body, DomainEvent):
@@ -164,7 +164,7 @@ class Router:
             log.error("event data is not JSON; skipped", event_id=ev.event_id, error=str(exc))
             return []
         seen.append(SeenEvent(ev.event_id, body.name, ev.time, data, body.data))
-        out = []
+        out: list[Awaitable[object]] = []
         for task_id, subs in subscribers:
             if not any(self._safe_match(s, task_id, body.name, data) for s in subs):
                 continue

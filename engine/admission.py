@@ -22,7 +22,7 @@ import structlog
 from stepline import codec
 from stepline.appender import Appender
 from stepline.errors import SchemaError
-from stepline.events import Body, Event, PartitionClaimed, SlotGranted, SlotRequested
+from stepline.events import Body, Event, PartitionClaimed, SlotGranted, SlotReleased, SlotRequested
 from stepline.ids import new_event_id
 from stepline.log.base import Assignment, Log, Membership, partition_for
 from stepline.projections.queues import QueuePartition, QueueState, Waiter
@@ -75,10 +75,12 @@ class Admission:
     def request(self, run_id: str, task_id: str, body: SlotRequested) -> asyncio.Future[int]:
         return self._append(run_id, task_id, body, 0)
 
-    def release(self, run_id: str, task_id: str, body: Body) -> asyncio.Future[int]:
+    def release(self, run_id: str, task_id: str, body: SlotReleased) -> asyncio.Future[int]:
         return self._append(run_id, task_id, body, 0)
 
-    def _append(self, run_id: str, task_id: str, body: Body, epoch: int) -> asyncio.Future[int]:
+    def _append(
+        self, run_id: str, task_id: str, body: SlotRequested | SlotGranted | SlotReleased, epoch: int
+    ) -> asyncio.Future[int]:
         queue: str = body.queue
         key = queue.encode()
         ev = Event(new_event_id(), body.TYPE, run_id, task_id, 0, self._clock(), epoch, body)

@@ -315,7 +315,7 @@ class Client:
         data = (t.payload_codec if t and validate else ANY).check_and_dump(payload, where)
         now = self.clock()
         debounce = getattr(t, "debounce", None) if t is not None else None
-        if debounce is not None and idempotency_key is None:
+        if t is not None and debounce is not None and idempotency_key is None:
             return await self._debounced(t, debounce, payload, data, now, priority=priority, tags=tags,
                                          concurrency_key=concurrency_key, ttl=ttl)
         if idempotency_key and idempotency_key_ttl is not None:

@@ -48,7 +48,7 @@ import linecache
 import types
 from collections.abc import Callable, Iterable
 from io import BytesIO
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, NamedTuple, NoReturn, cast
 
 from fastavro import parse_schema, schemaless_reader
 from fastavro.schema import fingerprint as _avro_fingerprint
@@ -195,7 +195,7 @@ def _branch_table(readers: tuple[Reader, ...]) -> list[Reader]:
     def bad(data: bytes, pos: int) -> tuple[Any, int]:
         raise ValueError(f"union branch {_UNZIG[data[pos - 1]]} out of range at offset {pos}")
 
-    table = [bad] * 256
+    table: list[Reader] = [bad] * 256
     table[0x80:] = [general] * 128
     for index, read in enumerate(readers[:64]):
         table[index << 1] = read
@@ -572,7 +572,7 @@ class _Generator:
         split = None
         if isinstance(root, _Record):
             split = next(((n, t) for n, t in root.fields if isinstance(t, _Union)), None)
-        if split is not None:
+        if split is not None and isinstance(root, _Record):
             split_name, union = split
             entries = []
             for index, branch in enumerate(union.branches):
@@ -768,8 +768,10 @@ class Codec:
         if history is None:
             history = schemas.history_schemas().values()
         try:
-            self._schema = parse_schema(schema)
-            olders = [parse_schema(h) for h in history]
+            # fastavro types the result as any schema (str | list | dict);
+            # a record schema parses to a record, a dict.
+            self._schema = cast(dict[str, Any], parse_schema(schema))
+            olders = [cast(dict[str, Any], parse_schema(h)) for h in history]
         except Exception as exc:  # fastavro.schema.SchemaParseException and friends
             raise SchemaError(f"an event schema does not parse: {exc}") from exc
         self.fingerprint = schema_fingerprint(self._schema)

@@ -32,6 +32,12 @@ def _secs(value: Seconds) -> float:
     return value.total_seconds() if isinstance(value, timedelta) else float(value)
 
 
+class _Random(Protocol):
+    """What jitter needs: a `random.Random`, or the `random` module itself."""
+
+    def random(self) -> float: ...
+
+
 class DelayFunction(Protocol):
     def __call__(self, attempt: int, error: BaseException) -> Seconds | None: ...
 
@@ -172,7 +178,7 @@ class Retry:
         return policy._own_delay(attempt, error, rng or random)
 
     def _own_delay(
-        self, attempt: int, error: BaseException, rng: random.Random | random.Random
+        self, attempt: int, error: BaseException, rng: _Random
     ) -> float | None:
         if attempt >= self.max_attempts:
             return None

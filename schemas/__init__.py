@@ -30,7 +30,8 @@ Schema = dict[str, Any]
 
 def load(name: str) -> Schema:
     """One record schema as written in `<name>.avsc`, named records not inlined."""
-    return json.loads((SCHEMA_DIR / f"{name}.avsc").read_text(encoding="utf-8"))
+    schema: Schema = json.loads((SCHEMA_DIR / f"{name}.avsc").read_text(encoding="utf-8"))
+    return schema
 
 
 def _records() -> dict[str, Schema]:
