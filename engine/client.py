@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import os
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from stepline.errors import (
     InvalidRunState,
     InvalidToken,
     NoClient,
+    PayloadTooLarge,
     RunFailedError,
     UnknownRun,
 )
@@ -67,6 +69,8 @@ Progress = Callable[[int, int], None]
 _current_client: contextvars.ContextVar[Client | None] = contextvars.ContextVar(
     "stepline_client", default=None
 )
+
+DEFAULT_MAX_PAYLOAD_BYTES = 512 * 1024
 
 _TERMINAL_TYPES = frozenset({b"RunCompleted", b"RunFailed", b"RunCancelled", b"RunExpired"})
 
@@ -216,6 +220,7 @@ class Client:
         log: Log | None = None,
         registry: Registry | None = None,
         topics: Topics | None = None,
+        max_payload_bytes: int | None = None,
     ) -> None:
         if (url is None) == (log is None):
             raise ValueError("Client needs exactly one of url= or log=")
@@ -229,6 +234,11 @@ class Client:
         self._watchers: dict[int, _Watcher] = {}
         self._token: contextvars.Token[Client | None] | None = None
         self.clock = now_ms
+        # Payloads and event data larger than this are refused before anything
+        # is appended (a log record is not a blob store; Kafka's default
+        # message limit is 1 MiB for the whole batch).
+        self.max_payload_bytes = max_payload_bytes if max_payload_bytes is not None else int(
+            os.environ.get("STEPLINE_MAX_PAYLOAD_BYTES", DEFAULT_MAX_PAYLOAD_BYTES))
 
     async def __aenter__(self) -> Client:
         await self.start()
@@ -264,6 +274,13 @@ class Client:
             await self._appender.drain()
         if self._owns_log:
             await self.log.close()
+
+    def _check_size(self, payload: Payload, where: str) -> None:
+        if len(payload.data) > self.max_payload_bytes:
+            raise PayloadTooLarge(
+                f"{where} is {len(payload.data):,} bytes, over the {self.max_payload_bytes:,}-byte limit "
+                f"(STEPLINE_MAX_PAYLOAD_BYTES): store large data elsewhere and pass a reference"
+            )
 
     def partition_of(self, run_id: str) -> int:
         return partition_for(run_id.encode(), self._nparts)
@@ -313,6 +330,7 @@ class Client:
         task_id, t = self._task(task)
         where = f"payload for task {task_id!r}"
         data = (t.payload_codec if t and validate else ANY).check_and_dump(payload, where)
+        self._check_size(data, where)
         now = self.clock()
         debounce = getattr(t, "debounce", None) if t is not None else None
         if t is not None and debounce is not None and idempotency_key is None:
@@ -405,6 +423,7 @@ class Client:
         """
         check_event_name(name)
         payload = ANY.dump(data, f"data of event {name!r}")
+        self._check_size(payload, f"data of event {name!r}")
         event_id = new_event_id()
         body = DomainEvent(name, payload, key, source)
         ev = Event(event_id, body.TYPE, "", "", 0, self.clock(), 0, body)

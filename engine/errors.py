@@ -231,3 +231,7 @@ def _death(returncode: int | None) -> str:
             name = f"signal {-returncode}"
         return f"killed by {name}"
     return f"exit code {returncode}"
+
+
+class PayloadTooLarge(SteplineError, ValueError):
+    """A payload or event data over the client's size limit; nothing was appended."""

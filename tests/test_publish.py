@@ -67,3 +67,25 @@ def test_stepline_publish_prints_the_event_id_and_refuses_bad_json(tmp_path: Pat
     assert bad.returncode == 1 and "--data is not valid JSON" in bad.stderr
     spaced = cli("publish", "user created", "--data", "{}")
     assert spaced.returncode == 1 and "event name" in spaced.stderr
+
+
+async def test_oversized_payloads_and_event_data_are_refused_and_nothing_appended(engine_factory):
+    reg = sl.Registry()
+
+    @sl.task(id="echo", registry=reg)
+    async def echo(p: dict) -> dict:
+        return p
+
+    e = await engine_factory(reg)
+    big = {"blob": "x" * (600 * 1024)}  # over the 512 KiB default
+    runs_before = len(await e.client.list_runs())
+    with pytest.raises(sl.PayloadTooLarge, match="over the 524,288-byte limit"):
+        await e.client.trigger("echo", big)
+    with pytest.raises(sl.PayloadTooLarge, match="data of event 'user.created'"):
+        await e.client.publish("user.created", big)
+    assert len(await e.client.list_runs()) == runs_before
+    assert await events_on_topic(e.client) == []
+    # The limit is the client's to set.
+    async with sl.Client(e.url, topics=e.topics, max_payload_bytes=1024 * 1024) as roomy:
+        handle = await roomy.trigger("echo", big)
+        assert handle.run_id
