@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.stamp
 # Extra arguments for pytest, e.g. `make test PYTEST_ARGS='-k sqlite -x'`.
 PYTEST_ARGS ?=
 
-.PHONY: setup quickstart lint test bench soak clean
+.PHONY: setup quickstart lint test bench bench-peers soak clean
 
 # setup: create .venv and install stepline editable with test+bench extras (skipped while the stamp is newer than pyproject.toml).
 setup: $(STAMP)
@@ -41,6 +41,11 @@ test: setup lint
 # bench: run the benchmarks.
 bench: setup
 	$(PY) bench/run.py
+
+# bench-peers: Stepline beside DBOS (SQLite, PostgreSQL) and Celery+Redis, installed by bench/peers/setup.sh (needs root for apt).
+bench-peers: setup
+	bash bench/peers/setup.sh
+	$(PY) bench/peers/run_peers.py
 
 # soak: SIGKILL workers under load for 5 minutes (not part of `test`); e.g. SOAK_ARGS='--log kafka --duration 60'.
 soak: setup
