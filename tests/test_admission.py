@@ -145,11 +145,13 @@ async def test_a_suspended_run_gives_its_slot_back(engine_factory):
 
 async def test_a_cancelled_waiting_run_leaves_the_queue(engine_factory):
     gauge = Gauge()
-    e = await engine_factory(limited_app(gauge, sl.Queue("serial", concurrency_limit=1), hold=0.3))
+    e = await engine_factory(limited_app(gauge, sl.Queue("serial", concurrency_limit=1), hold=1.0))
     first = await e.client.trigger("limited", {"n": 1})
+    # Holding the one slot before the others ask: which of several runs
+    # asking at once is admitted first depends on when each request lands.
+    await eventually(lambda: gauge.started == [1], timeout=20, what="the first run to start")
     waiting = await e.client.trigger("limited", {"n": 2})
     third = await e.client.trigger("limited", {"n": 3})
-    await eventually(lambda: gauge.started == [1], timeout=20, what="the first run to start")
     await e.client.cancel(waiting.run_id)
     assert await third.result(timeout=20) == 3
     assert await first.result(timeout=20) == 1
