@@ -79,11 +79,12 @@ class Admission:
         return self._append(run_id, task_id, body, 0)
 
     def _append(
-        self, run_id: str, task_id: str, body: SlotRequested | SlotGranted | SlotReleased, epoch: int
+        self, run_id: str, task_id: str, body: SlotRequested | SlotGranted | SlotReleased, epoch: int,
+        at: int | None = None,
     ) -> asyncio.Future[int]:
         queue: str = body.queue
         key = queue.encode()
-        ev = Event(new_event_id(), body.TYPE, run_id, task_id, 0, self._clock(), epoch, body)
+        ev = Event(new_event_id(), body.TYPE, run_id, task_id, 0, self._clock() if at is None else at, epoch, body)
         return self._appender.submit(ev, key, self.partition_of(queue))
 
     def partition_of(self, queue: str) -> int:
@@ -162,7 +163,10 @@ class Admission:
         picked, retry_at = q.next_grants(now)
         if picked:
             epoch = part.epoch
-            decisions = [self._append(w.run_id, w.task_id, SlotGranted(q.name, w.key), epoch) for w in picked]
+            # Stamped with the decision's time: the rate limit was judged at
+            # `now`, and the next owner rebuilds it from these stamps.
+            decisions = [self._append(w.run_id, w.task_id, SlotGranted(q.name, w.key), epoch, now)
+                         for w in picked]
             await asyncio.gather(*decisions)
             for w in picked:
                 # Folded now, not when read back, so the next decision counts
