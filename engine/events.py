@@ -321,3 +321,8 @@ class Event:
     body: Body
     traceparent: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+
+
+# The typed reader of these events (`stepline.events.consume`), imported last
+# because it decodes with the codec, which is built on the classes above.
+from stepline.consume import Delivery, EventStream, consume  # noqa: E402
