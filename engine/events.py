@@ -325,4 +325,8 @@ class Event:
 
 # The typed reader of these events (`stepline.events.consume`), imported last
 # because it decodes with the codec, which is built on the classes above.
-from stepline.consume import Delivery, EventStream, consume  # noqa: E402
+import stepline.consume as _consume  # noqa: E402
+
+consume = _consume.consume
+Delivery = _consume.Delivery
+EventStream = _consume.EventStream

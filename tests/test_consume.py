@@ -11,11 +11,19 @@ import pytest
 
 import stepline as sl
 from stepline import codec
-from stepline.events import (
-    JSON, DomainEvent, Event, PartitionClaimed, Payload, RunCompleted, RunStarted, RunTriggered,
-    StepCompleted, consume,
-)
 from stepline.errors import UnknownTopic
+from stepline.events import (
+    JSON,
+    DomainEvent,
+    Event,
+    PartitionClaimed,
+    Payload,
+    RunCompleted,
+    RunStarted,
+    RunTriggered,
+    StepCompleted,
+    consume,
+)
 from stepline.ids import new_event_id
 from tests.test_examples_ecosystem import lines_after, run_example
 
