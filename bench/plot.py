@@ -6,6 +6,8 @@ Writes, from the JSON lines alone:
   peers-throughput.png     three-step runs/s at 1 / 16 / 256 in flight, per system
   peers-ms-per-step.png    ms per step (slope of the one-at-a-time p50s), per system
   peers-start-latency.png  trigger-to-start p50 / p99 / p99.9 at 10 / 100 / 1000 per second
+  stepline-scale.png       (d) kill -9 recovery, (e) replay, (f) fan-out, (g) sleeping runs,
+                           for a bench/run.py results file that has them (--only ...)
 Bars are medians over repetitions, whiskers min–max; log scales, since the
 systems differ by orders of magnitude. matplotlib lives in .bench-venv
 (bench/peers/setup.sh), not in the project's .venv.
@@ -32,6 +34,7 @@ COLORS = {
     "stepline-sqlite FULL (fsync)": "#1f5fa8", "stepline-sqlite NORMAL (no fsync)": "#6fa8dc",
     "stepline-kafka": "#0b3d6b", "dbos-sqlite": "#d9822b", "dbos-postgres": "#a0522d",
     "celery-redis (AOF everysec)": "#3a9a4a", "celery-redis (AOF always)": "#8cc68f",
+    "temporal-devserver-sqlite": "#7b4fa0", "restate": "#c0392b",
 }
 
 
@@ -155,6 +158,72 @@ def start_latency(rows: list[dict[str, Any]], out: Path, title: str) -> Path:
     return _save(fig, out / "peers-start-latency.png")
 
 
+SCALE_WORKLOADS = ("d_recovery", "e_replay", "f_subscriptions", "g_sleeping")
+
+
+def scale(rows: list[dict[str, Any]], out: Path, title: str) -> Path:
+    """Workloads d-g of bench/run.py, per system, against the issue's aims (dashed)."""
+    systems = sorted({r["system"] for r in rows if r["workload"] in SCALE_WORKLOADS})
+
+    def stat(workload: str, system: str, metric: str, **params: Any) -> tuple[float, float, float] | None:
+        rs = [r for r in rows if r["workload"] == workload and r["system"] == system
+              and all(r["params"].get(k) == v for k, v in params.items())]
+        return _stat(report.values(rs, metric))
+
+    def bars(ax: Any, labels: list[str], metrics: list[str], workload: str, fmt: str) -> None:
+        _bars(ax, labels, [(s, [stat(workload, s, m) for m in metrics]) for s in systems], fmt)
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.grid(axis="y", which="both", alpha=0.3)
+        ax.legend(fontsize=6, loc="upper left")
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    (d_ax, e_ax, g_ax), (f1_ax, f2_ax, l_ax) = axes
+    bars(d_ax, ["first step\nresumed", "all resumed", "all done", "app imported"],
+         ["restart_to_first_resumed_s", "restart_to_all_resumed_s", "restart_to_all_done_s",
+          "restart_to_app_loaded_s"], "d_recovery", "{:.2f}")
+    d_ax.axhline(1.0, ls="--", color="grey", lw=0.8)
+    d_ax.set_ylabel("s after the worker process was restarted (log)")
+    d_ax.set_title("(d) kill -9 in step 2, restart: 1,000 runs (aim: all resumed ≤ 1 s)", fontsize=9)
+    bars(e_ax, ["rebuild\n(read+decode+fold)", "read + decode", "read only"],
+         ["events_per_s", "decode_events_per_s", "read_events_per_s"], "e_replay", "{:,.0f}")
+    e_ax.axhline(300_000, ls="--", color="grey", lw=0.8)
+    e_ax.set_ylabel("events/s (log)")
+    e_ax.set_title("(e) worker projection rebuilt from 1,000,000 events (aim ≥ 300,000/s)", fontsize=9)
+    bars(g_ax, ["RSS bytes per\nsleeping run"], ["bytes_per_sleeping_run"], "g_sleeping", "{:,.0f}")
+    g_ax.axhline(1024, ls="--", color="grey", lw=0.8)
+    g_ax.set_title("(g) memory per sleeping run, 10,000 runs (aim < 1 KiB)", fontsize=9)
+    bars(l_ax, ["p50", "p99"], ["lateness_p50_ms", "lateness_p99_ms"], "g_sleeping", "{:,.0f}")
+    l_ax.axhline(50, ls="--", color="grey", lw=0.8)
+    l_ax.set_ylabel("ms after the scheduled wake (log)")
+    l_ax.set_title("(g) timer lateness, 10,000 wakes spread over 20 s (aim p99 < 50 ms)", fontsize=9)
+    subs = sorted({r["params"]["subscriptions"] for r in rows if r["workload"] == "f_subscriptions"})
+    for s in systems:
+        for ax, metrics in ((f1_ax, [("deliveries_per_s", "-")]),
+                            (f2_ax, [("publish_to_start_p50_ms", "-"), ("publish_to_start_p99_ms", ":")])):
+            for metric, ls in metrics:
+                pts = [(n, stat("f_subscriptions", s, metric, subscriptions=n)) for n in subs]
+                pts = [(n, st) for n, st in pts if st]
+                if pts:
+                    ax.errorbar([n for n, _ in pts], [st[0] for _, st in pts],
+                                yerr=[[st[1] for _, st in pts], [st[2] for _, st in pts]], ls=ls,
+                                marker="o", ms=3, capsize=2, color=COLORS.get(s),
+                                label=f"{s} {metric.replace('publish_to_start_', '')}")
+    for ax in (f1_ax, f2_ax):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(subs)
+        ax.set_xticklabels([str(n) for n in subs])
+        ax.set_xlabel("subscriptions (half of them match)")
+        ax.grid(which="both", alpha=0.3)
+        ax.legend(fontsize=6)
+    f1_ax.set_ylabel("deliveries (task starts) per second, burst")
+    f1_ax.set_title("(f) fan-out throughput", fontsize=9)
+    f2_ax.set_ylabel("publish -> task start, ms, one event at a time")
+    f2_ax.set_title("(f) fan-out latency", fontsize=9)
+    fig.suptitle(title, fontsize=8)
+    return _save(fig, out / "stepline-scale.png")
+
+
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=130)
@@ -177,8 +246,11 @@ def main() -> int:
     env = rows[0].get("env", {})
     title = (f"{Path(args.results).name}: {reps} rep(s), median, whiskers min–max; "
              f"{env.get('cpus', '?')} cores, git {env.get('git', '?')}")
-    for fn in (throughput, per_step, start_latency):
-        print(f"wrote {fn(rows, out, title)}", file=sys.stderr)
+    if any(r["workload"] in SCALE_WORKLOADS for r in rows):
+        print(f"wrote {scale(rows, out, title)}", file=sys.stderr)
+    if any(r["workload"] == "a_throughput" for r in rows) and any(r["workload"] == "c_start_latency" for r in rows):
+        for fn in (throughput, per_step, start_latency):
+            print(f"wrote {fn(rows, out, title)}", file=sys.stderr)
     return 0
 
 

@@ -27,6 +27,22 @@ commit, the default) and again on `?synchronous=normal` (no fsync)):
   query_list     GET /v1/runs p50/p99 at N runs (first, filtered, tag, deep, text pages)
                  (bench/query.py; N = 100k, 10k with --quick; --no-query leaves them out)
 
+Process-level and scale workloads, each on sqlite FULL and on Kafka when a
+broker is had (--no-procs leaves them out; --only NAME[,NAME] runs just
+those of them and nothing else):
+  a_split          (a) with the worker in its own process pinned to CPU 0 and the
+                   driver pinned to CPU 1; CPU s per 1,000 runs of worker, driver
+                   and broker (bench/workloads_procs.py)
+  d_recovery       1,000 runs blocked in step 2, kill -9 of the worker, restart:
+                   time to the first / all resumed, all done; completed steps
+                   re-executed and runs lost (both must be 0)
+  e_replay         the worker's run projection rebuilt from 1,000,000 events:
+                   events/s, peak RSS (bench/workloads_replay.py)
+  f_subscriptions  one event to 1 / 10 / 100 filtered subscriptions, half matching:
+                   deliveries/s, publish-to-start p50/p99 (bench/workloads_subs.py)
+  g_sleeping       10,000 sleeping runs in a fresh worker process: RSS bytes per
+                   run, and timer lateness p50/p99 when they wake
+
 With --kafka (the default; --no-kafka turns it off) the same run also
 measures Stepline on a real Kafka broker and that broker's raw limit with
 plain aiokafka (bench/kafka_bench.py: systems "stepline-kafka" and
@@ -69,6 +85,9 @@ import kafka_bench  # noqa: E402
 import physical  # noqa: E402
 import query  # noqa: E402
 import workloads  # noqa: E402
+import workloads_procs  # noqa: E402
+import workloads_replay  # noqa: E402
+import workloads_subs  # noqa: E402
 
 MODES = {
     "full": "stepline-sqlite FULL (fsync)",
@@ -201,6 +220,25 @@ def one_rep(rec: Recorder, rep: int, sz: dict[str, Any], tmp_root: str | None, t
                     workloads.log_url(d, m), 100, 256, sz["amort_runs"], sz["amort_warmup"]), timeout))
 
 
+PROC_WORKLOADS = ("a_split", "d_recovery", "e_replay", "f_subscriptions", "g_sleeping")
+
+
+def run_procs(rec: Recorder, rep: int, quick: bool, tmp_root: str | None, timeout: float,
+              bootstrap: str | None, only: set[str] | None, sqlite: bool = True) -> None:
+    """The process-level and scale workloads (a_split, d..g), sqlite and Kafka."""
+    want = only if only is not None else set(PROC_WORKLOADS)
+    procs = want & {"a_split", "d_recovery", "g_sleeping"}
+    if procs:
+        workloads_procs.one_rep(rec, rep, workloads_procs.sizes(quick), tmp_root, timeout, _run_async,
+                                bootstrap, procs, sqlite=sqlite)
+    if "e_replay" in want:
+        workloads_replay.one_rep(rec, rep, workloads_replay.sizes(quick), tmp_root, timeout, _run_async,
+                                 bootstrap, sqlite=sqlite)
+    if "f_subscriptions" in want:
+        workloads_subs.one_rep(rec, rep, workloads_subs.sizes(quick), tmp_root, timeout, _run_async,
+                               bootstrap, sqlite=sqlite)
+
+
 # --- summary -------------------------------------------------------------
 
 # (workload, metric, label, format) shown in the summary.
@@ -226,6 +264,9 @@ HEADLINES: dict[str, list[tuple[str, str, str]]] = {
     **admission.HEADLINES,
     **query.HEADLINES,
     **kafka_bench.HEADLINES,
+    **workloads_procs.HEADLINES,
+    **workloads_replay.HEADLINES,
+    **workloads_subs.HEADLINES,
 }
 
 
@@ -290,7 +331,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="also measure queue admission overhead (bench/admission.py; default on)")
     ap.add_argument("--query", action=argparse.BooleanOptionalAction, default=True,
                     help="also measure the query projection and runs list (bench/query.py; default on)")
+    ap.add_argument("--procs", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run a_split, d_recovery, e_replay, f_subscriptions, g_sleeping (default on)")
+    ap.add_argument("--only", default=None,
+                    help=f"comma-separated, of {', '.join(PROC_WORKLOADS)}: run just these, nothing else")
     args = ap.parse_args(argv)
+    only = set(args.only.split(",")) if args.only else None
+    if only is not None and not only <= set(PROC_WORKLOADS):
+        ap.error(f"--only: unknown workload(s) {sorted(only - set(PROC_WORKLOADS))}; "
+                 f"choose from {', '.join(PROC_WORKLOADS)}")
     reps = args.reps if args.reps is not None else (1 if args.quick else 3)
     sz = sizes(args.quick)
     timeout = args.timeout or (45.0 if args.quick else 300.0)
@@ -314,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
     ksz = kafka_bench.sizes(args.quick)
     for rep in range(1, reps + 1):
+        if only is not None:
+            run_procs(rec, rep, args.quick, args.tmpdir, timeout, bootstrap, only)
+            continue
         if not args.kafka_only:
             one_rep(rec, rep, sz, args.tmpdir, timeout)
             if args.fanout:
@@ -325,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
                 query.one_rep(rec, rep, query.sizes(args.quick), args.tmpdir, timeout, _run_async)
         if bootstrap is not None:
             kafka_bench.one_rep(rec, rep, ksz, bootstrap, timeout, _run_async)
+        if args.procs:
+            run_procs(rec, rep, args.quick, args.tmpdir, timeout, bootstrap, None, sqlite=not args.kafka_only)
     print_summary(rec.rows, path)
     failed = [r for r in rec.rows if not r["ok"]]
     print(f"{len(rec.rows)} results in {time.perf_counter() - t0:.0f} s; "

@@ -29,6 +29,17 @@ ENGINE_WORKLOADS = {"a_throughput", "b_latency", "b_slope", "b_amortised"}
 MODES = ("FULL (fsync)", "NORMAL (no fsync)")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
+# The process-level and scale workloads (bench/workloads_procs.py, _replay.py,
+# _subs.py), each on sqlite FULL and, with a broker, on Kafka: (workload, params).
+PROC_EXPECTED = [
+    ("a_split", {"in_flight": 256, "steps": 3, "processes": "worker+driver"}),
+    ("d_recovery", {"runs": 100, "blocked_in": "step 2", "signal": "SIGKILL"}),
+    ("e_replay", {"events": 20000, "projection": "worker runs (PartitionRuns)"}),
+    *[("f_subscriptions", {"subscriptions": n, "matching": max(1, n // 2)}) for n in (1, 10, 100)],
+    ("g_sleeping", {"runs": 300, "wake_spread_s": 0.5}),
+]
+PROC_SYSTEMS = {"sqlite": "stepline-sqlite FULL (fsync)", "kafka": "stepline-kafka"}
+
 # The Kafka part (bench/kafka_bench.py): (system, workload, params).
 KAFKA_EXPECTED = [
     ("aiokafka-raw", "k_raw_produce", {"partitions": 6, "in_flight": 256, "bytes": 150}),
@@ -54,7 +65,7 @@ def test_bench_quick(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out", str(tmp_path),
          "--tmpdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=180, cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
     )
     assert proc.returncode == 0, f"bench failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     files = list(tmp_path.glob("*.jsonl"))
@@ -70,11 +81,25 @@ def test_bench_quick(tmp_path: Path, request: pytest.FixtureRequest) -> None:
                     assert any(mode in r["system"] for r in hits), (workload, params, mode)
             else:
                 assert hits, (workload, params)
+    for workload, params in PROC_EXPECTED:
+        assert any(r["system"] == PROC_SYSTEMS["sqlite"] and r["workload"] == workload
+                   and r["params"] == params for r in rows), (workload, params)
     for r in rows:
         m = r["metrics"]
         if r["workload"] in ("a_throughput", "b_latency", "b_amortised", "k_throughput", "k_latency",
-                             "k_workers"):
+                             "k_workers", "a_split", "d_recovery", "e_replay", "f_subscriptions",
+                             "g_sleeping"):
             assert m["completed"] == m["runs"] > 0, r
+        if r["workload"] in ("d_recovery", "g_sleeping"):
+            assert m["runs_lost"] == 0, r
+        if r["workload"] == "d_recovery":
+            # kill -9 inside step two: step one never again, step two once more, step three once.
+            assert m["reexecuted_completed_steps"] == 0, r
+            assert m["step_executions"] == {"one": m["runs"], "two": 2 * m["runs"], "three": m["runs"]}, r
+        if r["workload"] == "e_replay":
+            assert m["events"] >= 20000 and m["runs"] * 9 == m["events"], r
+        if r["workload"] == "f_subscriptions":
+            assert m["latency_samples"] > 0 and m["deliveries"] > 0, r
         if r["workload"] == "k_raw_produce":
             assert m["completed"] == m["consumed"] == m["records"] > 0, r
         assert r["rep"] == 1
@@ -89,3 +114,6 @@ def test_bench_quick(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     for system, workload, params in KAFKA_EXPECTED:
         assert any(r["system"] == system and r["workload"] == workload and r["params"] == params
                    for r in rows), (system, workload, params)
+    for workload, params in PROC_EXPECTED:
+        assert any(r["system"] == PROC_SYSTEMS["kafka"] and r["workload"] == workload
+                   and r["params"] == params for r in rows), (workload, params)
