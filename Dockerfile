@@ -15,7 +15,8 @@ COPY engine/ engine/
 COPY schemas/ schemas/
 COPY projections/ projections/
 COPY consumers/ consumers/
-RUN pip install . && useradd --create-home stepline
+# [otlp]: the OTLP exporter, so OTEL_EXPORTER_OTLP_ENDPOINT (compose.yaml) exports traces and metrics.
+RUN pip install ".[otlp]" && useradd --create-home stepline
 
 COPY examples/ examples/
 

@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.stamp
 # Extra arguments for pytest, e.g. `make test PYTEST_ARGS='-k sqlite -x'`.
 PYTEST_ARGS ?=
 
-.PHONY: setup quickstart lint test bench bench-peers soak clean
+.PHONY: setup quickstart lint apidoc test bench bench-peers soak clean
 
 # setup: create .venv and install stepline editable with test+bench extras (skipped while the stamp is newer than pyproject.toml).
 setup: $(STAMP)
@@ -30,6 +30,11 @@ quickstart: setup
 lint: setup
 	$(PY) -m ruff check engine projections consumers schemas tests examples
 	PY=$(PY) scripts/typecheck.sh
+
+# apidoc: write docs/api/ (signatures and docstrings of the public API) and the settings table of
+# docs/configuration.md from the code; tests/test_apidoc.py fails while they are stale.
+apidoc: setup
+	$(PY) scripts/apidoc.py
 
 # test: run the test suite; fails on test failures and also when no test is collected (pytest exit code 5).
 # The dashboard's browser tests need Debian's chromium: installed here when missing (a failure

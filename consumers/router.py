@@ -24,6 +24,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -31,7 +32,7 @@ import structlog
 from stepline import codec
 from stepline.consumers.patterns import Matcher, compile_name, compile_where
 from stepline.consumers.waits import SeenEvent, WaitEntry, WaitsTable, unregister
-from stepline.errors import SchemaError
+from stepline.errors import SchemaError, TaskDefinitionError
 from stepline.events import DomainEvent
 from stepline.log.base import Assignment
 from stepline.quarantine import quarantine
@@ -49,15 +50,21 @@ class Subscription:
 
     `event` may use `*` segments (`user.*`); `where` is a pattern (see
     `stepline.consumers.patterns`) or a callable `(data) -> bool`. Both are
-    checked here, at definition.
+    checked here, at definition. `since=timedelta(days=30)` makes it
+    retroactive: the first worker started with it also starts the task for
+    the matching events of that past window (`stepline.backfill`), once.
     """
 
     event: str
     where: Any = None
+    since: timedelta | None = None
     _name: Any = field(init=False, repr=False, compare=False)
     _data: Matcher = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.since is not None and (not isinstance(self.since, timedelta) or self.since <= timedelta(0)):
+            raise TaskDefinitionError(
+                f"Subscription({self.event!r}, since={self.since!r}): since must be a positive timedelta")
         object.__setattr__(self, "_name", compile_name(self.event))
         object.__setattr__(self, "_data", compile_where(self.where))
 
@@ -86,6 +93,7 @@ class Router:
         self._read_batch = read_batch
         self._readers: dict[int, asyncio.Task[None]] = {}
         self._membership: Any = None
+        self._retro: asyncio.Task[None] | None = None
         self.routed = 0
         self.triggered = 0
         self.waits = WaitsTable(client.log, client.topics.waits, self._resolve_wait)
@@ -100,8 +108,22 @@ class Router:
         self._membership = await self.client.log.join_group(
             self.group, self.topic, self._on_assign, self._on_revoke
         )
+        if any(s.since is not None for _, subs in self.subscribers() for s in subs):
+            self._retro = asyncio.create_task(self._backfill_retroactive(), name="stepline-backfill")
+
+    async def _backfill_retroactive(self) -> None:
+        from stepline.backfill import backfill_new_subscriptions
+
+        try:
+            await backfill_new_subscriptions(self.client, [t for t in self.registry if t.subscriptions])
+        except Exception as exc:  # the next worker start tries again; routing goes on meanwhile
+            log.error("retroactive subscription backfill failed", error=f"{type(exc).__name__}: {exc}")
 
     async def close(self) -> None:
+        if self._retro is not None:
+            self._retro.cancel()
+            await asyncio.gather(self._retro, return_exceptions=True)
+            self._retro = None
         if self._membership is not None:
             await self._membership.leave()
             self._membership = None
@@ -169,6 +191,8 @@ class Router:
             if not any(self._safe_match(s, task_id, body.name, data) for s in subs):
                 continue
             self.triggered += 1
+            # A backfill (stepline.backfill.fanout_trigger) triggers exactly
+            # like this, so the two never start an event's run twice.
             out.append(self.client.trigger(
                 task_id, data, idempotency_key=fanout_key(ev.event_id), validate=False,
                 tags=(f"event:{body.name}",),

@@ -46,6 +46,10 @@ class WaitEntry:
     match: Mapping[str, Any] | None  # declarative data pattern, see consumers.patterns
     since: int  # ms: events at or after this time can resolve the wait
     deadline: int | None = None
+    # ms the wait looks back before it was reached (`since` already includes
+    # it). Not stored on the waits topic: only the registering worker uses
+    # it, to search the events topic once (consumers/lookback.py).
+    lookback: int = 0
 
     @property
     def key(self) -> str:

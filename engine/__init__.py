@@ -9,16 +9,20 @@ Everything a user needs is importable from here; the modules behind it are
 implementation and may move.
 """
 
+from stepline.backfill import BackfillReport, backfill
 from stepline.client import Client, RunHandle, publish
 from stepline.consumers.router import Subscription
-from stepline.context import idempotency_key, sleep, step
+from stepline.context import idempotency_key, patched, sleep, step
 from stepline.debounce import Debounce
+from stepline.emit import emit
 from stepline.errors import (
     ChildProcessDied,
     ChildRunFailed,
+    EmitUnsupported,
     FatalError,
     InvalidRunState,
     InvalidToken,
+    KeyStoreError,
     LogError,
     LogUnavailable,
     MaxDurationExceeded,
@@ -31,6 +35,7 @@ from stepline.errors import (
     RunFailedError,
     SchemaError,
     SteplineError,
+    SubjectErased,
     TaskDefinitionError,
     UnknownRun,
     UnknownTask,
@@ -40,7 +45,9 @@ from stepline.logs import configure_logging, logger
 from stepline.projections.runs import RunState, StepState
 from stepline.retry import Retry, Rule, http_status
 from stepline.schedule import Cron, Every, ScheduleTick
+from stepline.sensitive import Sensitive
 from stepline.task import Queue, RateLimit, Registry, Task, default_registry, load_app, task
+from stepline.wait_any import AnyResult, ChildRun, EventWait, Timer, wait_for_any
 from stepline.waits import WaitToken, create_token, wait_for_event, wait_for_token
 from stepline.worker import Worker
 
@@ -52,15 +59,23 @@ __all__ = [
     "step",
     "sleep",
     "idempotency_key",
+    "patched",
+    "emit",
     "logger",
     "wait_for_event",
     "wait_for_token",
+    "wait_for_any",
+    "EventWait",
+    "Timer",
+    "ChildRun",
+    "AnyResult",
     "create_token",
     "WaitToken",
     "Task",
     "Queue",
     "RateLimit",
     "Debounce",
+    "Sensitive",
     "Subscription",
     "Cron",
     "Every",
@@ -74,6 +89,8 @@ __all__ = [
     # triggering and inspecting runs
     "Client",
     "publish",
+    "backfill",
+    "BackfillReport",
     "RunHandle",
     "RunState",
     "StepState",
@@ -98,6 +115,9 @@ __all__ = [
     "ChildRunFailed",
     "MaxDurationExceeded",
     "ChildProcessDied",
+    "SubjectErased",
+    "EmitUnsupported",
+    "KeyStoreError",
     "NoClient",
     "NotInRunContext",
     "LogError",

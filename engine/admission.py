@@ -3,9 +3,10 @@
 Every worker joins the `<ns>.queues` group; the owner of a queues partition
 folds it (projections/queues.py) and, whenever a queue has room and
 waiters, appends SlotGranted there (its decision, fenced by the owner's
-epoch like run events) and then a SlotGranted request to the run's
-partition of the runs topic, which is how the run's worker learns it may
-start. Releases come back on the queues topic from the runs' workers.
+epoch like run events). Once it reads that grant back with no newer claim
+before it, so that every fold accepts it, it appends a SlotGranted request
+to the run's partition of the runs topic, which is how the run's worker
+learns it may start: a replaced owner's grant never reaches a run. Releases come back on the queues topic from the runs' workers.
 
 A grant whose notice was lost (the owner died between the two appends) is
 sent again by the next owner, which re-notifies every holder on claim; the
@@ -22,7 +23,15 @@ import structlog
 from stepline import codec
 from stepline.appender import Appender
 from stepline.errors import SchemaError
-from stepline.events import Body, Event, PartitionClaimed, SlotGranted, SlotReleased, SlotRequested
+from stepline.events import (
+    Body,
+    Event,
+    PartitionClaimed,
+    PauseChanged,
+    SlotGranted,
+    SlotReleased,
+    SlotRequested,
+)
 from stepline.ids import new_event_id
 from stepline.log.base import Assignment, Log, Membership, partition_for
 from stepline.projections.queues import QueuePartition, QueueState, Waiter
@@ -51,6 +60,13 @@ class Admission:
         # One grant decision at a time per partition: the tail and a rate
         # limit wake-up must not both hand out the same free slot.
         self._locks: dict[int, asyncio.Lock] = {}
+        # Partitions where a task or queue was resumed since the tail last granted.
+        self._resumed: set[int] = set()
+        # The epoch of our verified claim, per owned partition.
+        self._mine: dict[int, int] = {}
+        # Our grants, appended but not yet read back: told to their runs only
+        # once the log shows them accepted (see _fold).
+        self._unsent: dict[str, tuple[int, Event]] = {}
         self.granted = 0
 
     async def prepare(self) -> None:
@@ -79,12 +95,11 @@ class Admission:
         return self._append(run_id, task_id, body, 0)
 
     def _append(
-        self, run_id: str, task_id: str, body: SlotRequested | SlotGranted | SlotReleased, epoch: int,
-        at: int | None = None,
+        self, run_id: str, task_id: str, body: SlotRequested | SlotGranted | SlotReleased, epoch: int
     ) -> asyncio.Future[int]:
         queue: str = body.queue
         key = queue.encode()
-        ev = Event(new_event_id(), body.TYPE, run_id, task_id, 0, self._clock() if at is None else at, epoch, body)
+        ev = Event(new_event_id(), body.TYPE, run_id, task_id, 0, self._clock(), epoch, body)
         return self._appender.submit(ev, key, self.partition_of(queue))
 
     def partition_of(self, queue: str) -> int:
@@ -105,6 +120,7 @@ class Admission:
                 log.warning("queue partition claimed by a newer owner", partition=p)
                 continue
             self._parts[p] = part
+            self._mine[p] = epoch
             for q in part.queues.values():
                 for run_id, key in q.holders.items():
                     self._notify(run_id, "", SlotGranted(q.name, key))
@@ -115,6 +131,8 @@ class Admission:
         readers = [self._readers.pop(p) for p in partitions if p in self._readers]
         for p in partitions:
             self._parts.pop(p, None)
+            self._mine.pop(p, None)
+        self._unsent = {i: u for i, u in self._unsent.items() if u[0] not in partitions}
         for (p, name), handle in list(self._wakeups.items()):
             if p in partitions:
                 handle.cancel()
@@ -136,7 +154,16 @@ class Admission:
             log.error("undecodable queue event skipped", partition=part.partition, offset=offset, error=str(exc))
             part.next_offset = offset + 1
             return None
+        unsent = self._unsent.pop(ev.event_id, None) if isinstance(ev.body, SlotGranted) else None
         q = part.apply(ev, offset)
+        if unsent is not None and ev.epoch >= part.epoch:
+            # Our grant, read back with no newer claim before it: every fold
+            # accepts it, so the run may start. A grant that lands after a
+            # newer owner's claim is dropped by every fold, and its run is
+            # never told (the notice on the runs topic is not fenced).
+            self._notify(ev.run_id, ev.task_id, ev.body)
+        if live and isinstance(ev.body, PauseChanged) and not ev.body.paused:
+            self._resumed.add(part.partition)  # its waiters may be granted now
         if live and q is not None and isinstance(ev.body, SlotRequested) and ev.run_id in q.holders:
             # A holder asking again lost its notice (or restarted): say it again.
             self._notify(ev.run_id, ev.task_id, SlotGranted(q.name, q.holders[ev.run_id]))
@@ -150,6 +177,9 @@ class Admission:
                 q = self._fold(part, r.value, r.offset)
                 if q is not None:
                     touched[q.name] = q
+            if part.partition in self._resumed:
+                self._resumed.discard(part.partition)
+                touched.update(part.queues)
             for q in touched.values():
                 await self._grant(part, q)
 
@@ -159,21 +189,23 @@ class Admission:
             await self._grant_locked(part, q)
 
     async def _grant_locked(self, part: QueuePartition, q: QueueState) -> None:
+        if part.epoch != self._mine.get(part.partition):
+            return  # a newer owner claimed this partition: its decisions, not ours
         now = self._clock()
-        picked, retry_at = q.next_grants(now)
+        picked, retry_at = q.next_grants(now, part.held(q.name))
         if picked:
             epoch = part.epoch
             # Stamped with the decision's time: the rate limit was judged at
             # `now`, and the next owner rebuilds it from these stamps.
-            decisions = [self._append(w.run_id, w.task_id, SlotGranted(q.name, w.key), epoch, now)
-                         for w in picked]
-            await asyncio.gather(*decisions)
-            for w in picked:
+            grants = [Event(new_event_id(), SlotGranted.TYPE, w.run_id, w.task_id, 0, now, epoch,
+                            SlotGranted(q.name, w.key)) for w in picked]
+            for ev in grants:
+                self._unsent[ev.event_id] = (part.partition, ev)
+            await asyncio.gather(*(self._appender.submit(ev, q.name.encode(), part.partition) for ev in grants))
+            for ev in grants:
                 # Folded now, not when read back, so the next decision counts
-                # them; reading them back later changes nothing.
-                part.apply(Event("", SlotGranted.TYPE, w.run_id, w.task_id, 0, now, epoch,
-                                 SlotGranted(q.name, w.key)))
-                self._notify(w.run_id, w.task_id, SlotGranted(q.name, w.key))
+                # them; the copy read back is recognised by its id.
+                part.apply(ev)
             self.granted += len(picked)
         if retry_at is not None:
             self._wake_at(part, q, retry_at)

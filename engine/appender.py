@@ -6,17 +6,23 @@ arrives meanwhile waits and goes out as the next batch. That keeps every
 partition's events in submission order on any backend, and turns many
 concurrent small appends into few large ones: the busier the worker, the
 bigger the batches.
+
+An event submitted with `outgoing` records (a step's checkpoint and what
+the step emitted with `stepline.emit`) makes its whole batch go out as one
+transaction (`Log.append_atomic`): the batch keeps its queue order, later
+submissions wait behind it as behind any batch, and only batches that
+carry emitted records pay for the transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from stepline import codec
 from stepline.events import Event
-from stepline.log.base import Log
+from stepline.log.base import Log, Outgoing
 
 AppendedCallback = Callable[[int, list[int], list[Event]], None]
 
@@ -27,6 +33,7 @@ class _Pending:
     values: list[bytes] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     futures: list[asyncio.Future[int]] = field(default_factory=list)
+    outgoing: list[Outgoing] = field(default_factory=list)
 
 
 class Appender:
@@ -37,8 +44,11 @@ class Appender:
         self._pending: dict[int, _Pending] = {}
         self._flushing: dict[int, asyncio.Task[None]] = {}
 
-    def submit(self, event: Event, key: bytes, partition: int) -> asyncio.Future[int]:
-        """Queue one event; the future gives its offset once durable.
+    def submit(
+        self, event: Event, key: bytes, partition: int, outgoing: Sequence[Outgoing] = ()
+    ) -> asyncio.Future[int]:
+        """Queue one event (with records for other topics, written in the
+        same transaction); the future gives its offset once durable.
 
         Encoding errors raise here, at the caller.
         """
@@ -51,6 +61,7 @@ class Appender:
         pend.values.append(value)
         pend.events.append(event)
         pend.futures.append(fut)
+        pend.outgoing.extend(outgoing)
         if partition not in self._flushing:
             self._flushing[partition] = asyncio.create_task(self._flush(partition))
         return fut
@@ -61,10 +72,13 @@ class Appender:
                 pend = self._pending.pop(partition, None)
                 if pend is None:
                     return
+                records = list(zip(pend.keys, pend.values))
                 try:
-                    offsets = await self._log.append(
-                        self._topic, partition, list(zip(pend.keys, pend.values))
-                    )
+                    if pend.outgoing:
+                        offsets = await self._log.append_atomic(
+                            self._topic, partition, records, pend.outgoing)
+                    else:
+                        offsets = await self._log.append(self._topic, partition, records)
                 except BaseException as exc:
                     for f in pend.futures:
                         if f.done():

@@ -20,7 +20,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
+from pydantic import SecretStr
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress as RichProgress
 from rich.table import Table
 
@@ -32,6 +34,8 @@ from stepline.logs import configure_logging
 from stepline.payloads import payload_json
 from stepline.projections.query_store import DEFAULT_QUERY_DB
 from stepline.projections.runs import FAILED, RunState
+from stepline.sensitive import redact_text
+from stepline.settings import DEFAULT_MAX_BODY_BYTES, Settings, SettingsError, env_var, load_settings
 from stepline.task import Registry, load_app
 from stepline.worker import Worker
 
@@ -49,12 +53,74 @@ app.add_typer(dlq_app, name="dlq")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
-LogOpt = Annotated[str, typer.Option("--log", envvar="STEPLINE_LOG", help="Log URL.")]
+
+
+def _setting(name: str) -> Callable[[typer.Context, typer.CallbackParam, Any], Any]:
+    """An option's callback: a flag on the command line wins; else the setting
+    when STEPLINE_<NAME> or stepline.toml sets it (stepline/settings.py); else
+    the option's own default, which can differ by command (`dev` keeps its
+    query projection beside a SQLite log)."""
+
+    def resolve(ctx: typer.Context, param: typer.CallbackParam, value: Any) -> Any:
+        source = ctx.get_parameter_source(param.name) if param.name else None
+        # By name: newer Typers vendor click, so its enum has no stable import.
+        if source is not None and source.name == "COMMANDLINE":
+            return value
+        settings = _cli_settings(ctx)
+        if name not in settings.model_fields_set:
+            return value
+        found = getattr(settings, name)
+        if isinstance(found, SecretStr):
+            return found.get_secret_value()
+        if name == "webhooks":  # the --webhook flag's shape
+            return [f"{src}={secret.get_secret_value()}" for src, secret in found.items()]
+        return found
+
+    _SETTING_CALLBACKS[resolve] = name
+    return resolve
+
+
+# Callback -> setting name, so that tests can tell which settings a command reads.
+_SETTING_CALLBACKS: dict[Callable[..., Any], str] = {}
+
+
+def _cli_settings(ctx: typer.Context) -> Settings:
+    """Settings loaded once per command line; a bad value is one error line."""
+    found = ctx.meta.get("stepline.settings")
+    if isinstance(found, Settings):
+        return found
+    try:
+        settings = ctx.meta["stepline.settings"] = load_settings()
+    except SettingsError as exc:
+        # Escaped: the message quotes values, and "[...]" in them is not Rich markup.
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(1) from None
+    return settings
+
+
+def option_setting(param: Any) -> str | None:
+    """The setting (stepline/settings.py) behind a click parameter of this CLI, if any."""
+    callback: Any = getattr(param, "callback", None)
+    # Typer wraps callbacks (functools.update_wrapper): the original is __wrapped__.
+    return _SETTING_CALLBACKS.get(getattr(callback, "__wrapped__", callback))
+
+
+def _setting_help(text: str, name: str) -> str:
+    # Parentheses, not brackets: Typer's help is Rich markup.
+    return f"{text} (or {env_var(name)}, or {name} in stepline.toml)"
+
+
+LogOpt = Annotated[str, typer.Option("--log", callback=_setting("log"), help=_setting_help("Log URL.", "log"))]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 AppOpt = Annotated[
     str | None,
-    typer.Option("--app", envvar="STEPLINE_APP", help="Module (file or dotted name) declaring the tasks."),
+    typer.Option("--app", callback=_setting("app"),
+                 help=_setting_help("Module (file or dotted name) declaring the tasks.", "app")),
 ]
+ConcurrencyOpt = Annotated[int, typer.Option(callback=_setting("concurrency"),
+                                             help=_setting_help("Runs executing at once.", "concurrency"))]
+JsonLogsOpt = Annotated[bool, typer.Option("--json-logs/--console-logs", callback=_setting("json_logs"),
+                                           help=_setting_help("Log format.", "json_logs"))]
 
 # Above this many records a scan shows a progress bar.
 PROGRESS_THRESHOLD = 20_000
@@ -142,6 +208,10 @@ def state_dict(s: RunState) -> dict[str, Any]:
         "concurrency_key": s.concurrency_key,
         "parent_run_id": s.parent_run_id,
         "parent_step": s.parent_step,
+        "forked_from": s.forked_from,
+        "forked_at_step": s.forked_at_step,
+        "task_version": s.task_version,
+        "patches": [{"patch": x.patch, "applied": x.applied, "step": x.step} for x in s.patches],
         "errors": [
             {"attempt": e.attempt, "step": e.step, "step_name": e.step_name, "time": e.time,
              "type": e.error.type, "message": e.error.message, "stack": e.error.stack}
@@ -168,18 +238,21 @@ def state_dict(s: RunState) -> dict[str, Any]:
     }
 
 
+def _plain(v: Any, stacks: bool) -> Any:
+    """A body field as JSON: payloads parsed, records as objects (a fork's copied journal)."""
+    if isinstance(v, Payload):
+        return payload_json(v)
+    if hasattr(v, "__slots__"):
+        return {k: _plain(getattr(v, k), stacks) for k in v.__slots__ if k != "stack" or stacks}
+    if isinstance(v, tuple):
+        return [_plain(x, stacks) for x in v]
+    return v
+
+
 def event_dict(offset: int, ev: Event, stacks: bool = False) -> dict[str, Any]:
     body: dict[str, Any] = {}
     for f in dataclasses.fields(ev.body):
-        name = f.name
-        v = getattr(ev.body, name)
-        if isinstance(v, Payload):
-            v = payload_json(v)
-        elif hasattr(v, "__slots__"):
-            v = {k: getattr(v, k) for k in v.__slots__ if k != "stack" or stacks}
-        elif isinstance(v, tuple):
-            v = list(v)
-        body[name] = v
+        body[f.name] = _plain(getattr(ev.body, f.name), stacks)
     return {"offset": offset, "time": ev.time, "type": ev.type, "seq": ev.seq, "epoch": ev.epoch,
             "run_id": ev.run_id, "task_id": ev.task_id, "body": body}
 
@@ -192,7 +265,7 @@ def _registry(app_module: str | None, needed_for: str) -> Registry:
     if not app_module:
         raise CliError(
             f"{needed_for} needs the app module that declares the tasks: "
-            "pass --app path/to/app.py or set STEPLINE_APP"
+            "pass --app path/to/app.py or set STEPLINE_APP (or app in stepline.toml)"
         )
     return load_app(app_module)
 
@@ -214,7 +287,7 @@ async def _serve_worker(registry: Registry, log_url: str, concurrency: int) -> N
         async with Worker(registry, client.log, concurrency=concurrency, topics=client.topics,
                           client=client) as worker:
             err.print(
-                f"stepline worker [bold]{worker.worker_id}[/] on {log_url}: "
+                f"stepline worker [bold]{worker.worker_id}[/] on {redact_text(log_url)}: "
                 f"{len(registry)} task(s): {', '.join(registry.ids())}; partitions {sorted(worker.owned)}",
                 highlight=False,
             )
@@ -277,7 +350,7 @@ async def _serve_dev(registry: Registry, log_url: str, concurrency: int, port: i
         async with Worker(registry, client.log, concurrency=concurrency, topics=client.topics,
                           client=client) as worker:
             err.print(
-                f"stepline dev: worker [bold]{worker.worker_id}[/] on {log_url}: "
+                f"stepline dev: worker [bold]{worker.worker_id}[/] on {redact_text(log_url)}: "
                 f"{len(registry)} task(s): {', '.join(registry.ids())}",
                 highlight=False,
             )
@@ -290,12 +363,13 @@ async def _serve_dev(registry: Registry, log_url: str, concurrency: int, port: i
 def dev(
     module: Annotated[str, typer.Argument(help="File or module declaring the tasks.")],
     log: LogOpt = DEFAULT_LOG_URL,
-    concurrency: Annotated[int, typer.Option(help="Runs executing at once.")] = 256,
-    port: Annotated[int, typer.Option(help="Port of the API and dashboard on 127.0.0.1; 0 picks a free one.")] = 8080,
+    concurrency: ConcurrencyOpt = 256,
+    port: Annotated[int, typer.Option(callback=_setting("port"), help=_setting_help(
+        "Port of the API and dashboard on 127.0.0.1; 0 picks a free one.", "port"))] = 8080,
     query_db: Annotated[str | None, typer.Option(
-        "--query-db", show_default=False,
-        help="SQLite file of the query projection behind the dashboard's lists "
-             "(default: beside a SQLite log, else " + DEFAULT_QUERY_DB + ").",
+        "--query-db", show_default=False, callback=_setting("query_db"),
+        help=_setting_help("SQLite file of the query projection behind the dashboard's lists "
+                           "(default: beside a SQLite log, else " + DEFAULT_QUERY_DB + ").", "query_db"),
     )] = None,
 ) -> None:
     """Embedded log, a worker, and the HTTP API with the dashboard (no auth), in one process."""
@@ -308,8 +382,8 @@ def dev(
 def worker(
     module: Annotated[str, typer.Argument(help="File or module declaring the tasks.")],
     log: LogOpt = DEFAULT_LOG_URL,
-    concurrency: Annotated[int, typer.Option(help="Runs executing at once.")] = 256,
-    json_logs: Annotated[bool, typer.Option("--json-logs/--console-logs")] = True,
+    concurrency: ConcurrencyOpt = 256,
+    json_logs: JsonLogsOpt = True,
 ) -> None:
     """Run a worker: owns partitions of the runs topic and executes their runs."""
     configure_logging(json_logs=json_logs)
@@ -334,9 +408,8 @@ def _source_pairs(entries: list[str], flag: str, shape: str, echo: bool) -> dict
 def _webhook_sources(webhook: list[str] | None, webhook_event: list[str] | None) -> dict[str, WebhookSource]:
     from stepline.server import WebhookSource
 
-    # Flags replace the environment variable, as for every other option.
-    entries = webhook or [e.strip() for e in os.environ.get("STEPLINE_WEBHOOKS", "").split(",") if e.strip()]
-    secrets = _source_pairs(entries, "--webhook", "SOURCE=SECRET", echo=False)
+    # Without --webhook flags, the option's callback filled in the setting.
+    secrets = _source_pairs(webhook or [], "--webhook", "SOURCE=SECRET", echo=False)
     events = _source_pairs(webhook_event or [], "--webhook-event", "SOURCE=EVENT.NAME", echo=True)
     unknown = sorted(set(events) - set(secrets))
     if unknown:
@@ -358,7 +431,7 @@ async def _serve_http(
     def announce(addresses: list[str]) -> None:
         sources = ", ".join(f"{s.name} -> {s.event}" for s in config.webhooks.values()) or "none"
         auth = "bearer token" if config.auth_required else "OFF (--no-auth)"
-        err.print(f"stepline serve on {', '.join(addresses)} for {log_url}: auth {auth}; "
+        err.print(f"stepline serve on {', '.join(addresses)} for {redact_text(log_url)}: auth {auth}; "
                   f"webhook sources: {sources}", highlight=False)
 
     async with Client(log_url, registry=registry) as client:
@@ -370,40 +443,53 @@ async def _serve_http(
 def serve(
     app_module: AppOpt = None,
     log: LogOpt = DEFAULT_LOG_URL,
-    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port; 0 picks a free one.")] = 8080,
+    host: Annotated[str, typer.Option(callback=_setting("host"),
+                                      help=_setting_help("Interface to listen on.", "host"))] = "127.0.0.1",
+    port: Annotated[int, typer.Option(callback=_setting("port"),
+                                      help=_setting_help("TCP port; 0 picks a free one.", "port"))] = 8080,
     api_token: Annotated[str | None, typer.Option(
-        "--api-token", envvar="STEPLINE_API_TOKEN", show_default=False,
-        help="Bearer token the /v1/ API requires. Prefer the variable: other users can read argv.",
+        "--api-token", show_default=False, callback=_setting("api_token"),
+        help=_setting_help("Bearer token the /v1/ API requires. Prefer the variable: other users can read argv.",
+                           "api_token"),
     )] = None,
     webhook: Annotated[list[str] | None, typer.Option(
-        "--webhook", show_default=False,
-        help="SOURCE=SECRET: accept deliveries signed with SECRET at /v1/webhooks/SOURCE (repeatable). "
-             "Default: STEPLINE_WEBHOOKS, comma-separated SOURCE=SECRET.",
+        "--webhook", show_default=False, callback=_setting("webhooks"),
+        help=_setting_help("SOURCE=SECRET: accept deliveries signed with SECRET at /v1/webhooks/SOURCE "
+                           "(repeatable; the variable is comma-separated SOURCE=SECRET).", "webhooks"),
     )] = None,
     webhook_event: Annotated[list[str] | None, typer.Option(
         "--webhook-event", show_default=False,
         help="SOURCE=EVENT.NAME: publish SOURCE's deliveries as EVENT.NAME, not webhook.SOURCE (repeatable).",
     )] = None,
-    max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body accepted.")] = 1 << 20,
+    max_body_bytes: Annotated[int, typer.Option(min=1, callback=_setting("max_body_bytes"), help=_setting_help(
+        "Largest request body accepted.", "max_body_bytes"))] = DEFAULT_MAX_BODY_BYTES,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="Serve the API without a token (local use only).")] = False,
     query_db: Annotated[str, typer.Option(
-        "--query-db", help="SQLite file of the query projection behind the run and event lists, kept up "
-                           "to date by this process; '' serves without lists (they answer 503).",
+        "--query-db", callback=_setting("query_db"),
+        help=_setting_help("SQLite file of the query projection behind the run and event lists, kept up "
+                           "to date by this process; '' serves without lists (they answer 503).", "query_db"),
     )] = DEFAULT_QUERY_DB,
-    json_logs: Annotated[bool, typer.Option("--json-logs/--console-logs")] = True,
+    shadow_path: Annotated[str | None, typer.Option(
+        "--shadow-path", envvar="STEPLINE_SHADOW_PATH", show_default=False,
+        help="Folder whose modules GET /v1/runs/{id}/shadow?module=NAME may import and run "
+             "(needs the token; default: none, only the --app code)."),
+    ] = None,
+    json_logs: JsonLogsOpt = True,
 ) -> None:
     """Serve the HTTP API: trigger runs, publish events, read and list runs, receive signed webhooks."""
     from stepline.server import ServeConfig
 
     configure_logging(json_logs=json_logs)
     if not api_token and not no_auth:
-        _fail("stepline serve needs an API token: pass --api-token or set STEPLINE_API_TOKEN "
-              "(or --no-auth for local development)")
+        _fail("stepline serve needs an API token: set STEPLINE_API_TOKEN (or api_token in stepline.toml, "
+              "or pass --api-token), or pass --no-auth for local development")
     registry = _load_app(app_module) if app_module else None
     try:
         config = ServeConfig(api_token, _webhook_sources(webhook, webhook_event),
-                             max_body_bytes=max_body_bytes, auth_required=not no_auth)
+                             max_body_bytes=max_body_bytes, auth_required=not no_auth,
+                             shadow_path=shadow_path)
+        if shadow_path is not None and not os.path.isdir(shadow_path):
+            raise CliError(f"--shadow-path {shadow_path!r} is not a folder")
     except (SteplineError, CliError) as exc:
         _fail(str(exc))
         raise
@@ -524,6 +610,44 @@ def complete_token(
         out.print(f"token completed; run {state.run_id} resumes", highlight=False)
 
 
+@app.command()
+def backfill(
+    task: Annotated[str, typer.Argument(help="Id of a task with a subscription (on=sl.Subscription(...)).")],
+    since: Annotated[str, typer.Option(help="How far back: a duration (30d, 12h, 15m) or an ISO 8601 time.")],
+    until: Annotated[str | None, typer.Option(help="Up to (default: now); same forms as --since.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count the events and the runs to start.")] = False,
+    app_module: AppOpt = None,
+    log: LogOpt = DEFAULT_LOG_URL,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start TASK for the past events its subscriptions match (idempotent:
+    events whose run exists, routed live or backfilled before, start nothing)."""
+    from stepline.backfill import BackfillReport
+    from stepline.backfill import backfill as run_backfill
+
+    async def go() -> BackfillReport:
+        registry = _registry(app_module, "stepline backfill")
+        async with Client(log, registry=registry) as client:
+            with _progress("reading the events topic") as progress:
+                try:
+                    return await run_backfill(task, since=since, until=until, dry_run=dry_run,
+                                              client=client, progress=progress)
+                except ValueError as exc:
+                    raise CliError(str(exc)) from None
+
+    report = _run(go())
+    if as_json:
+        _print_json(report.as_dict())
+        return
+    window = f"{_time(report.since)} to {_time(report.until)} UTC"
+    out.print(f"{report.matched} matching event(s) of {report.scanned} from {window}; "
+              f"{report.existing} already have a run", highlight=False)
+    if dry_run:
+        out.print(f"dry run: {report.to_start} run(s) of {task} would start", highlight=False)
+    else:
+        out.print(f"started {report.started} run(s) of {task}", highlight=False)
+
+
 # --- reading -------------------------------------------------------------
 
 
@@ -560,7 +684,7 @@ def runs_ls(
     runs = [r for r in runs if (status is None or r.status == status) and (task is None or r.task_id == task)]
     runs = runs[:limit]
     if as_json:
-        _print_json([state_dict(r) for r in runs])
+        _print_json(_shown([state_dict(r) for r in runs], log))
     else:
         out.print(_runs_table(runs, f"{len(runs)} run(s)"))
 
@@ -600,7 +724,7 @@ def runs_show(
     found = _run(go())
     at = found if isinstance(found, StateAt) else None
     state = found.state if isinstance(found, StateAt) else found
-    d = state_dict(state)
+    d = _shown(state_dict(state), log)
     if as_json:
         _print_json(d if at is None else {**d, "as_of": {**at.header(), "requested": as_of}})
         return
@@ -614,6 +738,13 @@ def runs_show(
         out.print(f"wakes at {iso_ms(state.wake_at)}", highlight=False, markup=False)
     elif state.status == "retrying" and state.retry_at is not None:
         out.print(f"retries at {iso_ms(state.retry_at)}", highlight=False, markup=False)
+    if state.forked_from is not None:
+        out.print(f"forked from {state.forked_from} at step {state.forked_at_step} (attempt 0: copied steps)",
+                  highlight=False, markup=False)
+    if state.task_version is not None or state.patches:
+        patches = ", ".join(f"{x.patch}={'on' if x.applied else 'off'}" for x in state.patches)
+        out.print(f"task version {state.task_version or '-'}" + (f"; patches: {patches}" if patches else ""),
+                  highlight=False, markup=False)
     out.print(f"payload: {json.dumps(d['payload'])}", highlight=False)
     table = Table(title="steps")
     for col in ("#", "name", "status", "attempt", "ms", "output / error"):
@@ -684,7 +815,7 @@ def history(
             return events
 
     events = _run(go())
-    rows = [event_dict(off, ev, stacks=stacks) for off, ev in events]
+    rows = _shown([event_dict(off, ev, stacks=stacks) for off, ev in events], log)
     if as_json:
         _print_json(rows)
         return
@@ -705,7 +836,7 @@ def dlq_ls(log: LogOpt = DEFAULT_LOG_URL, as_json: JsonOpt = False) -> None:
     """Runs that failed for good, with their last error."""
     runs = [r for r in _run(_list(log)) if r.dead_lettered]
     if as_json:
-        _print_json([state_dict(r) for r in runs])
+        _print_json(_shown([state_dict(r) for r in runs], log))
     else:
         out.print(_runs_table(runs, f"{len(runs)} dead letter(s)"))
 
@@ -734,6 +865,51 @@ def dlq_retry(
                   f"{state.completed_steps() - 1 if state.completed_steps() else '-'}", highlight=False)
 
 
+def _shown(value: T, log: str) -> T:
+    """Sensitive fields as "[redacted]", or "[erased]" once forgotten (never decrypted)."""
+    from stepline.keystore import default_keystore
+    from stepline.sensitive import shown
+
+    result: T = _run(shown(value, default_keystore(log)))
+    return result
+
+
+@app.command()
+def forget(
+    subject: Annotated[str, typer.Argument(help="The subject id (the value of the task's subject= field).")],
+    log: LogOpt = DEFAULT_LOG_URL,
+    keys: Annotated[str | None, typer.Option(
+        "--keys", help="Key store URL (default: STEPLINE_KEYS, else beside an embedded log).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Erase a subject (GDPR): delete its key, so its sensitive fields are unreadable everywhere."""
+    from stepline.keystore import default_keystore, open_keystore
+
+    try:
+        store = open_keystore(keys) if keys else default_keystore(log)
+    except SteplineError as exc:
+        store = None
+        _fail(str(exc))
+    if store is None:
+        _fail("no key store is configured for this log: pass --keys sqlite:///path/keys.db or set STEPLINE_KEYS")
+        return
+
+    async def go() -> list[str]:
+        try:
+            return await store.forget(subject)
+        finally:
+            await store.close()
+
+    kids = _run(go())
+    if as_json:
+        _print_json({"subject": subject, "erased": bool(kids), "keys_deleted": len(kids)})
+    elif kids:
+        out.print(f"forgot {subject}: {len(kids)} key(s) deleted; its sensitive fields now read [erased]",
+                  highlight=False, markup=False)
+    else:
+        out.print(f"{subject} has no key in {store.url}: nothing to erase", highlight=False, markup=False)
+
+
 @app.command()
 def replay(
     check: Annotated[str | None, typer.Option(
@@ -743,7 +919,8 @@ def replay(
         "--projection", help="Rebuild a projection from offset 0: 'query' (the API's read model).")] = None,
     run: Annotated[list[str] | None, typer.Option("--run", help="Only this run (repeatable).")] = None,
     task: Annotated[list[str] | None, typer.Option("--task", help="Only runs of this task (repeatable).")] = None,
-    query_db: Annotated[str, typer.Option(help="The query projection's database.")] = ".stepline/query.db",
+    query_db: Annotated[str, typer.Option(callback=_setting("query_db"), help=_setting_help(
+        "The query projection's database.", "query_db"))] = DEFAULT_QUERY_DB,
     log: LogOpt = DEFAULT_LOG_URL,
     as_json: JsonOpt = False,
 ) -> None:
@@ -793,6 +970,24 @@ def _replay_projection(name: str, db: str, log_url: str, as_json: bool) -> None:
         _print_json({"projection": name, "db": db, "events": applied, "seconds": round(elapsed, 3)})
     else:
         out.print(f"rebuilt the query projection {db}: {applied:,} events in {elapsed:.1f} s", highlight=False)
+
+
+def _register_more() -> None:
+    # fork and shadow live in a module of their own (engine/cli_history.py).
+    from stepline.cli_history import register
+
+    register(app)
+    # pause, resume and the bulk runs commands (engine/cli_ops.py).
+    from stepline import cli_ops
+
+    cli_ops.register(app)
+    # events: the engine's events as JSON lines (engine/cli_events.py).
+    from stepline import cli_events
+
+    cli_events.register(app, LogOpt)
+
+
+_register_more()
 
 
 def main() -> None:

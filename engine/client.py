@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import os
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
@@ -26,8 +25,10 @@ from stepline.errors import (
     InvalidEventName,
     InvalidRunState,
     InvalidToken,
+    KeyStoreError,
     NoClient,
     PayloadTooLarge,
+    PayloadValidationError,
     RunFailedError,
     UnknownRun,
 )
@@ -44,6 +45,7 @@ from stepline.events import (
     WaitCompleted,
 )
 from stepline.ids import TOKEN, idempotent_run_id, new_event_id, new_run_id, parse_token
+from stepline.keystore import KeyStore, default_keystore
 from stepline.log import open_log
 from stepline.log.base import Log, partition_for
 from stepline.payloads import ANY, Codec
@@ -59,6 +61,8 @@ from stepline.projections.runs import (
     RunState,
     fold_run,
 )
+from stepline.sensitive import refuse_envelopes, seal
+from stepline.settings import load_settings
 from stepline.task import Registry, Task
 from stepline.topics import Topics
 
@@ -69,8 +73,6 @@ Progress = Callable[[int, int], None]
 _current_client: contextvars.ContextVar[Client | None] = contextvars.ContextVar(
     "stepline_client", default=None
 )
-
-DEFAULT_MAX_PAYLOAD_BYTES = 512 * 1024
 
 _TERMINAL_TYPES = frozenset({b"RunCompleted", b"RunFailed", b"RunCancelled", b"RunExpired"})
 
@@ -221,10 +223,12 @@ class Client:
         registry: Registry | None = None,
         topics: Topics | None = None,
         max_payload_bytes: int | None = None,
+        keys: KeyStore | None = None,
     ) -> None:
         if (url is None) == (log is None):
             raise ValueError("Client needs exactly one of url= or log=")
         self._owns_log = log is None
+        self._keys = keys
         self.log: Log = log if log is not None else open_log(url or "")
         self.registry = registry
         self.topics = topics or Topics()
@@ -237,8 +241,27 @@ class Client:
         # Payloads and event data larger than this are refused before anything
         # is appended (a log record is not a blob store; Kafka's default
         # message limit is 1 MiB for the whole batch).
-        self.max_payload_bytes = max_payload_bytes if max_payload_bytes is not None else int(
-            os.environ.get("STEPLINE_MAX_PAYLOAD_BYTES", DEFAULT_MAX_PAYLOAD_BYTES))
+        self.max_payload_bytes = (max_payload_bytes if max_payload_bytes is not None
+                                  else load_settings().max_payload_bytes)
+
+    @property
+    def keys(self) -> KeyStore | None:
+        """Subject keys of sensitive payload fields: as given, else STEPLINE_KEYS,
+        else beside an embedded log (engine/keystore.py); None when unconfigured."""
+        if self._keys is None:
+            self._keys = default_keystore(self.log.url)
+        return self._keys
+
+    async def forget(self, subject: str) -> list[str]:
+        """Erase a subject: delete its keys, so its sensitive fields are unreadable
+        everywhere (they show as "[erased]"; its runs still fold and replay, and
+        an attempt that needs them fails with SubjectErased). Returns the key ids
+        deleted, empty when the subject had none. See docs/sensitive-data.md."""
+        keys = self.keys
+        if keys is None:
+            raise KeyStoreError("no key store is configured (STEPLINE_KEYS or Client(keys=...)): "
+                                "there are no subject keys to delete")
+        return await keys.forget(subject)
 
     async def __aenter__(self) -> Client:
         await self.start()
@@ -281,6 +304,23 @@ class Client:
                 f"{where} is {len(payload.data):,} bytes, over the {self.max_payload_bytes:,}-byte limit "
                 f"(STEPLINE_MAX_PAYLOAD_BYTES): store large data elsewhere and pass a reference"
             )
+
+    async def _seal(self, t: Task[Any, Any] | None, data: Payload, where: str, strict: bool = True) -> Payload:
+        """Encrypt the task's sensitive fields (engine/sensitive.py) before anything is appended.
+
+        Not strict (the event router): a payload that cannot be sealed, e.g.
+        without its subject, is recorded as given, and its run fails on its own."""
+        spec = t.sensitive if t is not None else None
+        if spec is None:
+            if strict:
+                refuse_envelopes(data, where)
+            return data
+        try:
+            return await seal(spec, data, self.keys, where)
+        except PayloadValidationError:
+            if strict:
+                raise
+            return data
 
     def partition_of(self, run_id: str) -> int:
         return partition_for(run_id.encode(), self._nparts)
@@ -330,6 +370,7 @@ class Client:
         task_id, t = self._task(task)
         where = f"payload for task {task_id!r}"
         data = (t.payload_codec if t and validate else ANY).check_and_dump(payload, where)
+        data = await self._seal(t, data, where, strict=validate)
         self._check_size(data, where)
         now = self.clock()
         debounce = getattr(t, "debounce", None) if t is not None else None
@@ -462,9 +503,80 @@ class Client:
                 t = self.registry.get(state.task_id)
             pcodec = t.payload_codec if t else ANY
             replacement = pcodec.check_and_dump(payload, f"payload for task {state.task_id!r}")
+            replacement = await self._seal(t, replacement, f"payload for task {state.task_id!r}")
         body = RunRetriggered(replacement, "client")
         await self._append(Event(new_event_id(), body.TYPE, run_id, state.task_id, 0, self.clock(), 0, body))
         return state
+
+    async def pause(self, *, task: str | None = None, queue: str | None = None, reason: str = "",
+                    requested_by: str = "api") -> None:
+        """Pause a task or a queue (name one): its runs stay queued, new
+        triggers are still recorded, attempts under way finish. Holds across
+        every worker and restart until `resume`; see engine/pause.py."""
+        from stepline.pause import scope_of, set_paused
+
+        scope, name = scope_of(task, queue)
+        await set_paused(self, scope, name, True, reason=reason, requested_by=requested_by)
+
+    async def resume(self, *, task: str | None = None, queue: str | None = None,
+                     requested_by: str = "api") -> None:
+        """Resume a paused task or queue: its held runs start in their usual order."""
+        from stepline.pause import scope_of, set_paused
+
+        scope, name = scope_of(task, queue)
+        await set_paused(self, scope, name, False, requested_by=requested_by)
+
+    async def paused(self) -> dict[tuple[str, str], str]:
+        """What is paused: (scope, name) -> the reason given."""
+        from stepline.pause import pauses
+
+        return {key: body.reason for key, body in (await pauses(self)).items()}
+
+    async def fork(
+        self,
+        run_id: str,
+        at_step: int,
+        *,
+        payload: Any = None,
+        new_payload: bool = False,
+        step_outputs: Mapping[int, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> RunHandle[Any]:
+        """Start a new run of the same task whose journal before `at_step` is
+        a copy of `run_id`'s, then runs live from `at_step` (engine/fork.py).
+
+        `new_payload=True` replaces the payload with `payload` (validated
+        against the task when the client knows it); `step_outputs` replaces
+        the outputs of copied steps, by position. The new run records
+        `forked_from` and `forked_at_step`. Raises InvalidFork when the
+        original's history cannot give that prefix.
+        """
+        from stepline.fork import copied_bytes, fork_trigger
+
+        state = await self.get_run(run_id)
+        t = self.registry.find(state.task_id) if self.registry is not None else None
+        where = f"payload for task {state.task_id!r}"
+        replacement: Payload | None = None
+        if new_payload:
+            replacement = (t.payload_codec if t else ANY).check_and_dump(payload, where)
+            replacement = await self._seal(t, replacement, where)
+        outputs = {int(pos): ANY.dump(value, f"output for step {pos} of the fork")
+                   for pos, value in (step_outputs or {}).items()}
+        body = fork_trigger(state, at_step, payload=replacement, step_outputs=outputs,
+                            idempotency_key=idempotency_key)
+        size = copied_bytes(body)
+        if size > self.max_payload_bytes:
+            raise PayloadTooLarge(
+                f"a fork of run {run_id} at step {at_step} copies {size:,} bytes of payload and step data, "
+                f"over the {self.max_payload_bytes:,}-byte limit (STEPLINE_MAX_PAYLOAD_BYTES): fork at "
+                f"an earlier step"
+            )
+        now = self.clock()
+        new_id = idempotent_run_id(state.task_id, idempotency_key) if idempotency_key else new_run_id(now)
+        ev = Event(new_event_id(), body.TYPE, new_id, state.task_id, 1, now, 0, body)
+        offset = await self._append_trigger(ev)
+        return RunHandle(new_id, state.task_id, self, t.output_codec if t else ANY,
+                         None if idempotency_key else offset)
 
     async def resolve_wait(
         self, run_id: str, task_id: str, step: int, reason: str, source: str,

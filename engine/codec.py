@@ -71,7 +71,7 @@ FromDict = Callable[[Any], Any]
 # Record full name -> the class it maps to. Field names match one to one.
 _CLASSES: dict[str, type] = {
     f"{schemas.NAMESPACE}.{cls.__name__}": cls
-    for cls in (Event, events.Payload, events.ErrorInfo, *events.BODY_TYPES)
+    for cls in (Event, events.Payload, events.ErrorInfo, events.CopiedStep, *events.BODY_TYPES)
 }
 
 

@@ -92,7 +92,6 @@ class EventStream:
         # (topic, partition) -> next offset to read / the owner's epoch there
         self._next: dict[tuple[str, int], int] = {}
         self._epochs: dict[tuple[str, int], int] = {}
-        self._delivered: dict[tuple[str, int], int] = {}
         self._ends: dict[tuple[str, int], int] = {}
         self.skipped = 0  # undecodable records passed over (the engine quarantines them)
 
@@ -129,12 +128,16 @@ class EventStream:
                 self._next[(topic, p)] = offset
 
     async def commit(self) -> None:
-        """Store the position after everything delivered so far under `group`."""
+        """Store the position after everything delivered so far under `group`.
+
+        Records passed over (other types, older than `since`, fenced) count as
+        handled: a resumed stream does not read them again either.
+        """
         if self._group is None:
             raise ValueError("commit: this stream was opened without a group")
         per_topic: dict[str, dict[int, int]] = {}
-        for (topic, p), offset in self._delivered.items():
-            per_topic.setdefault(topic, {})[p] = offset + 1
+        for (topic, p), offset in self._next.items():
+            per_topic.setdefault(topic, {})[p] = offset
         for topic, offsets in per_topic.items():
             await self._log.commit(self._group, self._full(topic), offsets)
 
@@ -149,10 +152,11 @@ class EventStream:
                     continue
                 records = await self._log.read(self._full(topic), p, offset, self._max_records)
                 for r in records:
+                    # Before the yield: a commit made while the consumer holds
+                    # this delivery (after handling it) includes it.
                     self._next[(topic, p)] = r.offset + 1
                     d = self._accept(topic, p, r.offset, r.value)
                     if d is not None:
-                        self._delivered[(topic, p)] = r.offset
                         yield d
                 got_any = got_any or bool(records)
             if got_any:

@@ -15,18 +15,22 @@ import functools
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import ParamSpec, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, ParamSpec, Protocol, TypeVar, overload
 
 from stepline import tracing
 from stepline.consumers.waits import WaitEntry
 from stepline.errors import NonDeterminismError, NotInRunContext
-from stepline.events import Body, ErrorInfo, StepCompleted, StepFailed, StepStarted
+from stepline.events import Body, ErrorInfo, PatchRecorded, StepCompleted, StepFailed, StepStarted
 from stepline.ids import step_idempotency_key
 from stepline.payloads import Codec, describe_args
 from stepline.projections.runs import DONE_STEPS, StepState
 from stepline.task import _annotations
+
+if TYPE_CHECKING:
+    from stepline.keystore import KeyStore
+    from stepline.log.base import Log, Outgoing
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -48,6 +52,7 @@ class Wait:
     reason: str  # sleep | event | token | child
     wake_at: int | None = None  # deadline (a sleep's end, a wait's timeout)
     condition: str | None = None  # JSON, for humans and the dashboard
+    group: int | None = None  # the wait_for_any it is a branch of: the first to resolve wins
 
 
 class Suspend(BaseException):
@@ -86,8 +91,22 @@ class RunContext:
     register_wait: Callable[[WaitEntry], Awaitable[None]] | None = None
     # Appends to other runs (a child's result to its parent); None outside a worker.
     request: Requester | None = None
+    # Subject keys of sensitive payload fields (engine/keystore.py); None: not configured.
+    keys: KeyStore | None = None
+    # Withdraws an event wait from the router's table (a wait_for_any branch
+    # that lost); None outside a worker.
+    unregister_wait: Callable[[str, int], Awaitable[None]] | None = None
+    # The run's recorded answers to `patched()` (RunState.patches), by patch id.
+    patches: Mapping[str, bool] = field(default_factory=dict)
+    # The log steps' `stepline.emit` records go to, with their checkpoints
+    # (engine/emit.py); None where nothing can be emitted. Whoever sets it
+    # makes `emit` take `take_attached()` along with each event.
+    emit_log: Log | None = None
 
     def __post_init__(self) -> None:
+        # Records emitted by each executing step, until its checkpoint.
+        self.outbox: dict[int, list[Outgoing]] = {}
+        self._attached: list[Outgoing] = []
         self._next = 0
         self._active = 0
         self._idle = asyncio.Event()
@@ -103,6 +122,46 @@ class RunContext:
         if rec is not None and rec.name != name:
             raise NonDeterminismError(self.run_id, pos, rec.name, name)
         return pos, rec
+
+    def observe_step(self, name: str, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+        """Called with a step's arguments just before it takes its position.
+        Nothing here; a shadow replay (engine/shadow.py) compares them."""
+
+    def patched(self, patch: str) -> bool:
+        """The run's answer to `stepline.patched(patch)`; see there."""
+        known = self.patches.get(patch)
+        if known is not None:
+            return known
+        # A position at or after this point already in the journal means
+        # the history here was made by code that did not ask: the old path.
+        applied = not any(pos >= self._next for pos in self.journal)
+        self.patches = {**self.patches, patch: applied}
+        # Not awaited: every later checkpoint queues behind it, so none of
+        # them is durable without it, and until one is, asking again gives
+        # the same answer.
+        self.emit(PatchRecorded(patch, applied, self._next))
+        return applied
+
+    def complete_step(self, body: StepCompleted) -> asyncio.Future[int]:
+        """Append a step's checkpoint, with what the step emitted, atomically.
+
+        The records ride along beside `emit` rather than through it, so that
+        whatever wraps `emit` (the scrubbing of sensitive fields) still sees
+        the checkpoint: those wrappers call through synchronously, and the
+        worker's emitter takes the records with `take_attached()`.
+        """
+        self._attached = self.outbox.pop(body.step, [])
+        try:
+            return self.emit(body)
+        finally:
+            left, self._attached = self._attached, []
+            if left:  # nothing took them: a bug, and silence would lose them
+                raise RuntimeError(f"step {body.step} of run {self.run_id}: emitted records "
+                                   "were not taken by the emitter")
+
+    def take_attached(self) -> list[Outgoing]:
+        taken, self._attached = self._attached, []
+        return taken
 
     def step_started(self) -> None:
         self._active += 1
@@ -134,6 +193,23 @@ def require_run(what: str) -> RunContext:
     return ctx
 
 
+def patched(patch: str) -> bool:
+    """Whether this run takes the code path added by `patch`.
+
+    For changing a task while runs of it are in flight (Temporal's
+    `workflow.patched`): `if sl.patched("new-discount"): <new> else: <old>`.
+    True for a run that reaches this point for the first time on code
+    that asks; False for a run whose history already went past this point
+    on code that did not ask, so it keeps replaying the old path. The
+    answer is recorded (PatchRecorded) and every later replay of the run
+    gets the same. Once no run recorded before the patch is in flight, drop
+    the old branch and keep `patched` (or remove both once no run that
+    recorded the answer may replay).
+    """
+    ctx = require_run("stepline.patched()")
+    return ctx.patched(patch)
+
+
 def idempotency_key() -> str:
     """The current step's stable key (`run_id:step`), for external APIs."""
     ctx = require_run("stepline.idempotency_key()")
@@ -157,6 +233,7 @@ def _step_wrapper(fn: Callable[P, Awaitable[R]], name: str) -> Callable[P, Await
         ctx = _current.get()
         if ctx is None:
             return await fn(*args, **kwargs)  # a plain call outside any run
+        ctx.observe_step(name, args, kwargs)
         pos, rec = ctx.next_position(name)
         if rec is not None and rec.status == "completed" and rec.output is not None:
             value: R = codec.load(rec.output, f"recorded output of step {pos} ({name})")
@@ -178,10 +255,11 @@ def _step_wrapper(fn: Callable[P, Awaitable[R]], name: str) -> Callable[P, Await
                 output = codec.dump(result, f"output of step {pos} ({name})")
                 # Durable first, then hand the result on: a step whose checkpoint
                 # is not on the log has not completed, and may run again.
-                await ctx.emit(StepCompleted(pos, name, ctx.attempt, output))
+                await ctx.complete_step(StepCompleted(pos, name, ctx.attempt, output))
                 return result
         finally:
             _step_position.reset(token)
+            ctx.outbox.pop(pos, None)  # a failed step's records are dropped
             ctx.step_ended()
 
     return run_step

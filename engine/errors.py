@@ -47,6 +47,15 @@ class LogWriteFailed(LogError):
     retriable = True
 
 
+class LogCorrupted(LogError):
+    """The log's stored data is damaged: a torn or overwritten file.
+
+    Refused rather than read around, so that no acknowledged event goes
+    missing without a word; restore the file from a copy, or salvage it
+    (`sqlite3 FILE .recover`) and check what it kept.
+    """
+
+
 # --- schemas and encoding --------------------------------------------------
 
 
@@ -84,6 +93,12 @@ class UnknownRun(SteplineError, LookupError):
 
 class InvalidRunState(SteplineError):
     """The run is not in a state that allows the requested operation."""
+
+
+class InvalidFork(InvalidRunState):
+    """A fork asked for what the original run's history cannot give: a fork
+    point past its journal, a step before it that never completed, or an
+    edit of a step outside the copied prefix."""
 
 
 # --- payloads --------------------------------------------------------------
@@ -152,6 +167,24 @@ class NoClient(SteplineError, RuntimeError):
 
 class FatalError(SteplineError):
     """Raise from a task to fail the run now, without retries."""
+
+
+class EmitUnsupported(FatalError):
+    """`stepline.emit` was called where records cannot be written atomically
+    with the step's checkpoint. Never retried: the next attempt would run
+    on the same log."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__(
+            f"stepline.emit needs a kafka:// log with transactions, and a task that runs "
+            f"in the worker process; here: {where}. memory:// and sqlite:// logs, tasks with "
+            f"isolation='process', and kafka:// URLs with transactions=false cannot write "
+            f"a Kafka topic in the same transaction as a step's checkpoint"
+        )
+        self.where = where
+
+    def __reduce__(self) -> tuple[type[EmitUnsupported], tuple[str]]:
+        return (type(self), (self.where,))
 
 
 class RetryAfter(SteplineError):
@@ -235,3 +268,55 @@ def _death(returncode: int | None) -> str:
 
 class PayloadTooLarge(SteplineError, ValueError):
     """A payload or event data over the client's size limit; nothing was appended."""
+
+
+# --- sensitive data (engine/sensitive.py, engine/keystore.py) ----------------
+
+
+class KeyStoreError(SteplineError):
+    """The key store of sensitive fields is missing, unreachable or misconfigured.
+
+    Retriable: a worker pointed at the wrong store (or none) fails the attempt,
+    and the run's retry policy gives the operator time to fix the setting.
+    """
+
+    retriable = True
+
+
+class KeyNotFound(KeyStoreError):
+    """A sensitive field was encrypted with a key this key store never had.
+
+    Not an erasure (that leaves a tombstone): the process reads a different
+    key store than the one that encrypted, e.g. a worker on another host
+    without STEPLINE_KEYS pointing at the shared store.
+    """
+
+    def __init__(self, kid: str, store: str) -> None:
+        super().__init__(
+            f"key {kid} of a sensitive field is not in the key store {store}, and was never "
+            f"erased there: every process (clients, workers, the API) must use the same key "
+            f"store (STEPLINE_KEYS, or Client(keys=...) / Worker(keys=...))"
+        )
+        self.kid = kid
+        self.store = store
+
+    def __reduce__(self) -> tuple[type[KeyNotFound], tuple[str, str]]:
+        return (type(self), (self.kid, self.store))
+
+
+class SubjectErased(FatalError):
+    """The run's sensitive fields belong to a subject that was forgotten.
+
+    Never retried: the key is gone for good, so no attempt can read them.
+    Names the key id only, since the message is recorded on the log.
+    """
+
+    def __init__(self, kid: str) -> None:
+        super().__init__(
+            f"the sensitive fields of this run were erased (key {kid} was deleted by "
+            f"`stepline forget`): the run cannot read its payload any more"
+        )
+        self.kid = kid
+
+    def __reduce__(self) -> tuple[type[SubjectErased], tuple[str]]:
+        return (type(self), (self.kid,))

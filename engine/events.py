@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Union
 
+from stepline.frozen import fast_init
+
 JSON = "application/json"
 
 
@@ -50,6 +52,34 @@ class RunTriggered:
     parent_run_id: str | None = None
     parent_step: int | None = None  # schema v3
     expires_at: int | None = None  # schema v4
+    # A fork (schema v5): the original run, the first position that runs
+    # live, and the journal and patch decisions copied from before it.
+    forked_from: str | None = None
+    forked_at_step: int | None = None
+    journal: tuple[CopiedStep, ...] = ()
+    patches: tuple[PatchRecorded, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CopiedStep:
+    """A journal position a fork copies from its original run. Schema v5."""
+
+    step: int
+    name: str
+    input: Payload | None = None
+    output: Payload | None = None
+    error: ErrorInfo | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PatchRecorded:
+    """A run's answer to `patched(patch)`, recorded when first asked, so that
+    every replay of the run answers the same. Schema v5."""
+
+    TYPE: ClassVar[str] = "PatchRecorded"
+    patch: str
+    applied: bool
+    step: int  # the journal position the run had reached when it asked
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +87,7 @@ class RunStarted:
     TYPE: ClassVar[str] = "RunStarted"
     attempt: int
     worker_id: str
+    task_version: str | None = None  # schema v5
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +137,9 @@ class RunSuspended:
     reason: str  # "sleep" | "event" | "child" | "token"
     wake_at: int | None = None
     condition: str | None = None  # JSON of the wake condition, for humans
+    # Schema v5: a branch of `wait_for_any`, named by its first branch's
+    # position. The first branch of a group to resolve wins; the others end.
+    group: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +280,29 @@ class RunExpired:
     expires_at: int
 
 
+# Scopes a PauseChanged names.
+PAUSE_TASK = "task"
+PAUSE_QUEUE = "queue"
+
+
+@dataclass(frozen=True, slots=True)
+class PauseChanged:
+    """A task or a queue paused (or resumed). Schema v5.
+
+    A request appended to every partition of the runs and queues topics
+    (run id empty, key empty), so each partition's fold knows what is
+    paused in order with its own runs: a run's owner holds back new
+    attempts, a queue's owner holds back grants (engine/pause.py).
+    """
+
+    TYPE: ClassVar[str] = "PauseChanged"
+    scope: str  # PAUSE_TASK | PAUSE_QUEUE
+    name: str
+    paused: bool
+    reason: str = ""
+    requested_by: str = "api"
+
+
 Body = Union[
     RunTriggered,
     RunStarted,
@@ -268,6 +325,8 @@ Body = Union[
     SlotRequested,
     SlotReleased,
     RunExpired,
+    PatchRecorded,
+    PauseChanged,
 ]
 
 BODY_TYPES: tuple[type[Body], ...] = (
@@ -292,6 +351,8 @@ BODY_TYPES: tuple[type[Body], ...] = (
     SlotRequested,
     SlotReleased,
     RunExpired,
+    PatchRecorded,
+    PauseChanged,
 )
 
 # Events a client may append for a run it does not own. Everything else is
@@ -299,7 +360,9 @@ BODY_TYPES: tuple[type[Body], ...] = (
 REQUEST_TYPES: frozenset[str] = frozenset(
     {RunTriggered.TYPE, RunCancelled.TYPE, RunRetriggered.TYPE, WaitCompleted.TYPE,
      # The queue's owner admits runs it does not own (schema v4).
-     SlotGranted.TYPE}
+     SlotGranted.TYPE,
+     # Pauses are any client's to append, on every partition (schema v5).
+     PauseChanged.TYPE}
 )
 
 
@@ -321,6 +384,13 @@ class Event:
     body: Body
     traceparent: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+
+
+# Several of these are built per event: let their __init__ store through the
+# slots, at half the cost (engine/frozen.py; classes that don't qualify keep theirs).
+for _cls in [c for c in list(globals().values()) if isinstance(c, type) and c.__module__ == __name__]:
+    fast_init(_cls)
+del _cls
 
 
 # The typed reader of these events (`stepline.events.consume`), imported last

@@ -112,7 +112,8 @@ def parse_token(token: str) -> tuple[str, int]:
 
     body = token[4:] if token.startswith("tok_") else ""
     run_id, _, step = body.rpartition("_")
-    if not run_id.startswith("run_") or not step.isdigit():
+    # isascii: str.isdigit() also holds for digits int() refuses, such as "²".
+    if not run_id.startswith("run_") or not (step.isascii() and step.isdigit()):
         raise InvalidToken(f"not a Stepline wait token: {token!r} (expected tok_<run id>_<step>)")
     return run_id, int(step)
 

@@ -117,7 +117,7 @@ async def execute_in_child(
     rng: random.Random,
 ) -> Outcome:
     """One attempt of an isolated task: start a child, serve it, record its end."""
-    ctx.emit(RunStarted(state.attempt, worker_id))
+    ctx.emit(RunStarted(state.attempt, worker_id, task.version))
     client = _current_client.get()
     try:
         child = await _Child.spawn(_init(task, state, ctx, rng, client), ctx, client, _app_registry(task))
@@ -150,7 +150,7 @@ def _init(
         memory_limit_mb=task.memory_limit_mb,
         sys_path=tuple(os.path.abspath(p) for p in sys.path),
         parent_pid=os.getpid(),
-        can_register_waits=ctx.register_wait is not None,
+        can_register_waits=ctx.register_wait is not None and ctx.unregister_wait is not None,
         can_request=ctx.request is not None,
         has_client=client is not None,
     )
@@ -212,7 +212,7 @@ class _Calls:
     """What a child may ask of its worker besides emitting: the worker's own
     wait registration, requests and client, so the child needs no log."""
 
-    NAMES = frozenset({"register_wait", "request", "trigger", "publish", "wait", "get_run"})
+    NAMES = frozenset({"register_wait", "unregister_wait", "request", "trigger", "publish", "wait", "get_run"})
 
     def __init__(self, ctx: RunContext, client: Client | None, registry: Registry) -> None:
         self._ctx = ctx
@@ -222,6 +222,10 @@ class _Calls:
     async def register_wait(self, entry: WaitEntry) -> None:
         assert self._ctx.register_wait is not None  # the child offers it only then
         await self._ctx.register_wait(entry)
+
+    async def unregister_wait(self, run_id: str, step: int) -> None:
+        assert self._ctx.unregister_wait is not None  # offered with register_wait
+        await self._ctx.unregister_wait(run_id, step)
 
     async def request(self, run_id: str, task_id: str, body: Body) -> int:
         assert self._ctx.request is not None
@@ -566,7 +570,9 @@ async def _child(fd: int) -> int:
         state.run_id, state.task_id, state.attempt, state.steps, link.emit,
         _shifted_clock(init.clock_offset_ms),
         register_wait=functools.partial(link.call, "register_wait") if init.can_register_waits else None,
+        unregister_wait=functools.partial(link.call, "unregister_wait") if init.can_register_waits else None,
         request=functools.partial(link.call, "request") if init.can_request else None,
+        patches=state.patch_answers(),
     )
     if init.has_client:
         _current_client.set(cast(Client, _ParentClient(link)))

@@ -32,6 +32,7 @@ import structlog
 from stepline import tracing
 from stepline.context import RunContext, _step_position, current_run
 from stepline.events import LogRecorded
+from stepline.sensitive import redact_secret_fields, redact_secrets, scrub_line
 
 # LogRecorded events one attempt may write, the note about dropped lines
 # included: the run's projection keeps 1,000 lines (MAX_LOGS_PER_RUN), so a
@@ -59,6 +60,7 @@ def configure_logging(json_logs: bool = True, level: int = logging.INFO) -> None
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
+            redact_secrets,  # no API token, webhook secret or Kafka password in a line
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             renderer,
         ],
@@ -160,6 +162,9 @@ class RunLogger:
 
     def _log(self, level: str, message: str, fields: dict[str, Any]) -> None:
         ctx = current_run()
+        fields = redact_secret_fields(fields)
+        if ctx is not None:  # the run's sensitive values, cut out of both destinations
+            message, fields = scrub_line(ctx, message, fields)
         bound: dict[str, Any] = dict(fields)
         if "event" in bound:  # structlog's name for the message itself
             bound["event_"] = bound.pop("event")

@@ -11,6 +11,7 @@ Routes (all under the API's bearer token; `/v1/stream` also takes it as
     GET  /v1/queues                live runs per queue, with the queue's limits
     GET  /v1/schedules             scheduled tasks and their next tick
     GET  /v1/stream                Server-Sent Events: `run` per changed run
+    DELETE /v1/subjects/{subject}  forget a subject: its sensitive fields become unreadable
 
 The lists need a `QueryStore` (`create_app(..., query=store)`); without one
 they answer 503. History, retry and schedules work without it.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +32,7 @@ from stepline.errors import UnknownRun
 from stepline.projections.query_store import InvalidCursor, Page, QueryStore, RunFilter, SubscriptionClosed
 from stepline.projections.runs import LIVE, TERMINAL
 from stepline.schedule import tick_key
+from stepline.sensitive import shown
 
 if TYPE_CHECKING:
     from stepline.server import _Api
@@ -41,6 +44,10 @@ KEEPALIVE_S = 15.0
 # A run changing many times in a burst is sent at most once per this window.
 COALESCE_S = 0.1
 _RETRY_FIELDS = frozenset({"payload"})
+# Far more digits than any bound here, and far fewer than int()'s 4300-digit limit.
+_INTEGER = re.compile(r"-?[0-9]{1,40}")
+_PAGE_PARAMS = frozenset({"limit", "cursor"})
+_RUN_PARAMS = _PAGE_PARAMS | {"task", "status", "tag", "from", "to", "q", "dead_letter", "parent", "error_type"}
 # "stepline/tick/": the idempotency keys of schedule ticks, from their one definition.
 _TICK_PREFIX = tick_key(datetime.fromtimestamp(0, UTC)).removesuffix("0")
 
@@ -53,12 +60,10 @@ def _http_error(status: int, message: str) -> Exception:
 
 def _int(request: web.Request, name: str, default: int | None, lo: int, hi: int) -> int | None:
     raw = request.query.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = lo - 1
+    # ASCII digits only: int() also takes " 7", "1_000" and "٣", which no client means.
+    value = int(raw) if _INTEGER.fullmatch(raw) else lo - 1
     if not lo <= value <= hi:
         raise _http_error(400, f"{name} must be an integer from {lo} to {hi}, got {raw!r}")
     return value
@@ -66,7 +71,7 @@ def _int(request: web.Request, name: str, default: int | None, lo: int, hi: int)
 
 def _bool(request: web.Request, name: str) -> bool | None:
     raw = request.query.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return None
     if raw.lower() in ("true", "1", "yes"):
         return True
@@ -75,16 +80,27 @@ def _bool(request: web.Request, name: str) -> bool | None:
     raise _http_error(400, f"{name} must be true or false, got {raw!r}")
 
 
+def _known_params(request: web.Request, known: frozenset[str]) -> None:
+    # A misspelt filter (?stauts=failed) silently ignored would list everything.
+    unknown = sorted(set(request.query) - known)
+    if unknown:
+        raise _http_error(400, f"unknown query parameter(s) {', '.join(unknown)}; "
+                               f"known: {', '.join(sorted(known))}")
+
+
 def _statuses(request: web.Request) -> tuple[str, ...]:
-    given = [s for raw in request.query.getall("status", []) for s in raw.split(",") if s]
+    # An empty value is no filter; inside a list, every item must be a status.
+    given = [s for raw in request.query.getall("status", []) if raw for s in raw.split(",")]
     unknown = sorted(set(given) - STATUSES)
     if unknown:
-        raise _http_error(400, f"unknown status {', '.join(unknown)}; one of {', '.join(sorted(STATUSES))}")
+        raise _http_error(400, f"unknown status {', '.join(map(repr, unknown))}; "
+                               f"one of {', '.join(sorted(STATUSES))}")
     return tuple(dict.fromkeys(given))
 
 
 def run_filter(request: web.Request) -> RunFilter:
     """The filter of `GET /v1/runs` from its query string."""
+    _known_params(request, _RUN_PARAMS)
     q = request.query
     ms = 2**63 - 1
     return RunFilter(
@@ -96,6 +112,7 @@ def run_filter(request: web.Request) -> RunFilter:
         text=q.get("q") or None,
         dead_letter=_bool(request, "dead_letter"),
         parent=q.get("parent") or None,
+        error_type=q.get("error_type") or None,
     )
 
 
@@ -141,6 +158,7 @@ class QueryRoutes:
     async def children(self, request: web.Request) -> web.Response:
         self.api.authenticate(request)
         store = self._store()
+        _known_params(request, _PAGE_PARAMS)
         where = RunFilter(parent=request.match_info["run_id"])
         page = await self._page(store.list_runs(where, self._limit(request), request.query.get("cursor")))
         return web.json_response(_page_json(page, "runs"))
@@ -151,8 +169,8 @@ class QueryRoutes:
         events = await self.api.client.history(run_id)
         if not events:
             raise UnknownRun(run_id)
-        return web.json_response({"run_id": run_id, "events": [event_dict(off, ev) for off, ev in events]},
-                                 dumps=_dumps)
+        rows = await shown([event_dict(off, ev) for off, ev in events], self.api.client.keys)
+        return web.json_response({"run_id": run_id, "events": rows}, dumps=_dumps)
 
     async def retry(self, request: web.Request) -> web.Response:
         """Re-trigger a failed (dead-lettered) or cancelled run; `{"payload": ...}` replaces its payload."""
@@ -166,9 +184,17 @@ class QueryRoutes:
         return web.json_response({"run_id": run_id, "retriggered": True, "was": was.status,
                                   "new_payload": "payload" in body}, status=202)
 
+    async def forget(self, request: web.Request) -> web.Response:
+        """Erase a subject (GDPR): delete its key, so its sensitive fields read as "[erased]"."""
+        self.api.authenticate(request)
+        subject = request.match_info["subject"]
+        kids = await self.api.client.forget(subject)
+        return web.json_response({"subject": subject, "erased": bool(kids), "keys_deleted": len(kids)})
+
     async def events(self, request: web.Request) -> web.Response:
         self.api.authenticate(request)
         store = self._store()
+        _known_params(request, _PAGE_PARAMS | {"name"})
         name = request.query.get("name") or None
         page = await self._page(store.list_events(name, self._limit(request), request.query.get("cursor")))
         return web.json_response(_page_json(page, "events"))
@@ -176,6 +202,7 @@ class QueryRoutes:
     async def queues(self, request: web.Request) -> web.Response:
         self.api.authenticate(request)
         counts = await self._store().queue_counts()
+        paused = {p["name"] for p in await self._store().pauses() if p["scope"] == "queue"}
         limits: dict[str, Any] = {}
         for t in self.api.registry or ():
             limits.setdefault(t.queue.name, t.queue)
@@ -191,6 +218,7 @@ class QueryRoutes:
                 "limit": q.concurrency_limit if q is not None else None,
                 "key_limit": q.key_limit if q is not None else None,
                 "rate_limit": None if rate is None else {"limit": rate.limit, "period_ms": rate.period_ms},
+                "paused": name in paused,
             })
         return web.json_response({"queues": out})
 
@@ -266,6 +294,7 @@ def add_query_routes(app: web.Application, api: _Api, store: QueryStore | None) 
     app.router.add_get("/v1/queues", routes.queues)
     app.router.add_get("/v1/schedules", routes.schedules)
     app.router.add_get("/v1/stream", routes.stream)
+    app.router.add_delete("/v1/subjects/{subject}", routes.forget)
     app.on_shutdown.append(routes.on_shutdown)
     return routes
 

@@ -36,11 +36,13 @@ from typing import Any
 
 from stepline.client import Client, _current_client
 from stepline.context import RunContext, Suspend, _current
-from stepline.errors import NonDeterminismError, PayloadValidationError
+from stepline.errors import KeyStoreError, NonDeterminismError, PayloadValidationError
 from stepline.events import Body, Event
 from stepline.ids import TOKEN
+from stepline.keystore import KeyStore
 from stepline.payloads import payload_json
 from stepline.projections.runs import COMPLETED, DONE_STEPS, PartitionRuns, RunState, StepState
+from stepline.sensitive import open_for_replay
 from stepline.task import Registry, Task
 from stepline.topics import Topics
 
@@ -235,7 +237,7 @@ def _replay_context(state: RunState) -> _ReplayContext:
         return done
 
     ctx = _ReplayContext(state.run_id, state.task_id, state.attempt, state.steps, emit,
-                         clock=lambda: state.updated_at)
+                         clock=lambda: state.updated_at, patches=state.patch_answers())
     ctx.emitted = emitted
     return ctx
 
@@ -264,13 +266,24 @@ def _completed_after(state: RunState, reached: int) -> StepState | None:
 
 
 async def check_run(task: Task[Any, Any] | None, state: RunState,
-                    timeout: float | None = DEFAULT_TIMEOUT) -> ReplayProblem | None:
-    """Replay one run's recorded journal through `task`'s current code; None when it matches."""
+                    timeout: float | None = DEFAULT_TIMEOUT, keys: KeyStore | None = None) -> ReplayProblem | None:
+    """Replay one run's recorded journal through `task`'s current code; None when it matches.
+
+    Sensitive fields are decrypted with `keys`; a forgotten subject's read
+    as "[erased]", and then only the journal is checked: the code's output
+    or errors may rightly differ once the values are gone.
+    """
     if task is None:
         return _problem(state, TASK_MISSING, f"task {state.task_id!r} is not declared by this app")
+    erased = False
     try:
-        payload = task.payload_codec.load(state.payload, f"payload of run {state.run_id}")
+        recorded, erased = await open_for_replay(task, state.payload, keys)
+        payload = task.payload_codec.load(recorded, f"payload of run {state.run_id}")
     except PayloadValidationError as exc:
+        if erased:
+            return None  # an erased field's type refuses the text "[erased]": nothing left to check
+        return _problem(state, PAYLOAD_INVALID, str(exc), error=f"{type(exc).__name__}: {exc}")
+    except KeyStoreError as exc:
         return _problem(state, PAYLOAD_INVALID, str(exc), error=f"{type(exc).__name__}: {exc}")
     ctx = _replay_context(state)
     raised: Exception | None = None
@@ -290,7 +303,10 @@ async def check_run(task: Task[Any, Any] | None, state: RunState,
             return _problem(state, DIVERGENCE, f"replay did not finish within {timeout:g} s: the task "
                             f"awaits something outside its steps", position=ctx.reached)
         raised = exc
-    return _judge(task, state, ctx, raised, result)
+    problem = _judge(task, state, ctx, raised, result)
+    if erased and problem is not None and problem.kind == DIVERGENCE and problem.expected is None:
+        return None  # the output or an error came from the erased values; the journal matched
+    return problem
 
 
 def _judge(task: Task[Any, Any], state: RunState, ctx: _ReplayContext,
@@ -356,6 +372,7 @@ async def check_runs(
             states = [await client.get_run(rid) for rid in dict.fromkeys(run_ids)]
         else:
             states = await client.list_runs()
+        keys = client.keys
     report = ReplayReport()
     if run_ids is None:
         wanted = set(task_ids) if task_ids is not None else None
@@ -363,7 +380,7 @@ async def check_runs(
         report.skipped = len(states) - len(chosen) if wanted is None else 0
         states = sorted(chosen, key=lambda s: (s.created_at, s.run_id))
     for done, state in enumerate(states, 1):
-        problem = await check_run(registry.find(state.task_id), state, timeout)
+        problem = await check_run(registry.find(state.task_id), state, timeout, keys)
         report.checked += 1
         if problem is None:
             report.ok += 1

@@ -20,7 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from stepline.context import RunContext, Suspend, _current, error_info
-from stepline.errors import MaxDurationExceeded, NonDeterminismError, PayloadValidationError
+from stepline.errors import (
+    KeyStoreError,
+    MaxDurationExceeded,
+    NonDeterminismError,
+    PayloadValidationError,
+    SubjectErased,
+)
 from stepline.events import (
     ErrorInfo,
     Payload,
@@ -35,6 +41,7 @@ from stepline.events import (
 )
 from stepline.logs import note_dropped
 from stepline.projections.runs import RunState
+from stepline.sensitive import open_run, watch_values
 from stepline.task import Task
 from stepline.tracing import attempt_failed
 
@@ -53,11 +60,19 @@ async def execute_attempt(
     worker_id: str,
     rng: random.Random,
 ) -> Outcome:
+    if task.sensitive is not None:
+        try:
+            # Before the isolation split: an isolated child gets the plain
+            # payload, and records through the scrubbing emit.
+            state = await open_run(task, state, ctx)
+        except (KeyStoreError, SubjectErased, ValueError) as exc:
+            ctx.emit(RunStarted(state.attempt, worker_id, task.version))
+            return await _failed(task, state, ctx, exc, rng)
     if task.isolation == "process":
         from stepline.isolation import execute_in_child  # the module imports this one
 
         return await execute_in_child(task, state, ctx, worker_id, rng)
-    ctx.emit(RunStarted(state.attempt, worker_id))
+    ctx.emit(RunStarted(state.attempt, worker_id, task.version))
     return await run_body(task, state, ctx, rng, task.max_duration)
 
 
@@ -78,6 +93,7 @@ async def run_body(
     token = _current.set(ctx)
     try:
         try:
+            watch_values(task, state, ctx)  # an isolated child's log lines, scrubbed too
             payload = task.payload_codec.load(state.payload, f"payload of run {state.run_id}")
             if max_duration is None:
                 result = await task.fn(payload)
@@ -88,9 +104,9 @@ async def run_body(
             note_dropped(ctx)  # how many log lines the cap dropped, before the outcome
     except Suspend as s:
         for w in s.waits[:-1]:
-            emit(RunSuspended(w.step, w.reason, w.wake_at, w.condition))
+            emit(RunSuspended(w.step, w.reason, w.wake_at, w.condition, w.group))
         last = s.waits[-1]
-        off = await emit(RunSuspended(last.step, last.reason, last.wake_at, last.condition))
+        off = await emit(RunSuspended(last.step, last.reason, last.wake_at, last.condition, last.group))
         return Outcome("suspended", off, str(s))
     except Exception as exc:
         return await _failed(task, state, ctx, exc, rng)

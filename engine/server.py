@@ -36,6 +36,7 @@ from stepline.errors import (
     InvalidEventName,
     InvalidRunState,
     InvalidToken,
+    KeyStoreError,
     LogError,
     PayloadTooLarge,
     PayloadValidationError,
@@ -44,7 +45,9 @@ from stepline.errors import (
     UnknownTask,
 )
 from stepline.ids import parse_token
+from stepline.openapi import add_openapi_route
 from stepline.projections.query import QueryProjector, QueryStore
+from stepline.sensitive import shown
 from stepline.task import Registry, Task
 
 log = structlog.get_logger("stepline.server")
@@ -102,6 +105,9 @@ class ServeConfig:
     signature_tolerance_s: int = 300
     # False only for `stepline dev`: a local API anyone on the machine may call.
     auth_required: bool = True
+    # Where `?module=` of the shadow route may import new code from
+    # (engine/history_api.py); None refuses every module.
+    shadow_path: str | None = None
 
     def __post_init__(self) -> None:
         if self.auth_required and not self.api_token:
@@ -147,6 +153,7 @@ _STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
     (InvalidToken, 409),
     (InvalidRunState, 409),
     (LogError, 503),
+    (KeyStoreError, 503),
 )
 
 
@@ -198,10 +205,25 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
 
 
 def _parse_json(raw: bytes) -> Any:
+    """The body as JSON; 400 for what Python's parser takes but JSON (RFC 8259) and Avro do not."""
     try:
-        return json.loads(raw)
+        value = json.loads(raw)
     except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
         raise _HttpError(400, f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise _HttpError(400, "request body is nested too deeply") from None
+    try:
+        # NaN, Infinity and 1e400 (which parses as infinity) fail allow_nan=False;
+        # a lone surrogate escape ("\ud800") fails the UTF-8 encoding that
+        # every string meets on its way into an Avro record.
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode()
+    except ValueError as exc:  # UnicodeEncodeError is a ValueError
+        why = ("a lone UTF-16 surrogate escape" if isinstance(exc, UnicodeEncodeError)
+               else "NaN, Infinity and numbers beyond a double's range (such as 1e400) are not JSON")
+        raise _HttpError(400, f"request body is not valid JSON: {why}") from None
+    except RecursionError:
+        raise _HttpError(400, "request body is nested too deeply") from None
+    return value
 
 
 def _json_object(raw: bytes, allowed: frozenset[str]) -> dict[str, Any]:
@@ -243,6 +265,9 @@ def _trigger_request(raw: bytes) -> _TriggerRequest:
     delay = _seconds(body, "delay")
     ttl = _seconds(body, "ttl")
     priority = body.get("priority", 0)
+    if isinstance(priority, float) and priority.is_integer():
+        # JSON has one number type: 5.0 is the integer 5, to JSON Schema and so to us.
+        priority = int(priority)
     if isinstance(priority, bool) or not isinstance(priority, int) or priority not in _PRIORITY_RANGE:
         raise _HttpError(400, "priority must be a 32-bit integer")
     tags = body.get("tags", [])
@@ -371,7 +396,8 @@ class _Api:
     async def get_run(self, request: web.Request) -> web.Response:
         self.authenticate(request)
         state = await self.client.get_run(request.match_info["run_id"])
-        return web.json_response(state_dict(state))
+        # Sensitive fields show as "[redacted]" or "[erased]", never decrypted.
+        return web.json_response(await shown(state_dict(state), self.client.keys))
 
     async def cancel(self, request: web.Request) -> web.Response:
         """Stop a run: a running step is cancelled at once, a waiting run never resumes."""
@@ -445,6 +471,10 @@ def create_app(
     # Above our own limit, so a too-large body gets our 413 and its message.
     app = web.Application(middlewares=[_json_errors], client_max_size=config.max_body_bytes + 1)
     api = _Api(client, config, registry)
+    from stepline.ops_api import add_ops_routes
+
+    # First: /v1/runs/bulk/cancel must not be read as /v1/runs/{run_id}/cancel.
+    add_ops_routes(app, api, query)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_post("/v1/tasks/{task_id}/trigger", api.trigger)
     app.router.add_post("/v1/events", api.publish)
@@ -453,7 +483,14 @@ def create_app(
     app.router.add_post("/v1/runs/{run_id}/cancel", api.cancel)
     app.router.add_post("/v1/webhooks/{source}", api.webhook)
     add_query_routes(app, api, query)
+    from stepline.history_api import add_history_routes
+
+    add_history_routes(app, api)
+    from stepline.backfill_api import add_backfill_routes
+
+    add_backfill_routes(app, api)
     app.router.add_get("/v1/info", api.info)
+    add_openapi_route(app, auth_required=config.auth_required)
     add_dashboard_routes(app)
     return app
 

@@ -20,6 +20,8 @@ from stepline.errors import TaskDefinitionError, UnknownTask
 from stepline.payloads import Codec
 from stepline.retry import DEFAULT_RETRY, Retry
 from stepline.schedule import Cron, Every
+from stepline.sensitive import sensitive_spec
+from stepline.versions import task_version
 
 if TYPE_CHECKING:
     from stepline.client import Client, RunHandle
@@ -153,6 +155,9 @@ class Task(Generic[PayloadT, ResultT]):
         isolation: Isolation = "inline",
         memory_limit_mb: int | None = None,
         debounce: Debounce | None = None,
+        version: str | None = None,
+        sensitive: Sequence[str] | None = None,
+        subject: str | None = None,
     ) -> None:
         if not inspect.iscoroutinefunction(fn):
             raise TaskDefinitionError(f"task {id!r}: {fn.__qualname__} must be an `async def`")
@@ -172,8 +177,12 @@ class Task(Generic[PayloadT, ResultT]):
         if debounce is not None and not isinstance(debounce, Debounce):
             raise TaskDefinitionError(f"task {id!r}: debounce must be a stepline.Debounce, got {debounce!r}")
         self.debounce = debounce
+        # Recorded on every attempt's RunStarted (engine/versions.py).
+        self.version = task_version(id, fn, version)
         payload_t, result_t = _annotations(fn)
         self.payload_codec = Codec(payload_t)
+        # Fields encrypted on the log under the subject's key (engine/sensitive.py).
+        self.sensitive = sensitive_spec(id, payload_t, sensitive, subject)
         self.output_codec = Codec(result_t)
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
@@ -322,6 +331,9 @@ def task(
     isolation: Isolation = "inline",
     memory_limit_mb: int | None = None,
     debounce: Debounce | None = None,
+    version: str | None = None,
+    sensitive: Sequence[str] | None = None,
+    subject: str | None = None,
 ) -> Callable[[TaskFn[PayloadT, ResultT]], Task[PayloadT, ResultT]]: ...
 
 
@@ -339,6 +351,9 @@ def task(
     isolation: Isolation = "inline",
     memory_limit_mb: int | None = None,
     debounce: Debounce | None = None,
+    version: str | None = None,
+    sensitive: Sequence[str] | None = None,
+    subject: str | None = None,
 ) -> Task[PayloadT, ResultT] | Callable[[TaskFn[PayloadT, ResultT]], Task[PayloadT, ResultT]]:
     """Declare a durable task: `@task(id="process-order", retry=Retry(...))`.
 
@@ -348,13 +363,18 @@ def task(
     decides what next); `isolation="process"` runs each attempt in a child
     process, optionally capped at `memory_limit_mb` of address space.
     `debounce=Debounce(30, key=...)` runs only the last of a key's triggers
-    that come less than 30 s apart.
+    that come less than 30 s apart. `version="2"` names the code's version
+    (recorded on each attempt; by default a hash of the function's source).
+    `subject="user_id"` with fields marked `Annotated[str, Sensitive]` (or
+    `sensitive=["email"]`) encrypts them on the log under that subject's key,
+    erasable by forgetting the subject (docs/sensitive-data.md).
     """
 
     def wrap(f: TaskFn[PayloadT, ResultT]) -> Task[PayloadT, ResultT]:
         t = Task(f, id=id or f.__name__.replace("_", "-"), retry=retry, queue=queue, on=on,
                  schedule=schedule, max_duration=max_duration, isolation=isolation,
-                 memory_limit_mb=memory_limit_mb, debounce=debounce)
+                 memory_limit_mb=memory_limit_mb, debounce=debounce, version=version,
+                 sensitive=sensitive, subject=subject)
         (registry if registry is not None else default_registry).add(t)
         return t
 

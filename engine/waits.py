@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from stepline.consumers.lookback import MAX_LOOKBACK
 from stepline.consumers.waits import WaitEntry, check_wait_pattern
 from stepline.context import RunContext, Suspend, Wait, _step_position, require_run
 from stepline.errors import ChildRunFailed, NotInRunContext
@@ -65,28 +66,53 @@ async def wait_for_event(
     match: Mapping[str, Any] | None = None,
     *,
     timeout: timedelta | float | None = None,
+    lookback: timedelta | float | None = None,
 ) -> Any:
     """Suspend until a domain event `name` whose data matches `match` is published.
 
     `match` is a pattern as in `Subscription(where=...)` (exact values,
-    alternatives, prefix, numeric ranges, exists...). Only events published
-    after the wait is reached count. Returns the event's data, or None when
-    `timeout` passes first.
+    alternatives, prefix, numeric ranges, exists...). Events published
+    after the wait is reached count, and with `lookback` (at most 24 hours)
+    also those published up to that long before: the event that raced
+    ahead of the run. Returns the event's data, or None when `timeout`
+    passes first. The event that matched is recorded in the run's journal,
+    so a replay returns the same data.
     """
     ctx = _in_body("stepline.wait_for_event()")
     check_wait_pattern(name, match)
+    back = lookback_ms(lookback)
     pos, rec = ctx.next_position(EVENT)
     if rec is not None and rec.status in DONE_STEPS:
         return _answer(rec, f"event that resumed wait {pos} of run {ctx.run_id}")
     deadline = _deadline(ctx, rec, timeout)
-    since = rec.started_at if rec is not None and rec.started_at is not None else ctx.clock()
+    await ctx.quiesce()
+    await register_event_wait(ctx, pos, rec, name, match, deadline, back)
+    raise Suspend(Wait(pos, EVENT, deadline, json.dumps({"event": name, "match": match})))
+
+
+def lookback_ms(lookback: timedelta | float | None) -> int:
+    if lookback is None:
+        return 0
+    seconds = lookback.total_seconds() if isinstance(lookback, timedelta) else float(lookback)
+    if not 0 <= seconds <= MAX_LOOKBACK.total_seconds():
+        raise ValueError(
+            f"lookback must be from 0 to {MAX_LOOKBACK} (the worker reads every event of that "
+            f"window once), got {lookback!r}; for older events, backfill a subscription"
+        )
+    return int(seconds * 1000)
+
+
+async def register_event_wait(
+    ctx: RunContext, pos: int, rec: StepState | None, name: str, match: Mapping[str, Any] | None,
+    deadline: int | None, back: int,
+) -> None:
+    """Tell the router about the wait, before the suspension is recorded: once
+    RunSuspended is on the log, the router already knows what to look for."""
     if ctx.register_wait is None:
         raise NotInRunContext("stepline.wait_for_event() needs a worker with a client to route events")
-    await ctx.quiesce()
-    # Registered before the suspension is recorded: once RunSuspended is on
-    # the log, the router already knows what to look for.
-    await ctx.register_wait(WaitEntry(ctx.run_id, ctx.task_id, pos, name, match, since, deadline))
-    raise Suspend(Wait(pos, EVENT, deadline, json.dumps({"event": name, "match": match})))
+    reached = rec.started_at if rec is not None and rec.started_at is not None else ctx.clock()
+    await ctx.register_wait(WaitEntry(ctx.run_id, ctx.task_id, pos, name, match, reached - back, deadline,
+                                      lookback=back))
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ import asyncio
 import os
 import random
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import structlog
 
@@ -33,16 +33,19 @@ from stepline import codec, tracing
 from stepline.admission import Admission
 from stepline.appender import Appender
 from stepline.client import Client, _current_client
+from stepline.consumers.lookback import find_past_event
 from stepline.consumers.router import Router
 from stepline.consumers.waits import WaitEntry, register, unregister
 from stepline.context import SLEEP, RunContext, error_info, now_ms
 from stepline.dispatch import ReadyQueue
 from stepline.errors import LogError, SchemaError, UnknownTask
 from stepline.events import (
+    PAUSE_TASK,
     Body,
     ErrorInfo,
     Event,
     PartitionClaimed,
+    PauseChanged,
     RetryScheduled,
     RunCompleted,
     RunDeadLettered,
@@ -56,7 +59,8 @@ from stepline.events import (
     WaitCompleted,
 )
 from stepline.ids import new_event_id
-from stepline.log.base import Assignment, Log, Membership, partition_for
+from stepline.keystore import KeyStore, default_keystore
+from stepline.log.base import Assignment, Log, Membership, Outgoing, partition_for
 from stepline.projections.runs import (
     CANCELLED,
     EXPIRED,
@@ -119,6 +123,7 @@ class Worker:
         client: Client | None = None,
         snapshot_every: int = 50_000,
         route_events: bool = True,
+        keys: KeyStore | None = None,
     ) -> None:
         self.registry = registry
         self.log = log_
@@ -144,6 +149,9 @@ class Worker:
         self.rebuilt_from: dict[int, int] = {}
         # Tasks that trigger other tasks use this client.
         self.client = client
+        # Subject keys to open sensitive payload fields with: the client's, unless given.
+        self.keys = keys if keys is not None else (
+            client.keys if client is not None else default_keystore(log_.url))
         self._rng = random.Random()
         self._parts: dict[int, PartitionRuns] = {}
         self._epoch: dict[int, int] = {}
@@ -154,6 +162,9 @@ class Worker:
         # Runs whose attempt ended but whose outcome is not folded yet, with
         # the outcome's offset: until then their state lags behind the truth.
         self._settling: dict[str, int] = {}
+        # Runs whose last attempt could not record its outcome (the log
+        # refused the append: disk full, broker down), by failures in a row.
+        self._stalled: dict[str, int] = {}
         self._seq: dict[str, int] = {}
         self._own: dict[tuple[int, int], Event] = {}
         self._ready = ReadyQueue()
@@ -257,6 +268,8 @@ class Worker:
         for t in doomed:
             t.cancel()
         await asyncio.gather(*readers, *doomed, return_exceptions=True)
+        for p in partitions:
+            await self.log.unfence(self.topics.runs, p)
         # Leave a recent snapshot for the next owner. Its state is a fold of
         # a log prefix, valid whoever writes it, even after losing ownership.
         for part in leaving:
@@ -265,6 +278,10 @@ class Worker:
 
     async def _claim(self, p: int, generation: int) -> None:
         assert self._appender is not None
+        # Fence before the claim is written: a previous owner's transaction
+        # (a checkpoint with emitted records) either committed before our
+        # claim, and is accepted, or is aborted now and can never commit.
+        await self.log.fence(self.topics.runs, p)
         part = await self._load_snapshot(p)
         self.rebuilt_from[p] = part.next_offset
         await self._catch_up(part, await self.log.end_offset(self.topics.runs, p))
@@ -281,6 +298,7 @@ class Worker:
         await self._catch_up(part, await self.log.end_offset(self.topics.runs, p))
         if part.epoch != epoch:  # someone claimed after us: we are already fenced
             log.warning("partition claimed by a newer owner", partition=p, epoch=epoch)
+            await self.log.unfence(self.topics.runs, p)
             return
         self._epoch[p] = epoch
         self._parts[p] = part
@@ -316,6 +334,8 @@ class Worker:
     async def _catch_up(self, part: PartitionRuns, end: int) -> None:
         while part.next_offset < end:
             recs = await self.log.read(self.topics.runs, part.partition, part.next_offset, self._read_batch)
+            if not recs:
+                return  # the rest below `end` holds no record (Kafka transaction markers)
             for r in recs:
                 ev = self._decode(r.value, part.partition, r.offset)
                 if ev is not None:
@@ -375,6 +395,8 @@ class Worker:
                 st = self._fold(part, ev, r.offset)
                 if st is not None:
                     touched[st.run_id] = st
+                elif isinstance(ev.body, PauseChanged):
+                    touched.update(self._paused_runs(part, ev.body))
             for st in touched.values():
                 self._react(st)
             if touched:
@@ -431,6 +453,9 @@ class Worker:
 
     def _enqueue(self, state: RunState) -> None:
         task = self.registry.find(state.task_id)
+        if self._held(state):
+            self._ready.discard(state.run_id)  # it starts when resumed, in its usual order
+            return
         if task is not None and task.queue.limited:
             if state.slot is None:
                 self._ask_slot(state, task.queue)
@@ -441,6 +466,37 @@ class Worker:
             return
         queue, limit = (task.queue.name, task.queue.concurrency_limit) if task else ("", None)
         self._ready.push(state.run_id, queue, limit, state.priority, state.created_at)
+
+    # --- pauses (engine/pause.py) ----------------------------------------
+
+    def _held(self, state: RunState) -> bool:
+        """Whether a pause holds this run back from a new attempt.
+
+        Runs of limited queues are held by the queue's owner instead (it
+        grants no slot while paused, so they keep their place in the queue),
+        and an attempt already under way (RUNNING, recovered after its
+        worker died) finishes: a pause stops starts, not work.
+        """
+        part = self._parts.get(partition_for(state.run_id.encode(), self._nparts))
+        if part is None or not part.paused or state.status == RUNNING:
+            return False
+        task = self.registry.find(state.task_id)
+        if task is not None and task.queue.limited:
+            return False
+        return part.is_paused(state.task_id, task.queue.name if task is not None else state.queue)
+
+    def _paused_runs(self, part: PartitionRuns, body: PauseChanged) -> dict[str, RunState]:
+        """The live runs of a partition that a PauseChanged is about."""
+        out: dict[str, RunState] = {}
+        for st in part.live_runs():
+            if body.scope == PAUSE_TASK:
+                hit = st.task_id == body.name
+            else:
+                task = self.registry.find(st.task_id)
+                hit = (task.queue.name if task is not None else st.queue) == body.name
+            if hit:
+                out[st.run_id] = st
+        return out
 
     # --- admission to limited queues -------------------------------------
 
@@ -533,7 +589,7 @@ class Worker:
                 return
             rid, queue = nxt
             state = self._state(rid)
-            if state is None or rid in self._active or not self._runnable(state, now):
+            if state is None or rid in self._active or not self._runnable(state, now) or self._held(state):
                 self._ready.release(queue)
                 continue
             if state.expires_at is not None and state.started_at is None and state.expires_at <= now:
@@ -547,14 +603,26 @@ class Worker:
 
     # --- executing -------------------------------------------------------
 
-    def _emit(self, state: RunState, body: Body, traceparent: str | None = None) -> asyncio.Future[int]:
+    def _emit(self, state: RunState, body: Body, traceparent: str | None = None,
+              outgoing: Sequence[Outgoing] = ()) -> asyncio.Future[int]:
         assert self._appender is not None
         rid = state.run_id
         p = partition_for(rid.encode(), self._nparts)
+        epoch = self._epoch.get(p)
+        if epoch is None:
+            # The partition was revoked while this attempt went on (its code
+            # swallowed the cancellation). Whatever it says now, the next
+            # owner decides: write nothing, and end the attempt as a revoke
+            # does. (Written, it would carry epoch 0, which every fold drops,
+            # but a reader that started after the last claim, such as a
+            # client awaiting a result, could not tell it was stale.)
+            revoked: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            revoked.cancel()
+            return revoked
         seq = max(self._seq.get(rid, 0), state.seq) + 1
         self._seq[rid] = seq
         ev = Event(new_event_id(), body.TYPE, rid, state.task_id, seq, self.clock(),
-                   self._epoch.get(p, 0), body, traceparent)
+                   epoch, body, traceparent)
         if rid in self._holding and isinstance(body, _ENDS_ATTEMPT):
             # The user's code is done: free the slot, durably, before the
             # outcome is recorded. In the other order a crash between the two
@@ -564,20 +632,20 @@ class Worker:
                 rid, task_id, SlotReleased(queue, key, body.TYPE))
         gate = self._gates.get(rid)
         if gate is None:
-            return self._appender.submit(ev, rid.encode(), p)
+            return self._appender.submit(ev, rid.encode(), p, outgoing)
         if gate.done():
             del self._gates[rid]
             if not gate.cancelled() and gate.exception() is not None:
                 log.warning("slot release failed; the slot may stay held", run_id=rid,
                             error=str(gate.exception()))
-            return self._appender.submit(ev, rid.encode(), p)
+            return self._appender.submit(ev, rid.encode(), p, outgoing)
         # Later events of the run queue up behind the release, in order
         # (done-callbacks run in the order they were added).
         out: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
         def submit(_: asyncio.Future[int]) -> None:
             assert self._appender is not None
-            inner = self._appender.submit(ev, rid.encode(), p)
+            inner = self._appender.submit(ev, rid.encode(), p, outgoing)
             inner.add_done_callback(lambda f: _copy_result(f, out))
 
         gate.add_done_callback(submit)
@@ -589,8 +657,19 @@ class Worker:
         ev = Event(new_event_id(), body.TYPE, run_id, task_id, 0, self.clock(), 0, body)
         return self._appender.submit(ev, run_id.encode(), partition_for(run_id.encode(), self._nparts))
 
+    async def _unregister_wait(self, run_id: str, step: int) -> None:
+        await unregister(self.log, self.topics.waits, run_id, step)
+
     async def _register_wait(self, entry: WaitEntry) -> None:
         await register(self.log, self.topics.waits, entry)
+        if entry.lookback:
+            # Registered first, then searched: an event the search does not
+            # reach was appended after the wait, and the router offers it.
+            seen = await find_past_event(self.log, self.topics.events, entry)
+            if seen is not None:
+                await self._request(entry.run_id, entry.task_id,
+                                    WaitCompleted(entry.step, EVENT, seen.event_id, seen.raw))
+                self._forget_wait(entry.run_id, entry.step)
 
     async def _run(self, state: RunState, queue: str) -> None:
         rid = state.run_id
@@ -612,22 +691,30 @@ class Worker:
                 )
                 span.ended("failed", "UnknownTask")
                 return
+            ctx: RunContext  # its emitter (below) refers to it
             ctx = RunContext(rid, state.task_id, state.attempt, state.steps,
-                             lambda body: self._emit(state, body, tp), self.clock,
-                             register_wait=self._register_wait, request=self._request)
+                             lambda body: self._emit(state, body, tp, ctx.take_attached()),
+                             self.clock, emit_log=self.log,
+                             register_wait=self._register_wait, request=self._request,
+                             unregister_wait=self._unregister_wait, keys=self.keys,
+                             patches=state.patch_answers())
             outcome = await execute_attempt(task, state, ctx, self.worker_id, self._rng)
             span.ended(outcome.kind, outcome.detail)
             outcome_offset = outcome.offset
+            self._stalled.pop(rid, None)
         except asyncio.CancelledError:
             if rid not in self._cancel_requested:
                 raise  # shutdown or revocation: the next owner resumes the run
             span.ended("cancelled")
         except Exception as exc:
             # Recording the outcome failed (the log is down). The run stays
-            # live on the log and is resumed by whoever owns it next.
+            # live on the log; nothing on it will wake this worker again, so
+            # it tries the attempt again itself, backing off, for as long
+            # as it owns the run (a new owner resumes it anyway).
             log.exception("could not record attempt outcome", run_id=rid)
             span.record_failure(exc)
             span.ended("error", "could not record the outcome")
+            self._retry_unrecorded(rid)
         finally:
             span.close()  # first: runs started from here must not inherit its context
             holding = self._holding.pop(rid, None)
@@ -653,6 +740,21 @@ class Worker:
                     else:
                         self._settling[rid] = outcome_offset
                 self._pump()
+
+    def _retry_unrecorded(self, rid: str) -> None:
+        """Try an attempt again whose outcome the log refused, after a pause.
+
+        Treated like a run whose owner died mid-attempt (its state on the
+        log is whatever got written: running, or still pending): completed
+        steps replay, the step whose checkpoint was lost runs again. The
+        pause doubles up to a minute, so a log that stays down for hours
+        does not re-run that step every second.
+        """
+        if self._stopping or partition_for(rid.encode(), self._nparts) not in self._epoch:
+            return  # not ours any more: its next owner resumes it
+        failures = self._stalled[rid] = self._stalled.get(rid, 0) + 1
+        self._recover.add(rid)
+        self._timers.schedule(self.clock() + min(60_000, 500 * 2 ** failures), rid, START)
 
     # --- introspection (tests, CLI) -------------------------------------
 

@@ -35,9 +35,9 @@ import structlog
 
 from stepline import codec
 from stepline.errors import SchemaError, UnknownTopic
-from stepline.events import Event
+from stepline.events import Event, PauseChanged
 from stepline.log import open_log
-from stepline.log.base import Assignment, Log, Membership, Record
+from stepline.log.base import Assignment, Log, Membership, Record, skip_unreadable
 from stepline.projections.query_store import (
     DEFAULT_QUERY_DB,
     Page,
@@ -254,16 +254,27 @@ class QueryProjector:
         runs = topic == self.topics.runs
         fold = _RunsPartition(p, offset, epoch, self.cache_runs // max(1, self._runs_partitions)) if runs else None
         while until is None or offset < until:
-            recs = await self.log.read(topic, p, offset, self.batch, timeout=1.0)
-            if until is not None:
-                recs = [r for r in recs if r.offset < until]
+            raw = await self.log.read(topic, p, offset, self.batch, timeout=1.0)
+            recs = raw if until is None else [r for r in raw if r.offset < until]
             if not recs:
+                if raw:
+                    return  # all below `until` is done; gaps (see below) came before it
+                if runs:
+                    # Kafka transactions (stepline.emit) leave markers that no
+                    # read returns: step over them, or the stored offset would
+                    # never reach the end offset (wait_caught_up, lag, rebuild).
+                    skipped = await skip_unreadable(self.log, topic, p, offset)
+                    if skipped > offset:
+                        await self.store.apply_batch(topic, p, offset, skipped, epoch=fold.part.epoch if fold else 0)
+                        offset = skipped
                 continue
             events = _decode(recs, topic)
             end = recs[-1].offset + 1
             if fold is not None:
                 changed = await fold.fold(self.store, events)
-                await self.store.apply_batch(topic, p, offset, end, runs=changed.values(), epoch=fold.part.epoch)
+                pauses = [ev for _, ev in events if isinstance(ev.body, PauseChanged)]
+                await self.store.apply_batch(topic, p, offset, end, runs=changed.values(), epoch=fold.part.epoch,
+                                             pauses=pauses)
                 fold.trim()
             else:
                 await self.store.apply_batch(topic, p, offset, end, events=events)
@@ -271,6 +282,26 @@ class QueryProjector:
             self.applied += len(recs)
             if self.on_applied is not None:
                 self.on_applied(len(recs))
+
+    async def catch_up(self) -> None:
+        """Bring the store up to the runs topic's ends as of the call, without
+        joining the group (a one-off reader such as `stepline runs cancel`).
+
+        Safe beside a server following the same file: a batch another
+        projector wrote first is refused whole (StaleOffsets), and this
+        reads on from wherever the store then is.
+        """
+        await self.log.ensure_topics(self.topics.specs())
+        self._runs_partitions = await self.log.partitions(self.topics.runs)
+        await self._forget_if_log_replaced()
+        for p in range(self._runs_partitions):
+            end = await self.log.end_offset(self.topics.runs, p)
+            while True:
+                try:
+                    await self.follow(self.topics.runs, p, until=end)
+                    break
+                except StaleOffsets:
+                    continue
 
     async def lag(self) -> int:
         """Records on the log not yet in the store (both topics)."""

@@ -84,6 +84,13 @@ TABLES = (
         partition INTEGER NOT NULL,
         "offset" INTEGER NOT NULL
     )""",
+    # Paused tasks and queues (PauseChanged), per runs partition: every
+    # partition carries its own copy of a pause, folded in its own order.
+    """CREATE TABLE IF NOT EXISTS pauses (
+        scope TEXT NOT NULL, name TEXT NOT NULL, partition INTEGER NOT NULL,
+        since INTEGER NOT NULL, reason TEXT NOT NULL, requested_by TEXT NOT NULL,
+        PRIMARY KEY (scope, name, partition)
+    ) WITHOUT ROWID""",
     # The tracking records; `epoch` is the runs partition's fencing epoch,
     # kept so that a resumed fold still drops a zombie owner's events.
     """CREATE TABLE IF NOT EXISTS offsets (
@@ -235,6 +242,7 @@ class RunFilter:
     text: str | None = None  # substring of the payload or output JSON
     dead_letter: bool | None = None
     parent: str | None = None
+    error_type: str | None = None  # the last error's type, e.g. TimeoutError
 
     @property
     def empty(self) -> bool:
@@ -298,6 +306,9 @@ def list_runs(
     if f.parent is not None:
         where.append("r.parent_run_id = ?")
         params.append(f.parent)
+    if f.error_type is not None:
+        where.append("r.error_type = ?")
+        params.append(f.error_type)
     if f.created_from is not None:
         where.append(f"{order[0]} >= ?")
         params.append(f.created_from)
@@ -315,6 +326,7 @@ def list_runs(
            + f" ORDER BY {order[0]} DESC, {order[1]} DESC LIMIT ?")
     rows = conn.execute(sql, [*params, limit + 1]).fetchall()
     items = [summary(r) for r in rows[:limit]]
+    mark_paused(conn, items)
     more = len(rows) > limit
     next_cursor = encode_cursor(items[-1]["created_at"], items[-1]["run_id"]) if more else None
     estimate = None
@@ -323,6 +335,31 @@ def list_runs(
         # the count, read from the end of the table's b-tree.
         estimate = int(conn.execute("SELECT coalesce(max(rowid), 0) FROM runs").fetchone()[0])
     return Page(items, next_cursor, estimate)
+
+
+# Statuses a pause holds back: waiting to start an attempt.
+HELD_STATUSES = frozenset({"pending", "retrying"})
+
+
+def paused_scopes(conn: sqlite3.Connection) -> set[tuple[str, str]]:
+    """(scope, name) of every task and queue paused in at least one partition."""
+    return {(s, n) for s, n in conn.execute("SELECT DISTINCT scope, name FROM pauses")}
+
+
+def mark_paused(conn: sqlite3.Connection, items: list[dict[str, Any]]) -> None:
+    """Set `paused` on run summaries waiting behind a paused task or queue."""
+    paused = paused_scopes(conn) if items else set()
+    for item in items:
+        item["paused"] = bool(paused) and item["status"] in HELD_STATUSES and (
+            ("task", item["task_id"]) in paused or ("queue", item["queue"]) in paused)
+
+
+def list_pauses(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """One entry per paused task or queue: since its first partition saw it."""
+    rows = conn.execute("SELECT scope, name, min(since), max(reason), max(requested_by), count(*) FROM pauses"
+                        " GROUP BY scope, name ORDER BY scope, name").fetchall()
+    return [{"scope": s, "name": n, "since": since, "reason": reason, "requested_by": by, "partitions": parts}
+            for s, n, since, reason, by, parts in rows]
 
 
 def list_events(conn: sqlite3.Connection, name: str | None, limit: int, after: tuple[int, str] | None) -> Page:
@@ -370,7 +407,9 @@ __all__ = [
     "encode_cursor",
     "event_values",
     "list_events",
+    "list_pauses",
     "list_runs",
+    "mark_paused",
     "run_values",
     "summary",
     "tag_rows",

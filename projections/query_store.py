@@ -31,7 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from stepline.events import Event
+from stepline.events import Event, PauseChanged
 from stepline.projections.query_feed import FeedSubscription, RunFeed, SubscriptionClosed
 from stepline.projections.query_sql import (
     DEFAULT_QUERY_DB,
@@ -56,6 +56,7 @@ from stepline.projections.query_sql import (
     encode_cursor,
     event_values,
     list_events,
+    list_pauses,
     list_runs,
     run_values,
     summary,
@@ -219,7 +220,7 @@ class QueryStore:
         def reset() -> None:
             conn = self._conn_or_fail()
             conn.execute("BEGIN IMMEDIATE")
-            for table in ("runs", "run_tags", "domain_events", "offsets"):
+            for table in ("runs", "run_tags", "domain_events", "offsets", "pauses"):
                 conn.execute(f"DELETE FROM {table}")
             if self.text_index:
                 conn.execute(TEXT_CLEAR)
@@ -229,22 +230,27 @@ class QueryStore:
     async def apply_batch(
         self, topic: str, partition: int, from_offset: int, next_offset: int, *,
         runs: Iterable[RunState] = (), events: Iterable[tuple[int, Event]] = (), epoch: int = 0,
+        pauses: Sequence[Event] = (),
     ) -> None:
         """Upsert changed runs and new events, and move the partition's offset
-        from `from_offset` to `next_offset`: one transaction.
+        from `from_offset` to `next_offset`: one transaction. `pauses` are the
+        batch's PauseChanged events, in log order (runs topic only).
 
         Raises StaleOffsets, writing nothing, when the stored offset is not
         `from_offset`. Then tells the feed's listeners which runs changed.
         """
         run_rows = [run_values(s) for s in runs]
         event_rows = [v for off, ev in events if (v := event_values(off, partition, ev)) is not None]
-        await self._write(self._apply, topic, partition, from_offset, next_offset, epoch, run_rows, event_rows)
+        pause_rows = [(ev.time, ev.body) for ev in pauses if isinstance(ev.body, PauseChanged)]
+        await self._write(self._apply, topic, partition, from_offset, next_offset, epoch, run_rows, event_rows,
+                          pause_rows)
         if run_rows and self.feed.listening:
             self.feed.publish([summary(v) for v in run_rows])
 
     def _apply(
         self, topic: str, partition: int, from_offset: int, next_offset: int, epoch: int,
         run_rows: list[tuple[Any, ...]], event_rows: list[tuple[Any, ...]],
+        pause_rows: Sequence[tuple[int, PauseChanged]] = (),
     ) -> None:
         conn = self._conn_or_fail()
         conn.execute("BEGIN IMMEDIATE")
@@ -268,6 +274,13 @@ class QueryStore:
             if event_rows:
                 conn.executemany("INSERT OR IGNORE INTO domain_events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                  event_rows)
+            for time, pause in pause_rows:
+                if pause.paused:  # a repeated pause keeps the time of the first
+                    conn.execute("INSERT OR IGNORE INTO pauses VALUES (?, ?, ?, ?, ?, ?)",
+                                 (pause.scope, pause.name, partition, time, pause.reason, pause.requested_by))
+                else:
+                    conn.execute("DELETE FROM pauses WHERE scope = ? AND name = ? AND partition = ?",
+                                 (pause.scope, pause.name, partition))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -333,6 +346,11 @@ class QueryStore:
         result: dict[str | None, dict[str, int]] = await self._read(q)
         return result
 
+    async def pauses(self) -> list[dict[str, Any]]:
+        """Paused tasks and queues: scope, name, since (ms), reason, requested_by, partitions."""
+        result: list[dict[str, Any]] = await self._read(list_pauses)
+        return result
+
     async def last_run(self, task_id: str, key_prefix: str) -> dict[str, Any] | None:
         """The newest run of a task whose idempotency key starts with `key_prefix`."""
         def q(conn: sqlite3.Connection) -> dict[str, Any] | None:
@@ -347,7 +365,7 @@ class QueryStore:
 
     async def table(self, name: str) -> list[tuple[Any, ...]]:
         """Every row of a table, sorted: for comparing two projections."""
-        if name not in ("runs", "run_tags", "domain_events", "offsets"):
+        if name not in ("runs", "run_tags", "domain_events", "offsets", "pauses"):
             raise ValueError(f"no table {name!r}")
         rows: list[tuple[Any, ...]] = await self._read(
             lambda conn: sorted(conn.execute(f"SELECT * FROM {name}").fetchall()))

@@ -15,9 +15,19 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from stepline.events import Event, PartitionClaimed, SlotGranted, SlotReleased, SlotRequested
+from stepline.events import (
+    PAUSE_QUEUE,
+    PAUSE_TASK,
+    Event,
+    PartitionClaimed,
+    PauseChanged,
+    SlotGranted,
+    SlotReleased,
+    SlotRequested,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +85,10 @@ class QueueState:
             return free, None
         return 0, self.granted_at[0] + self.rate_period_ms
 
-    def next_grants(self, now: int) -> tuple[list[Waiter], int | None]:
+    def next_grants(self, now: int, held: Callable[[Waiter], bool] | None = None) -> tuple[list[Waiter], int | None]:
         """The waiters to admit now, best first, and when to look again if
-        the rate limit holds some back."""
+        the rate limit holds some back. `held` waiters (their task or queue
+        is paused) keep their place and get nothing."""
         capacity = (self.limit - len(self.holders)) if self.limit is not None else 1 << 30
         allowed, retry_at = self.rate_allows(now)
         budget = min(capacity, allowed)
@@ -89,6 +100,9 @@ class QueueState:
             w = self.waiting.get(entry[2])
             if w is None or (-w.priority, w.created_at) != entry[:2]:
                 continue  # no longer waiting, or re-queued under another priority
+            if held is not None and held(w):
+                skipped.append(entry)
+                continue
             if self.key_limit is not None and w.key is not None and \
                     self.per_key[w.key] + taken[w.key] >= self.key_limit:
                 skipped.append(entry)
@@ -101,7 +115,19 @@ class QueueState:
         for w in picked:  # they stay waiting until their grant is folded
             heapq.heappush(self._heap, (-w.priority, w.created_at, w.run_id))
         more_waiting = len(self.waiting) > len(picked)
+        if held is not None and more_waiting and all(held(w) for w in self.waiting.values() if w not in picked):
+            more_waiting = False  # only paused runs wait: a resume looks again, not the clock
         return picked, retry_at if more_waiting else None
+
+
+# How many recent admission events a partition remembers by id. Requests,
+# grants, releases and pauses carry no sequence number, so a copy of one delivered
+# again (a producer's retry) is only known by its id: a late copy of a
+# request would queue a run that has ended (and a grant would then hold its
+# slot forever), a late release would free the slot of a later attempt. A
+# copy comes within a producer's retries, seconds; the window keeps the
+# memory bounded, and it is the same for every rebuild from offset 0.
+SEEN_WINDOW = 50_000
 
 
 @dataclass(slots=True)
@@ -110,6 +136,19 @@ class QueuePartition:
     epoch: int = 0
     next_offset: int = 0
     queues: dict[str, QueueState] = field(default_factory=dict)
+    # Ids of the last SEEN_WINDOW admission events, oldest first.
+    seen: dict[str, None] = field(default_factory=dict)
+    # Paused tasks and queues, (scope, name): their waiters are not granted.
+    paused: set[tuple[str, str]] = field(default_factory=set)
+
+    def held(self, queue: str) -> Callable[[Waiter], bool] | None:
+        """The `next_grants` filter of what is paused on this queue, None when nothing is."""
+        if not self.paused:
+            return None
+        if (PAUSE_QUEUE, queue) in self.paused:
+            return lambda w: True
+        paused = self.paused
+        return lambda w: (PAUSE_TASK, w.task_id) in paused
 
     def queue(self, name: str) -> QueueState:
         q = self.queues.get(name)
@@ -124,6 +163,19 @@ class QueuePartition:
         body = event.body
         if isinstance(body, PartitionClaimed):
             self.epoch = max(self.epoch, event.epoch)
+            return None
+        if not isinstance(body, (SlotRequested, SlotGranted, SlotReleased, PauseChanged)):
+            return None
+        if event.event_id in self.seen:
+            return None  # a copy of an event already folded
+        self.seen[event.event_id] = None
+        if len(self.seen) > SEEN_WINDOW:
+            del self.seen[next(iter(self.seen))]
+        if isinstance(body, PauseChanged):
+            if body.paused:
+                self.paused.add((body.scope, body.name))
+            else:
+                self.paused.discard((body.scope, body.name))
             return None
         if isinstance(body, SlotRequested):
             q = self.queue(body.queue)
@@ -142,8 +194,6 @@ class QueuePartition:
             if event.run_id in q.waiting:
                 q._hold(event.run_id, body.concurrency_key, event.time)
             return q
-        if isinstance(body, SlotReleased):
-            q = self.queue(body.queue)
-            q._drop(event.run_id)
-            return q
-        return None
+        q = self.queue(body.queue)
+        q._drop(event.run_id)
+        return q

@@ -18,11 +18,16 @@ from types import MappingProxyType
 from typing import Any
 
 from stepline.events import (
+    PAUSE_QUEUE,
+    PAUSE_TASK,
     REQUEST_TYPES,
+    CopiedStep,
     ErrorInfo,
     Event,
     LogRecorded,
     PartitionClaimed,
+    PatchRecorded,
+    PauseChanged,
     Payload,
     RetryScheduled,
     RunCancelled,
@@ -41,6 +46,7 @@ from stepline.events import (
     StepStarted,
     WaitCompleted,
 )
+from stepline.frozen import fast_init
 
 # The idempotency-key prefix of debounced triggers (engine/debounce.py).
 DEBOUNCE_PREFIX = "stepline/debounce/"
@@ -56,6 +62,8 @@ EXPIRED = "expired"
 
 # A wait resolved before the run recorded it; done, like "completed".
 RESOLVED = "resolved"
+# A branch of a `wait_for_any` that another branch beat: ended, never resolved.
+LOST = "lost"
 DONE_STEPS = frozenset({"completed", RESOLVED})
 
 TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED, EXPIRED})
@@ -72,7 +80,7 @@ _EMPTY_STEPS: Mapping[int, StepState] = MappingProxyType({})
 class StepState:
     step: int
     name: str
-    status: str  # running | completed | failed | waiting | resolved
+    status: str  # running | completed | failed | waiting | resolved | lost
     attempt: int
     started_at: int | None = None
     ended_at: int | None = None
@@ -81,6 +89,7 @@ class StepState:
     error: ErrorInfo | None = None
     wake_at: int | None = None
     condition: str | None = None  # a wait's wake condition (JSON), as recorded
+    group: int | None = None  # the wait_for_any it is a branch of (schema v5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +156,18 @@ class RunState:
     retries: tuple[RetryInfo, ...] = ()
     logs: tuple[LogLine, ...] = ()
     logs_dropped: int = 0
+    # Schema v5: lineage of a fork, the task code's version of the latest
+    # attempt, and the run's answers to `patched()` (the first one counts).
+    forked_from: str | None = None
+    forked_at_step: int | None = None
+    task_version: str | None = None
+    patches: tuple[PatchRecorded, ...] = ()
+    # Event ids of the requests that changed this run (cancels, retriggers,
+    # grants, debounced re-triggers). Requests carry no sequence number, so
+    # this is how a copy delivered again later is known for what it is: a
+    # late copy of a retrigger would otherwise restart a run that failed
+    # again since, and a late copy of a cancel would stop its retry.
+    requests: tuple[str, ...] = ()
 
     @property
     def live(self) -> bool:
@@ -160,24 +181,38 @@ class RunState:
     def completed_steps(self) -> int:
         return sum(1 for s in self.steps.values() if s.status in DONE_STEPS)
 
+    def patch_answers(self) -> dict[str, bool]:
+        """The run's recorded answers to `patched()`, by patch id."""
+        return {p.patch: p.applied for p in self.patches}
+
 
 def _compile_evolve() -> Callable[[RunState, dict[str, Any]], RunState]:
-    """`dataclasses.replace` for RunState, generated: about 3x faster.
+    """`dataclasses.replace` for RunState, generated: about 6x faster.
 
     The fold copies a run's state on every event, so this is on the hot
     path of every worker (replace() re-inspects the fields on each call).
+    It copies every slot through the slot's own setter (object.__setattr__,
+    what a frozen class needs otherwise, costs twice as much per field),
+    then overwrites the few that change; a name that is not a field raises
+    KeyError.
     """
     lines = ["def evolve(s, kw):", "    n = _new(_cls)"]
+    namespace: dict[str, Any] = {"_new": object.__new__, "_cls": RunState}
+    setters = {name: getattr(RunState, name).__set__ for name in RunState.__slots__}
     for name in RunState.__slots__:
-        lines.append(f"    _set(n, {name!r}, kw[{name!r}] if {name!r} in kw else s.{name})")
-    lines.append("    return n")
-    namespace: dict[str, Any] = {"_new": object.__new__, "_cls": RunState, "_set": object.__setattr__}
+        namespace[f"_set_{name}"] = setters[name]
+        lines.append(f"    _set_{name}(n, s.{name})")
+    namespace["_setters"] = setters
+    lines += ["    for k, v in kw.items():", "        _setters[k](n, v)", "    return n"]
     exec("\n".join(lines), namespace)
     fn: Callable[[RunState, dict[str, Any]], RunState] = namespace["evolve"]
     return fn
 
 
 _evolve = _compile_evolve()
+# The fold builds a StepState per step event (engine/frozen.py: half the cost).
+for _cls in (StepState, RunState, AttemptError, RetryInfo, LogLine):
+    fast_init(_cls)
 
 
 def _with_step(state: RunState, step: StepState) -> Mapping[int, StepState]:
@@ -197,6 +232,8 @@ def fold_run(state: RunState | None, event: Event) -> RunState | None:
     """
     body = event.body
     t = event.time
+    if state is not None and event.type in _REMEMBERED and event.event_id in state.requests:
+        return state  # this very request was applied already
     if isinstance(body, RunTriggered):
         if state is not None:
             if (
@@ -206,7 +243,7 @@ def fold_run(state: RunState | None, event: Event) -> RunState | None:
                 # A later trigger of a debounced key: it replaces the payload
                 # and pushes the start back, until the run has started.
                 return _evolve(state, {"payload": body.payload, "not_before": body.not_before,
-                                       "updated_at": t})
+                                       "updated_at": t, "requests": state.requests + (event.event_id,)})
             return state  # idempotent: a repeated trigger is a no-op
         return RunState(
             run_id=event.run_id,
@@ -225,6 +262,13 @@ def fold_run(state: RunState | None, event: Event) -> RunState | None:
             concurrency_key=body.concurrency_key,
             not_before=body.not_before,
             expires_at=body.expires_at,
+            forked_from=body.forked_from,
+            forked_at_step=body.forked_at_step,
+            steps=_copied_steps(body.journal, t) if body.journal else _EMPTY_STEPS,
+            patches=body.patches,
+            # Only a debounced trigger can change a run after creating it,
+            # so only its own late copy needs recognising.
+            requests=(event.event_id,) if _debounced(body) else (),
         )
     if state is None:
         return None
@@ -234,12 +278,33 @@ def fold_run(state: RunState | None, event: Event) -> RunState | None:
     if state.status in TERMINAL:
         return _fold_terminal(state, event)
     changes = _changes(state, event)
-    if changes is None:
-        return state
+    if changes is None or (not changes and event.seq <= state.seq):
+        return state  # nothing changed: not even the time of the last change
+    if changes and event.type in _REMEMBERED:
+        changes["requests"] = state.requests + (event.event_id,)
     changes["updated_at"] = t
     if event.seq > state.seq:
         changes["seq"] = event.seq
     return _evolve(state, changes)
+
+
+# Requests whose copies the fold recognises by event id. WaitCompleted is
+# not among them: a wait takes the first resolution of its journal position
+# and ignores the rest, which covers copies too.
+_REMEMBERED = frozenset({RunTriggered.TYPE, RunCancelled.TYPE, RunRetriggered.TYPE, SlotGranted.TYPE})
+
+
+def _debounced(body: RunTriggered) -> bool:
+    return body.idempotency_key is not None and body.idempotency_key.startswith(DEBOUNCE_PREFIX)
+
+
+def _copied_steps(journal: tuple[CopiedStep, ...], t: int) -> Mapping[int, StepState]:
+    """A fork's copied journal: done positions that answer on replay. Attempt
+    0 marks them as copied, never executed in this run."""
+    return MappingProxyType({
+        c.step: StepState(c.step, c.name, "completed", 0, t, t, input=c.input, output=c.output, error=c.error)
+        for c in journal
+    })
 
 
 def _changes(state: RunState, event: Event) -> dict[str, Any] | None:
@@ -255,6 +320,7 @@ def _changes(state: RunState, event: Event) -> dict[str, Any] | None:
             "wake_at": None,
             "retry_at": None,
             "not_before": None,
+            "task_version": body.task_version,
         }
     if isinstance(body, StepStarted):
         prev = steps.get(body.step)
@@ -300,22 +366,30 @@ def _changes(state: RunState, event: Event) -> dict[str, Any] | None:
         }
     if isinstance(body, RunSuspended):
         prev = steps.get(body.step)
-        if prev is not None and prev.status == "completed":
+        if prev is not None and prev.status in ("completed", LOST):
             return {}  # a stale duplicate: already resumed past this wait
+        if body.group is not None and _group_decided(steps, body.group, body.step):
+            # Another branch of the same wait_for_any already won (in log
+            # order): this one ends here, whatever resolved it early.
+            lost = StepState(body.step, body.reason, LOST, state.attempt, prev.started_at if prev else t, t,
+                             wake_at=body.wake_at, condition=body.condition, group=body.group)
+            return _waits_changed(_with_step(state, lost))
         if prev is not None and prev.status == RESOLVED:
             # Resolved before the wait was recorded (a token completed, a
             # child ended or an event matched first): nothing to wait for.
-            return _waits_changed(_with_step(state, replace(prev, status="completed")))
+            done = replace(prev, status="completed", condition=body.condition, group=body.group)
+            return _waits_changed(_won(state, done))
         step = StepState(
             body.step, body.reason, "waiting", state.attempt,
             prev.started_at if prev else t, wake_at=body.wake_at, condition=body.condition,
+            group=body.group,
         )
         return _waits_changed(_with_step(state, step))
     if isinstance(body, RunResumed):
         prev = steps.get(body.step)
         if prev is None or prev.status != "waiting":
             return {}
-        return _waits_changed(_with_step(state, replace(prev, status="completed", ended_at=t)))
+        return _waits_changed(_won(state, replace(prev, status="completed", ended_at=t)))
     if isinstance(body, WaitCompleted):
         return _wait_completed(state, body, t)
     if isinstance(body, RunCompleted):
@@ -332,6 +406,10 @@ def _changes(state: RunState, event: Event) -> dict[str, Any] | None:
         return {"status": EXPIRED, "ended_at": t, "slot": None}
     if isinstance(body, LogRecorded):
         return _log_changes(state, event, body)
+    if isinstance(body, PatchRecorded):
+        if any(p.patch == body.patch for p in state.patches):
+            return {}  # the first answer stands
+        return {"patches": state.patches + (body,)}
     return None
 
 
@@ -359,7 +437,24 @@ def _wait_completed(state: RunState, body: WaitCompleted, t: int) -> dict[str, A
                           output=body.output, error=body.error)
         return {"steps": _with_step(state, early)}
     step = replace(prev, status="completed", ended_at=t, output=body.output, error=body.error)
-    return _waits_changed(_with_step(state, step))
+    return _waits_changed(_won(state, step))
+
+
+def _group_decided(steps: Mapping[int, StepState], group: int, step: int) -> bool:
+    return any(s.group == group and s.step != step and s.status == "completed" for s in steps.values())
+
+
+def _won(state: RunState, done: StepState) -> Mapping[int, StepState]:
+    """Record a resolved wait; if it is a wait_for_any branch, the first to
+    resolve, its still waiting siblings are lost (a late resolution of one
+    of them then finds it not waiting and changes nothing)."""
+    steps = dict(state.steps)
+    steps[done.step] = done
+    if done.group is not None:
+        for s in state.steps.values():
+            if s.group == done.group and s.step != done.step and s.status == "waiting":
+                steps[s.step] = replace(s, status=LOST, ended_at=done.ended_at)
+    return MappingProxyType(steps)
 
 
 def _fold_terminal(state: RunState, event: Event) -> RunState:
@@ -379,6 +474,7 @@ def _fold_terminal(state: RunState, event: Event) -> RunState:
             "dead_lettered": False,
             "error": None,
             "ended_at": None,
+            "requests": state.requests + (event.event_id,),
         }
     elif isinstance(body, LogRecorded):
         changes = _log_changes(state, event, body)
@@ -412,6 +508,14 @@ class PartitionRuns:
     next_offset: int = 0
     runs: dict[str, RunState] = field(default_factory=dict)
     fenced: int = 0
+    # What is paused in this partition, by (scope, name): the PauseChanged
+    # that paused it. A PauseChanged goes to every partition, and each
+    # partition's fold follows its own copy, in order with its runs.
+    paused: dict[tuple[str, str], PauseChanged] = field(default_factory=dict)
+    # Ids of the PauseChanged events folded: "the last one wins" holds for
+    # distinct changes, but a late copy of a pause would otherwise undo the
+    # resume that followed it. Pauses are human actions: a handful.
+    pause_events: set[str] = field(default_factory=set)
 
     def apply(self, event: Event, offset: int | None = None) -> RunState | None:
         """Fold one event in; return the run's new state (None if not a run event)."""
@@ -421,6 +525,15 @@ class PartitionRuns:
         if isinstance(body, PartitionClaimed):
             if event.epoch > self.epoch:
                 self.epoch = event.epoch
+            return None
+        if isinstance(body, PauseChanged):
+            if event.event_id in self.pause_events:
+                return None  # a copy of a change already folded
+            self.pause_events.add(event.event_id)
+            if body.paused:
+                self.paused[(body.scope, body.name)] = body
+            else:
+                self.paused.pop((body.scope, body.name), None)
             return None
         if event.type not in REQUEST_TYPES and event.epoch < self.epoch:
             self.fenced += 1
@@ -432,6 +545,12 @@ class PartitionRuns:
 
     def live_runs(self) -> Iterator[RunState]:
         return (r for r in self.runs.values() if r.status in LIVE)
+
+    def is_paused(self, task_id: str, queue: str | None) -> bool:
+        """Whether a run of this task on this queue may not start a new attempt now."""
+        paused = self.paused
+        return bool(paused) and ((PAUSE_TASK, task_id) in paused
+                                or (queue is not None and (PAUSE_QUEUE, queue) in paused))
 
 
 def fold_events(events: list[Event]) -> dict[str, RunState]:

@@ -17,7 +17,7 @@ from types import MappingProxyType
 from typing import Any
 
 from stepline.errors import SteplineError
-from stepline.events import ErrorInfo, Payload
+from stepline.events import ErrorInfo, PatchRecorded, PauseChanged, Payload
 from stepline.projections.runs import (
     AttemptError,
     LogLine,
@@ -28,9 +28,11 @@ from stepline.projections.runs import (
 )
 
 # 2: runs gained parent_step (schema v3); 3: expires_at and slot (v4);
-# 4: steps keep their wake condition. A snapshot of another version is not
+# 4: steps keep their wake condition; 5: runs keep the ids of the requests
+# applied to them (a late copy of one is then recognised), and steps their
+# wait_for_any group. A snapshot of another version is not
 # read; the partition is rebuilt from the log instead.
-VERSION = 4
+VERSION = 5
 
 
 class SnapshotError(SteplineError):
@@ -55,12 +57,14 @@ def _unerror(v: Any) -> ErrorInfo | None:
 
 def _step(s: StepState) -> list[Any]:
     return [s.step, s.name, s.status, s.attempt, s.started_at, s.ended_at,
-            _payload(s.input), _payload(s.output), _error(s.error), s.wake_at, s.condition]
+            _payload(s.input), _payload(s.output), _error(s.error), s.wake_at, s.condition, s.group]
 
 
 def _unstep(v: list[Any]) -> StepState:
     return StepState(v[0], v[1], v[2], v[3], v[4], v[5],
-                     _unpayload(v[6]), _unpayload(v[7]), _unerror(v[8]), v[9], v[10])
+                     _unpayload(v[6]), _unpayload(v[7]), _unerror(v[8]), v[9], v[10],
+                     # Run JSON the query store kept from before version 5 has no group.
+                     v[11] if len(v) > 11 else None)
 
 
 # RunState fields stored as they are (JSON scalars); the rest are converted.
@@ -89,6 +93,15 @@ def _run(r: RunState) -> dict[str, Any]:
     d["errors"] = [[e.attempt, e.step, e.step_name, _error(e.error), e.time] for e in r.errors]
     d["retries"] = [[i.attempt, i.retry_at, i.delay_ms, i.reason, i.time] for i in r.retries]
     d["logs"] = [[g.time, g.level, g.message, g.attempt, g.step, g.fields] for g in r.logs]
+    if r.requests:
+        d["requests"] = list(r.requests)
+    # Schema v5 (forks, task versions, patches): absent when unset.
+    if r.forked_from is not None:
+        d["forked"] = [r.forked_from, r.forked_at_step]
+    if r.task_version is not None:
+        d["task_version"] = r.task_version
+    if r.patches:
+        d["patches"] = [[x.patch, x.applied, x.step] for x in r.patches]
     return d
 
 
@@ -107,6 +120,12 @@ def _unrun(d: dict[str, Any]) -> RunState:
         errors=tuple(_unattempt_error(e) for e in d["errors"]),
         retries=tuple(RetryInfo(*i) for i in d["retries"]),
         logs=tuple(LogLine(*g) for g in d["logs"]),
+        # Absent when empty (most runs), and in query rows written before v5.
+        requests=tuple(d.get("requests", ())),
+        forked_from=d["forked"][0] if "forked" in d else None,
+        forked_at_step=d["forked"][1] if "forked" in d else None,
+        task_version=d.get("task_version"),
+        patches=tuple(PatchRecorded(x[0], x[1], x[2]) for x in d.get("patches", ())),
     )
 
 
@@ -132,6 +151,10 @@ def dump(part: PartitionRuns) -> bytes:
         "fenced": part.fenced,
         "runs": [_run(r) for r in part.runs.values()],
     }
+    if part.paused:  # written only when set, read with a default: still format 5
+        doc["paused"] = [[p.scope, p.name, p.reason, p.requested_by] for p in part.paused.values()]
+    if part.pause_events:
+        doc["pause_events"] = sorted(part.pause_events)
     return zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 3)
 
 
@@ -147,6 +170,9 @@ def load(data: bytes) -> PartitionRuns:
         for d in doc["runs"]:
             run = _unrun(d)
             part.runs[run.run_id] = run
+        for scope, name, reason, by in doc.get("paused", ()):
+            part.paused[(scope, name)] = PauseChanged(scope, name, True, reason, by)
+        part.pause_events = set(doc.get("pause_events", ()))
     except (KeyError, IndexError, TypeError) as exc:
         raise SnapshotError(f"snapshot is damaged: {type(exc).__name__}: {exc}") from exc
     return part

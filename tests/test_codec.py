@@ -22,11 +22,14 @@ from stepline.errors import MalformedEvent, SchemaError, UnknownSchemaVersion
 from stepline.events import (
     BODY_TYPES,
     JSON,
+    CopiedStep,
     DomainEvent,
     ErrorInfo,
     Event,
     LogRecorded,
     PartitionClaimed,
+    PatchRecorded,
+    PauseChanged,
     Payload,
     RetryScheduled,
     RunCancelled,
@@ -87,6 +90,14 @@ EXAMPLES = [
     SlotRequested(queue="q", created_at=1, rate_limit=5, rate_period_ms=1000),
     SlotReleased(queue="emails", concurrency_key="t-1", reason="completed"),
     RunExpired(expires_at=1700000009000),
+    # schema v5: forks, task versions, patch decisions
+    RunTriggered(PAYLOAD, forked_from="run-0", forked_at_step=2,
+                 journal=(CopiedStep(0, "charge", PAYLOAD, PAYLOAD), CopiedStep(1, "child", error=ERROR)),
+                 patches=(PatchRecorded("new-discount", True, 0),)),
+    RunStarted(attempt=2, worker_id="worker-a", task_version="code:0123456789ab"),
+    PatchRecorded(patch="new-discount", applied=False, step=3),
+    PauseChanged(scope="queue", name="emails", paused=True, reason="outage", requested_by="cli"),
+    PauseChanged(scope="task", name="charge", paused=False),
 ]
 
 
@@ -388,7 +399,8 @@ def test_every_schema_file_parses() -> None:
         fastavro.parse_schema(json.loads(path.read_text()), named)
     for schema in schemas.history_schemas().values():
         fastavro.parse_schema(schema)
-    assert len(paths) == 2 + len(BODY_TYPES) + 1
+    # Payload, ErrorInfo and CopiedStep (v5), the bodies, the envelope.
+    assert len(paths) == 3 + len(BODY_TYPES) + 1
 
 
 def test_the_current_schema_is_frozen_in_history() -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -172,3 +175,31 @@ def test_the_tenant_cost_example_resumes_from_its_commit_and_equals_a_rebuild(tm
     (first,) = lines_after("from offset 0: ", lines)
     (more,) = lines_after("from the commit of 'billing': ", lines)
     assert int(more.split()[0]) < int(first.split()[0])
+
+
+def stepline_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "stepline.cli", *args], capture_output=True, text=True,
+                          timeout=60, env={k: v for k, v in os.environ.items() if not k.startswith("STEPLINE_")})
+
+
+async def test_stepline_events_prints_json_lines_and_resumes_from_its_group(tmp_path: Path):
+    url = f"sqlite:///{tmp_path}/cli.db"
+    from tests.conftest import Engine
+
+    e = await Engine(url, app()).start()
+    try:
+        run_ids = await run_some(e, 0, 3)
+    finally:
+        await e.close()
+    proc = await asyncio.to_thread(stepline_cli, "events", "--log", url, "--type", "RunCompleted",
+                                   "--group", "audit")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert sorted(r["run_id"] for r in rows) == sorted(run_ids)
+    assert {(r["topic"], r["type"]) for r in rows} == {("runs", "RunCompleted")}
+    assert sorted(r["body"]["output"] for r in rows) == [0, 3, 6]
+    again = await asyncio.to_thread(stepline_cli, "events", "--log", url, "--from", "committed",
+                                    "--group", "audit")
+    assert again.returncode == 0 and again.stdout == "", again.stderr
+    bad = await asyncio.to_thread(stepline_cli, "events", "--log", url, "--type", "StepDone")
+    assert bad.returncode != 0 and "unknown event type(s) StepDone" in bad.stderr

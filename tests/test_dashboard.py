@@ -69,7 +69,7 @@ async def test_the_page_and_its_files_are_served_and_nothing_else() -> None:
             resp = await client.get(f"/static/{name}")
             assert resp.status == 200, name
             todo += [m for m in re.findall(r'from "\./([\w-]+\.js)"', await resp.text()) if m not in seen]
-        assert {"api.js", "runs.js", "run.js", "timeline.js", "pages.js", "retry.js", "util.js"} <= seen
+        assert {"api.js", "runs.js", "run.js", "timeline.js", "pages.js", "retry.js", "util.js", "history.js"} <= seen
         for bad in ("/static/..%2F__init__.py", "/static/__init__.py", "/static/missing.js", "/static/.hidden.js"):
             assert (await client.get(bad)).status == 404, bad
 
@@ -132,9 +132,10 @@ def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Server:
     """`stepline dev` in a subprocess; `url` is the dashboard's address it printed."""
 
-    def __init__(self, workdir: Path, *args: str) -> None:
+    def __init__(self, workdir: Path, *args: str, extra_env: dict[str, str] | None = None) -> None:
         env = {k: v for k, v in os.environ.items() if k not in ("STEPLINE_LOG", "STEPLINE_APP")}
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(extra_env or {})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "stepline.cli", *args],
             cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -162,11 +163,13 @@ class Server:
             raise AssertionError("the server printed no address:\n" + "".join(self.output))
         return self._url
 
-    def call(self, method: str, path: str, body: Any = None) -> Any:
+    def call(self, method: str, path: str, body: Any = None, token: str | None = None) -> Any:
+        headers = {"Content-Type": "application/json"}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
         req = urllib.request.Request(
             self.url + path.lstrip("/"), method=method,
-            data=None if body is None else json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
+            data=None if body is None else json.dumps(body).encode(), headers=headers,
         )
         with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read())
@@ -390,3 +393,155 @@ def test_with_auth_on_the_page_asks_for_the_token_and_keeps_it_for_the_tab(brows
     finally:
         driver.execute_script("sessionStorage.clear()")
         server.stop()
+
+
+# --- fork and shadow (engine/dashboard/static/history.js) ----------------------------
+
+
+def _set_text(driver: Any, element: Any, text: str) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    element.send_keys(Keys.CONTROL, "a")
+    element.send_keys(Keys.DELETE)
+    element.send_keys(text)
+
+
+def test_a_checkpoint_is_forked_from_the_page_with_an_edited_output(browser, dev, screenshots):
+    driver = browser
+    run_id = dev.call("POST", "/v1/tasks/charge/trigger", {"payload": {"amount": 5}})["run_id"]
+    open_page(driver, dev, f"#/runs/{run_id}")
+    wait(driver, lambda d: d.find_element("css selector", "[data-testid=run-output]").text.strip().startswith("{"),
+         "the run to complete", timeout=30)
+    assert json.loads(css(driver, "[data-testid=run-output]").text) == {"captured": 5, "currency": "EUR"}
+    assert css(driver, "[data-testid=task-version]").text.startswith("code:")
+    # Every checkpoint offers a fork; step 0 (validate) returned 5: say it had returned 7.
+    assert len(css_all(driver, "[data-testid=fork-from-step]")) == 2
+    css(driver, 'details[data-testid=step][data-step="0"] [data-testid=fork-from-step]').click()
+    panel = wait(driver, lambda d: css(d, '[data-testid=fork-panel][data-step="0"]'), "the fork form")
+    assert json.loads(css(driver, "[data-testid=fork-output]").get_attribute("value")) == 5
+    output = css(driver, "[data-testid=fork-output]")
+    _set_text(driver, output, "7,")
+    wait(driver, lambda d: "Not valid JSON" in css(d, "[data-testid=fork-message]").text, "the JSON error")
+    assert not css(driver, "[data-testid=fork-keep]").is_enabled()
+    _set_text(driver, output, "7")
+    wait(driver, lambda d: css(d, "[data-testid=fork-keep]").is_enabled(), "the output to be valid again")
+    shoot(driver, screenshots, "fork")
+    css(driver, "[data-testid=fork-keep]").click()
+    link = wait(driver, lambda d: css(d, "[data-testid=fork-result] [data-testid=run-link]"), "the forked run's link")
+    fork_id = css(driver, "[data-testid=fork-result]").get_attribute("data-run-id")
+    assert fork_id and fork_id != run_id and panel.is_displayed()
+    link.click()
+    wait(driver, lambda d: css(d, "[data-testid=run-id]").text == fork_id, "the forked run's page")
+    wait(driver, lambda d: d.find_element("css selector", "[data-testid=run-output]").text.strip().startswith("{"),
+         "the fork to complete", timeout=30)
+    # capture ran live with the edited price; validate was copied, not run.
+    assert json.loads(css(driver, "[data-testid=run-output]").text) == {"captured": 7, "currency": "EUR"}
+    assert run_id in css(driver, "[data-testid=forked-from]").text and "at step 1" in css(
+        driver, "[data-testid=forked-from]").text
+    assert "copied from the run" in css(driver, 'details[data-testid=step][data-step="0"]').text
+    assert "copied from the run" not in css(driver, 'details[data-testid=step][data-step="1"]').text
+    state = dev.call("GET", f"/v1/runs/{fork_id}")
+    assert [(s["step"], s["attempt"]) for s in state["steps"]] == [(0, 0), (1, 1)]
+
+    # The shadow panel, against the server's own code: the same, step by step.
+    css(driver, "[data-testid=shadow-run]").click()
+    wait(driver, lambda d: css(d, "[data-testid=shadow-result]"), "the shadow diff")
+    assert css(driver, "[data-testid=shadow-result]").get_attribute("data-diverged") == "false"
+    assert [r.get_attribute("data-verdict") for r in css_all(driver, "[data-testid=shadow-step]")] == ["same", "same"]
+    assert "(unchanged)" in css(driver, "[data-testid=shadow-versions]").text
+    # `stepline dev` runs without a token: it imports no module named over HTTP.
+    css(driver, "[data-testid=shadow-module]").send_keys("dashboard_app")
+    css(driver, "[data-testid=shadow-run]").click()
+    wait(driver, lambda d: "Shadow refused" in css(d, "[data-testid=shadow-message]").text, "the refusal")
+    assert "token" in css(driver, "[data-testid=shadow-message]").text
+
+
+def test_the_shadow_diff_of_a_run_against_new_code_shows_where_it_diverges(browser, tmp_path, screenshots):
+    driver = browser
+    token = "shadow-t0ken"
+    db = f"sqlite:///{tmp_path}/stepline.db"
+    env = {k: v for k, v in os.environ.items() if k not in ("STEPLINE_LOG", "STEPLINE_APP")}
+    env["PYTHONPATH"] = str(REPO)  # the app modules import tests.apps.history_app
+    app = str(REPO / "tests" / "apps" / "history_app.py")
+    worker = subprocess.Popen([sys.executable, "-m", "stepline.cli", "worker", app, "--log", db],
+                              cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    server = Server(tmp_path, "serve", "--app", app, "--log", db, "--port", "0", "--api-token", token,
+                    "--shadow-path", str(REPO / "tests" / "apps"), "--console-logs",
+                    extra_env={"PYTHONPATH": str(REPO)})
+    try:
+        run_id = server.call("POST", "/v1/tasks/greet/trigger", {"payload": {"name": "Ada"}}, token=token)["run_id"]
+        driver.get(server.url)
+        driver.execute_script("sessionStorage.clear()")
+        driver.get(server.url + f"#/runs/{run_id}")
+        field = wait(driver, lambda d: css(d, "[data-testid=token-input]").is_displayed()
+                     and css(d, "[data-testid=token-input]"), "the token prompt")
+        field.send_keys(token)
+        css(driver, "[data-testid=token-submit]").click()
+        wait(driver, lambda d: css(d, "[data-testid=run-id]").text == run_id, "the run page")
+        wait(driver, lambda d: d.find_element("css selector", "[data-testid=run-output]").text.strip().startswith("{"),
+             "the run to complete", timeout=30)
+
+        css(driver, "[data-testid=shadow-module]").send_keys("history_app_v3")
+        css(driver, "[data-testid=shadow-run]").click()
+        wait(driver, lambda d: css(d, "[data-testid=shadow-result]"), "the shadow diff")
+        result = css(driver, "[data-testid=shadow-result]")
+        assert result.get_attribute("data-diverged") == "true"
+        assert css(driver, "[data-testid=shadow-verdict]").text == "diverges"
+        [step] = css_all(driver, "[data-testid=shadow-step]")
+        assert step.get_attribute("data-verdict") == "input-changed"
+        assert '["Ada"]' in step.text and '["ADA"]' in step.text and "Hello, Ada" in step.text
+        assert "First divergence: step 0 (compose) is called with" in css(driver, "[data-testid=shadow-first]").text
+        assert '{"message":"Hello, Ada!"}' in css(driver, "[data-testid=shadow-output]").text
+        assert "(changed)" in css(driver, "[data-testid=shadow-versions]").text
+        shoot(driver, screenshots, "shadow")
+
+        # A module outside the shadow path is refused, and nothing changed on the log.
+        _set_text(driver, css(driver, "[data-testid=shadow-module]"), "os")
+        css(driver, "[data-testid=shadow-run]").click()
+        wait(driver, lambda d: "no module 'os' under the shadow path" in css(d, "[data-testid=shadow-message]").text,
+             "the refusal")
+        history = server.call("GET", f"/v1/runs/{run_id}/history", token=token)["events"]
+        assert [e["type"] for e in history][-1] == "RunCompleted"
+    finally:
+        driver.execute_script("sessionStorage.clear()")
+        server.stop()
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(20)
+
+
+def test_a_bulk_retry_of_the_filtered_list_counts_first_then_acts_once(browser, dev, screenshots):
+    """The runs list's filter (tag + error type) is what the bulk action selects:
+    a dry-run count is shown before anything happens, and confirming retries
+    exactly those runs, once each."""
+    driver = browser
+    failing = [dev.call("POST", "/v1/tasks/charge/trigger", {"payload": {"amount": -i}, "tags": ["bulk-demo"]})["run_id"]
+               for i in range(1, 4)]
+    fine = dev.call("POST", "/v1/tasks/charge/trigger", {"payload": {"amount": 7}, "tags": ["bulk-demo"]})["run_id"]
+    open_page(driver, dev, "#/runs?tag=bulk-demo&error_type=ValueError")
+    for run_id in failing:
+        wait(driver, lambda d, r=run_id: row_status(d, r, "failed"), "the failing runs to fail", timeout=30)
+    assert not css_all(driver, row(fine)), "the list shows a run the filter excludes"
+
+    css(driver, "[data-testid=bulk-retry]").click()
+    wait(driver, lambda d: css(d, "[data-testid=bulk-confirm]").is_displayed(), "the dry-run count")
+    message = css(driver, "[data-testid=bulk-message]")
+    assert message.get_attribute("data-acted") == "3"
+    assert message.text == "3 runs match. Retry 3 runs?"
+    assert css(driver, "[data-testid=bulk-confirm]").text == "Retry 3 runs"
+    shoot(driver, screenshots, "bulk-retry")
+
+    def retriggers(run_id: str) -> int:
+        return sum(e["type"] == "RunRetriggered" for e in dev.call("GET", f"/v1/runs/{run_id}/history")["events"])
+
+    assert [retriggers(r) for r in failing] == [0, 0, 0], "the dry run acted"
+    css(driver, "[data-testid=bulk-confirm]").click()
+    wait(driver, lambda d: css(d, "[data-testid=bulk-message]").get_attribute("data-state") == "done",
+         "the bulk retry to be accepted")
+    assert css(driver, "[data-testid=bulk-message]").text.startswith("Done: 3 runs retried")
+    assert not css(driver, "[data-testid=bulk-confirm]").is_displayed()
+    for run_id in failing:  # retried, they fail again (the amount is still negative)
+        wait(driver, lambda d, r=run_id: retriggers(r) == 1 and row_status(d, r, "failed"),
+             "the retried run to fail again", timeout=30)
+    assert retriggers(fine) == 0
+    assert dev.call("GET", f"/v1/runs/{fine}")["status"] == "completed"

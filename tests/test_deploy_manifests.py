@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import re
+import subprocess
+import sys
+import tomllib
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -23,15 +27,20 @@ from aiohttp.test_utils import TestClient, TestServer
 
 import stepline.cli
 import stepline.log
+import stepline.tracing
 from stepline.cli import app as cli_app
 from stepline.client import Client
 from stepline.log import open_log
 from stepline.server import ServeConfig, create_app
+from stepline.settings import env_var
 from stepline.topics import Topics
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 COMPOSE = ROOT / "compose.yaml"
+# Files compose.yaml mounts (not Kubernetes objects).
+COMPOSE_FILES = DEPLOY / "compose"
+OTEL_CONFIG = COMPOSE_FILES / "otel-collector.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
 
 WORKER = ("Deployment", "stepline-worker")
@@ -50,7 +59,8 @@ CLICK_ERROR: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c._
 
 
 def _manifest_files() -> list[Path]:
-    return sorted(p for p in DEPLOY.rglob("*") if p.suffix in (".yaml", ".yml"))
+    return sorted(p for p in DEPLOY.rglob("*")
+                  if p.suffix in (".yaml", ".yml") and COMPOSE_FILES not in p.parents)
 
 
 def _documents(path: Path) -> list[Any]:
@@ -179,8 +189,9 @@ def _dockerfile_entrypoint() -> list[str]:
 
 
 def _cli_env_vars(command: Any = None) -> set[str]:
-    """Environment variables the CLI reads: option envvars (of one command, or
-    of all), plus those engine/cli.py and engine/log read from os.environ."""
+    """Environment variables the CLI reads: those of the settings behind its
+    options (of one command, or of all), option envvars, plus those
+    engine/cli.py and engine/log read from os.environ."""
     names: set[str] = set()
 
     def walk(cmd: Any) -> None:
@@ -188,6 +199,9 @@ def _cli_env_vars(command: Any = None) -> set[str]:
             envvar = getattr(param, "envvar", None)
             if envvar:
                 names.update([envvar] if isinstance(envvar, str) else envvar)
+            setting = stepline.cli.option_setting(param)
+            if setting is not None:
+                names.add(env_var(setting))
         for sub in getattr(cmd, "commands", {}).values():
             walk(sub)
 
@@ -216,7 +230,8 @@ def test_the_deploy_folder_holds_the_kubernetes_example() -> None:
     assert (DEPLOY / "README.md").is_file()
 
 
-@pytest.mark.parametrize("path", [*_manifest_files(), COMPOSE], ids=lambda p: p.relative_to(ROOT).as_posix())
+@pytest.mark.parametrize("path", [*_manifest_files(), COMPOSE, OTEL_CONFIG],
+                         ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_every_manifest_is_well_formed_yaml(path: Path) -> None:
     docs = _documents(path)
     assert docs, f"{path.name} holds no YAML document"
@@ -224,6 +239,8 @@ def test_every_manifest_is_well_formed_yaml(path: Path) -> None:
         assert isinstance(doc, dict), f"{path.name}: a document is {type(doc).__name__}, not a mapping"
         if path == COMPOSE:
             assert isinstance(doc.get("services"), dict) and doc["services"], "compose.yaml defines no services"
+        elif path == OTEL_CONFIG:
+            assert isinstance(doc.get("service"), dict), f"{path.name} has no service section"
         else:
             for field in ("apiVersion", "kind", "metadata"):
                 assert field in doc, f"{path.name}: a document has no {field}"
@@ -416,3 +433,158 @@ def test_compose_healthcheck_hits_a_server_route(compose: dict[str, Any]) -> Non
     assert parts.path in _get_routes(), f"compose's healthcheck asks for {parts.path!r}, not a server route"
     port = _parse([_compose_expand(a) for a in api["command"]]).params["port"]
     assert parts.port == port, f"compose's healthcheck asks port {parts.port}, serve listens on {port}"
+
+
+# --- traces: the OpenTelemetry collector and Jaeger in compose.yaml ----------------------------------
+
+COLLECTOR, JAEGER = "otel-collector", "jaeger"
+# Jaeger all-in-one's OTLP/gRPC port (with COLLECTOR_OTLP_ENABLED).
+JAEGER_OTLP_GRPC = 4317
+
+
+def _service_env(service: dict[str, Any]) -> dict[str, str]:
+    variables = service.get("environment") or {}
+    if isinstance(variables, list):
+        return dict(v.split("=", 1) for v in variables)
+    return {k: str(v) for k, v in variables.items()}
+
+
+def _image(service: dict[str, Any]) -> tuple[str, str]:
+    name, _, tag = service["image"].rpartition(":")
+    return name, tag
+
+
+def _published(service: dict[str, Any]) -> dict[int, int]:
+    """Container port -> host port of a compose service's `ports`."""
+    found = {}
+    for entry in service.get("ports", []):
+        host, _, container = str(entry).rpartition(":")
+        found[int(container.split("/")[0])] = int(host)
+    return found
+
+
+def _port_of(endpoint: str) -> int:
+    return int(endpoint.rsplit(":", 1)[1])
+
+
+@pytest.fixture(scope="module")
+def collector_config() -> dict[str, Any]:
+    [doc] = _documents(OTEL_CONFIG)
+    config: dict[str, Any] = doc
+    return config
+
+
+def test_compose_runs_a_collector_and_jaeger_from_pinned_images(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    expected = {COLLECTOR: "otel/opentelemetry-collector-contrib", JAEGER: "jaegertracing/all-in-one"}
+    for name, image in expected.items():
+        assert name in services, f"compose.yaml has no {name} service"
+        repo, tag = _image(services[name])
+        assert repo == image, f"{name} runs {repo}, expected {image}"
+        assert re.fullmatch(r"\d+\.\d+\.\d+", tag), f"{name}'s image tag {tag!r} is not a pinned version"
+    assert _service_env(services[JAEGER]).get("COLLECTOR_OTLP_ENABLED") == "true", (
+        "Jaeger all-in-one needs COLLECTOR_OTLP_ENABLED=true to receive OTLP from the collector")
+
+
+def test_the_collector_loads_the_config_file_in_the_repository(compose: dict[str, Any]) -> None:
+    collector = compose["services"][COLLECTOR]
+    mounts = {}
+    for volume in collector["volumes"]:
+        source, target = str(volume).split(":")[:2]
+        mounts[target] = (COMPOSE.parent / source).resolve()
+    [config_arg] = [a for a in collector["command"] if a.startswith("--config=")]
+    target = config_arg.removeprefix("--config=")
+    assert target in mounts, f"the collector reads {target}, which no volume mounts"
+    assert mounts[target] == OTEL_CONFIG.resolve(), f"{target} is mounted from {mounts[target]}, not {OTEL_CONFIG}"
+
+
+def test_every_pipeline_component_is_defined(collector_config: dict[str, Any]) -> None:
+    service = collector_config["service"]
+    for extension in service.get("extensions", []):
+        assert extension in (collector_config.get("extensions") or {}), f"extension {extension} is not defined"
+    assert {"traces", "metrics"} <= set(service["pipelines"]), "the collector needs traces and metrics pipelines"
+    for name, pipeline in service["pipelines"].items():
+        assert pipeline.get("receivers") and pipeline.get("exporters"), f"pipeline {name} is incomplete"
+        for section in ("receivers", "processors", "exporters"):
+            for component in pipeline.get(section, []):
+                assert component in (collector_config.get(section) or {}), (
+                    f"pipeline {name} names {section[:-1]} {component!r}, which the config does not define")
+
+
+def test_the_traces_pipeline_exports_to_jaeger(compose: dict[str, Any], collector_config: dict[str, Any]) -> None:
+    exporters = collector_config["exporters"]
+    targets = []
+    for name in collector_config["service"]["pipelines"]["traces"]["exporters"]:
+        if name.split("/")[0] == "otlp":  # the OTLP/gRPC exporter, whatever its /suffix
+            settings = exporters[name]
+            host, port = settings["endpoint"].rsplit(":", 1)
+            targets.append((host, int(port)))
+            assert (settings.get("tls") or {}).get("insecure") is True, (
+                f"{name}: Jaeger all-in-one serves OTLP without TLS; the exporter must not require it")
+    assert (JAEGER, JAEGER_OTLP_GRPC) in targets, f"no traces exporter sends OTLP to {JAEGER}:{JAEGER_OTLP_GRPC}"
+    assert JAEGER in compose["services"]
+    assert JAEGER in compose["services"][COLLECTOR].get("depends_on", []), "the collector starts before Jaeger"
+
+
+@pytest.mark.parametrize("service", ["worker", "api"])
+def test_workers_and_api_export_otlp_to_the_collector(compose: dict[str, Any], collector_config: dict[str, Any],
+                                                      service: str) -> None:
+    from opentelemetry.sdk import environment_variables as otel_env
+
+    env = _service_env(compose["services"][service])
+    known = {n for n in dir(otel_env) if n.startswith("OTEL_")}
+    unknown = {n for n in env if n.startswith("OTEL_")} - known
+    assert not unknown, f"compose service {service} sets {sorted(unknown)}, which OpenTelemetry does not read"
+    # The variable stepline's exporter set-up reads (stepline.tracing.configure_from_env).
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" in inspect.getsource(stepline.tracing.configure_from_env)
+    url = urllib.parse.urlsplit(env["OTEL_EXPORTER_OTLP_ENDPOINT"])
+    assert url.hostname == COLLECTOR, f"{service} exports to {url.hostname}, not the {COLLECTOR} service"
+    # http/protobuf unless OTEL_EXPORTER_OTLP_PROTOCOL says grpc, as in stepline.tracing._otlp.
+    protocol = "grpc" if env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "").lower() == "grpc" else "http"
+    receiver = collector_config["receivers"]["otlp"]["protocols"].get(protocol)
+    assert receiver is not None, f"{service} exports OTLP/{protocol}; the collector does not receive it"
+    assert url.port == _port_of(receiver["endpoint"]), (
+        f"{service} exports to port {url.port}, the collector's {protocol} receiver listens on {receiver['endpoint']}")
+    assert url.scheme == "http", "the collector's receiver has no TLS here"
+    assert COLLECTOR in compose["services"][service].get("depends_on", {}), f"{service} starts before the collector"
+
+
+def test_the_image_installs_the_otlp_exporter_the_code_imports() -> None:
+    dockerfile = DOCKERFILE.read_text(encoding="utf-8")
+    assert re.search(r"pip install [\"']?\.\[[^\]]*\botlp\b", dockerfile), "the Dockerfile does not install stepline[otlp]"
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    assert any(req.startswith("opentelemetry-exporter-otlp-proto-http") for req in extras["otlp"]), (
+        "the otlp extra lacks the OTLP/HTTP exporter that stepline.tracing imports")
+
+
+def test_compose_environment_makes_the_cli_choose_otlp(compose: dict[str, Any]) -> None:
+    """The worker's OTEL_* variables, given to the real set-up code in a fresh process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update({k: v for k, v in _service_env(compose["services"]["worker"]).items() if k.startswith("OTEL_")})
+    script = (
+        "import logging; logging.basicConfig()\n"
+        "from opentelemetry import trace\n"
+        "from stepline.tracing import configure_from_env\n"
+        "configure_from_env()\n"
+        "print('PROVIDER', type(trace.get_tracer_provider()).__name__)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    try:
+        import opentelemetry.exporter.otlp.proto.http  # noqa: F401
+    except ImportError:  # optional here, installed in the image: the code still chose OTLP/HTTP
+        assert "opentelemetry-exporter-otlp-proto-http is not installed" in proc.stderr, proc.stderr
+    else:
+        assert "PROVIDER TracerProvider" in proc.stdout, proc.stdout
+
+
+def test_collector_and_jaeger_ports_are_published(compose: dict[str, Any], collector_config: dict[str, Any]) -> None:
+    collector = _published(compose["services"][COLLECTOR])
+    for protocol, receiver in collector_config["receivers"]["otlp"]["protocols"].items():
+        port = _port_of(receiver["endpoint"])
+        assert port in collector, f"the collector's OTLP/{protocol} port {port} is not published"
+    prometheus = collector_config["exporters"].get("prometheus")
+    if prometheus is not None:
+        assert _port_of(prometheus["endpoint"]) in collector, "the collector's metrics endpoint is not published"
+    assert 16686 in _published(compose["services"][JAEGER]), "Jaeger's UI (16686) is not published"
+

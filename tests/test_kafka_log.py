@@ -130,7 +130,7 @@ def test_stepline_options_shape_names_and_topics() -> None:
          ["sasl_plain_username"]),
         ("kafka://localhost:9092?ssl_cafile=/x.pem", ["security_protocol=SSL"]),
         ("kafka://localhost:9092?security_protocol=SSL&ssl_cafile=/does/not/exist.pem",
-         ["TLS files"]),
+         ["ssl_cafile='/does/not/exist.pem' does not exist"]),
         ("kafka://user:pw@localhost:9092", ["sasl_plain_username"]),
         ("kafka://localhost", ["host:port"]),
         ("kafka://", ["names no broker"]),

@@ -20,6 +20,9 @@ EXPECTED_PUBLIC_NAMES = frozenset({
     "task", "step", "sleep", "idempotency_key", "Task", "Queue", "Retry", "Rule",
     "http_status", "Registry", "default_registry", "load_app", "logger", "wait_for_event",
     "wait_for_token", "create_token", "WaitToken", "RateLimit", "Debounce",
+    "Sensitive", "SubjectErased", "KeyStoreError",  # docs/sensitive-data.md
+    "wait_for_any", "EventWait", "Timer", "ChildRun", "AnyResult", "backfill", "BackfillReport",
+    "emit", "EmitUnsupported",  # docs/emit.md
     # triggering and inspecting runs
     "Client", "RunHandle", "RunState", "StepState",
     # running

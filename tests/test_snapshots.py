@@ -37,19 +37,21 @@ def registry() -> tuple[sl.Registry, sl.Task]:
 async def test_a_restarted_worker_rebuilds_from_snapshots_to_the_same_state(engine_factory):
     reg, adder = registry()
     e = await engine_factory(reg, snapshot_every=20)
+    # Asleep first, and long enough to still be asleep at the restart however
+    # slowly the 30 others finish on a loaded machine.
+    sleeper = await adder.trigger({"n": 100, "nap": 8.0})
+    await eventually(lambda: _status(e, sleeper.run_id, "suspended"), timeout=30, what="the sleeper to suspend")
     handles = [await adder.trigger({"n": i, "fail": i % 7 == 0}) for i in range(30)]
-    sleeper = await adder.trigger({"n": 100, "nap": 1.0})
     for h in handles:
         try:
-            await h.result(timeout=20)
+            await h.result(timeout=30)
         except sl.RunFailedError:
             pass
-    await eventually(lambda: _status(e, sleeper.run_id, "suspended"), what="the sleeper to suspend")
 
     worker = await e.restart_worker()
     assert any(start > 0 for start in worker.rebuilt_from.values()), worker.rebuilt_from
     # The sleeping run is resumed from the snapshot's state after the restart.
-    assert await sleeper.result(timeout=20) == 102
+    assert await sleeper.result(timeout=40) == 102
     # The client saw the outcome; let the worker fold its own last events too.
     await eventually(lambda: worker.runs()[sleeper.run_id].status == "completed",
                      what="the worker to fold the sleeper's completion")

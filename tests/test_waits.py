@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from datetime import timedelta
 
 import pytest
 
@@ -306,3 +307,68 @@ def test_a_malformed_match_fails_at_the_call() -> None:
 
     with pytest.raises(PatternError, match="numeric"):
         check_wait_pattern("order.approved", {"amount": [{"numeric": ["~", 3]}]})
+
+
+# --- lookback: the event that raced ahead of the wait ------------------------------------
+
+
+def lookback_app(gate: asyncio.Event) -> sl.Registry:
+    reg = sl.Registry()
+
+    @sl.task(id="paid", registry=reg)
+    async def paid(p: dict) -> object:
+        await gate.wait()  # the run is slow to reach its wait: the event comes first
+        return await sl.wait_for_event("invoice.paid", match={"invoice": p["invoice"]},
+                                       timeout=p["timeout"], lookback=p.get("lookback"))
+
+    return reg
+
+
+async def test_lookback_matches_an_event_published_just_before_the_wait(engine_factory):
+    gate = asyncio.Event()
+    e = await engine_factory(lookback_app(gate))
+    with_lookback = await e.client.trigger("paid", {"invoice": "i-1", "timeout": 60, "lookback": 60})
+    without = await e.client.trigger("paid", {"invoice": "i-1", "timeout": 1})
+    await eventually(lambda: _running(e, with_lookback.run_id), timeout=20, what="the run to start")
+    await eventually(lambda: _running(e, without.run_id), timeout=20, what="the run to start")
+    await e.client.publish("invoice.paid", {"invoice": "i-0"})  # another invoice: never matches
+    await e.client.publish("invoice.paid", {"invoice": "i-1", "amount": 5})
+    router = e.worker._router
+    await eventually(lambda: router.routed == 2, timeout=20, what="the router to see both events")
+    await asyncio.sleep(0.05)  # the waits begin in a later millisecond than the event
+    gate.set()
+    assert await with_lookback.result(timeout=30) == {"invoice": "i-1", "amount": 5}
+    assert await without.result(timeout=30) is None  # without lookback it came too early
+    # The match is in the journal: a replay answers from it.
+    state = await e.client.get_run(with_lookback.run_id)
+    assert json.loads(state.steps[0].output.data) == {"invoice": "i-1", "amount": 5}
+
+
+async def test_lookback_finds_the_event_on_the_log_after_a_restart(engine_factory):
+    """A fresh router has no memory of recent events: the worker reads the events topic."""
+    gate = asyncio.Event()
+    gate.set()
+    e = await engine_factory(lookback_app(gate))
+    await e.client.publish("invoice.paid", {"invoice": "i-2"})
+    await e.restart_worker()
+    h = await e.client.trigger("paid", {"invoice": "i-2", "timeout": 60, "lookback": 300})
+    assert await h.result(timeout=30) == {"invoice": "i-2"}
+
+
+async def test_an_event_older_than_the_lookback_does_not_count(engine_factory):
+    gate = asyncio.Event()
+    e = await engine_factory(lookback_app(gate))
+    h = await e.client.trigger("paid", {"invoice": "i-3", "timeout": 1, "lookback": 0.2})
+    await eventually(lambda: _running(e, h.run_id), timeout=20, what="the run to start")
+    await e.client.publish("invoice.paid", {"invoice": "i-3"})
+    await asyncio.sleep(0.6)  # the event is now older than the lookback
+    gate.set()
+    assert await h.result(timeout=30) is None
+
+
+def test_a_lookback_beyond_the_bound_is_refused() -> None:
+    from stepline.waits import lookback_ms
+
+    assert lookback_ms(timedelta(hours=24)) == 86_400_000
+    with pytest.raises(ValueError, match="lookback must be from 0 to 1 day"):
+        lookback_ms(timedelta(days=2))

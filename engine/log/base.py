@@ -7,7 +7,12 @@ Everything above this module (worker, client, projections, CLI) talks to a
 Semantics, shared by all backends:
 
 * A topic has a fixed number of partitions; offsets in a partition start at
-  0 and grow by one per record, with no gaps.
+  0 and grow by one per record, with no gaps, except on Kafka once
+  transactions write to it (`append_atomic`): a transaction's commit or
+  abort marker, and the records of an aborted one, take offsets no read
+  returns. A read with `timeout=0` that returns nothing therefore means "no
+  readable record from here to the end offset", so loops of the form
+  `while offset < end` must stop on an empty read rather than spin.
 * `append` returns only when the records are durable by the backend's
   standard (fsync for sqlite, acks=all for Kafka) and returns their offsets.
   Records of one call to one partition keep their order.
@@ -19,6 +24,10 @@ Semantics, shared by all backends:
 * A group assigns each partition of a topic to exactly one live member;
   `generation` grows with every assignment the group hands out, so callers
   can derive fencing epochs from it.
+* Atomic appends (`append_atomic`, what `sl.emit` rides on) exist only where
+  the backend has transactions (`transactional`): the Kafka log. A
+  partition's owner calls `fence` when it claims the partition; from then on
+  no earlier holder can commit a transaction to it.
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
+
+from ..errors import EmitUnsupported
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +63,17 @@ class TopicSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A record for a topic outside the engine (`sl.emit`), written in the
+    same transaction as engine events by `Log.append_atomic`."""
+
+    topic: str  # the broker's own name: no namespace prefix is added
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Assignment:
     partitions: frozenset[int]
     generation: int
@@ -68,6 +90,20 @@ def partition_for(key: bytes, partitions: int) -> int:
     Never change it: existing logs place runs by this function.
     """
     return zlib.crc32(key) % partitions
+
+
+async def skip_unreadable(log_: Log, topic: str, partition: int, offset: int) -> int:
+    """Where a reader that found nothing at `offset` goes on from: `offset`
+    itself, or the end offset when only offsets without records (Kafka
+    transaction markers, aborted records) lie in between. The end is read
+    first: everything below it is settled, so an empty read from `offset`
+    then proves there is nothing to skip over."""
+    if not log_.transactional:
+        return offset
+    end = await log_.end_offset(topic, partition)
+    if offset >= end or await log_.read(topic, partition, offset, 1):
+        return offset
+    return end
 
 
 class Membership(abc.ABC):
@@ -132,6 +168,58 @@ class Log(abc.ABC):
     @abc.abstractmethod
     async def end_offset(self, topic: str, partition: int) -> int:
         """The offset the next appended record will get."""
+
+    async def offset_for_time(self, topic: str, partition: int, time_ms: int) -> int:
+        """The first offset whose record timestamp is at or after `time_ms`
+        (the end offset when there is none): where a scan "since then" starts.
+
+        This default bisects with single-record reads, O(log n), which
+        assumes timestamps grow with offsets. Writers' clocks may disagree a
+        little, so callers that need exactness start a margin earlier and
+        filter by the events' own times. Kafka answers from its time index.
+        """
+        lo, hi = 0, await self.end_offset(topic, partition)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            found = await self.read(topic, partition, mid, 1)
+            if not found:
+                return hi
+            if found[0].timestamp_ms < time_ms:
+                lo = found[0].offset + 1
+            else:
+                hi = mid
+        return lo
+
+    # --- transactions: only a backend that sets `transactional` has them ---
+
+    transactional: bool = False
+
+    async def fence(self, topic: str, partition: int) -> None:
+        """Become the partition's only transactional writer: every earlier
+        holder's open transaction on it is aborted and its later commits
+        fail. The partition's owner calls this on claim, before it writes
+        its claim. A no-op where there are no transactions."""
+        return None
+
+    async def unfence(self, topic: str, partition: int) -> None:
+        """Give the partition's transactional writer up (on revoke)."""
+        return None
+
+    async def check_outgoing(self, topic: str) -> None:
+        """Raise unless `append_atomic` can write records to `topic`:
+        EmitUnsupported without transactions, UnknownTopic for a missing topic."""
+        raise EmitUnsupported(self.url)
+
+    async def append_atomic(
+        self,
+        topic: str,
+        partition: int,
+        records: Sequence[tuple[bytes, bytes]],
+        outgoing: Sequence[Outgoing],
+    ) -> list[int]:
+        """Append like `append`, and write `outgoing` to their topics, in one
+        transaction: readers see all of it or none. Needs `fence` first."""
+        raise EmitUnsupported(self.url)
 
     @abc.abstractmethod
     async def join_group(

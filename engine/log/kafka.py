@@ -17,7 +17,14 @@ One `KafkaLog` holds:
   prefetching; a second reader of the same partition at another offset
   gets a cursor of its own, up to `cursors_per_partition`, after which
   the least recently used idle one is moved (seek);
-* for each `join_group`, one consumer in that group (see `_KafkaMembership`).
+* for each `join_group`, one consumer in that group (see `_KafkaMembership`);
+* for each partition it was asked to `fence`, one transactional producer
+  (engine/log/kafka_txn.py): `append_atomic`, what `sl.emit` rides on.
+
+Every consumer reads with isolation_level=read_committed, so a record of
+an open or aborted transaction is never folded, and `end_offset` is the
+last stable offset (where the first open transaction starts). Commit and
+abort markers take offsets that no read returns (see `_fetch_soon`).
 
 Appends: every call to one partition waits in a per-partition queue; one
 flusher per partition packs everything queued into ONE closed record batch
@@ -34,6 +41,7 @@ report the logical topic name.
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -58,10 +66,13 @@ from .base import (
     Assignment,
     Log,
     Membership,
+    Outgoing,
     Record,
     RevokeCallback,
     TopicSpec,
 )
+from .kafka_tail import Tails, make_record
+from .kafka_txn import TransactionalWriters
 
 __all__ = ["KafkaLog", "URL_OPTIONS", "from_url_options"]
 
@@ -98,6 +109,9 @@ URL_OPTIONS: dict[str, str] = {
     "min_insync_replicas": "min.insync.replicas of created topics (default: broker's)",
     "connect_timeout_ms": "give up reaching the brokers after this long, default 10000",
     "cursors_per_partition": "readers kept open per partition, default 4",
+    "transactions": "true (default) or false: a transactional producer per owned runs "
+                    "partition, for stepline.emit and zombie fencing",
+    "transaction_timeout_ms": "the broker aborts a transaction open this long, default 60000",
     # passed to every aiokafka client
     "client_id": "client id shown in broker logs and quotas, default 'stepline'",
     "request_timeout_ms": "aiokafka request timeout, default 30000",
@@ -122,7 +136,8 @@ URL_OPTIONS: dict[str, str] = {
     "max_batch_size": f"bytes per record batch, default {DEFAULT_MAX_BATCH_SIZE}",
     "max_request_size": f"bytes per produce request, default {DEFAULT_MAX_REQUEST_SIZE}",
     # consumers
-    "fetch_max_wait_ms": "how long a fetch waits on the broker for data, default 500",
+    "fetch_max_wait_ms": "how long a fetch waits on the broker for data, default 500 "
+                         "(50 for the shared tail, engine/log/kafka_tail.py)",
     "fetch_min_bytes": "bytes a fetch waits for, default 1",
     "fetch_max_bytes": "bytes per fetch response",
     "max_partition_fetch_bytes": "bytes per partition per fetch",
@@ -255,6 +270,11 @@ def from_url_options(url: str, servers: list[str], options: dict[str, str]) -> K
             f"option namespace={namespace!r} in log URL {_redact(url)!r} may only use "
             "letters, digits, '.', '_' and '-'"
         )
+    transactions = options.get("transactions", "true").lower()
+    if transactions not in ("true", "false", "1", "0", "yes", "no"):
+        raise InvalidLogUrl(
+            f"option transactions={transactions!r} in log URL {_redact(url)!r} must be true or false"
+        )
     rf = options.get("replication_factor")
     mir = options.get("min_insync_replicas")
     retention = options.get("retention_ms")
@@ -280,6 +300,11 @@ def from_url_options(url: str, servers: list[str], options: dict[str, str]) -> K
             cursors_per_partition=_int_option(
                 url, "cursors_per_partition", options.get("cursors_per_partition", "4"),
                 minimum=1,
+            ),
+            transactions=transactions in ("true", "1", "yes"),
+            transaction_timeout_ms=_int_option(
+                url, "transaction_timeout_ms", options.get("transaction_timeout_ms", "60000"),
+                minimum=1000,
             ),
             client_options=common,
             producer_options=producer,
@@ -403,6 +428,8 @@ class KafkaLog(Log):
         min_insync_replicas: int | None = None,
         connect_timeout: float = 10.0,
         cursors_per_partition: int = 4,
+        transactions: bool = True,
+        transaction_timeout_ms: int = 60_000,
         client_options: dict[str, Any] | None = None,
         producer_options: dict[str, Any] | None = None,
         consumer_options: dict[str, Any] | None = None,
@@ -423,6 +450,8 @@ class KafkaLog(Log):
         self.min_insync_replicas = min_insync_replicas
         self.connect_timeout = connect_timeout
         self.cursors_per_partition = cursors_per_partition
+        self.transactional = transactions
+        self.transaction_timeout_ms = transaction_timeout_ms
 
         client: dict[str, Any] = {"client_id": "stepline", "request_timeout_ms": 30000}
         client.update(client_options or {})
@@ -444,6 +473,12 @@ class KafkaLog(Log):
         self._committers: dict[str, AIOKafkaConsumer] = {}
         self._committer_locks: dict[str, asyncio.Lock] = {}
         self._members: list[_KafkaMembership] = []
+        self._writers = TransactionalWriters(self)
+        self._tails = Tails(self)
+
+    def __repr__(self) -> str:
+        # The URL as given to open_log, with secret options shown as ***.
+        return f"KafkaLog({self.url!r})"
 
     # --- configuration ---
 
@@ -466,6 +501,12 @@ class KafkaLog(Log):
                 )
         if not uses_tls:
             return None
+        for name in ("cafile", "certfile", "keyfile"):
+            path = files.get(name)
+            # ssl's own errors ("[Errno 2] No such file or directory") name no option.
+            if path is not None and not os.access(path, os.R_OK):
+                why = "does not exist" if not os.path.exists(path) else "cannot be read by this process"
+                raise ValueError(f"ssl_{name}={path!r} {why}")
         try:
             context = create_ssl_context(
                 cafile=files.get("cafile"),
@@ -506,8 +547,10 @@ class KafkaLog(Log):
     def consumer_kwargs(self, group_id: str | None = None) -> dict[str, Any]:
         """What a consumer is built with: a reader (no group) or a group member."""
         kwargs = self._common_kwargs()
+        # read_committed: records of open or aborted transactions (sl.emit's
+        # checkpoints) are never read, and end offsets are last stable offsets.
         kwargs.update(enable_auto_commit=False, heartbeat_interval_ms=1000,
-                      session_timeout_ms=10000)
+                      session_timeout_ms=10000, isolation_level="read_committed")
         if group_id is None:
             # Readers always seek before they fetch; an offset outside the
             # log is reported to us (OffsetOutOfRangeError), never "fixed".
@@ -564,6 +607,8 @@ class KafkaLog(Log):
             return
         for member in list(self._members):
             await member._shutdown()
+        await self._writers.close()
+        await self._tails.close()
         # Appends already queued still go out and get their answer.
         flushers = list(self._flushers.values())
         if flushers:
@@ -758,17 +803,22 @@ class KafkaLog(Log):
                     taken = []
                     continue
                 batch = producer.create_batch()
-                overflow = any(
-                    batch.append(key=k, value=v or None, timestamp=None) is None
-                    for call in taken for k, v in call.records
-                )
+                stamps: list[int] = []
+                overflow = False
+                for call in taken:
+                    for k, v in call.records:
+                        meta = batch.append(key=k, value=v or None, timestamp=None)
+                        if meta is None:
+                            overflow = True
+                            break
+                        stamps.append(meta.timestamp)
                 if overflow:  # cannot happen while _RECORD_OVERHEAD is an upper bound
                     for call in taken:
                         _fail(call.future, LogWriteFailed(
                             f"append to {topic}[{partition}]: records overflowed a batch"))
                     continue
                 batch.close()
-                await self._send(producer, topic, partition, batch, taken)
+                await self._send(producer, topic, partition, batch, taken, stamps)
                 taken = []
         except BaseException as exc:
             # Nothing may wait forever: fail what this flusher still held.
@@ -782,7 +832,9 @@ class KafkaLog(Log):
         return int(self.producer_kwargs().get("max_batch_size", DEFAULT_MAX_BATCH_SIZE))
 
     async def _send(self, producer: AIOKafkaProducer, topic: str, partition: int,
-                    batch: Any, calls: list[_Call]) -> None:
+                    batch: Any, calls: list[_Call], stamps: list[int] | None = None) -> None:
+        """Send one closed batch; `stamps` (its records' create times) let
+        the tails serve the records to this process's readers at once."""
         try:
             # Returns once the batch is queued (after the previous batch of
             # this partition was taken by the sender); the future resolves
@@ -800,12 +852,23 @@ class KafkaLog(Log):
             elif fut.exception() is not None:
                 exc = self._write_failed(topic, partition, fut.exception())  # type: ignore[arg-type]
             else:
-                base = fut.result().offset
+                meta = fut.result()
+                base = meta.offset
                 for call in calls:
                     n = len(call.records)
                     if not call.future.done():
                         call.future.set_result(list(range(base, base + n)))
                     base += n
+                if stamps is not None:
+                    # After the writers' futures, so that (callbacks run in
+                    # order) a writer learns its offsets before this
+                    # process's readers see the records: the engine skips
+                    # decoding its own events by offset.
+                    # -1: the records keep their create times; else the topic
+                    # stamps them all with the broker's append time.
+                    times = stamps if meta.timestamp == -1 else [meta.timestamp] * len(stamps)
+                    self._tails.appended(meta.topic_partition, meta.offset,
+                                         [r for call in calls for r in call.records], times)
                 return
             for call in calls:
                 _fail(call.future, exc)
@@ -861,6 +924,46 @@ class KafkaLog(Log):
         err.__cause__ = exc
         return err
 
+    # --- transactions (sl.emit) ---
+
+    async def fence(self, topic: str, partition: int) -> None:
+        if not self.transactional:
+            return
+        self._started()
+        tp = await self._where(topic, partition)
+        await self._writers.fence(tp)
+
+    async def unfence(self, topic: str, partition: int) -> None:
+        await self._writers.unfence(TopicPartition(self.topic_name(topic), partition))
+
+    async def check_outgoing(self, topic: str) -> None:
+        if not self.transactional:
+            await super().check_outgoing(topic)
+        self._started()
+        if not _valid_name(topic):
+            raise ValueError(f"stepline.emit: {topic!r} is not a Kafka topic name "
+                             "(letters, digits, '.', '_' and '-')")
+        # The user's own topic, by its broker name: no namespace prefix.
+        if self._counts.get(topic) is None and (await self._describe([topic]))[topic] is None:
+            raise UnknownTopic(
+                f"stepline.emit: topic {topic!r} does not exist on Kafka at "
+                f"{','.join(self.bootstrap_servers)}; create it first (Stepline does not "
+                "create the topics it emits to)"
+            )
+
+    async def append_atomic(
+        self,
+        topic: str,
+        partition: int,
+        records: Sequence[tuple[bytes, bytes]],
+        outgoing: Sequence[Outgoing],
+    ) -> list[int]:
+        if not self.transactional:
+            return await super().append_atomic(topic, partition, records, outgoing)
+        self._started()
+        tp = await self._where(topic, partition)
+        return await self._writers.append(tp, records, outgoing)
+
     # --- reads ---
 
     async def end_offset(self, topic: str, partition: int) -> int:
@@ -870,6 +973,16 @@ class KafkaLog(Log):
             return int((await meta.end_offsets([tp]))[tp])
         except KafkaError as exc:
             raise LogError(f"cannot read the end offset of {tp.topic}[{partition}]: {exc}") from exc
+
+    async def offset_for_time(self, topic: str, partition: int, time_ms: int) -> int:
+        _, _, meta = self._started()
+        tp = await self._where(topic, partition)
+        try:
+            found = await meta.offsets_for_times({tp: max(time_ms, 0)})
+        except KafkaError as exc:
+            raise LogError(f"cannot look up the offset of time {time_ms} in {tp.topic}[{partition}]: {exc}") from exc
+        hit = found.get(tp)
+        return int(hit.offset) if hit is not None else await self.end_offset(topic, partition)
 
     async def read(
         self,
@@ -883,6 +996,11 @@ class KafkaLog(Log):
         tp = await self._where(topic, partition)
         if max_records <= 0:
             return []
+        # A tailing reader, or one inside the recent window, reads from the
+        # shared tail (engine/log/kafka_tail.py); the rest through a cursor.
+        served = await self._tails.read(topic, tp, max(offset, 0), max_records, timeout)
+        if served is not None:
+            return served
         cursor = await self._acquire(tp, max(offset, 0))
         try:
             found = await self._read_at(cursor, max_records, timeout)
@@ -897,7 +1015,7 @@ class KafkaLog(Log):
         finally:
             self._release(cursor)
         return [
-            Record(topic, partition, r.offset, r.key or b"", r.value or b"", r.timestamp)
+            make_record(topic, partition, r.offset, r.key or b"", r.value or b"", r.timestamp)
             for r in found
         ]
 
@@ -921,7 +1039,7 @@ class KafkaLog(Log):
                         end = int((await consumer.end_offsets([tp]))[tp])
                         if end <= start:
                             return []
-                        got = await self._fetch_soon(consumer, tp, max_records)
+                        got = await self._fetch_soon(consumer, tp, max_records, end)
             except OffsetOutOfRangeError:
                 got = await self._out_of_range(cursor, deadline)
                 if got is None:
@@ -937,14 +1055,27 @@ class KafkaLog(Log):
                 return []
 
     async def _fetch_soon(self, consumer: AIOKafkaConsumer, tp: TopicPartition,
-                          max_records: int) -> list[Any]:
-        """Records known to exist: wait for the fetch that brings them."""
+                          max_records: int, end: int) -> list[Any]:
+        """Offsets below `end` exist: wait for the fetch that brings their records.
+
+        They may hold none: transaction markers and aborted records take
+        offsets that a read_committed consumer skips, moving its position
+        on without returning anything. Once the position passes `end`
+        with nothing returned, there was nothing to read.
+        """
+        loop = asyncio.get_running_loop()
         limit = self._client_options.get("request_timeout_ms", 30000) / 1000
-        got = (await consumer.getmany(tp, timeout_ms=int(limit * 1000),
-                                      max_records=max_records)).get(tp)
-        if not got:
-            raise LogError(f"records of {tp.topic}[{tp.partition}] did not arrive within {limit:g} s")
-        return got
+        deadline = loop.time() + limit
+        while True:
+            if await consumer.position(tp) >= end:
+                return []
+            got = (await consumer.getmany(tp, timeout_ms=50, max_records=max_records)).get(tp)
+            if got:
+                return got
+            if loop.time() > deadline:
+                raise LogError(
+                    f"records of {tp.topic}[{tp.partition}] did not arrive within {limit:g} s"
+                )
 
     async def _out_of_range(self, cursor: _Cursor, deadline: float) -> list[Any] | None:
         """The cursor's offset is not in the log: past its end, or retention

@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from ..errors import LogUnavailable, LogWriteFailed, UnknownTopic
+from ..errors import LogCorrupted, LogError, LogUnavailable, LogWriteFailed, UnknownTopic
 from .base import (
     AssignCallback,
     Assignment,
@@ -113,10 +113,72 @@ def _connect(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
     return conn
 
 
-def _unavailable(path: str, exc: BaseException) -> LogUnavailable:
-    err = LogUnavailable(f"cannot open the sqlite log at {path}: {exc}")
+def _unavailable(path: str, exc: BaseException) -> LogError:
+    if isinstance(exc, LogCorrupted):
+        return exc
+    if _corrupt(exc):
+        err: LogError = LogCorrupted(f"the sqlite log at {path} is damaged: {exc}; {_RESTORE}")
+    else:
+        err = LogUnavailable(f"cannot open the sqlite log at {path}: {exc}")
     err.__cause__ = exc
     return err
+
+
+# SQLite's own names for a file whose content does not add up.
+_CORRUPT = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_CORRUPT_INDEX", "SQLITE_CORRUPT_SEQUENCE",
+                      "SQLITE_CORRUPT_VTAB", "SQLITE_IOERR_SHORT_READ"})
+_RESTORE = "restore it from a copy, or salvage it with `sqlite3 FILE .recover` and check what it kept"
+
+
+def _corrupt(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.DatabaseError) and getattr(exc, "sqlite_errorname", "") in _CORRUPT
+
+
+def _check_file(path: str) -> None:
+    """Refuse a database file with a torn tail before anything writes to it.
+
+    SQLite reads a file cut in the middle of a page as if the missing bytes
+    were zeros, and a b-tree search that meets such a page can come back
+    empty instead of failing: a torn file would read as a shorter log, with
+    acknowledged events silently gone. Opening it for writing would also
+    make the damage permanent (the first checkpoint rewrites the last page).
+    So the size is checked against the page size, and against the page
+    count in the header when no write-ahead log holds newer pages (while one
+    does, a checkpoint cut off halfway may leave the file short: SQLite
+    redoes it). A torn write-ahead log needs nothing from us: SQLite checks
+    every frame and drops a transaction whose frames are not all there and
+    intact.
+
+    The file is looked at through a read-only SQLite connection and `stat`,
+    never a plain open(): closing any descriptor of the file would drop
+    every POSIX lock this process's other connections hold on it.
+    """
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        return
+    if size == 0:
+        return  # created, never written: SQLite starts it afresh
+    conn = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True, isolation_level=None)
+    try:
+        page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
+    except sqlite3.DatabaseError as exc:
+        if _corrupt(exc):
+            raise LogCorrupted(f"the sqlite log at {path} is damaged: {exc}; {_RESTORE}") from exc
+        raise
+    finally:
+        conn.close()
+    if size % page_size:
+        raise LogCorrupted(
+            f"the sqlite log at {path} is damaged: it ends in the middle of a page ({size:,} bytes, "
+            f"pages of {page_size:,}), as a torn write leaves it; {_RESTORE}")
+    wal = f"{path}-wal"
+    wal_holds_pages = os.path.exists(wal) and os.stat(wal).st_size > 32
+    if size < pages * page_size and not wal_holds_pages:
+        raise LogCorrupted(
+            f"the sqlite log at {path} is damaged: its header counts {pages:,} pages but the file "
+            f"holds {size // page_size:,} (cut short); {_RESTORE}")
 
 
 # --- the writer thread -------------------------------------------------------
@@ -277,6 +339,7 @@ class _Writer:
 
     def _run(self, ready: concurrent.futures.Future[None]) -> None:
         try:
+            _check_file(self.path)
             self._conn = self._open()
             self._turnstile = _Turnstile(self.path, self._busy_timeout_ms / 1000)
         except BaseException as exc:
@@ -409,10 +472,15 @@ class _Writer:
         name = getattr(exc, "sqlite_errorname", type(exc).__name__)
         out: _Results = []
         for op in batch:
-            err = LogWriteFailed(
-                f"could not write to the sqlite log at {self.path}: {name}: {exc}; "
-                "nothing of this batch was written, retry once the cause is fixed"
-            )
+            err: LogError
+            if _corrupt(exc):
+                err = LogCorrupted(f"could not write to the sqlite log at {self.path}: it is damaged "
+                                   f"({name}: {exc}); nothing of this batch was written; {_RESTORE}")
+            else:
+                err = LogWriteFailed(
+                    f"could not write to the sqlite log at {self.path}: {name}: {exc}; "
+                    "nothing of this batch was written, retry once the cause is fixed"
+                )
             err.__cause__ = exc
             out.append((op.future, None, err))
         return out
@@ -430,7 +498,8 @@ def _migrate(conn: sqlite3.Connection) -> None:
         if version < 1:
             for statement in _SCHEMA_V1:
                 conn.execute(statement)
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if version != SCHEMA_VERSION:  # an open that changes nothing writes nothing
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -465,11 +534,24 @@ class _Readers:
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, lambda: fn(self._conn()))
+        try:
+            return await loop.run_in_executor(self._pool, lambda: fn(self._conn()))
+        except sqlite3.Error as exc:
+            raise self._failed(exc) from exc
 
     async def run_on(self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, fn, conn)
+        try:
+            return await loop.run_in_executor(self._pool, fn, conn)
+        except sqlite3.Error as exc:
+            raise self._failed(exc) from exc
+
+    def _failed(self, exc: sqlite3.Error) -> LogError:
+        name = getattr(exc, "sqlite_errorname", type(exc).__name__)
+        if _corrupt(exc):
+            return LogCorrupted(f"could not read the sqlite log at {self._path}: it is damaged "
+                                f"({name}: {exc}); {_RESTORE}")
+        return LogUnavailable(f"could not read the sqlite log at {self._path}: {name}: {exc}")
 
     async def close(self) -> None:
         await asyncio.to_thread(self._pool.shutdown, True)
@@ -581,7 +663,10 @@ class SqliteLog(Log):
             self._poll_conn = _connect(self.path, self._busy_timeout_ms)
             self._data_version = await self._readers.run_on(self._poll_conn, _data_version)
             await self._load_topics()
-        except sqlite3.Error as exc:
+        except LogCorrupted:
+            await self.close()
+            raise
+        except (sqlite3.Error, LogError) as exc:
             await self.close()
             raise _unavailable(self.path, exc) from exc
 

@@ -54,7 +54,7 @@ async def iso_steps(payload: dict) -> dict:
     return {"value": value, "pid": os.getpid()}
 
 
-@sl.task(id="iso-spin", registry=registry, isolation="process", max_duration=0.5,
+@sl.task(id="iso-spin", registry=registry, isolation="process", max_duration=3.0,
          retry=sl.Retry(max_attempts=1))
 async def iso_spin(payload: dict) -> None:
     while True:  # never yields: only killing the process stops it

@@ -4,6 +4,7 @@
 // children, and the raw event history. Follows the stream while shown.
 
 import { api } from "./api.js";
+import { forkPanel, shadowPanel } from "./history.js";
 import { retryForm } from "./retry.js";
 import { renderTimeline } from "./timeline.js";
 import {
@@ -57,7 +58,12 @@ function header(run) {
       run.retry_at ? fact("Next attempt", timeEl(run.retry_at), ` (${fmtRelative(run.retry_at)})`) : null,
       run.expires_at ? fact("Expires", timeEl(run.expires_at)) : null,
       run.parent_run_id ? fact("Parent", h("span", { "data-testid": "parent" }, runLink(run.parent_run_id),
-        run.parent_step !== null && run.parent_step !== undefined ? ` (step ${run.parent_step})` : "")) : null));
+        run.parent_step !== null && run.parent_step !== undefined ? ` (step ${run.parent_step})` : "")) : null,
+      run.forked_from ? fact("Forked from", h("span", { "data-testid": "forked-from" }, runLink(run.forked_from),
+        ` at step ${run.forked_at_step}`)) : null,
+      run.task_version ? fact("Task version", h("code", { "data-testid": "task-version" }, run.task_version)) : null,
+      (run.patches || []).length ? fact("Patches", run.patches.map((p) =>
+        h("span", { class: "tag", "data-testid": "patch" }, `${p.patch}: ${p.applied ? "on" : "off"}`))) : null));
 }
 
 function waitingPanel(run) {
@@ -85,7 +91,7 @@ function outcomePanel(run) {
   return h("section", { class: "panel" }, parts);
 }
 
-function stepCard(run, st, open) {
+function stepCard(run, st, open, onFork) {
   // A step still "running" in a run that ended never finished (cancelled, expired).
   const status = st.status === "running" && !LIVE_STATUSES.includes(run.status) ? "interrupted" : st.status;
   const dur = st.started_at && st.ended_at ? fmtDuration(st.ended_at - st.started_at)
@@ -104,7 +110,11 @@ function stepCard(run, st, open) {
     errors.length ? h("div", { class: "wide" }, h("h3", {}, "Failed attempts"),
       errors.map((e) => h("div", {}, h("p", { class: "muted" }, `attempt ${e.attempt} at `, timeEl(e.time)),
         errorBlock(e, "step-attempt-error")))) : null,
-    logs.length ? h("div", { class: "wide" }, h("h3", {}, "Logs"), logsTable(logs)) : null);
+    logs.length ? h("div", { class: "wide" }, h("h3", {}, "Logs"), logsTable(logs)) : null,
+    // A checkpoint (done step) is a point to branch from.
+    st.status === "completed" || st.status === "resolved" ? h("div", { class: "wide actions" },
+      h("button", { type: "button", "data-testid": "fork-from-step", onclick: () => onFork(st) }, "Fork from here"),
+      st.attempt === 0 ? h("span", { class: "muted" }, "copied from the run this one was forked from") : null) : null);
   return h("details", { class: "step", open, "data-testid": "step", "data-step": st.step, "data-status": status },
     h("summary", {}, h("span", { class: "muted mono" }, `#${st.step}`), h("span", { class: "name" }, st.name),
       statusBadge(status), h("span", { class: "muted" }, `attempt ${st.attempt}`), h("span", { class: "dur" }, dur)),
@@ -173,6 +183,8 @@ export async function mountRun(container, route) {
   const timeline = h("section", { class: "panel", "aria-labelledby": "timeline-heading" });
   const rest = h("div");
   let retryBox = null; // kept across refreshes, so a payload being edited survives them
+  let forkBox = null; // likewise the fork form, while open
+  const shadowBox = shadowPanel(runId);
   let run = null;
   let events = [];
   container.append(h("p", {}, h("a", { href: "#/runs" }, "← All runs")), notice, head, actions, timeline, rest);
@@ -192,6 +204,16 @@ export async function mountRun(container, route) {
     cancel.disabled = false;
     refresh();
   });
+
+  const openFork = (st) => {
+    forkBox = forkPanel(run, st, () => {
+      forkBox.remove();
+      forkBox = null;
+    });
+    rest.prepend(forkBox);
+    forkBox.scrollIntoView({ block: "nearest" });
+    forkBox.querySelector("button").focus();
+  };
 
   const drawTimeline = () => {
     clear(timeline, h("h2", { id: "timeline-heading" }, "Timeline"),
@@ -216,14 +238,16 @@ export async function mountRun(container, route) {
     const hadCards = rest.querySelector("details[data-testid=step]") !== null;
     clear(rest,
       retryBox,
+      forkBox,
       waitingPanel(run),
       outcomePanel(run),
       h("section", { class: "panel", "aria-labelledby": "steps-title" },
         h("h2", { id: "steps-title" }, `Steps (${(run.steps || []).length})`),
         (run.steps || []).length
-          ? run.steps.map((st) => stepCard(run, st, hadCards ? open.has(String(st.step)) : openAll || st.status !== "completed"))
+          ? run.steps.map((st) => stepCard(run, st, hadCards ? open.has(String(st.step)) : openAll || st.status !== "completed", openFork))
           : h("p", { class: "muted" }, "No steps recorded yet.")),
       attemptsPanel(run),
+      shadowBox,
       childrenPanel(children),
       h("section", { class: "panel", "aria-labelledby": "logs-title" },
         h("h2", { id: "logs-title" }, `Logs (${(run.logs || []).length}${run.logs_dropped ? `, ${run.logs_dropped} dropped` : ""})`),

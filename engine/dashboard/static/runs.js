@@ -3,13 +3,14 @@
 // the live stream without reloading.
 
 import { api } from "./api.js";
+import { bulkBar } from "./bulk.js";
 import { retryForm } from "./retry.js";
 import {
   clear, fmtDuration, h, listOf, localInputToMs, msToLocalInput, runLink, statusBadge, STATUSES, timeEl,
 } from "./util.js";
 
 const PAGE_SIZES = [25, 50, 100];
-const FILTERS = ["task", "status", "tag", "from", "to", "q", "parent"];
+const FILTERS = ["task", "status", "tag", "from", "to", "q", "parent", "error_type"];
 
 /** Whether a run summary passes the filters (all but `q`, which needs the payload). */
 function matches(run, filters) {
@@ -17,6 +18,7 @@ function matches(run, filters) {
   if (filters.status && run.status !== filters.status) return false;
   if (filters.tag && !(run.tags || []).includes(filters.tag)) return false;
   if (filters.parent && run.parent_run_id !== filters.parent) return false;
+  if (filters.error_type && run.error_type !== filters.error_type) return false;
   if (filters.dead_letter && !run.dead_lettered) return false;
   if (filters.from && run.created_at < Number(filters.from)) return false;
   if (filters.to && run.created_at > Number(filters.to)) return false;
@@ -134,7 +136,9 @@ class RunTable {
     const cells = [
       h("td", {}, runLink(run.run_id)),
       h("td", {}, run.task_id),
-      h("td", {}, statusBadge(run.status, run.dead_lettered)),
+      h("td", {}, statusBadge(run.status, run.dead_lettered),
+        run.paused ? h("span", { class: "tag", title: "its task or queue is paused", "data-testid": "paused" },
+          "paused") : null),
       h("td", { class: "num" }, run.attempt ?? "–"),
       h("td", {}, timeEl(run.created_at)),
       h("td", { class: "num" }, duration(run)),
@@ -253,6 +257,7 @@ function filterForm(filters, onApply) {
     field("from", "Created from", from),
     field("to", "Created to", to),
     field("q", "Text in payload or output", text(filters.q, "e.g. order-42")),
+    field("error_type", "Error type", text(filters.error_type, "e.g. TimeoutError")),
     field("limit", "Per page", limit),
     h("div", { class: "field buttons" },
       h("button", { type: "submit", class: "primary", "data-testid": "filter-apply" }, "Apply"),
@@ -265,6 +270,7 @@ function filterForm(filters, onApply) {
       task: data.get("task").trim(), status: data.get("status"), tag: data.get("tag").trim(),
       from: localInputToMs(data.get("from")), to: localInputToMs(data.get("to")),
       q: data.get("q").trim(), limit: data.get("limit"), parent: filters.parent || "",
+      error_type: data.get("error_type").trim(),
     });
   });
   form.addEventListener("reset", (ev) => {
@@ -294,7 +300,9 @@ export async function mountRuns(container, route) {
       filters.parent ? h("span", { class: "muted" }, "children of ", runLink(filters.parent)) : null),
     filterForm(filters, (next) => setQuery("#/runs", next)),
   );
-  const table = new RunTable(container, filters);
+  let table = null;
+  container.append(bulkBar(filters, () => table.load(table.cursor)));
+  table = new RunTable(container, filters);
   await table.load(null);
   return { onRun: (run) => table.onRun(run), onResync: () => table.load(table.cursor) };
 }
