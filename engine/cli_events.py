@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
+from stepline.cli_options import LogOpt
 from stepline.log import DEFAULT_LOG_URL
 
 TopicOpt = Annotated[list[str] | None, typer.Option(
@@ -22,7 +23,7 @@ TypeOpt = Annotated[list[str] | None, typer.Option(
 
 
 def events(
-    log: str = DEFAULT_LOG_URL,  # given the CLI's --log option (and its setting) by register()
+    log: LogOpt = DEFAULT_LOG_URL,
     topic: TopicOpt = None,
     start: Annotated[str, typer.Option(
         "--from", help="earliest (offset 0), latest (only new events) or committed (after --group's commit).")]
@@ -102,9 +103,5 @@ def _since_ms(text: str) -> int | None:
     return int(when.timestamp() * 1000)
 
 
-def register(app: typer.Typer, log_option: Any) -> None:
-    # The CLI's own --log (flag > STEPLINE_LOG > stepline.toml): passed in,
-    # because importing engine/cli.py from here would import it twice when
-    # it runs as `python -m stepline.cli`.
-    events.__annotations__["log"] = log_option
+def register(app: typer.Typer) -> None:
     app.command("events")(events)

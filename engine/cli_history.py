@@ -13,10 +13,8 @@ from typing import Annotated, Any
 
 import typer
 
+from stepline.cli_options import AppOpt, JsonOpt, LogOpt
 from stepline.log import DEFAULT_LOG_URL
-
-LogOpt = Annotated[str, typer.Option("--log", envvar="STEPLINE_LOG", help="Log URL.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
 def _step_outputs(entries: list[str]) -> dict[int, Any]:
@@ -39,8 +37,7 @@ def fork(
     step_output: Annotated[list[str] | None, typer.Option(
         "--step-output", help="N=JSON: replace the recorded output of copied step N (repeatable).")] = None,
     idempotency_key: Annotated[str | None, typer.Option(help="Makes a repeated fork a no-op.")] = None,
-    app_module: Annotated[str | None, typer.Option(
-        "--app", envvar="STEPLINE_APP", help="Module declaring the task: validates --payload.")] = None,
+    app_module: AppOpt = None,
     log: LogOpt = DEFAULT_LOG_URL,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the fork to end.")] = False,
     timeout: Annotated[float | None, typer.Option(help="Seconds to wait with --wait.")] = None,

@@ -21,10 +21,7 @@ if TYPE_CHECKING:
     from stepline.bulk import BulkReport
     from stepline.client import Client
 
-LogOpt = Annotated[str, typer.Option("--log", envvar="STEPLINE_LOG", help="Log URL.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
-AppOpt = Annotated[str | None, typer.Option(
-    "--app", envvar="STEPLINE_APP", help="Module declaring the tasks: checks that the task or queue exists.")]
+from stepline.cli_options import AppOpt, JsonOpt, LogOpt, _setting, _setting_help
 
 pause_app = typer.Typer(no_args_is_help=True, help="Hold a task's or a queue's runs: they stay queued until resumed.")
 resume_app = typer.Typer(no_args_is_help=True, help="Resume a paused task or queue.")
@@ -160,9 +157,9 @@ def _bulk_command(action: str) -> Any:
         request_id: Annotated[str | None, typer.Option(
             "--request-id", help="Repeat a request with its id: no run is acted on twice.")] = None,
         query_db: Annotated[str | None, typer.Option(
-            "--query-db", envvar="STEPLINE_QUERY_DB", show_default=False,
-            help="Query projection file to select runs from (default: the one `stepline dev` keeps for the "
-                 "log); brought up to date first.")] = None,
+            "--query-db", callback=_setting("query_db"), show_default=False,
+            help=_setting_help("Query projection file to select runs from (default: the one `stepline dev` "
+                               "keeps for the log); brought up to date first.", "query_db"))] = None,
         log: LogOpt = DEFAULT_LOG_URL,
         as_json: JsonOpt = False,
     ) -> None:
