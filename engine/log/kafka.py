@@ -504,8 +504,9 @@ class KafkaLog(Log):
         for name in ("cafile", "certfile", "keyfile"):
             path = files.get(name)
             # ssl's own errors ("[Errno 2] No such file or directory") name no option.
-            if path is not None and not os.access(path, os.R_OK):
-                why = "does not exist" if not os.path.exists(path) else "cannot be read by this process"
+            if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+                why = ("does not exist" if not os.path.exists(path) else
+                       "is not a file" if not os.path.isfile(path) else "cannot be read by this process")
                 raise ValueError(f"ssl_{name}={path!r} {why}")
         try:
             context = create_ssl_context(
