@@ -19,7 +19,8 @@
 #   KAFKA_CONTROLLER_PORT    KRaft controller port        (default 19093)
 #   KAFKA_STATE_DIR          jars, config, pid, logs      (default <repo>/.kafka)
 #   KAFKA_START_TIMEOUT      seconds to wait for health   (default 90)
-#   KAFKA_HEAP_OPTS          JVM heap                     (default -Xms128m -Xmx512m)
+#   KAFKA_HEAP_OPTS          JVM heap                     (default -Xms256m -Xmx2g: the test suite
+#                            creates thousands of partitions, one namespace per test)
 #   KAFKA_JVM_OPTS           extra JVM options
 #   KAFKA_PYTHON             Python with aiokafka for the health check
 #                            (default <repo>/.venv/bin/python, then python3)
@@ -45,7 +46,7 @@ PORT="${KAFKA_PORT:-19092}"
 CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-19093}"
 HOST=127.0.0.1
 START_TIMEOUT="${KAFKA_START_TIMEOUT:-90}"
-HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms128m -Xmx512m}"
+HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms256m -Xmx2g}"
 
 if [[ -n "${JAVA_HOME:-}" && -x "$JAVA_HOME/bin/java" ]]; then
   JAVA="$JAVA_HOME/bin/java"

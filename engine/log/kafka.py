@@ -17,6 +17,11 @@ One `KafkaLog` holds:
   prefetching; a second reader of the same partition at another offset
   gets a cursor of its own, up to `cursors_per_partition`, after which
   the least recently used idle one is moved (seek);
+* one tail consumer shared by every reader that follows a partition's end
+  (a read with a timeout: worker tails, result watchers), and a window of
+  each followed partition's recent records, which also takes this
+  process's own appends as soon as they are acknowledged (kafka_tail.py);
+  a read the window cannot answer goes to a cursor;
 * for each `join_group`, one consumer in that group (see `_KafkaMembership`);
 * for each partition it was asked to `fence`, one transactional producer
   (engine/log/kafka_txn.py): `append_atomic`, what `sl.emit` rides on.

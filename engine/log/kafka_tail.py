@@ -54,8 +54,11 @@ log = structlog.get_logger("stepline.log.kafka")
 # partition with records of a few hundred bytes.
 _KEEP = 1024
 _KEEP_MAX = 2 * _KEEP
-# A partition nobody has read for this long stops being fetched.
-_IDLE_S = 60.0
+# A partition nobody has read for this long stops being fetched. Tailing
+# readers come back at least once a second (their reads time out after 1 s);
+# a worker that lost a partition stops reading it, and should not go on
+# fetching and decoding what its new owner writes there.
+_IDLE_S = 5.0
 _FETCH_TIMEOUT_MS = 1000
 _FETCH_MAX_WAIT_MS = 50
 
