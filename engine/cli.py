@@ -475,22 +475,34 @@ def trigger(
             )
             result: dict[str, Any] = {"run_id": handle.run_id, "task_id": t.id}
             if wait:
-                state = await client.wait(handle.run_id, timeout=timeout, from_offset=handle.offset)
-                result.update(status=state.status, output=payload_json(state.output),
-                              error=None if state.error is None else f"{state.error.type}: {state.error.message}")
+                await _await_outcome(client, handle.run_id, handle.offset, timeout, result)
             return result
 
     res = _run(go())
+    _print_started(res, f"triggered [bold]{res['task_id']}[/]: {res['run_id']}", wait, as_json)
+
+
+async def _await_outcome(client: Client, run_id: str, offset: int | None, timeout: float | None,
+                         result: dict[str, Any]) -> None:
+    """--wait: the run's end into `result` (status, output, error)."""
+    state = await client.wait(run_id, timeout=timeout, from_offset=offset)
+    result.update(status=state.status, output=payload_json(state.output),
+                  error=None if state.error is None else f"{state.error.type}: {state.error.message}")
+
+
+def _print_started(res: dict[str, Any], headline: str, wait: bool, as_json: bool) -> None:
+    """A started run (and with --wait its end); exit 1 when it waited and did not complete."""
     if as_json:
         _print_json(res)
     else:
-        out.print(f"triggered [bold]{res['task_id']}[/]: {res['run_id']}", highlight=False)
+        out.print(headline, highlight=False)
         if wait:
             out.print(f"status: {res['status']}", highlight=False)
             if res.get("output") is not None:
                 out.print_json(data=res["output"])
             if res.get("error"):
-                out.print(f"error: {res['error']}", highlight=False)
+                # markup=False: the message is the task's, and "[...]" in it is not Rich markup.
+                out.print(f"error: {res['error']}", highlight=False, markup=False)
     if wait and res.get("status") != "completed":
         raise typer.Exit(1)
 

@@ -44,9 +44,8 @@ def fork(
     as_json: JsonOpt = False,
 ) -> None:
     """Start a new run from RUN's history up to --at-step, then live (with edits)."""
-    from stepline.cli import _parse_json, _print_json, _run, out
+    from stepline.cli import _await_outcome, _parse_json, _print_started, _run
     from stepline.client import Client
-    from stepline.payloads import payload_json
     from stepline.task import load_app
 
     async def go() -> dict[str, Any]:
@@ -59,24 +58,12 @@ def fork(
             result: dict[str, Any] = {"run_id": handle.run_id, "task_id": handle.task_id,
                                       "forked_from": run_id, "at_step": at_step}
             if wait:
-                state = await client.wait(handle.run_id, timeout=timeout, from_offset=handle.offset)
-                result.update(status=state.status, output=payload_json(state.output),
-                              error=None if state.error is None else f"{state.error.type}: {state.error.message}")
+                await _await_outcome(client, handle.run_id, handle.offset, timeout, result)
             return result
 
     res = _run(go())
-    if as_json:
-        _print_json(res)
-    else:
-        out.print(f"forked {run_id} at step {at_step}: [bold]{res['run_id']}[/] ({res['task_id']})", highlight=False)
-        if wait:
-            out.print(f"status: {res['status']}", highlight=False)
-            if res.get("output") is not None:
-                out.print_json(data=res["output"])
-            if res.get("error"):
-                out.print(f"error: {res['error']}", highlight=False, markup=False)
-    if wait and res.get("status") != "completed":
-        raise typer.Exit(1)
+    _print_started(res, f"forked {run_id} at step {at_step}: [bold]{res['run_id']}[/] ({res['task_id']})",
+                   wait, as_json)
 
 
 def parse_since(text: str, now_ms: int) -> int:
