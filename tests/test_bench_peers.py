@@ -127,10 +127,61 @@ def test_the_peers_quick_run_completes_with_correct_results(tmp_path: Path) -> N
     proc = subprocess.run(
         [sys.executable, str(PEERS / "run_peers.py"), "--quick", "--no-kafka", "--no-plot",
          "--out", str(tmp_path), "--tmpdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=900, cwd=ROOT,
+        capture_output=True, text=True, timeout=1800, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = report.load(next(tmp_path.glob("*-peers.jsonl")))
     systems = {r["system"] for r in rows}
-    assert {common.DBOS_SQLITE, common.DBOS_PG, common.CELERY} <= systems
+    assert {common.DBOS_SQLITE, common.DBOS_PG, common.CELERY, common.TEMPORAL, common.RESTATE} <= systems
     assert all(r["ok"] for r in rows)
+
+
+def _peer_rows(proc: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    return [json.loads(ln[4:]) for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
+
+
+BENCH_PEERS = pytest.mark.skipif(os.environ.get("BENCH_PEERS") != "1",
+                                 reason="the peers need bench/peers/setup.sh (root, apt, PyPI, npm); "
+                                        "set BENCH_PEERS=1")
+
+
+@pytest.mark.slow
+@BENCH_PEERS
+@pytest.mark.parametrize("driver", ["temporal_bench.py", "restate_bench.py"])
+def test_the_server_peers_complete_every_run_at_a_tiny_size(driver: str, tmp_path: Path) -> None:
+    """Temporal's dev server and restate-server, each started by its driver:
+    a few seconds of 10 sends per second, every run completed with the
+    right output and its start seen."""
+    proc = subprocess.run(
+        [str(ROOT / ".bench-venv" / "bin" / "python"), str(PEERS / driver), "--workload", "c",
+         "--rates", "10", "--quick", "--tmpdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    rows = _peer_rows(proc)
+    assert proc.returncode == 0, (proc.stderr[-2000:], rows)
+    assert [r["workload"] for r in rows] == ["c_start_latency"]
+    m = rows[0]["metrics"]
+    assert rows[0]["ok"], rows[0]["errors"]
+    assert m["completed"] == m["sent"] == m["started"] == 15
+
+
+@pytest.mark.slow
+@BENCH_PEERS
+def test_the_server_peers_keep_a_completed_step_through_kill9_and_fsync_it(tmp_path: Path) -> None:
+    """kill9.py on Temporal and Restate: the worker AND the server are
+    SIGKILLed in step two and restarted on the same files; the run finishes,
+    step one is not run again, and the server fsyncs while runs go on."""
+    proc = subprocess.run(
+        [sys.executable, str(PEERS / "run_peers.py"), "--quick", "--no-kafka", "--no-plot", "--workloads", "d",
+         "--only", "temporal", "restate", "--out", str(tmp_path), "--tmpdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["system"]: r for r in report.load(next(tmp_path.glob("*-peers.jsonl")))}
+    assert set(rows) == {common.TEMPORAL, common.RESTATE}
+    for system, r in rows.items():
+        m = r["metrics"]
+        assert r["workload"] == "d_kill9" and r["ok"], (system, r["errors"])
+        assert m["finished_after_restart"] and m["completed_step_survived"], (system, m)
+        assert m["calls"]["one"] == 1 and m["calls"]["two"] == 2, (system, m["calls"])
+        assert m["fsync_probe"]["sync_calls_per_run"] > 0, (system, m["fsync_probe"])

@@ -48,6 +48,8 @@ DBOS_SQLITE = "dbos-sqlite"
 DBOS_PG = "dbos-postgres"
 CELERY = "celery-redis (AOF everysec)"
 CELERY_ALWAYS = "celery-redis (AOF always)"
+TEMPORAL = "temporal-devserver-sqlite"
+RESTATE = "restate"
 
 # What a completed step survives, per system AS CONFIGURED HERE. "kill -9"
 # is the worker process (the one running the task) killed; "power loss" is
@@ -86,6 +88,20 @@ DURABILITY: dict[str, dict[str, str]] = {
         "power_loss": "yes (results and the next message)",
         "how": "as above with --appendfsync always: Redis fsyncs the AOF before "
                "replying to each write batch"},
+    TEMPORAL: {
+        "kill9": "yes", "power_loss": "yes",
+        "how": "temporal server start-dev --db-filename (one SQLite file, one connection), no "
+               "--sqlite-pragma: SQLite's defaults, rollback journal (read from the file header) "
+               "and synchronous=FULL, so every history transaction (an activity's completion "
+               "among them) is fsync'd before it is acknowledged; fsync calls per run counted "
+               "with strace by the kill -9 check"},
+    RESTATE: {
+        "kill9": "yes", "power_loss": "yes",
+        "how": "restate-server as shipped, one node (replication 1): a ctx.run result is "
+               "journaled in the log (Bifrost's replicated loglet on the node's own "
+               "log-server, RocksDB WAL with rocksdb-disable-wal-fsync=false, the default) "
+               "before the handler goes on; fsync calls per run counted with strace by the "
+               "kill -9 check"},
 }
 
 

@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common as c  # noqa: E402
 
-ORDER = [c.SL_FULL, c.SL_NORMAL, c.SL_KAFKA, c.DBOS_SQLITE, c.DBOS_PG, c.CELERY, c.CELERY_ALWAYS]
+ORDER = [c.SL_FULL, c.SL_NORMAL, c.SL_KAFKA, c.DBOS_SQLITE, c.DBOS_PG, c.CELERY, c.CELERY_ALWAYS,
+         c.TEMPORAL, c.RESTATE]
 KEY_PARAM = {"a_throughput": "in_flight", "b_latency": "steps", "c_start_latency": "rate_per_s"}
 
 # (numerator, denominator, target or None, what the comparison is worth)
@@ -33,6 +34,10 @@ THROUGHPUT_RATIOS: list[tuple[str, str, float | None, str]] = [
     (c.SL_FULL, c.CELERY_ALWAYS, None, "equal durability: both fsync"),
     (c.SL_KAFKA, c.DBOS_PG, 10.0, "NOT equal: the single-node broker does not fsync, PostgreSQL does"),
     (c.SL_KAFKA, c.DBOS_SQLITE, None, "not equal durability (as above)"),
+    (c.SL_FULL, c.TEMPORAL, None, "equal durability: both fsync every commit"),
+    (c.SL_FULL, c.RESTATE, None, "equal durability: both fsync before a step is acknowledged"),
+    (c.SL_KAFKA, c.TEMPORAL, None, "NOT equal: the single-node broker does not fsync"),
+    (c.SL_KAFKA, c.RESTATE, None, "NOT equal: the single-node broker does not fsync"),
 ]
 
 
@@ -112,6 +117,13 @@ def kill_cell(r: dict[str, Any] | None) -> str:
     m = r["metrics"]
     n = m.get("calls", {})
     ran = f"step 1 ran {n.get('one')}x, step 2 {n.get('two')}x, step 3 {n.get('three')}x"
+    probe = m.get("fsync_probe") or {}
+    if "sync_calls_per_run" in probe:
+        ran += f"; {probe['sync_calls_per_run']:g} fsync-family calls per 3-step run (strace)"
+    elif probe.get("error"):
+        ran += f"; fsync count failed: {probe['error']}"
+    if m.get("killed"):
+        ran += f"; killed: {m['killed']}"
     if m.get("finished_after_restart"):
         return f"resumed and finished (output {'right' if m.get('completed_step_survived') else 'WRONG'}); {ran}"
     kept = m.get("first_task_result_kept")

