@@ -324,9 +324,13 @@ async def test_cancel_stops_a_sleeping_run_for_good(engine_factory):
     reg = sl.Registry()
     resumed: list[int] = []
 
+    # Long enough that the cancel lands while it sleeps even on a loaded
+    # machine; the test then waits past the wake time to see it never wakes.
+    nap = 2.0
+
     @sl.task(id="cancellable", registry=reg)
     async def cancellable(_: None) -> None:
-        await sl.sleep(0.3)
+        await sl.sleep(nap)
         resumed.append(1)
 
     e = await engine_factory(reg)
@@ -335,7 +339,7 @@ async def test_cancel_stops_a_sleeping_run_for_good(engine_factory):
     await e.client.cancel(handle.run_id)
     with pytest.raises(sl.RunFailedError, match="cancelled"):
         await handle.result(timeout=5)
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(nap + 0.5)
     assert resumed == []
     assert (await e.client.get_run(handle.run_id)).status == "cancelled"
     with pytest.raises(sl.InvalidRunState):
