@@ -63,11 +63,11 @@ import kafka_bench
 import workloads
 
 import stepline as sl
-from stepline import codec
-from stepline.events import Event
+from stepline.core import codec
+from stepline.core.events import Event
 from stepline.log.memory import forget_store
+from stepline.log.topics import Topics
 from stepline.projections.runs import COMPLETED
-from stepline.topics import Topics
 
 LIMITS = (1, 10)
 BY = ("worker", "queue")  # worker first: the baseline, then the admission path

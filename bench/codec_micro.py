@@ -2,10 +2,10 @@
 
     python bench/codec_micro.py [--repeat 15] [--number 20000] [--baseline FILE]
 
-`--baseline` loads another version of engine/codec.py and measures it side
+`--baseline` loads another version of engine/core/codec.py and measures it side
 by side, e.g. the committed one:
 
-    git show HEAD:engine/codec.py > /tmp/codec_head.py
+    git show HEAD:engine/core/codec.py > /tmp/codec_head.py
     python bench/codec_micro.py --baseline /tmp/codec_head.py
 
 Times are CPU time of this process (`time.process_time`), the best of
@@ -21,8 +21,8 @@ import time
 import timeit
 from typing import Any
 
-from stepline import codec
-from stepline.events import (
+from stepline.core import codec
+from stepline.core.events import (
     JSON,
     Event,
     Payload,

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sl_tasks  # noqa: E402
 
-from stepline import codec  # noqa: E402
-from stepline.events import (  # noqa: E402
+from stepline.core import codec  # noqa: E402
+from stepline.core.events import (  # noqa: E402
     JSON,
     Event,
     Payload,
@@ -32,7 +32,7 @@ from stepline.events import (  # noqa: E402
     StepCompleted,
     StepStarted,
 )
-from stepline.ids import new_event_id, new_run_id  # noqa: E402
+from stepline.core.ids import new_event_id, new_run_id  # noqa: E402
 from stepline.projections.runs import PartitionRuns, fold_run  # noqa: E402
 
 

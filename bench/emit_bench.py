@@ -23,7 +23,7 @@ import uuid
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 import stepline as sl
-from stepline.topics import Topics
+from stepline.log.topics import Topics
 
 
 async def main() -> None:

@@ -45,15 +45,15 @@ from typing import Any
 import workloads
 
 import stepline as sl
-from stepline import codec
 from stepline.consumers.patterns import compile_name, compile_where
 from stepline.consumers.router import Router, codec_json
-from stepline.events import DomainEvent, Event, RunTriggered
-from stepline.ids import new_event_id
+from stepline.core import codec
+from stepline.core.events import DomainEvent, Event, RunTriggered
+from stepline.core.ids import new_event_id
+from stepline.core.payloads import ANY
 from stepline.log.memory import forget_store
-from stepline.payloads import ANY
+from stepline.log.topics import Topics
 from stepline.projections.runs import COMPLETED
-from stepline.topics import Topics
 
 EVENT = "order.placed"
 MATCHES_PER_EVENT = 3

@@ -233,8 +233,8 @@ def script_broker_pid(bootstrap: str) -> int | None:
 async def _owners(client: Any) -> dict[int, str]:
     """The worker that last claimed each partition of the runs topic (as
     tests/test_kafka_workers.py reads it: PartitionClaimed events)."""
-    from stepline import codec
-    from stepline.events import PartitionClaimed
+    from stepline.core import codec
+    from stepline.core.events import PartitionClaimed
 
     out: dict[int, str] = {}
     topic = client.topics.runs

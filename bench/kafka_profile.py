@@ -36,10 +36,10 @@ sys.path.insert(0, str(HERE))
 # scanning from the leaf to the root, gets the sample. Order matters: the
 # narrow areas (codec, fold) come before the callers that contain them.
 AREAS: list[tuple[str, tuple[str, ...]]] = [
-    ("codec: engine events (encode/decode)", ("engine/codec.py", "stepline.codec generated")),
-    ("payload codec (pydantic)", ("engine/payloads.py", "pydantic")),
+    ("codec: engine events (encode/decode)", ("engine/core/codec.py", "stepline.codec generated")),
+    ("payload codec (pydantic)", ("engine/core/payloads.py", "pydantic")),
     ("structlog / logging", ("structlog", "logging/__init__")),
-    ("tracing", ("engine/tracing.py", "opentelemetry")),
+    ("tracing", ("engine/observability/tracing.py", "opentelemetry")),
     ("aiokafka producer: batch build", ("message_accumulator.py", "record/default_records",
                                         "record/_crecords", "BatchBuilder")),
     ("aiokafka consumer: fetch + record decode", ("consumer/fetcher.py", "ConsumerRecord")),
@@ -52,15 +52,15 @@ AREAS: list[tuple[str, tuple[str, ...]]] = [
     ("KafkaLog read (engine/log/kafka.py)", ("KafkaLog.read", "KafkaLog._read_at",
                                               "KafkaLog._acquire", "KafkaLog._release",
                                               "KafkaLog._fetch_soon", "KafkaLog.end_offset")),
-    ("appender", ("engine/appender.py",)),
+    ("appender", ("engine/log/appender.py",)),
     ("projection fold", ("projections/runs.py", "projections/snapshot.py", "evolve (<string>")),
-    # Dataclass __init__s: @dataclass's own (__create_fn__) and engine/frozen.py's.
-    ("event + id construction", ("engine/events.py", "engine/ids.py", "__create_fn__",
+    # Dataclass __init__s: @dataclass's own (__create_fn__) and engine/core/frozen.py's.
+    ("event + id construction", ("engine/core/events.py", "engine/core/ids.py", "__create_fn__",
                                  "__init__ (<string>)")),
-    ("client (trigger, watcher, result)", ("engine/client.py",)),
-    ("worker (emit, run, tail, dispatch)", ("engine/worker.py", "engine/runner.py",
-                                             "engine/context.py", "engine/dispatch.py",
-                                             "engine/task.py")),
+    ("client (trigger, watcher, result)", ("engine/client/_client.py",)),
+    ("worker (emit, run, tail, dispatch)", ("engine/runtime/worker.py", "engine/runtime/runner.py",
+                                             "engine/sdk/context.py", "engine/runtime/dispatch.py",
+                                             "engine/sdk/task.py")),
     ("bench load driver", ("workloads.py", "sl_tasks.py")),
     ("socket I/O (transport write/read, epoll)", ("selector_events.py", "selectors.py")),
     ("asyncio machinery", ("asyncio/",)),

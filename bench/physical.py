@@ -10,9 +10,9 @@ import time
 import timeit
 from typing import Any
 
-from stepline import codec
-from stepline.events import JSON, Event, Payload, StepCompleted
-from stepline.ids import new_event_id, new_run_id
+from stepline.core import codec
+from stepline.core.events import JSON, Event, Payload, StepCompleted
+from stepline.core.ids import new_event_id, new_run_id
 
 VALUE_200 = os.urandom(100).hex().encode()  # 200 bytes, about one event
 

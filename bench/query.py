@@ -50,8 +50,8 @@ import aiohttp
 from aiohttp import web
 
 import stepline as sl
-from stepline import codec
-from stepline.events import (
+from stepline.core import codec
+from stepline.core.events import (
     JSON,
     ErrorInfo,
     Event,
@@ -61,13 +61,13 @@ from stepline.events import (
     RunFailed,
     RunTriggered,
 )
-from stepline.ids import new_event_id, new_run_id
+from stepline.core.ids import new_event_id, new_run_id
 from stepline.log import open_log
 from stepline.log.base import partition_for
+from stepline.log.topics import Topics
 from stepline.projections.query import QueryStore, rebuild
 from stepline.projections.query_store import encode_cursor
 from stepline.server import ServeConfig, create_app
-from stepline.topics import Topics
 
 SYSTEM = "stepline query projection"
 TASKS = ("resize-image", "send-email", "sync-crm")

@@ -67,7 +67,7 @@ sys.path.insert(0, str(HERE))
 import kafka_bench  # noqa: E402
 
 import stepline as sl  # noqa: E402
-from stepline.events import StepCompleted  # noqa: E402
+from stepline.core.events import StepCompleted  # noqa: E402
 from stepline.projections.runs import TERMINAL, PartitionRuns, RunState  # noqa: E402
 
 KAFKA_WORKERS = 2

@@ -33,7 +33,7 @@ import random
 import time
 
 import stepline as sl
-from stepline.context import current_run
+from stepline.sdk.context import current_run
 
 registry = sl.Registry()
 

@@ -22,9 +22,9 @@ from typing import Any
 import sl_tasks
 
 import stepline as sl
-from stepline.logs import configure_logging
+from stepline.log.topics import Topics
 from stepline.projections.runs import COMPLETED
-from stepline.topics import Topics
+from stepline.sdk.logs import configure_logging
 
 # As the CLI does for `stepline dev`/`worker` (there at INFO; WARNING here only to keep the
 # per-partition "claimed" lines out of the output, none is on a hot path). Without

@@ -50,8 +50,8 @@ import sl_proc_tasks
 import workloads
 
 import stepline as sl
-from stepline import codec
-from stepline.events import PartitionClaimed
+from stepline.core import codec
+from stepline.core.events import PartitionClaimed
 from stepline.projections.runs import SUSPENDED, PartitionRuns
 
 ROOT = Path(__file__).resolve().parent.parent

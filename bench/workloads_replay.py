@@ -45,9 +45,9 @@ import workloads  # noqa: E402
 import workloads_procs  # noqa: E402
 
 import stepline as sl  # noqa: E402
-from stepline import codec  # noqa: E402
-from stepline.events import Event  # noqa: E402
-from stepline.ids import new_event_id, new_run_id  # noqa: E402
+from stepline.core import codec  # noqa: E402
+from stepline.core.events import Event  # noqa: E402
+from stepline.core.ids import new_event_id, new_run_id  # noqa: E402
 from stepline.log.base import partition_for  # noqa: E402
 from stepline.projections.runs import COMPLETED, PartitionRuns  # noqa: E402
 

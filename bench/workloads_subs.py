@@ -38,8 +38,8 @@ import workloads
 import workloads_procs
 
 import stepline as sl
+from stepline.log.topics import Topics
 from stepline.projections.runs import COMPLETED
-from stepline.topics import Topics
 
 EVENT = "bench.fan"
 SUB_COUNTS = (1, 10, 100)

@@ -25,12 +25,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import timedelta
 
-from stepline import codec
 from stepline.consumers.patterns import Matcher, compile_name, compile_where
 from stepline.consumers.router import codec_json
 from stepline.consumers.waits import SeenEvent, WaitEntry
+from stepline.core import codec
+from stepline.core.events import DomainEvent
 from stepline.errors import SchemaError
-from stepline.events import DomainEvent
 from stepline.log.base import Log
 
 MAX_LOOKBACK = timedelta(hours=24)

@@ -29,17 +29,17 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from stepline import codec
 from stepline.consumers.patterns import Matcher, compile_name, compile_where
 from stepline.consumers.waits import SeenEvent, WaitEntry, WaitsTable, unregister
+from stepline.core import codec
+from stepline.core.events import DomainEvent
 from stepline.errors import SchemaError, TaskDefinitionError
-from stepline.events import DomainEvent
 from stepline.log.base import Assignment
-from stepline.quarantine import quarantine
+from stepline.log.quarantine import quarantine
 
 if TYPE_CHECKING:
     from stepline.client import Client
-    from stepline.task import Registry
+    from stepline.sdk.task import Registry
 
 log = structlog.get_logger("stepline.router")
 
@@ -112,7 +112,7 @@ class Router:
             self._retro = asyncio.create_task(self._backfill_retroactive(), name="stepline-backfill")
 
     async def _backfill_retroactive(self) -> None:
-        from stepline.backfill import backfill_new_subscriptions
+        from stepline.client.backfill import backfill_new_subscriptions
 
         try:
             await backfill_new_subscriptions(self.client, [t for t in self.registry if t.subscriptions])

@@ -9,12 +9,9 @@ Everything a user needs is importable from here; the modules behind it are
 implementation and may move.
 """
 
-from stepline.backfill import BackfillReport, backfill
 from stepline.client import Client, RunHandle, publish
+from stepline.client.backfill import BackfillReport, backfill
 from stepline.consumers.router import Subscription
-from stepline.context import idempotency_key, patched, sleep, step
-from stepline.debounce import Debounce
-from stepline.emit import emit
 from stepline.errors import (
     ChildProcessDied,
     ChildRunFailed,
@@ -41,17 +38,19 @@ from stepline.errors import (
     UnknownTask,
 )
 from stepline.log import DEFAULT_LOG_URL, open_log
-from stepline.logs import configure_logging, logger
 from stepline.projections.runs import RunState, StepState
-from stepline.retry import Retry, Rule, http_status
-from stepline.schedule import Cron, Every, ScheduleTick
-from stepline.sensitive import Sensitive
-from stepline.task import Queue, RateLimit, Registry, Task, default_registry, load_app, task
-from stepline.wait_any import AnyResult, ChildRun, EventWait, Timer, wait_for_any
-from stepline.waits import WaitToken, create_token, wait_for_event, wait_for_token
-from stepline.worker import Worker
-
-__version__ = "0.1.0"
+from stepline.runtime.worker import Worker
+from stepline.sdk.context import idempotency_key, patched, sleep, step
+from stepline.sdk.debounce import Debounce
+from stepline.sdk.emit import emit
+from stepline.sdk.logs import configure_logging, logger
+from stepline.sdk.retry import Retry, Rule, http_status
+from stepline.sdk.schedule import Cron, Every, ScheduleTick
+from stepline.sdk.task import Queue, RateLimit, Registry, Task, default_registry, load_app, task
+from stepline.sdk.wait_any import AnyResult, ChildRun, EventWait, Timer, wait_for_any
+from stepline.sdk.waits import WaitToken, create_token, wait_for_event, wait_for_token
+from stepline.security.sensitive import Sensitive
+from stepline.version import __version__
 
 __all__ = [
     # declaring tasks

@@ -270,7 +270,7 @@ class PayloadTooLarge(SteplineError, ValueError):
     """A payload or event data over the client's size limit; nothing was appended."""
 
 
-# --- sensitive data (engine/sensitive.py, engine/keystore.py) ----------------
+# --- sensitive data (engine/security/sensitive.py, engine/security/keystore.py) ----------------
 
 
 class KeyStoreError(SteplineError):

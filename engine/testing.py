@@ -42,14 +42,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from stepline.client import Client, RunHandle
-from stepline.events import Event
-from stepline.ids import TOKEN, wait_token
+from stepline.core.events import Event
+from stepline.core.ids import TOKEN, wait_token
 from stepline.log.memory import MemoryLog, MemoryStore
+from stepline.log.topics import Topics
 from stepline.projections.runs import PartitionRuns, RunState
-from stepline.schedule import Scheduler
-from stepline.task import Registry, Task, default_registry
-from stepline.topics import Topics
-from stepline.worker import Worker
+from stepline.runtime.worker import Worker
+from stepline.sdk.schedule import Scheduler
+from stepline.sdk.task import Registry, Task, default_registry
 
 R = TypeVar("R")
 
@@ -138,7 +138,7 @@ class VirtualClock:
     async def wait_until(self, due_ms: int, woken: asyncio.Event) -> None:
         """Return once `woken` is set; the clock sets it when it reaches `due_ms`.
 
-        The hook TimerWheel uses (engine/timers.py): whoever else holds
+        The hook TimerWheel uses (engine/runtime/timers.py): whoever else holds
         `woken` may set it earlier, e.g. for a nearer timer.
         """
         await self._wait(due_ms, woken, auto=True)

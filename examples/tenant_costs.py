@@ -28,7 +28,15 @@ from pydantic import BaseModel
 
 import stepline as sl
 from stepline.consume import Start
-from stepline.events import Event, RunCompleted, RunFailed, RunTriggered, StepCompleted, StepStarted, consume
+from stepline.events import (
+    Event,
+    RunCompleted,
+    RunFailed,
+    RunTriggered,
+    StepCompleted,
+    StepStarted,
+    consume,
+)
 from stepline.log.base import Log
 
 TENANTS = ("acme", "globex", "initech")

@@ -33,11 +33,12 @@ from typing import Any
 
 import structlog
 
-from stepline import codec
+from stepline.core import codec
+from stepline.core.events import Event, PauseChanged
 from stepline.errors import SchemaError, UnknownTopic
-from stepline.events import Event, PauseChanged
 from stepline.log import open_log
 from stepline.log.base import Assignment, Log, Membership, Record, skip_unreadable
+from stepline.log.topics import DEFAULT_NAMESPACE, Topics
 from stepline.projections.query_store import (
     DEFAULT_QUERY_DB,
     Page,
@@ -48,7 +49,6 @@ from stepline.projections.query_store import (
     StaleOffsets,
 )
 from stepline.projections.runs import PartitionRuns, RunState
-from stepline.topics import DEFAULT_NAMESPACE, Topics
 
 log = structlog.get_logger("stepline.query")
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from stepline.consumers.router import fanout_key
+from stepline.core.events import JSON, DomainEvent, Event, Payload
 from stepline.errors import SteplineError
-from stepline.events import JSON, DomainEvent, Event, Payload
 from stepline.projections.runs import RunState
 from stepline.projections.snapshot import run_to_json
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from stepline.events import Event, PauseChanged
+from stepline.core.events import Event, PauseChanged
 from stepline.projections.query_feed import FeedSubscription, RunFeed, SubscriptionClosed
 from stepline.projections.query_sql import (
     DEFAULT_QUERY_DB,

@@ -18,7 +18,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from stepline.events import (
+from stepline.core.events import (
     PAUSE_QUEUE,
     PAUSE_TASK,
     Event,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
-from stepline.events import (
+from stepline.core.events import (
     PAUSE_QUEUE,
     PAUSE_TASK,
     REQUEST_TYPES,
@@ -46,9 +46,9 @@ from stepline.events import (
     StepStarted,
     WaitCompleted,
 )
-from stepline.frozen import fast_init
+from stepline.core.frozen import fast_init
 
-# The idempotency-key prefix of debounced triggers (engine/debounce.py).
+# The idempotency-key prefix of debounced triggers (engine/sdk/debounce.py).
 DEBOUNCE_PREFIX = "stepline/debounce/"
 
 PENDING = "pending"
@@ -210,7 +210,7 @@ def _compile_evolve() -> Callable[[RunState, dict[str, Any]], RunState]:
 
 
 _evolve = _compile_evolve()
-# The fold builds a StepState per step event (engine/frozen.py: half the cost).
+# The fold builds a StepState per step event (engine/core/frozen.py: half the cost).
 for _cls in (StepState, RunState, AttemptError, RetryInfo, LogLine):
     fast_init(_cls)
 

@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+from stepline.core.events import ErrorInfo, PatchRecorded, PauseChanged, Payload
 from stepline.errors import SteplineError
-from stepline.events import ErrorInfo, PatchRecorded, PauseChanged, Payload
 from stepline.projections.runs import (
     AttemptError,
     LogLine,

@@ -6,7 +6,7 @@
 # that mapping nor the import hook of the editable install, so this lays the
 # package out under build/typecheck/ as symlinks, read from package-dir itself,
 # and runs mypy there ([tool.mypy] in pyproject.toml: strict, `-p stepline`).
-# Messages name the source files (engine/worker.py), not the links.
+# Messages name the source files (engine/runtime/worker.py), not the links.
 #
 # Usage: scripts/typecheck.sh [mypy args...]   (PY=... picks the interpreter)
 set -euo pipefail

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 import stepline as sl
-from stepline.topics import Topics
+from stepline.log.topics import Topics
 
 # "kafka" joins this list with the Kafka issue: the engine suite passes on
 # a local broker, but is not yet stable enough there to gate CI on.

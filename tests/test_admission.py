@@ -213,7 +213,7 @@ async def test_a_rate_limit_spaces_the_starts(engine_factory):
 
 
 async def queue_events(e) -> list:
-    from stepline import codec
+    from stepline.core import codec
 
     log_, topic = e.client.log, e.client.topics.queues
     out = []

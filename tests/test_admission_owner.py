@@ -1,4 +1,4 @@
-"""The queue owner (engine/admission.py) on its own: its grants count at once,
+"""The queue owner (engine/runtime/admission.py) on its own: its grants count at once,
 and a replaced owner's grants never reach a run."""
 
 from __future__ import annotations
@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 
 import stepline as sl
-from stepline import codec
-from stepline.admission import Admission
-from stepline.context import now_ms
-from stepline.events import Body, Event, PartitionClaimed, SlotGranted, SlotReleased, SlotRequested
-from stepline.ids import new_event_id
-from stepline.topics import Topics
+from stepline.core import codec
+from stepline.core.events import Body, Event, PartitionClaimed, SlotGranted, SlotReleased, SlotRequested
+from stepline.core.ids import new_event_id
+from stepline.log.topics import Topics
+from stepline.runtime.admission import Admission
+from stepline.sdk.context import now_ms
 from tests.conftest import eventually
 
 QUEUE = "api"

@@ -32,12 +32,12 @@ from schemathesis.core.parameters import ParameterLocation
 from schemathesis.specs.openapi.checks import negative_data_rejection
 
 import stepline as sl
-from stepline.ids import wait_token
-from stepline.openapi import SPEC_PATH, openapi_spec
+from stepline.core.ids import wait_token
+from stepline.log.topics import Topics
 from stepline.projections.query import QueryProjector, QueryStore
 from stepline.projections.query_store import RunFilter
 from stepline.server import ServeConfig, WebhookSource, create_app, sign_webhook
-from stepline.topics import Topics
+from stepline.server.openapi import SPEC_PATH, openapi_spec
 
 TOKEN = "fuzz-token-0123456789"
 MAX_EXAMPLES = 15

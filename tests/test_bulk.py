@@ -1,4 +1,4 @@
-"""Bulk cancel, retry and replay by filter (engine/bulk.py), on every backend,
+"""Bulk cancel, retry and replay by filter (engine/client/bulk.py), on every backend,
 through the Python API, the HTTP API and the CLI.
 
 The runs acted on are read from the query projection with the run list's
@@ -19,8 +19,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 import stepline as sl
-from stepline.bulk import InvalidBulkRequest, bulk_action, replay_key
-from stepline.ids import idempotent_run_id
+from stepline.client.bulk import InvalidBulkRequest, bulk_action, replay_key
+from stepline.core.ids import idempotent_run_id
 from stepline.projections.query import QueryProjector
 from stepline.projections.query_store import QueryStore, RunFilter
 from stepline.server import ServeConfig, create_app

@@ -17,9 +17,9 @@ from fastavro.schema import to_parsing_canonical_form
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stepline import codec, schemas
-from stepline.errors import MalformedEvent, SchemaError, UnknownSchemaVersion
-from stepline.events import (
+from stepline import schemas
+from stepline.core import codec
+from stepline.core.events import (
     BODY_TYPES,
     JSON,
     CopiedStep,
@@ -50,6 +50,7 @@ from stepline.events import (
     StepStarted,
     WaitCompleted,
 )
+from stepline.errors import MalformedEvent, SchemaError, UnknownSchemaVersion
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NS = "io.stepline"

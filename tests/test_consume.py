@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 import stepline as sl
-from stepline import codec
+from stepline.core import codec
+from stepline.core.ids import new_event_id
 from stepline.errors import UnknownTopic
 from stepline.events import (
     JSON,
@@ -27,7 +28,6 @@ from stepline.events import (
     StepCompleted,
     consume,
 )
-from stepline.ids import new_event_id
 from tests.test_examples_ecosystem import lines_after, run_example
 
 

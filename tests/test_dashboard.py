@@ -35,8 +35,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 import stepline as sl
-from stepline.dashboard import add_dashboard_routes
 from stepline.server import ServeConfig, create_app
+from stepline.server.dashboard import add_dashboard_routes
 
 from .conftest import IN_CI
 
@@ -395,7 +395,7 @@ def test_with_auth_on_the_page_asks_for_the_token_and_keeps_it_for_the_tab(brows
         server.stop()
 
 
-# --- fork and shadow (engine/dashboard/static/history.js) ----------------------------
+# --- fork and shadow (engine/server/dashboard/static/history.js) ----------------------------
 
 
 def _set_text(driver: Any, element: Any, text: str) -> None:

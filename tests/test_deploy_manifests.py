@@ -4,14 +4,16 @@ Nothing here talks to Kubernetes, Docker or Kafka. The manifests are parsed
 and checked against what the code itself defines: the `stepline`
 subcommands and their options, the environment variables the CLI reads,
 the routes the HTTP server answers, and the topic and group names of
-engine/topics.py as the Kafka log names them on the broker.
+engine/log/topics.py as the Kafka log names them on the broker.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import os
+import pkgutil
 import re
 import subprocess
 import sys
@@ -31,9 +33,9 @@ import stepline.tracing
 from stepline.cli import app as cli_app
 from stepline.client import Client
 from stepline.log import open_log
+from stepline.log.topics import Topics
 from stepline.server import ServeConfig, create_app
 from stepline.settings import env_var
-from stepline.topics import Topics
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -191,7 +193,7 @@ def _dockerfile_entrypoint() -> list[str]:
 def _cli_env_vars(command: Any = None) -> set[str]:
     """Environment variables the CLI reads: those of the settings behind its
     options (of one command, or of all), option envvars, plus those
-    engine/cli.py and engine/log read from os.environ."""
+    engine/cli/main.py and engine/log read from os.environ."""
     names: set[str] = set()
 
     def walk(cmd: Any) -> None:
@@ -206,9 +208,18 @@ def _cli_env_vars(command: Any = None) -> set[str]:
             walk(sub)
 
     walk(command or _cli())
-    for module in (stepline.cli, stepline.log):
+    for module in _modules_of(stepline.cli, stepline.log):
         names.update(re.findall(r"environ(?:\.get\(|\[)\s*[\"'](STEPLINE_\w+)[\"']", inspect.getsource(module)))
     return names
+
+
+def _modules_of(*packages: Any) -> list[Any]:
+    """Every module of these packages, imported: their sources name the variables they read."""
+    found = list(packages)
+    for package in packages:
+        for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+            found.append(importlib.import_module(info.name))
+    return found
 
 
 def _partitions(url: str) -> int:

@@ -29,8 +29,8 @@ from typing import Any
 import pytest
 
 import stepline as sl
-from stepline import codec
-from stepline.events import BODY_TYPES, Event, StepCompleted, StepStarted
+from stepline.core import codec
+from stepline.core.events import BODY_TYPES, Event, StepCompleted, StepStarted
 from stepline.log.base import (
     AssignCallback,
     Log,
@@ -39,9 +39,9 @@ from stepline.log.base import (
     RevokeCallback,
     TopicSpec,
 )
+from stepline.log.topics import Topics
 from stepline.projections.queues import QueuePartition
 from stepline.projections.runs import TERMINAL, PartitionRuns, RunState
-from stepline.topics import Topics
 
 from .conftest import eventually
 
@@ -430,7 +430,7 @@ async def test_any_event_redelivered_late_or_the_whole_history_twice_folds_to_th
 
 def _ev(body: Any, seq: int = 0, epoch: int = 0, run_id: str = "r1", event_id: str | None = None,
         time: int = 1) -> Event:
-    from stepline.ids import new_event_id
+    from stepline.core.ids import new_event_id
     return Event(event_id or new_event_id(), body.TYPE, run_id, "t", seq, time, epoch, body)
 
 
@@ -439,7 +439,7 @@ def _history_with_a_late_copy(events: list[Event], copy_of: int) -> tuple[list[E
 
 
 def test_a_late_copy_of_a_cancel_does_not_stop_the_retry_it_preceded() -> None:
-    from stepline.events import JSON, Payload, RunCancelled, RunRetriggered, RunStarted, RunTriggered
+    from stepline.core.events import JSON, Payload, RunCancelled, RunRetriggered, RunStarted, RunTriggered
     from stepline.projections.runs import fold_events
 
     events = [
@@ -455,7 +455,7 @@ def test_a_late_copy_of_a_cancel_does_not_stop_the_retry_it_preceded() -> None:
 
 
 def test_a_late_copy_of_a_retrigger_does_not_restart_a_run_that_failed_again() -> None:
-    from stepline.events import (
+    from stepline.core.events import (
         JSON,
         ErrorInfo,
         Payload,
@@ -481,7 +481,7 @@ def test_a_late_copy_of_a_retrigger_does_not_restart_a_run_that_failed_again() -
 
 
 def test_a_late_copy_of_a_grant_gives_no_slot_to_the_next_attempt() -> None:
-    from stepline.events import JSON, Payload, RetryScheduled, RunStarted, RunTriggered, SlotGranted
+    from stepline.core.events import JSON, Payload, RetryScheduled, RunStarted, RunTriggered, SlotGranted
     from stepline.projections.runs import fold_events
 
     events = [
@@ -497,7 +497,7 @@ def test_a_late_copy_of_a_grant_gives_no_slot_to_the_next_attempt() -> None:
 
 @pytest.mark.parametrize("late", ["SlotRequested", "SlotGranted", "SlotReleased"])
 def test_a_late_copy_of_an_admission_event_leaves_the_queue_as_it_was(late: str) -> None:
-    from stepline.events import PartitionClaimed, SlotGranted, SlotReleased, SlotRequested
+    from stepline.core.events import PartitionClaimed, SlotGranted, SlotReleased, SlotRequested
 
     request = SlotRequested("q", limit=1)
     first = [_ev(request, event_id="req-1"), _ev(SlotGranted("q"), epoch=1, event_id="grant-1"),

@@ -25,16 +25,16 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 import stepline as sl
-from stepline import codec
-from stepline.context import now_ms
+from stepline.core import codec
+from stepline.core.events import JSON, Event, Payload, RunTriggered
+from stepline.core.ids import new_event_id, new_run_id
 from stepline.errors import EmitUnsupported, UnknownTopic
-from stepline.events import JSON, Event, Payload, RunTriggered
-from stepline.ids import new_event_id, new_run_id
 from stepline.log.base import Outgoing, partition_for, skip_unreadable
 from stepline.log.kafka import KafkaLog
 from stepline.log.kafka_txn import TransactionalWriters, WriterFenced
+from stepline.log.topics import Topics
 from stepline.projections.query import QueryProjector, QueryStore, rebuild
-from stepline.topics import Topics
+from stepline.sdk.context import now_ms
 
 from .conftest import eventually
 

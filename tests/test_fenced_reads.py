@@ -8,9 +8,17 @@ import uuid
 import pytest
 
 import stepline as sl
-from stepline import codec
-from stepline.events import JSON, Event, PartitionClaimed, Payload, RunCompleted, RunStarted, RunTriggered
-from stepline.ids import new_event_id
+from stepline.core import codec
+from stepline.core.events import (
+    JSON,
+    Event,
+    PartitionClaimed,
+    Payload,
+    RunCompleted,
+    RunStarted,
+    RunTriggered,
+)
+from stepline.core.ids import new_event_id
 
 RUN = "run_01FENCED000000000000000000"
 

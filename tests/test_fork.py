@@ -19,8 +19,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 import stepline as sl
+from stepline.core.events import RunTriggered
 from stepline.errors import InvalidFork
-from stepline.events import RunTriggered
 from stepline.server import ServeConfig, create_app
 from tests.apps import history_app as app
 from tests.apps.history_app import executed
@@ -216,8 +216,8 @@ async def test_stepline_fork_on_the_command_line(engine_factory, backend_url):
 
 def test_a_fork_trigger_is_one_event_carrying_the_copy() -> None:
     """The copy is in the RunTriggered itself: no read of the original later."""
-    from stepline.events import JSON, Payload
-    from stepline.fork import fork_trigger
+    from stepline.client.fork import fork_trigger
+    from stepline.core.events import JSON, Payload
     from stepline.projections.runs import RunState, StepState
 
     def p(v: object) -> Payload:

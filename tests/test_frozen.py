@@ -10,8 +10,8 @@ from dataclasses import InitVar, dataclass, field
 
 import pytest
 
-import stepline.events as events
-from stepline.frozen import fast_init
+import stepline.core.events as events
+from stepline.core.frozen import fast_init
 from stepline.projections.runs import RunState, StepState
 
 

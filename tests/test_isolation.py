@@ -1,4 +1,4 @@
-"""Flow control per attempt: max_duration, and isolation="process" (engine/isolation.py).
+"""Flow control per attempt: max_duration, and isolation="process" (engine/runtime/isolation.py).
 
 Isolated tasks live in tests/apps/isolated_app.py, since a child process
 finds its task by importing its module. Every test runs on each backend.

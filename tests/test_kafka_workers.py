@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 import stepline as sl
-from stepline.events import PartitionClaimed, StepCompleted, StepStarted
+from stepline.core.events import PartitionClaimed, StepCompleted, StepStarted
 from stepline.projections.runs import PartitionRuns
 
 from .conftest import eventually

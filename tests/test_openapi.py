@@ -1,4 +1,4 @@
-"""The OpenAPI description (engine/openapi.py) against the real app, and the
+"""The OpenAPI description (engine/server/openapi.py) against the real app, and the
 odd inputs the fuzzer (tests/test_api_fuzz.py) found, each refused with a
 clear 400 and nothing appended, on a real SQLite log."""
 
@@ -16,10 +16,10 @@ import schemathesis
 from aiohttp import web
 
 import stepline as sl
-from stepline import openapi, query_api, server
-from stepline.openapi import openapi_spec
+import stepline.server.app as server
 from stepline.projections.runs import LIVE, TERMINAL
-from stepline.server import ServeConfig, WebhookSource, create_app, sign_webhook
+from stepline.server import ServeConfig, WebhookSource, create_app, openapi, query_api, sign_webhook
+from stepline.server.openapi import openapi_spec
 
 TOKEN = "spec-token-0123456789"
 SECRET = "whsec_spec"
@@ -78,8 +78,8 @@ async def appended(client: sl.Client) -> int:
 async def test_every_route_is_described_and_every_description_is_a_route(client: sl.Client) -> None:
     app = create_app(client, ServeConfig(api_token=TOKEN, webhooks={}))
     spec = openapi_spec()
-    assert app_routes(app) - spec_routes(spec) == set(), "routes missing from engine/openapi.py"
-    assert spec_routes(spec) - app_routes(app) == set(), "engine/openapi.py describes routes that do not exist"
+    assert app_routes(app) - spec_routes(spec) == set(), "routes missing from engine/server/openapi.py"
+    assert spec_routes(spec) - app_routes(app) == set(), "engine/server/openapi.py describes routes that do not exist"
 
 
 def test_the_description_is_valid_openapi_3_1() -> None:

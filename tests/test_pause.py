@@ -1,4 +1,4 @@
-"""Pausing and resuming tasks and queues (engine/pause.py), on every backend.
+"""Pausing and resuming tasks and queues (engine/client/pause.py), on every backend.
 
 A pause is recorded on the log (PauseChanged on every partition), so it holds
 on whichever worker owns a run, across restarts, and for limited queues at
@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 
 import stepline as sl
-from stepline import codec
-from stepline.events import Event, PauseChanged
-from stepline.ids import idempotent_run_id
-from stepline.pause import InvalidPause
+from stepline.client.pause import InvalidPause
+from stepline.core import codec
+from stepline.core.events import Event, PauseChanged
+from stepline.core.ids import idempotent_run_id
 from stepline.projections import snapshot
 from stepline.projections.query import QueryProjector
 from stepline.projections.query_store import QueryStore, RunFilter

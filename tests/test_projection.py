@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stepline.events import (
+from stepline.core.events import (
     JSON,
     REQUEST_TYPES,
     Body,

@@ -11,7 +11,7 @@ import pytest
 
 import stepline
 from stepline import errors
-from stepline.ids import idempotent_run_id, new_run_id
+from stepline.core.ids import idempotent_run_id, new_run_id
 
 # Today's public names. Removing one breaks users' imports: deprecate it
 # (keep it working, warn on use) for at least one release instead.
@@ -235,7 +235,7 @@ def test_run_ids_made_in_one_millisecond_sort_in_the_order_they_were_made() -> N
 def test_a_forked_child_gets_its_own_event_id_prefix() -> None:
     import os
 
-    from stepline.ids import new_event_id
+    from stepline.core.ids import new_event_id
 
     read, write = os.pipe()
     pid = os.fork()

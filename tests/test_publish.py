@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 import stepline as sl
-from stepline import codec
+from stepline.core import codec
+from stepline.core.events import DomainEvent
 from stepline.errors import InvalidEventName
-from stepline.events import DomainEvent
 from stepline.log.base import partition_for
 
 

@@ -6,7 +6,7 @@ from collections import Counter
 
 import stepline as sl
 from stepline.log.base import partition_for
-from stepline.quarantine import read_quarantine
+from stepline.log.quarantine import read_quarantine
 
 from .conftest import eventually
 

@@ -14,10 +14,10 @@ from typing import Any
 import aiohttp
 
 import stepline as sl
+from stepline.log.topics import Topics
 from stepline.projections import query_sql
 from stepline.projections.query import QueryProjector, QueryStore, RunFilter, rebuild
 from stepline.server import create_app
-from stepline.topics import Topics
 
 from .conftest import eventually
 from .test_server import TOKEN, bearer, call, config, serving

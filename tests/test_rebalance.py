@@ -32,7 +32,14 @@ from pathlib import Path
 import pytest
 
 import stepline as sl
-from stepline.events import REQUEST_TYPES, Event, PartitionClaimed, RunCompleted, StepCompleted, StepStarted
+from stepline.core.events import (
+    REQUEST_TYPES,
+    Event,
+    PartitionClaimed,
+    RunCompleted,
+    StepCompleted,
+    StepStarted,
+)
 from stepline.projections.runs import PartitionRuns
 
 from .conftest import eventually

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 import stepline as sl
-from stepline.replay import (
+from stepline.history.replay import (
     DIVERGENCE,
     NON_DETERMINISTIC,
     PAYLOAD_INVALID,

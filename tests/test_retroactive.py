@@ -15,8 +15,8 @@ import pytest
 
 import stepline as sl
 from stepline.consumers.router import fanout_key
-from stepline.context import now_ms
-from stepline.ids import idempotent_run_id
+from stepline.core.ids import idempotent_run_id
+from stepline.sdk.context import now_ms
 
 from .conftest import eventually
 from .test_server import api, call, config
@@ -167,7 +167,7 @@ async def test_backfill_over_http_with_a_dry_run(engine_factory, backend_url):
 
 
 def test_times_and_subscriptions_are_checked_with_clear_errors() -> None:
-    from stepline.backfill import parse_time
+    from stepline.client.backfill import parse_time
 
     assert parse_time("2d", 10 * DAY_MS) == 8 * DAY_MS
     assert parse_time("1970-01-02T00:00:00Z", 0) == DAY_MS

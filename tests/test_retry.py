@@ -22,7 +22,7 @@ from stepline import (
     TaskDefinitionError,
     http_status,
 )
-from stepline.retry import retry_after_of
+from stepline.sdk.retry import retry_after_of
 
 
 def rng() -> random.Random:

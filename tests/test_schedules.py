@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 import stepline as sl
-from stepline.ids import idempotent_run_id
-from stepline.schedule import Scheduler, tick_key
+from stepline.core.ids import idempotent_run_id
+from stepline.sdk.schedule import Scheduler, tick_key
 
 from .conftest import eventually
 

@@ -1,6 +1,6 @@
 """Sensitive payload fields: encrypted on the log, redacted when shown, erased by forgetting the subject.
 
-Backed by engine/sensitive.py and engine/keystore.py; docs/sensitive-data.md
+Backed by engine/security/sensitive.py and engine/security/keystore.py; docs/sensitive-data.md
 states the guarantees these tests check.
 """
 
@@ -24,6 +24,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 import stepline as sl
+from stepline.core.ids import wait_token
 from stepline.errors import (
     KeyNotFound,
     KeyStoreError,
@@ -31,11 +32,10 @@ from stepline.errors import (
     RunFailedError,
     TaskDefinitionError,
 )
-from stepline.ids import wait_token
-from stepline.keystore import MemoryKeyStore, SqliteKeyStore, default_keystore_url, open_keystore
+from stepline.history.replay import check_runs
 from stepline.projections.query import QueryProjector, QueryStore
-from stepline.replay import check_runs
-from stepline.sensitive import ERASED, REDACTED, open_for_replay, redact_secret_fields, redact_text
+from stepline.security.keystore import MemoryKeyStore, SqliteKeyStore, default_keystore_url, open_keystore
+from stepline.security.sensitive import ERASED, REDACTED, open_for_replay, redact_secret_fields, redact_text
 from stepline.server import ServeConfig, create_app
 
 from .conftest import eventually

@@ -21,9 +21,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from pydantic import BaseModel
 
 import stepline as sl
-from stepline.sensitive import REDACTED
-from stepline.server import ServeConfig, create_app
-from stepline.shadow import (
+from stepline.history.shadow import (
     BEYOND,
     INPUT_CHANGED,
     MISSING_STEP,
@@ -37,7 +35,9 @@ from stepline.shadow import (
     shadow_runs,
     shadow_task,
 )
-from stepline.shadow_code import load_code, load_code_under
+from stepline.history.shadow_code import load_code, load_code_under
+from stepline.security.sensitive import REDACTED
+from stepline.server import ServeConfig, create_app
 from tests.apps import history_app as v1
 from tests.apps.history_app import EXECUTED
 

@@ -73,9 +73,9 @@ def wal_transactions(wal: Path) -> tuple[int, list[list[int]]]:
 # waits to be killed, so that its transaction stays in the WAL, unmerged.
 LAST_WRITER = textwrap.dedent("""
     import sqlite3, sys, time
-    from stepline import codec
-    from stepline.events import JSON, Event, Payload, RunTriggered
-    from stepline.ids import new_event_id, new_run_id
+    from stepline.core import codec
+    from stepline.core.events import JSON, Event, Payload, RunTriggered
+    from stepline.core.ids import new_event_id, new_run_id
     from stepline.log.base import partition_for
 
     conn = sqlite3.connect(sys.argv[1], isolation_level=None)

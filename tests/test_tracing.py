@@ -22,8 +22,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 import stepline as sl
-from stepline import tracing
-from stepline.logs import MAX_FIELDS_BYTES, MAX_MESSAGE_BYTES, MAX_RECORDS_PER_ATTEMPT
+from stepline.observability import tracing
+from stepline.sdk.logs import MAX_FIELDS_BYTES, MAX_MESSAGE_BYTES, MAX_RECORDS_PER_ATTEMPT
 
 from .conftest import Engine, eventually
 

@@ -18,8 +18,9 @@ from fastavro.schema import fingerprint as fastavro_fingerprint
 from fastavro.schema import to_parsing_canonical_form
 
 import stepline as sl
-from stepline import codec, schemas
-from stepline.events import (
+from stepline import schemas
+from stepline.core import codec
+from stepline.core.events import (
     CopiedStep,
     ErrorInfo,
     PatchRecorded,
@@ -28,7 +29,7 @@ from stepline.events import (
     RunSuspended,
     RunTriggered,
 )
-from stepline.versions import code_hash
+from stepline.core.versions import code_hash
 from tests.apps import history_app as v1
 from tests.apps import history_app_v2 as v2
 from tests.apps import history_app_v3 as v3
@@ -149,8 +150,8 @@ async def test_a_fork_keeps_the_patch_answers_given_before_its_fork_point(engine
 
 
 async def test_replay_checks_and_shadows_answer_patched_from_the_record(engine_factory):
-    from stepline.replay import check_run
-    from stepline.shadow import shadow_run
+    from stepline.history.replay import check_run
+    from stepline.history.shadow import shadow_run
 
     eng = await engine_factory(v2.registry)
     run = await v2.quote.trigger({"sku": "apple", "qty": 10}, client=eng.client)

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 import stepline as sl
-from stepline.events import Event, Payload, RunResumed, RunSuspended, RunTriggered, WaitCompleted
+from stepline.core.events import Event, Payload, RunResumed, RunSuspended, RunTriggered, WaitCompleted
 from stepline.projections.runs import fold_events
 
 from .conftest import eventually
@@ -61,7 +61,7 @@ async def waiting_branches(e, run_id: str, n: int) -> bool:
 
 
 def child_id(run_id: str, pos: int) -> str:
-    from stepline.ids import child_idempotency_key, idempotent_run_id
+    from stepline.core.ids import child_idempotency_key, idempotent_run_id
 
     return idempotent_run_id("review", child_idempotency_key(run_id, pos))
 

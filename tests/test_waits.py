@@ -13,7 +13,7 @@ from datetime import timedelta
 import pytest
 
 import stepline as sl
-from stepline.ids import wait_token
+from stepline.core.ids import wait_token
 
 from .conftest import eventually
 
@@ -367,7 +367,7 @@ async def test_an_event_older_than_the_lookback_does_not_count(engine_factory):
 
 
 def test_a_lookback_beyond_the_bound_is_refused() -> None:
-    from stepline.waits import lookback_ms
+    from stepline.sdk.waits import lookback_ms
 
     assert lookback_ms(timedelta(hours=24)) == 86_400_000
     with pytest.raises(ValueError, match="lookback must be from 0 to 1 day"):

@@ -1,0 +1,201 @@
+"""`stepline fork` and `stepline shadow`: the history as something to branch from.
+
+Registered on the CLI's app by `engine/cli/main.py` (`register(app)`). The
+CLI's helpers are imported when a command runs: under `python -m
+stepline.cli` the app lives in `__main__`, and importing `stepline.cli`
+from here at import time would cycle.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+
+from stepline.cli.options import AppOpt, JsonOpt, LogOpt
+from stepline.log import DEFAULT_LOG_URL
+
+
+def _step_outputs(entries: list[str]) -> dict[int, Any]:
+    from stepline.cli.main import CliError, _parse_json
+
+    out: dict[int, Any] = {}
+    for entry in entries:
+        pos, sep, value = entry.partition("=")
+        if not sep or not pos.strip().isdigit():
+            raise CliError(f"--step-output must be N=JSON (e.g. 2='{{\"price\": 10}}'), got {entry!r}")
+        out[int(pos)] = _parse_json(value, f"--step-output {pos.strip()}")
+    return out
+
+
+def fork(
+    run_id: Annotated[str, typer.Argument(help="The run to fork.")],
+    at_step: Annotated[int, typer.Option("--at-step", help="First journal position to run live; "
+                                                           "the ones before it are copied.")],
+    payload: Annotated[str | None, typer.Option(help="Replacement payload as JSON.")] = None,
+    step_output: Annotated[list[str] | None, typer.Option(
+        "--step-output", help="N=JSON: replace the recorded output of copied step N (repeatable).")] = None,
+    idempotency_key: Annotated[str | None, typer.Option(help="Makes a repeated fork a no-op.")] = None,
+    app_module: AppOpt = None,
+    log: LogOpt = DEFAULT_LOG_URL,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the fork to end.")] = False,
+    timeout: Annotated[float | None, typer.Option(help="Seconds to wait with --wait.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start a new run from RUN's history up to --at-step, then live (with edits)."""
+    from stepline.cli.main import _await_outcome, _parse_json, _print_started, _run
+    from stepline.client import Client
+    from stepline.sdk.task import load_app
+
+    async def go() -> dict[str, Any]:
+        registry = load_app(app_module) if app_module else None
+        new_value = _parse_json(payload, "--payload") if payload is not None else None
+        outputs = _step_outputs(step_output or [])
+        async with Client(log, registry=registry) as client:
+            handle = await client.fork(run_id, at_step, payload=new_value, new_payload=payload is not None,
+                                       step_outputs=outputs, idempotency_key=idempotency_key)
+            result: dict[str, Any] = {"run_id": handle.run_id, "task_id": handle.task_id,
+                                      "forked_from": run_id, "at_step": at_step}
+            if wait:
+                await _await_outcome(client, handle.run_id, handle.offset, timeout, result)
+            return result
+
+    res = _run(go())
+    _print_started(res, f"forked {run_id} at step {at_step}: [bold]{res['run_id']}[/] ({res['task_id']})",
+                   wait, as_json)
+
+
+def parse_since(text: str, now_ms: int) -> int:
+    """`24h`, `30m`, `7d` (also with a leading `-`), or an ISO-8601 time: ms since the epoch."""
+    from stepline.history.replay import parse_point
+
+    value = text.strip()
+    relative = value if value.startswith("-") else f"-{value}"
+    try:
+        point = parse_point(relative, now_ms)
+        if point.time is not None:
+            return point.time
+    except ValueError:
+        pass
+    problem = ValueError(f"--since {text!r} is neither a duration (e.g. 24h, 30m, 7d) nor an ISO-8601 time")
+    try:
+        point = parse_point(value, now_ms)
+    except ValueError:
+        raise problem from None
+    if point.time is None:  # a bare number is an offset to parse_point, not a time
+        raise problem
+    return point.time
+
+
+def shadow(
+    run_ids: Annotated[list[str] | None, typer.Argument(help="Runs to shadow (or --task).", show_default=False)] = None,
+    module: Annotated[str, typer.Option("--module", help="The new code: a file or dotted module declaring the task.")] = "",
+    task: Annotated[str | None, typer.Option("--task", help="Shadow every recent run of this task.")] = None,
+    since: Annotated[str, typer.Option(help="With --task: runs created within this (24h, 7d) or since an ISO time.")] = "24h",
+    timeout: Annotated[float, typer.Option(help="Seconds one run's shadow may take.")] = 30.0,
+    log: LogOpt = DEFAULT_LOG_URL,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-execute recorded runs against new code, outputs served from the journal
+    (no side effects), and diff step names, inputs and outputs. Exits 1 if any diverges."""
+    from stepline.cli.main import CliError, _fail, _print_json, _progress, _run
+    from stepline.client import Client
+    from stepline.history.shadow import ShadowResult, ShadowSummary, shadow_runs, shadow_task
+    from stepline.history.shadow_code import load_code
+
+    if not module:
+        _fail("stepline shadow needs --module NEW_CODE (a .py file or a dotted module name)")
+    if bool(run_ids) == (task is not None):
+        _fail("pass run ids, or --task ID (with --since), not both and not neither")
+
+    async def go() -> list[ShadowResult] | ShadowSummary:
+        registry = load_code(module)
+        async with Client(log) as client:
+            if task is None:
+                return await shadow_runs(client, registry, run_ids or [], timeout)
+            if task not in registry:
+                raise CliError(f"{module} declares no task {task!r} (it declares: {', '.join(registry.ids()) or 'none'})")
+            try:
+                start = parse_since(since, client.clock())
+            except ValueError as exc:
+                raise CliError(str(exc)) from None
+            with _progress("shadowing runs", threshold=1) as progress:
+                return await shadow_task(client, registry, task, start, timeout=timeout, progress=progress)
+
+    found = _run(go())
+    if isinstance(found, ShadowSummary):
+        _print_summary(found, as_json)
+        diverged = bool(found.diverged)
+    else:
+        if as_json:
+            _print_json([r.to_dict() for r in found] if len(found) > 1 else found[0].to_dict())
+        else:
+            for r in found:
+                _print_result(r)
+        diverged = any(r.diverged for r in found)
+    if diverged:
+        raise typer.Exit(1)
+
+
+_MARK = {"same": " ", "input-changed": "~", "name-changed": "!", "new-step": "+", "missing-step": "-"}
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = json.dumps(value, default=str, ensure_ascii=False)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _print_result(r: Any) -> None:
+    from rich.table import Table
+
+    from stepline.cli.main import out
+
+    verdict = "[bold red]DIVERGES[/]" if r.diverged else "[bold green]same[/]"
+    out.print(f"shadow of [bold]{r.run_id}[/] ({r.task_id}, {r.status}): {verdict}", highlight=False)
+    versions = f"version {r.recorded_version or '-'} → {r.shadow_version or '-'}"
+    out.print(versions + ("  (changed)" if r.version_changed else "  (unchanged)"), highlight=False, markup=False)
+    table = Table(show_edge=False)
+    for col in ("", "#", "recorded", "shadow", "verdict", "input (recorded → shadow)", "output served"):
+        table.add_column(col)
+    for s in r.steps:
+        inputs = _short(s.recorded_input, 40)
+        if s.verdict == "input-changed":
+            inputs = f"{_short(s.recorded_input, 30)} → {_short(s.shadow_input, 30)}"
+        table.add_row(_MARK.get(s.verdict, "?"), str(s.step), s.recorded_name or "-", s.shadow_name or "-",
+                      s.verdict, inputs, _short(s.output, 40) if s.recorded_name else "")
+    out.print(table, markup=False)
+    if r.recorded_output is not None or r.shadow_output is not None:
+        out.print(f"output: {_short(r.recorded_output, 200)} → {_short(r.shadow_output, 200)}",
+                  highlight=False, markup=False)
+    first = r.first_divergence()
+    if first is not None:
+        out.print(f"first divergence: {first['message']}", highlight=False, markup=False)
+
+
+def _print_summary(summary: Any, as_json: bool) -> None:
+    from stepline.cli.main import _print_json, out
+    from stepline.history.replay import iso_ms
+
+    if as_json:
+        _print_json(summary.to_dict())
+        return
+    c = summary.counts()
+    out.print(f"shadowed {c['checked']} run(s) of {summary.task_id} since {iso_ms(summary.since)}: "
+              f"{c['same']} same, {c['diverged']} would diverge, {c['version_changed']} on another version",
+              highlight=False, markup=False)
+    kinds = {k: v for k, v in c.items() if k not in ("checked", "same", "diverged", "version_changed")}
+    if kinds:
+        out.print("by first divergence: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())),
+                  highlight=False, markup=False)
+    for r in summary.diverged:
+        first = r.first_divergence()
+        out.print(f"  {r.run_id} ({r.status}): {first['message'] if first else '?'}", highlight=False, markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("fork")(fork)
+    app.command("shadow")(shadow)
+
+
+__all__ = ["parse_since", "register"]

@@ -1,0 +1,131 @@
+"""Pausing a task or a queue: its runs stay queued until it is resumed.
+
+`Client.pause(task=...)` / `Client.pause(queue=...)` (also `stepline pause
+task|queue NAME`, `POST /v1/tasks/{id}/pause`, `POST /v1/queues/{name}/pause`)
+appends one `PauseChanged` request (schema v5) to every partition of the runs
+topic and of the queues topic, with an empty key and no run:
+
+* Each runs partition's fold (`PartitionRuns.paused`) knows what is paused,
+  in log order with that partition's own runs, and snapshots keep it. So the
+  partition's owner, whichever worker that is and after any restart or
+  rebuild, holds back every run of a paused task or queue: a pending run, a
+  due retry or a run woken from a sleep stays queued (status `pending` or
+  `retrying`; the run lists mark it `paused`). Triggers are still accepted
+  and recorded; nothing is dropped.
+* Runs of a limited queue are held by the queue's owner instead: the queues
+  partition's fold (`QueuePartition.paused`) grants no slot to a paused
+  task's or queue's waiters, who keep their place in the queue.
+* An attempt already under way is not interrupted: it runs to its end
+  (completed, failed, or suspended at a sleep or wait). Its next attempt, a
+  retry or the wake-up after the sleep, is held. A run whose worker died
+  mid-attempt is restarted even while paused: that attempt began before.
+* Resuming appends `PauseChanged(paused=False)`; every owner then starts the
+  held runs in their usual order (priority, then trigger time), and queue
+  owners grant again.
+
+A pause and a resume are idempotent (the last one in each partition wins).
+Listing what is paused reads partition 0 of the queues topic (`pauses()`),
+which carries every pause, and is small next to the runs topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from stepline.core import codec
+from stepline.core.events import PAUSE_QUEUE, PAUSE_TASK, Event, PauseChanged
+from stepline.core.ids import new_event_id
+from stepline.errors import LogError, SteplineError
+
+if TYPE_CHECKING:
+    from stepline.client._client import Client
+
+SCOPES = (PAUSE_TASK, PAUSE_QUEUE)
+
+
+class InvalidPause(SteplineError, ValueError):
+    """A pause or resume that names no task or queue, or one the app does not have."""
+
+
+def check_scope(scope: str, name: str) -> None:
+    if scope not in SCOPES:
+        raise InvalidPause(f"can pause a task or a queue, not {scope!r}")
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidPause(f"the {scope} to pause or resume needs a non-empty name, got {name!r}")
+
+
+def scope_of(task: str | None, queue: str | None) -> tuple[str, str]:
+    """(scope, name) from exactly one of task= and queue=."""
+    if (task is None) == (queue is None):
+        raise InvalidPause("name exactly one of task= or queue=")
+    scope, name = (PAUSE_TASK, task) if task is not None else (PAUSE_QUEUE, queue)
+    assert name is not None
+    check_scope(scope, name)
+    return scope, name
+
+
+def _check_known(client: Client, scope: str, name: str) -> None:
+    """With the app's tasks at hand, a misspelt name is an error, not a pause of nothing."""
+    registry = client.registry
+    if registry is None:
+        return
+    if scope == PAUSE_TASK:
+        registry.get(name)  # raises UnknownTask
+        return
+    queues = sorted({t.queue.name for t in registry})
+    if name not in queues:
+        raise InvalidPause(f"no task of this app uses a queue named {name!r}; its queues: {', '.join(queues)}")
+
+
+async def set_paused(client: Client, scope: str, name: str, paused: bool, *, reason: str = "",
+                     requested_by: str = "api") -> PauseChanged:
+    """Append PauseChanged to every partition of the runs and queues topics.
+
+    Returns once every copy is durable, so every partition's owner, present
+    or future, folds it. A failure part-way leaves some partitions paused:
+    the error says so, and repeating the call (idempotent) finishes it.
+    """
+    check_scope(scope, name)
+    _check_known(client, scope, name)
+    body = PauseChanged(scope, name, paused, reason, requested_by)
+    value = codec.encode(Event(new_event_id(), body.TYPE, "", "", 0, client.clock(), 0, body))
+    appends = []
+    for topic in (client.topics.runs, client.topics.queues):
+        for p in range(await client.log.partitions(topic)):
+            appends.append(client.log.append(topic, p, [(b"", value)]))
+    results = await asyncio.gather(*appends, return_exceptions=True)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        verb = "pause" if paused else "resume"
+        raise LogError(
+            f"could not {verb} {scope} {name!r} on {len(failed)} of {len(appends)} partitions "
+            f"({failed[0]}); repeat the request to finish it") from failed[0]
+    return body
+
+
+async def pauses(client: Client) -> dict[tuple[str, str], PauseChanged]:
+    """What is paused now, by (scope, name): a fold of partition 0 of the queues topic."""
+    from stepline.client._client import _peek_type
+
+    topic = client.topics.queues
+    end = await client.log.end_offset(topic, 0)
+    out: dict[tuple[str, str], PauseChanged] = {}
+    offset = 0
+    while offset < end:
+        recs = await client.log.read(topic, 0, offset, 5000)
+        if not recs:
+            break
+        for r in recs:
+            if r.offset < end and _peek_type(r.value) == b"PauseChanged":
+                body = codec.decode(r.value).body
+                if isinstance(body, PauseChanged):
+                    if body.paused:
+                        out[(body.scope, body.name)] = body
+                    else:
+                        out.pop((body.scope, body.name), None)
+        offset = recs[-1].offset + 1
+    return out
+
+
+__all__ = ["SCOPES", "InvalidPause", "check_scope", "pauses", "scope_of", "set_paused"]

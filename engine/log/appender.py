@@ -1,0 +1,104 @@
+"""Batched, ordered appends: the group commit above the log port.
+
+Callers submit events one at a time and get a future that resolves once the
+event is durable. Per partition at most one `Log.append` is in flight; what
+arrives meanwhile waits and goes out as the next batch. That keeps every
+partition's events in submission order on any backend, and turns many
+concurrent small appends into few large ones: the busier the worker, the
+bigger the batches.
+
+An event submitted with `outgoing` records (a step's checkpoint and what
+the step emitted with `stepline.emit`) makes its whole batch go out as one
+transaction (`Log.append_atomic`): the batch keeps its queue order, later
+submissions wait behind it as behind any batch, and only batches that
+carry emitted records pay for the transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from stepline.core import codec
+from stepline.core.events import Event
+from stepline.log.base import Log, Outgoing
+
+AppendedCallback = Callable[[int, list[int], list[Event]], None]
+
+
+@dataclass(slots=True)
+class _Pending:
+    keys: list[bytes] = field(default_factory=list)
+    values: list[bytes] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    futures: list[asyncio.Future[int]] = field(default_factory=list)
+    outgoing: list[Outgoing] = field(default_factory=list)
+
+
+class Appender:
+    def __init__(self, log: Log, topic: str, on_appended: AppendedCallback | None = None) -> None:
+        self._log = log
+        self._topic = topic
+        self._on_appended = on_appended
+        self._pending: dict[int, _Pending] = {}
+        self._flushing: dict[int, asyncio.Task[None]] = {}
+
+    def submit(
+        self, event: Event, key: bytes, partition: int, outgoing: Sequence[Outgoing] = ()
+    ) -> asyncio.Future[int]:
+        """Queue one event (with records for other topics, written in the
+        same transaction); the future gives its offset once durable.
+
+        Encoding errors raise here, at the caller.
+        """
+        value = codec.encode(event)
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        pend = self._pending.get(partition)
+        if pend is None:
+            pend = self._pending[partition] = _Pending()
+        pend.keys.append(key)
+        pend.values.append(value)
+        pend.events.append(event)
+        pend.futures.append(fut)
+        pend.outgoing.extend(outgoing)
+        if partition not in self._flushing:
+            self._flushing[partition] = asyncio.create_task(self._flush(partition))
+        return fut
+
+    async def _flush(self, partition: int) -> None:
+        try:
+            while True:
+                pend = self._pending.pop(partition, None)
+                if pend is None:
+                    return
+                records = list(zip(pend.keys, pend.values))
+                try:
+                    if pend.outgoing:
+                        offsets = await self._log.append_atomic(
+                            self._topic, partition, records, pend.outgoing)
+                    else:
+                        offsets = await self._log.append(self._topic, partition, records)
+                except BaseException as exc:
+                    for f in pend.futures:
+                        if f.done():
+                            continue
+                        if isinstance(exc, Exception):
+                            f.set_exception(exc)
+                        else:
+                            f.cancel()
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                if self._on_appended is not None:
+                    self._on_appended(partition, offsets, pend.events)
+                for f, off in zip(pend.futures, offsets):
+                    if not f.done():
+                        f.set_result(off)
+        finally:
+            self._flushing.pop(partition, None)
+
+    async def drain(self) -> None:
+        """Wait until everything submitted so far is durable (or failed)."""
+        while self._flushing:
+            await asyncio.gather(*list(self._flushing.values()), return_exceptions=True)

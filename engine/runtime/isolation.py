@@ -1,0 +1,625 @@
+"""Attempts in a child process: `@task(isolation="process")`.
+
+An isolated attempt runs in a fresh interpreter (`python -m
+stepline.isolation`), so code that never yields, leaks, or crashes the
+interpreter costs one attempt, not the worker. The child imports the task's
+module again and runs the ordinary attempt code (`runner.run_body`); it has
+no connection to the log. Everything it records goes through its parent,
+the worker, over a socket pair:
+
+1. parent → child `_Init`: where the task lives, the run (journal included),
+   a seed, the clock offset and the memory limit. The child applies the
+   limit, imports the app and finds the task.
+2. child → parent `("ready",)`; the max_duration clock starts here, so the
+   interpreter's start-up is not charged to the task (it gets its own
+   max_duration to get this far). Or `("unavailable", why)`, a failed attempt.
+3. child → parent `("call", id, name, args)` for each event it emits and
+   each wait, request, trigger or publish it makes. The parent performs it
+   with its own callbacks, in arrival order for emits (that order is the
+   log's), and answers `("reply", id, ok, value)` when done: an emit's reply
+   is its offset once durable, so a step still returns only after its
+   checkpoint is on the log.
+4. child → parent `("outcome", Outcome)`: its outcome events are already
+   durable, and the parent returns it as is. `("raised", exc)`: recording
+   failed (the log is down) and the parent raises it, as inline would.
+
+A child that disconnects without an outcome (a crash, a signal, the memory
+limit) or overruns max_duration is killed and the parent records the attempt
+as failed (ChildProcessDied, MaxDurationExceeded) under the retry policy.
+If it had already recorded an outcome, that outcome stands.
+
+Messages are pickles: both ends run the same build for the length of one
+attempt, so the format never outlives the code (unlike events on the log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import inspect
+import itertools
+import json
+import os
+import pickle
+import random
+import signal
+import socket
+import struct
+import sys
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+from stepline.client import Client, RunHandle
+from stepline.client._client import _current_client
+from stepline.consumers.waits import WaitEntry
+from stepline.core.events import (
+    Body,
+    RetryScheduled,
+    RunCompleted,
+    RunDeadLettered,
+    RunFailed,
+    RunStarted,
+    RunSuspended,
+)
+from stepline.core.payloads import ANY
+from stepline.errors import ChildProcessDied, IsolationError, MaxDurationExceeded, NoClient
+from stepline.projections.runs import RunState
+from stepline.runtime.runner import Outcome, _failed, run_body
+from stepline.sdk.context import RunContext, now_ms
+from stepline.sdk.task import Registry, Task, default_registry, load_app
+
+# Seconds a child that reported its end gets to exit by itself before it is
+# terminated (it flushes its output and leaves at once; this is for a hang).
+_EXIT_GRACE = 2.0
+# Seconds between SIGTERM and SIGKILL for a child past its max_duration: the
+# attempt is lost either way, this only lets a handler of the task's clean up.
+_TERM_GRACE = 1.0
+
+_LEN = struct.Struct(">I")
+
+# The events that end an attempt, by the outcome they make.
+_OUTCOME_KINDS: dict[type, str] = {
+    RunCompleted: "completed",
+    RunSuspended: "suspended",
+    RetryScheduled: "retrying",
+    RunFailed: "failed",
+    RunDeadLettered: "failed",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Init:
+    target: str  # what load_app imports in the child: a file path or a module name
+    task_id: str
+    state: RunState  # with the journal as a plain dict (a mapping proxy does not pickle)
+    seed: int
+    clock_offset_ms: int  # the worker's clock minus the wall clock, kept in the child
+    memory_limit_mb: int | None
+    sys_path: tuple[str, ...]
+    parent_pid: int
+    can_register_waits: bool
+    can_request: bool
+    has_client: bool
+
+
+# --- the parent ------------------------------------------------------------
+
+
+async def execute_in_child(
+    task: Task[Any, Any],
+    state: RunState,
+    ctx: RunContext,
+    worker_id: str,
+    rng: random.Random,
+) -> Outcome:
+    """One attempt of an isolated task: start a child, serve it, record its end."""
+    ctx.emit(RunStarted(state.attempt, worker_id, task.version))
+    client = _current_client.get()
+    try:
+        child = await _Child.spawn(_init(task, state, ctx, rng, client), ctx, client, _app_registry(task))
+    except OSError as exc:  # out of processes or memory: the retry policy decides
+        err = IsolationError(f"could not start a child process for task {task.id!r}: {exc}")
+        return await _failed(task, state, ctx, err, rng)
+    try:
+        end = await child.serve(task.max_duration)
+        # Gently unless it overran: one that ended or hung up is exiting by
+        # itself, and its own exit code says more than our SIGTERM would.
+        await child.stop(gently=end[0] != "expired")
+    except BaseException:
+        # Cancelled (run cancelled, partition revoked, shutdown), also while
+        # a finished child was exiting: nobody will read what it does next,
+        # so it goes now, without a grace.
+        await child.kill()
+        raise
+    return await _settle(task, state, ctx, rng, child, end)
+
+
+def _init(
+    task: Task[Any, Any], state: RunState, ctx: RunContext, rng: random.Random, client: Client | None
+) -> _Init:
+    return _Init(
+        target=_app_target(task),
+        task_id=task.id,
+        state=_portable(state),
+        seed=rng.getrandbits(64),
+        clock_offset_ms=ctx.clock() - now_ms(),
+        memory_limit_mb=task.memory_limit_mb,
+        sys_path=tuple(os.path.abspath(p) for p in sys.path),
+        parent_pid=os.getpid(),
+        can_register_waits=ctx.register_wait is not None and ctx.unregister_wait is not None,
+        can_request=ctx.request is not None,
+        has_client=client is not None,
+    )
+
+
+def _app_target(task: Task[Any, Any]) -> str:
+    """How the child finds the task's module: by name inside a package (a
+    file path would break its relative imports), else by file, which is
+    also how `load_app` named a module it loaded from a path."""
+    name = task.fn.__module__
+    module = sys.modules.get(name)
+    if module is not None and module.__package__ and name != "__main__":
+        return name
+    return os.path.abspath(inspect.getfile(task.fn))
+
+
+def _app_registry(task: Task[Any, Any]) -> Registry:
+    """The registry of the task's app, as load_app returned it to the worker:
+    a trigger from the child names its task by id and is resolved here."""
+    reg = getattr(sys.modules.get(task.fn.__module__), "registry", None)
+    return reg if isinstance(reg, Registry) else default_registry
+
+
+def _portable(state: RunState) -> RunState:
+    return dataclasses.replace(state, steps=dict(state.steps))
+
+
+async def _settle(
+    task: Task[Any, Any],
+    state: RunState,
+    ctx: RunContext,
+    rng: random.Random,
+    child: _Child,
+    end: tuple[Any, ...],
+) -> Outcome:
+    kind = end[0]
+    if kind == "outcome":
+        outcome: Outcome = end[1]
+        return outcome
+    if kind == "raised":
+        raise end[1]
+    if child.recorded is not None:
+        # It recorded how the attempt ended, then died or overran before
+        # saying so: that is on the log already and must not be doubled.
+        recorded_kind, offset = child.recorded
+        return Outcome(recorded_kind, await offset)
+    exc: Exception
+    if kind == "expired":
+        assert task.max_duration is not None
+        exc = MaxDurationExceeded(task.id, task.max_duration, state.attempt)
+    elif kind == "unavailable":
+        exc = IsolationError(f"task {task.id!r} could not start in its child process: {end[1]}")
+    else:
+        exc = ChildProcessDied(task.id, state.attempt, child.proc.returncode)
+    return await _failed(task, state, ctx, exc, rng)
+
+
+class _Calls:
+    """What a child may ask of its worker besides emitting: the worker's own
+    wait registration, requests and client, so the child needs no log."""
+
+    NAMES = frozenset({"register_wait", "unregister_wait", "request", "trigger", "publish", "wait", "get_run"})
+
+    def __init__(self, ctx: RunContext, client: Client | None, registry: Registry) -> None:
+        self._ctx = ctx
+        self._client = client
+        self._registry = registry
+
+    async def register_wait(self, entry: WaitEntry) -> None:
+        assert self._ctx.register_wait is not None  # the child offers it only then
+        await self._ctx.register_wait(entry)
+
+    async def unregister_wait(self, run_id: str, step: int) -> None:
+        assert self._ctx.unregister_wait is not None  # offered with register_wait
+        await self._ctx.unregister_wait(run_id, step)
+
+    async def request(self, run_id: str, task_id: str, body: Body) -> int:
+        assert self._ctx.request is not None
+        return await self._ctx.request(run_id, task_id, body)
+
+    async def trigger(self, task_id: str, payload: Any, options: dict[str, Any]) -> tuple[str, int | None]:
+        # The task object, not its id, so the trigger records its queue.
+        task = self._registry.find(task_id)
+        handle = await self._need_client().trigger(task if task is not None else task_id, payload, **options)
+        return handle.run_id, handle.offset
+
+    async def publish(self, name: str, data: Any, options: dict[str, Any]) -> str:
+        return await self._need_client().publish(name, data, **options)
+
+    async def wait(self, run_id: str, timeout: float | None, from_offset: int | None) -> RunState:
+        return _portable(await self._need_client().wait(run_id, timeout, from_offset))
+
+    async def get_run(self, run_id: str) -> RunState:
+        return _portable(await self._need_client().get_run(run_id))
+
+    def _need_client(self) -> Client:
+        assert self._client is not None  # the child installs its stand-in only then
+        return self._client
+
+
+class _Child:
+    """The parent's side of one child process."""
+
+    def __init__(
+        self,
+        proc: asyncio.subprocess.Process,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        ctx: RunContext,
+        calls: _Calls,
+    ) -> None:
+        self.proc = proc
+        self._reader = reader
+        self._writer = writer
+        self._ctx = ctx
+        self._calls = calls
+        self._tasks: set[asyncio.Future[Any]] = set()
+        # The last outcome event the child emitted, if any (see _settle).
+        self.recorded: tuple[str, asyncio.Future[int]] | None = None
+
+    @classmethod
+    async def spawn(cls, init: _Init, ctx: RunContext, client: Client | None, registry: Registry) -> _Child:
+        ours, theirs = socket.socketpair()
+        try:
+            # A fresh interpreter, not a fork: the worker has threads and a
+            # running loop that a forked copy would inherit half-alive. Its
+            # own session, so a terminal's Ctrl-C reaches only the worker,
+            # which then ends its children itself.
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "stepline.runtime.isolation", str(theirs.fileno()), str(init.parent_pid),
+                pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        reader, writer = await asyncio.open_connection(sock=ours)
+        child = cls(proc, reader, writer, ctx, _Calls(ctx, client, registry))
+        writer.write(_frame(init))
+        return child
+
+    async def serve(self, limit: float | None) -> tuple[Any, ...]:
+        """Answer the child until it reports its end. ("died",) if it
+        disconnects first; ("expired",) if start-up or the attempt overruns."""
+        first = await self._within(limit)
+        if first[0] != "ready":
+            return first
+        return await self._within(limit)
+
+    async def _within(self, limit: float | None) -> tuple[Any, ...]:
+        if limit is None:
+            return await self._pump()
+        deadline = asyncio.timeout(limit)
+        try:
+            async with deadline:
+                return await self._pump()
+        except TimeoutError:
+            if deadline.expired():
+                return ("expired",)
+            raise
+
+    async def _pump(self) -> tuple[Any, ...]:
+        while True:
+            try:
+                msg: tuple[Any, ...] = await _recv(self._reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return ("died",)
+            except Exception as exc:  # a message that does not unpickle here
+                return ("unavailable", f"unreadable message from the child: {exc!r}")
+            if msg[0] != "call":
+                return msg
+            self._answer(msg[1], msg[2], msg[3])
+
+    def _answer(self, call_id: int, name: str, args: tuple[Any, ...]) -> None:
+        try:
+            if name == "emit":
+                # Synchronously and in arrival order: the order the child
+                # emitted in is the order the events must have on the log.
+                body: Body = args[0]
+                fut: asyncio.Future[Any] = self._ctx.emit(body)
+                kind = _OUTCOME_KINDS.get(type(body))
+                if kind is not None:
+                    self.recorded = (kind, fut)
+            elif name in _Calls.NAMES:
+                fut = asyncio.ensure_future(getattr(self._calls, name)(*args))
+                self._tasks.add(fut)
+                fut.add_done_callback(self._tasks.discard)
+            else:
+                raise IsolationError(f"the child asked for an unknown call {name!r}")
+        except Exception as exc:
+            self._send(("reply", call_id, False, _portable_error(exc)))
+            return
+        fut.add_done_callback(functools.partial(self._reply, call_id))
+
+    def _reply(self, call_id: int, fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled():
+            self._send(("reply", call_id, False, None))
+        elif (exc := fut.exception()) is not None:
+            self._send(("reply", call_id, False, _portable_error(exc)))
+        else:
+            self._send(("reply", call_id, True, fut.result()))
+
+    def _send(self, msg: tuple[Any, ...]) -> None:
+        if self._writer.is_closing():
+            return  # the child is being stopped; nobody waits for this answer
+        try:
+            data = _frame(msg)
+        except Exception as exc:  # a value that does not pickle
+            data = _frame(("reply", msg[1], False, _portable_error(exc)))
+        self._writer.write(data)
+
+    async def stop(self, gently: bool) -> None:
+        """Make sure the child is gone and reaped: gently, it gets time to
+        exit by itself (with the socket still open, or it would leave in
+        haste); then it is terminated, then killed."""
+        if gently and await _exited(self.proc, _EXIT_GRACE):
+            self._close()
+            return
+        self._close()
+        _signal(self.proc, signal.SIGTERM)
+        if await _exited(self.proc, _TERM_GRACE):
+            return
+        await self.kill()
+
+    async def kill(self) -> None:
+        self._close()
+        _signal(self.proc, signal.SIGKILL)
+        # Reaped by asyncio's child watcher even if this wait is cut short.
+        await _exited(self.proc, _TERM_GRACE)
+
+    def _close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        self._writer.close()
+
+
+def _signal(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
+    """Signal the child's whole process group: whatever the task started goes too."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+
+
+async def _exited(proc: asyncio.subprocess.Process, within: float) -> bool:
+    try:
+        async with asyncio.timeout(within):
+            await proc.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
+# --- the wire --------------------------------------------------------------
+
+
+def _frame(msg: Any) -> bytes:
+    data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+    return _LEN.pack(len(data)) + data
+
+
+async def _recv(reader: asyncio.StreamReader) -> Any:
+    (size,) = _LEN.unpack(await reader.readexactly(_LEN.size))
+    return pickle.loads(await reader.readexactly(size))
+
+
+def _portable_error(exc: BaseException) -> BaseException:
+    """The exception itself if it survives a round trip through pickle
+    (custom __init__ signatures often do not), else its type and message."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return IsolationError(f"{type(exc).__qualname__}: {exc}")
+    return exc
+
+
+# --- the child -------------------------------------------------------------
+
+
+class _Link:
+    """The child's side of the socket: calls to the parent, as futures."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._ids = itertools.count()
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._listener: asyncio.Task[None] | None = None
+
+    async def recv(self) -> Any:
+        return await _recv(self._reader)
+
+    def send(self, msg: tuple[Any, ...]) -> None:
+        self._writer.write(_frame(msg))
+
+    def call(self, name: str, *args: Any) -> asyncio.Future[Any]:
+        call_id = next(self._ids)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = fut
+        self.send(("call", call_id, name, args))
+        return fut
+
+    def emit(self, body: Body) -> asyncio.Future[int]:
+        fut: asyncio.Future[int] = self.call("emit", body)
+        return fut
+
+    def listen(self) -> None:
+        self._listener = asyncio.create_task(self._listen())
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                _, call_id, ok, value = await _recv(self._reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                # The worker is gone or gave up on this attempt: nothing this
+                # process does from here can be recorded, so stop doing it.
+                _leave(70)
+            fut = self._pending.pop(call_id, None)
+            if fut is None or fut.done():
+                continue
+            if ok:
+                fut.set_result(value)
+            elif value is None:
+                fut.cancel()
+            else:
+                fut.set_exception(value)
+
+    async def close(self) -> None:
+        await self._writer.drain()
+        if self._listener is not None:
+            self._listener.cancel()
+        self._writer.close()
+
+
+class _ParentClient:
+    """Stands in for the worker's Client inside the child. Triggers and
+    publishes go through the parent; the rest of Client is not offered."""
+
+    def __init__(self, link: _Link) -> None:
+        self._link = link
+
+    async def trigger(self, task: Task[Any, Any] | str, payload: Any = None, **options: Any) -> RunHandle[Any]:
+        task_id, t = (task.id, task) if isinstance(task, Task) else (task, None)
+        # Validated here, where the caller can catch it; sent as JSON data,
+        # since a payload object need not pickle.
+        data = (t.payload_codec if t else ANY).check_and_dump(payload, f"payload for task {task_id!r}")
+        run_id, offset = await self._link.call("trigger", task_id, json.loads(data.data), options)
+        codec = t.output_codec if t else ANY
+        return RunHandle(run_id, task_id, cast(Client, self), codec, offset)
+
+    async def publish(self, name: str, data: Any = None, **options: Any) -> str:
+        value = json.loads(ANY.dump(data, f"data of event {name!r}").data)
+        event_id: str = await self._link.call("publish", name, value, options)
+        return event_id
+
+    async def wait(self, run_id: str, timeout: float | None = None, from_offset: int | None = None) -> RunState:
+        state: RunState = await self._link.call("wait", run_id, timeout, from_offset)
+        return state
+
+    async def get_run(self, run_id: str) -> RunState:
+        state: RunState = await self._link.call("get_run", run_id)
+        return state
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise NoClient(
+            f"Client.{name} is not available inside a task with isolation='process': the child "
+            f"reaches the log only through its worker, which offers trigger, publish, wait and get_run"
+        )
+
+
+def _limit_memory(mb: int) -> None:
+    import resource
+
+    limit = mb * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _find_task(init: _Init) -> Task[Any, Any]:
+    sys.path[:0] = [p for p in init.sys_path if p not in sys.path]
+    registry = load_app(init.target)
+    found = registry.find(init.task_id)
+    if found is None:  # declared with another registry: look in the module itself
+        module = sys.modules.get(Path(init.target).stem if init.target.endswith(".py") else init.target)
+        candidates = vars(module).values() if module is not None else ()
+        found = next((v for v in candidates if isinstance(v, Task) and v.id == init.task_id), None)
+    if found is None:
+        raise IsolationError(
+            f"task {init.task_id!r} is not declared in {init.target} as imported by the child "
+            f"process (known there: {', '.join(registry.ids()) or 'none'}); an isolated task must "
+            f"be declared at module level of its app"
+        )
+    return found
+
+
+def _shifted_clock(offset_ms: int) -> Callable[[], int]:
+    return lambda: now_ms() + offset_ms
+
+
+async def _child(fd: int) -> int:
+    reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=fd))
+    link = _Link(reader, writer)
+    init: _Init = await link.recv()
+    try:
+        if init.memory_limit_mb is not None:
+            _limit_memory(init.memory_limit_mb)  # before the app's imports count against it
+        task = _find_task(init)
+    except Exception as exc:
+        link.send(("unavailable", f"{type(exc).__qualname__}: {exc}"))
+        await link.close()
+        return 1
+    link.send(("ready",))
+    link.listen()
+    state = init.state
+    ctx = RunContext(
+        state.run_id, state.task_id, state.attempt, state.steps, link.emit,
+        _shifted_clock(init.clock_offset_ms),
+        register_wait=functools.partial(link.call, "register_wait") if init.can_register_waits else None,
+        unregister_wait=functools.partial(link.call, "unregister_wait") if init.can_register_waits else None,
+        request=functools.partial(link.call, "request") if init.can_request else None,
+        patches=state.patch_answers(),
+    )
+    if init.has_client:
+        _current_client.set(cast(Client, _ParentClient(link)))
+    try:
+        outcome = await run_body(task, state, ctx, random.Random(init.seed), None)
+    except Exception as exc:
+        link.send(("raised", _portable_error(exc)))
+    else:
+        link.send(("outcome", outcome))
+    await link.close()
+    return 0
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: have the kernel kill this process if the worker dies, even
+    while the task spins in code that never reads the socket. Best effort."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # it died before the request took effect
+        _leave(70)
+
+
+def _leave(code: int) -> typing.NoReturn:
+    """Exit now, keeping what was printed. Threads the task left behind are
+    not joined: the attempt is over, there is nothing left to report to."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    fd, parent_pid = (int(a) for a in (sys.argv[1:] if argv is None else argv))
+    _die_with_parent(parent_pid)
+    _leave(asyncio.run(_child(fd)))
+
+
+if __name__ == "__main__":
+    # Run as `python -m stepline.isolation`: hand over to the importable
+    # module, so that classes pickled to and from the parent are the same.
+    from stepline.runtime.isolation import main as _main
+
+    _main()

@@ -1,0 +1,168 @@
+"""One attempt of one run: replay the journal, execute, record the outcome.
+
+The outcome of an attempt is exactly one of: RunCompleted, RunSuspended,
+RetryScheduled, or RunFailed + RunDeadLettered. Each is awaited until
+durable before the attempt counts as finished, so a crash at any point
+leaves the run either in its previous state (and it is resumed) or in the
+new one.
+
+An attempt of a task with `max_duration` that runs longer fails with
+MaxDurationExceeded, like any error under the retry policy. A task with
+isolation="process" runs its attempt in a child process (engine/runtime/isolation.py),
+which records through this same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from stepline.core.events import (
+    ErrorInfo,
+    Payload,
+    RetryScheduled,
+    RunCompleted,
+    RunDeadLettered,
+    RunFailed,
+    RunStarted,
+    RunSuspended,
+    StepFailed,
+    WaitCompleted,
+)
+from stepline.errors import (
+    KeyStoreError,
+    MaxDurationExceeded,
+    NonDeterminismError,
+    PayloadValidationError,
+    SubjectErased,
+)
+from stepline.observability.tracing import attempt_failed
+from stepline.projections.runs import RunState
+from stepline.sdk.context import RunContext, Suspend, _current, error_info
+from stepline.sdk.logs import note_dropped
+from stepline.sdk.task import Task
+from stepline.security.sensitive import open_run, watch_values
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    kind: str  # completed | suspended | retrying | failed
+    offset: int  # where the outcome's last event landed
+    detail: str = ""
+
+
+async def execute_attempt(
+    task: Task[Any, Any],
+    state: RunState,
+    ctx: RunContext,
+    worker_id: str,
+    rng: random.Random,
+) -> Outcome:
+    if task.sensitive is not None:
+        try:
+            # Before the isolation split: an isolated child gets the plain
+            # payload, and records through the scrubbing emit.
+            state = await open_run(task, state, ctx)
+        except (KeyStoreError, SubjectErased, ValueError) as exc:
+            ctx.emit(RunStarted(state.attempt, worker_id, task.version))
+            return await _failed(task, state, ctx, exc, rng)
+    if task.isolation == "process":
+        from stepline.runtime.isolation import execute_in_child  # the module imports this one
+
+        return await execute_in_child(task, state, ctx, worker_id, rng)
+    ctx.emit(RunStarted(state.attempt, worker_id, task.version))
+    return await run_body(task, state, ctx, rng, task.max_duration)
+
+
+async def run_body(
+    task: Task[Any, Any],
+    state: RunState,
+    ctx: RunContext,
+    rng: random.Random,
+    max_duration: float | None,
+) -> Outcome:
+    """The attempt after RunStarted: run the function, record how it ended.
+
+    A child process runs this with `max_duration=None`: its parent enforces
+    the limit by killing it, which also stops code that never yields.
+    """
+    emit = ctx.emit
+    attempt = state.attempt
+    token = _current.set(ctx)
+    try:
+        try:
+            watch_values(task, state, ctx)  # an isolated child's log lines, scrubbed too
+            payload = task.payload_codec.load(state.payload, f"payload of run {state.run_id}")
+            if max_duration is None:
+                result = await task.fn(payload)
+            else:
+                result = await _bounded(task, payload, max_duration, attempt)
+            output = task.output_codec.dump(result, f"output of run {state.run_id}")
+        finally:
+            note_dropped(ctx)  # how many log lines the cap dropped, before the outcome
+    except Suspend as s:
+        for w in s.waits[:-1]:
+            emit(RunSuspended(w.step, w.reason, w.wake_at, w.condition, w.group))
+        last = s.waits[-1]
+        off = await emit(RunSuspended(last.step, last.reason, last.wake_at, last.condition, last.group))
+        return Outcome("suspended", off, str(s))
+    except Exception as exc:
+        return await _failed(task, state, ctx, exc, rng)
+    finally:
+        _current.reset(token)
+    await _tell_parent(state, ctx, output=output)
+    return Outcome("completed", await emit(RunCompleted(output, attempt)))
+
+
+async def _bounded(task: Task[Any, Any], payload: Any, limit: float, attempt: int) -> Any:
+    """The task function under its max_duration.
+
+    asyncio.timeout rather than wait_for, which on 3.11 can swallow a
+    cancel arriving as it times out (a run cancelled at its deadline would
+    then record a failure instead of ending). Suspend passes through.
+    """
+    deadline = asyncio.timeout(limit)
+    try:
+        async with deadline:
+            return await task.fn(payload)
+    except TimeoutError as exc:
+        if deadline.expired():
+            raise MaxDurationExceeded(task.id, limit, attempt) from exc
+        raise  # the task's own timeout, not ours
+
+
+async def _tell_parent(
+    state: RunState, ctx: RunContext, output: Payload | None = None, error: ErrorInfo | None = None
+) -> None:
+    """A child's result goes to its waiting parent before the child records
+    its own end: a crash in between repeats the notice (the parent keeps
+    the first), where the other order could lose it."""
+    if ctx.request is None or state.parent_run_id is None or state.parent_step is None:
+        return
+    body = WaitCompleted(state.parent_step, "child", state.run_id, output, error)
+    await ctx.request(state.parent_run_id, "", body)
+
+
+async def _failed(
+    task: Task[Any, Any], state: RunState, ctx: RunContext, exc: Exception, rng: random.Random
+) -> Outcome:
+    emit = ctx.emit
+    attempt = state.attempt
+    retriable = not isinstance(exc, (NonDeterminismError, PayloadValidationError))
+    info = error_info(exc, retriable)
+    attempt_failed(exc)
+    if exc is not ctx.recorded_failure:
+        emit(StepFailed(attempt, info))
+    delay = task.retry.next_delay(state.attempt_in_trigger, exc, rng) if retriable else None
+    if delay is None:
+        await _tell_parent(state, ctx, error=info)
+        emit(RunFailed(info, attempt))
+        tries = state.attempt_in_trigger
+        off = await emit(RunDeadLettered(f"{info.type} after {tries} attempt{'s' * (tries != 1)}"))
+        return Outcome("failed", off, info.type)
+    delay_ms = int(delay * 1000)
+    retry_at = ctx.clock() + delay_ms
+    off = await emit(RetryScheduled(attempt + 1, retry_at, delay_ms, f"{info.type}: {info.message}"))
+    return Outcome("retrying", off, info.type)

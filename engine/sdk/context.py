@@ -1,0 +1,308 @@
+"""Inside a run: the journal, `@step`, and durable `sleep`.
+
+Every attempt runs the task function from the top. Each `@step` call and
+each durable wait takes the next position in the run's journal, in the
+order the calls start (deterministic, also under `asyncio.gather`, whose
+children start in argument order). A position the journal already holds as
+completed returns the recorded output without running the step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, ParamSpec, Protocol, TypeVar, overload
+
+from stepline.consumers.waits import WaitEntry
+from stepline.core.events import Body, ErrorInfo, PatchRecorded, StepCompleted, StepFailed, StepStarted
+from stepline.core.ids import step_idempotency_key
+from stepline.core.payloads import Codec, describe_args
+from stepline.errors import NonDeterminismError, NotInRunContext
+from stepline.observability import tracing
+from stepline.projections.runs import DONE_STEPS, StepState
+from stepline.sdk.task import _annotations
+
+if TYPE_CHECKING:
+    from stepline.log.base import Log, Outgoing
+    from stepline.security.keystore import KeyStore
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+SLEEP = "sleep"
+
+
+class Emitter(Protocol):
+    def __call__(self, body: Body) -> asyncio.Future[int]:
+        """Queue an event for this run; the future resolves once it is durable."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """One open wait: the journal position it holds and what wakes it."""
+
+    step: int
+    reason: str  # sleep | event | token | child
+    wake_at: int | None = None  # deadline (a sleep's end, a wait's timeout)
+    condition: str | None = None  # JSON, for humans and the dashboard
+    group: int | None = None  # the wait_for_any it is a branch of: the first to resolve wins
+
+
+class Suspend(BaseException):
+    """Unwinds a run that must wait. A BaseException, so that a task's own
+    `except Exception` cannot swallow a durable wait by accident."""
+
+    def __init__(self, *waits: Wait) -> None:
+        super().__init__(", ".join(w.reason for w in waits))
+        self.waits = waits
+
+
+def error_info(exc: BaseException, retriable: bool = True) -> ErrorInfo:
+    stack = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return ErrorInfo(type(exc).__qualname__, str(exc), stack, retriable)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Requester(Protocol):
+    def __call__(self, run_id: str, task_id: str, body: Body) -> asyncio.Future[int]:
+        """Append a request (unfenced) to another run, e.g. a child's result to its parent."""
+        ...
+
+
+@dataclass(eq=False)
+class RunContext:
+    run_id: str
+    task_id: str
+    attempt: int
+    journal: Mapping[int, StepState]
+    emit: Emitter
+    clock: Callable[[], int] = now_ms
+    # Where event waits are registered for the router; None outside a worker.
+    register_wait: Callable[[WaitEntry], Awaitable[None]] | None = None
+    # Appends to other runs (a child's result to its parent); None outside a worker.
+    request: Requester | None = None
+    # Subject keys of sensitive payload fields (engine/security/keystore.py); None: not configured.
+    keys: KeyStore | None = None
+    # Withdraws an event wait from the router's table (a wait_for_any branch
+    # that lost); None outside a worker.
+    unregister_wait: Callable[[str, int], Awaitable[None]] | None = None
+    # The run's recorded answers to `patched()` (RunState.patches), by patch id.
+    patches: Mapping[str, bool] = field(default_factory=dict)
+    # The log steps' `stepline.emit` records go to, with their checkpoints
+    # (engine/sdk/emit.py); None where nothing can be emitted. Whoever sets it
+    # makes `emit` take `take_attached()` along with each event.
+    emit_log: Log | None = None
+
+    def __post_init__(self) -> None:
+        # Records emitted by each executing step, until its checkpoint.
+        self.outbox: dict[int, list[Outgoing]] = {}
+        self._attached: list[Outgoing] = []
+        self._next = 0
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        # The exception a step already recorded as StepFailed, so the runner
+        # does not record the same failure twice when it reaches the body.
+        self.recorded_failure: BaseException | None = None
+
+    def next_position(self, name: str) -> tuple[int, StepState | None]:
+        pos = self._next
+        self._next += 1
+        rec = self.journal.get(pos)
+        if rec is not None and rec.name != name:
+            raise NonDeterminismError(self.run_id, pos, rec.name, name)
+        return pos, rec
+
+    def observe_step(self, name: str, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+        """Called with a step's arguments just before it takes its position.
+        Nothing here; a shadow replay (engine/history/shadow.py) compares them."""
+
+    def patched(self, patch: str) -> bool:
+        """The run's answer to `stepline.patched(patch)`; see there."""
+        known = self.patches.get(patch)
+        if known is not None:
+            return known
+        # A position at or after this point already in the journal means
+        # the history here was made by code that did not ask: the old path.
+        applied = not any(pos >= self._next for pos in self.journal)
+        self.patches = {**self.patches, patch: applied}
+        # Not awaited: every later checkpoint queues behind it, so none of
+        # them is durable without it, and until one is, asking again gives
+        # the same answer.
+        self.emit(PatchRecorded(patch, applied, self._next))
+        return applied
+
+    def complete_step(self, body: StepCompleted) -> asyncio.Future[int]:
+        """Append a step's checkpoint, with what the step emitted, atomically.
+
+        The records ride along beside `emit` rather than through it, so that
+        whatever wraps `emit` (the scrubbing of sensitive fields) still sees
+        the checkpoint: those wrappers call through synchronously, and the
+        worker's emitter takes the records with `take_attached()`.
+        """
+        self._attached = self.outbox.pop(body.step, [])
+        try:
+            return self.emit(body)
+        finally:
+            left, self._attached = self._attached, []
+            if left:  # nothing took them: a bug, and silence would lose them
+                raise RuntimeError(f"step {body.step} of run {self.run_id}: emitted records "
+                                   "were not taken by the emitter")
+
+    def take_attached(self) -> list[Outgoing]:
+        taken, self._attached = self._attached, []
+        return taken
+
+    def step_started(self) -> None:
+        self._active += 1
+        self._idle.clear()
+
+    def step_ended(self) -> None:
+        self._active -= 1
+        if self._active == 0:
+            self._idle.set()
+
+    async def quiesce(self) -> None:
+        """Wait until no step of this run is executing."""
+        await self._idle.wait()
+
+
+_current: contextvars.ContextVar[RunContext | None] = contextvars.ContextVar(
+    "stepline_run", default=None
+)
+
+
+def current_run() -> RunContext | None:
+    return _current.get()
+
+
+def require_run(what: str) -> RunContext:
+    ctx = _current.get()
+    if ctx is None:
+        raise NotInRunContext(f"{what} can only be used inside a running task")
+    return ctx
+
+
+def patched(patch: str) -> bool:
+    """Whether this run takes the code path added by `patch`.
+
+    For changing a task while runs of it are in flight (Temporal's
+    `workflow.patched`): `if sl.patched("new-discount"): <new> else: <old>`.
+    True for a run that reaches this point for the first time on code
+    that asks; False for a run whose history already went past this point
+    on code that did not ask, so it keeps replaying the old path. The
+    answer is recorded (PatchRecorded) and every later replay of the run
+    gets the same. Once no run recorded before the patch is in flight, drop
+    the old branch and keep `patched` (or remove both once no run that
+    recorded the answer may replay).
+    """
+    ctx = require_run("stepline.patched()")
+    return ctx.patched(patch)
+
+
+def idempotency_key() -> str:
+    """The current step's stable key (`run_id:step`), for external APIs."""
+    ctx = require_run("stepline.idempotency_key()")
+    pos = _step_position.get()
+    if pos is None:
+        raise NotInRunContext("stepline.idempotency_key() must be called inside a step")
+    return step_idempotency_key(ctx.run_id, pos)
+
+
+_step_position: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "stepline_step", default=None
+)
+
+
+def _step_wrapper(fn: Callable[P, Awaitable[R]], name: str) -> Callable[P, Awaitable[R]]:
+    _, ret = _annotations(fn)
+    codec = Codec(ret)
+
+    @functools.wraps(fn)
+    async def run_step(*args: P.args, **kwargs: P.kwargs) -> R:
+        ctx = _current.get()
+        if ctx is None:
+            return await fn(*args, **kwargs)  # a plain call outside any run
+        ctx.observe_step(name, args, kwargs)
+        pos, rec = ctx.next_position(name)
+        if rec is not None and rec.status == "completed" and rec.output is not None:
+            value: R = codec.load(rec.output, f"recorded output of step {pos} ({name})")
+            return value
+        ctx.step_started()
+        token = _step_position.set(pos)
+        try:
+            # The step's span and duration (a no-op unless the attempt is traced or metered).
+            with tracing.step_scope(name, pos):
+                ctx.emit(StepStarted(pos, name, ctx.attempt, describe_args(args, kwargs)))
+                try:
+                    result = await fn(*args, **kwargs)
+                except (asyncio.CancelledError, Suspend):
+                    raise
+                except Exception as exc:
+                    ctx.recorded_failure = exc
+                    await ctx.emit(StepFailed(ctx.attempt, error_info(exc), pos, name))
+                    raise
+                output = codec.dump(result, f"output of step {pos} ({name})")
+                # Durable first, then hand the result on: a step whose checkpoint
+                # is not on the log has not completed, and may run again.
+                await ctx.complete_step(StepCompleted(pos, name, ctx.attempt, output))
+                return result
+        finally:
+            _step_position.reset(token)
+            ctx.outbox.pop(pos, None)  # a failed step's records are dropped
+            ctx.step_ended()
+
+    return run_step
+
+
+@overload
+def step(fn: Callable[P, Awaitable[R]], /) -> Callable[P, Awaitable[R]]: ...
+
+
+@overload
+def step(*, name: str | None = None) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]: ...
+
+
+def step(
+    fn: Callable[P, Awaitable[R]] | None = None, /, *, name: str | None = None
+) -> Callable[P, Awaitable[R]] | Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+    """Make an async function a checkpointed step.
+
+    Awaiting it inside a task records StepStarted, runs it, and records
+    StepCompleted with its output; later attempts get the recorded output
+    back without running it. Outside a task it is a plain call.
+    """
+
+    def wrap(f: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+        return _step_wrapper(f, name or f.__qualname__)
+
+    return wrap(fn) if fn is not None else wrap
+
+
+async def sleep(duration: timedelta | float) -> None:
+    """Durable sleep: the run is suspended and no worker slot is held.
+
+    The wake time is fixed when the sleep is first reached and recorded, so
+    re-running the task after a crash does not restart the clock.
+    """
+    ctx = require_run("stepline.sleep()")
+    pos, rec = ctx.next_position(SLEEP)
+    if rec is not None and rec.status in DONE_STEPS:
+        return
+    seconds = duration.total_seconds() if isinstance(duration, timedelta) else float(duration)
+    now = ctx.clock()
+    wake_at = rec.wake_at if rec is not None and rec.wake_at is not None else now + int(seconds * 1000)
+    # Let steps already running in parallel branches finish and record their
+    # checkpoints first, so suspending never throws away completed work.
+    await ctx.quiesce()
+    raise Suspend(Wait(pos, SLEEP, wake_at))

@@ -1,0 +1,148 @@
+"""Schedules: cron expressions and fixed intervals that trigger a task.
+
+Every tick maps to one deterministic run id (task id + tick time), so any
+number of workers may fire the same tick and the log keeps one run: the
+repeated triggers are no-ops in the fold. That also makes catching up
+stateless: after downtime a worker re-fires the ticks of the catch-up
+window, and those that already ran change nothing.
+
+Missed ticks: by default (`catch_up=None`) ticks that fell while no worker
+ran are skipped and the schedule resumes at the next one. With
+`catch_up=timedelta(...)` every tick within that window before start is
+fired once; older ones are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import structlog
+from croniter import CroniterError, croniter
+from pydantic import BaseModel
+
+from stepline.errors import SteplineError, TaskDefinitionError
+
+if TYPE_CHECKING:
+    from stepline.client import Client
+    from stepline.sdk.task import Registry, Task
+
+log = structlog.get_logger("stepline.schedule")
+
+
+class ScheduleTick(BaseModel):
+    """The payload of a scheduled run."""
+
+    schedule: str
+    scheduled_at: datetime
+
+
+@dataclass(frozen=True)
+class Cron:
+    """`Cron("0 3 * * *", tz="Europe/Berlin")`: standard five-field cron."""
+
+    expression: str
+    tz: str = "UTC"
+    catch_up: timedelta | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            zone = ZoneInfo(self.tz)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise TaskDefinitionError(f"unknown time zone {self.tz!r} in Cron({self.expression!r})") from exc
+        try:
+            croniter(self.expression, datetime.now(zone))
+        except (CroniterError, ValueError) as exc:
+            raise TaskDefinitionError(f"invalid cron expression {self.expression!r}: {exc}") from exc
+
+    def describe(self) -> str:
+        return f"cron {self.expression} {self.tz}"
+
+    def ticks_after(self, start: datetime) -> Iterator[datetime]:
+        it = croniter(self.expression, start.astimezone(ZoneInfo(self.tz)))
+        while True:
+            yield it.get_next(datetime).astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class Every:
+    """`Every(timedelta(minutes=5))`: ticks at whole multiples of the interval (UTC)."""
+
+    interval: timedelta
+    catch_up: timedelta | None = None
+
+    def __post_init__(self) -> None:
+        if self.interval.total_seconds() <= 0:
+            raise TaskDefinitionError(f"Every(interval) must be positive, got {self.interval}")
+
+    def describe(self) -> str:
+        return f"every {self.interval.total_seconds():g}s"
+
+    def ticks_after(self, start: datetime) -> Iterator[datetime]:
+        step_ms = int(self.interval.total_seconds() * 1000)
+        ms = (int(start.timestamp() * 1000) // step_ms + 1) * step_ms
+        while True:
+            yield datetime.fromtimestamp(ms / 1000, UTC)
+            ms += step_ms
+
+
+Schedule = Cron | Every
+
+
+def tick_key(tick: datetime) -> str:
+    """The idempotency key of a tick's run; with the task id it fixes the run id.
+
+    NEVER change this format: it is what makes a tick run once across workers.
+    """
+    return f"stepline/tick/{int(tick.timestamp() * 1000)}"
+
+
+class Scheduler:
+    """Fires the ticks of every scheduled task of a registry."""
+
+    def __init__(self, registry: Registry, client: Client) -> None:
+        self.registry = registry
+        self.client = client
+        self._tasks: list[asyncio.Task[None]] = []
+        self.fired = 0
+
+    def scheduled(self) -> list[Task[Any, Any]]:
+        return [t for t in self.registry if t.schedule is not None]
+
+    def start(self) -> None:
+        for t in self.scheduled():
+            self._tasks.append(asyncio.create_task(self._run(t), name=f"stepline-schedule-{t.id}"))
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def _fire(self, task: Task[Any, Any], sched: Schedule, tick: datetime) -> None:
+        # As JSON data, so a task may declare `ScheduleTick`, `dict` or nothing.
+        payload = ScheduleTick(schedule=sched.describe(), scheduled_at=tick).model_dump(mode="json")
+        try:
+            await self.client.trigger(task, payload, idempotency_key=tick_key(tick), tags=("schedule",))
+            self.fired += 1
+        except SteplineError as exc:  # the log is down: the next tick tries again
+            log.error("could not fire a schedule tick", task=task.id, tick=tick.isoformat(), error=str(exc))
+
+    async def _run(self, task: Task[Any, Any]) -> None:
+        sched = task.schedule
+        assert sched is not None
+        now = datetime.now(UTC)
+        if sched.catch_up is not None:
+            for tick in sched.ticks_after(now - sched.catch_up):
+                if tick > now:
+                    break
+                await self._fire(task, sched, tick)
+        for tick in sched.ticks_after(now):
+            delay = (tick - datetime.now(UTC)).total_seconds()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await self._fire(task, sched, tick)

@@ -1,0 +1,1 @@
+"""Sensitive payload fields: the key store, sealing and unsealing, redaction."""

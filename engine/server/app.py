@@ -1,0 +1,546 @@
+"""`stepline serve`: trigger runs, publish events and receive webhooks over HTTP.
+
+JSON in, JSON out; every error is `{"error": "..."}` with its status. The
+`/v1/` API takes a bearer token. Webhook deliveries authenticate by their
+signature instead, the scheme Stripe uses:
+
+    Stepline-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, f"{t}." + body)>
+
+Several `v1=` entries may be sent while a secret is rotated. A delivery is
+rejected, with nothing appended, when its signature does not match, its
+timestamp is outside the tolerance window, or the same signature was already
+accepted within that window (a replay).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import math
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from stepline.client import Client, check_event_name
+from stepline.core.ids import parse_token
+from stepline.errors import (
+    InvalidEventName,
+    InvalidRunState,
+    InvalidToken,
+    KeyStoreError,
+    LogError,
+    PayloadTooLarge,
+    PayloadValidationError,
+    ServeConfigError,
+    UnknownRun,
+    UnknownTask,
+)
+from stepline.projections.query import QueryProjector, QueryStore
+from stepline.projections.views import state_dict
+from stepline.sdk.task import Registry, Task
+from stepline.security.sensitive import shown
+from stepline.server.dashboard import add_dashboard_routes
+from stepline.server.openapi import add_openapi_route
+
+log = structlog.get_logger("stepline.server")
+
+SIGNATURE_HEADER = "Stepline-Signature"
+
+_SOURCE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_TIMESTAMP = re.compile(r"[0-9]{1,15}")
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
+_MALFORMED = f"malformed {SIGNATURE_HEADER} header: expected t=<unix seconds>,v1=<hex HMAC-SHA256>"
+
+# RunTriggered.priority is an Avro int.
+_PRIORITY_RANGE = range(-(2**31), 2**31)
+# Far beyond any sensible delay, and far inside the 64-bit millisecond
+# timestamp RunTriggered.not_before stores.
+_MAX_DELAY_S = 100 * 365 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class WebhookSource:
+    """A sender of webhooks, e.g. a payment provider, and the secret it signs with.
+
+    Deliveries are published as domain events named `event_name`
+    (`webhook.<name>` by default), for tasks to subscribe to.
+    """
+
+    name: str
+    secret: str
+    event_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not _SOURCE_NAME.fullmatch(self.name):
+            raise ServeConfigError(
+                f"webhook source name must be letters, digits, '_' or '-' (it is part of the URL), "
+                f"got {self.name!r}"
+            )
+        if not self.secret:
+            raise ServeConfigError(f"webhook source {self.name!r} needs a non-empty secret")
+        try:
+            check_event_name(self.event)
+        except InvalidEventName as exc:
+            raise ServeConfigError(f"webhook source {self.name!r}: {exc}") from exc
+
+    @property
+    def event(self) -> str:
+        """The name its deliveries are published under."""
+        return self.event_name or f"webhook.{self.name}"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    api_token: str | None
+    webhooks: Mapping[str, WebhookSource]
+    max_body_bytes: int = 1 << 20
+    signature_tolerance_s: int = 300
+    # False only for `stepline dev`: a local API anyone on the machine may call.
+    auth_required: bool = True
+    # Where `?module=` of the shadow route may import new code from
+    # (engine/server/history_api.py); None refuses every module.
+    shadow_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.auth_required and not self.api_token:
+            raise ServeConfigError("an API token is required unless auth_required=False")
+        if self.max_body_bytes < 1 or self.signature_tolerance_s < 1:
+            raise ServeConfigError("max_body_bytes and signature_tolerance_s must be positive")
+        for key, source in self.webhooks.items():
+            if key != source.name:
+                raise ServeConfigError(f"webhooks[{key!r}] holds the source named {source.name!r}")
+
+
+def sign_webhook(secret: str, body: bytes, timestamp: int | None = None) -> str:
+    """The `Stepline-Signature` header value for `body`, signed now unless `timestamp` is given."""
+    t = int(time.time()) if timestamp is None else timestamp
+    return f"t={t},v1={_digest(secret, t, body)}"
+
+
+def _digest(secret: str, timestamp: int, body: bytes) -> str:
+    return hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+
+
+class _HttpError(Exception):
+    """Answered as `{"error": message}` with `status`."""
+
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers
+
+
+def _unauthorized(message: str) -> _HttpError:
+    return _HttpError(401, message, {"WWW-Authenticate": "Bearer"})
+
+
+# Errors callers cause, by the status that tells them so; checked in order.
+_STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
+    (UnknownTask, 404),
+    (UnknownRun, 404),
+    (PayloadValidationError, 422),
+    (PayloadTooLarge, 413),
+    (InvalidEventName, 400),
+    (InvalidToken, 409),
+    (InvalidRunState, 409),
+    (LogError, 503),
+    (KeyStoreError, 503),
+)
+
+
+@web.middleware
+async def _json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except _HttpError as exc:
+        return _error(exc.status, exc.message, exc.headers)
+    except web.HTTPException as exc:  # aiohttp's own: no such route, wrong method
+        if exc.status < 400:
+            raise
+        message = f"{exc.reason}: {request.method} {request.path}"
+        return _error(exc.status, message, {k: v for k, v in exc.headers.items() if k == "Allow"})
+    except Exception as exc:
+        for cls, status in _STATUS_OF:
+            if isinstance(exc, cls):
+                return _error(status, str(exc))
+        log.exception("request failed", method=request.method, path=request.path)
+        return _error(500, "internal error; the server log has the details")
+
+
+def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The body, refused with 413 past `limit` bytes without reading further.
+
+    A declared length is checked up front; a chunked body is read to at most
+    limit + 1 bytes, enough to know it is too long.
+    """
+    too_large = _HttpError(413, f"request body is larger than the {limit}-byte limit")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = await request.content.read(limit + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > limit:
+        raise too_large
+    return b"".join(chunks)
+
+
+def _parse_json(raw: bytes) -> Any:
+    """The body as JSON; 400 for what Python's parser takes but JSON (RFC 8259) and Avro do not."""
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+        raise _HttpError(400, f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise _HttpError(400, "request body is nested too deeply") from None
+    try:
+        # NaN, Infinity and 1e400 (which parses as infinity) fail allow_nan=False;
+        # a lone surrogate escape ("\ud800") fails the UTF-8 encoding that
+        # every string meets on its way into an Avro record.
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode()
+    except ValueError as exc:  # UnicodeEncodeError is a ValueError
+        why = ("a lone UTF-16 surrogate escape" if isinstance(exc, UnicodeEncodeError)
+               else "NaN, Infinity and numbers beyond a double's range (such as 1e400) are not JSON")
+        raise _HttpError(400, f"request body is not valid JSON: {why}") from None
+    except RecursionError:
+        raise _HttpError(400, "request body is nested too deeply") from None
+    return value
+
+
+def _json_object(raw: bytes, allowed: frozenset[str]) -> dict[str, Any]:
+    body = _parse_json(raw)
+    if not isinstance(body, dict):
+        raise _HttpError(400, "request body must be a JSON object")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        # A misspelt option silently ignored would trigger the wrong thing.
+        raise _HttpError(400, f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    return body
+
+
+def _optional_str(body: dict[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise _HttpError(400, f"{name} must be a non-empty string")
+    return value
+
+
+@dataclass(frozen=True)
+class _TriggerRequest:
+    payload: Any
+    idempotency_key: str | None
+    delay: float | None
+    priority: int
+    tags: tuple[str, ...]
+    concurrency_key: str | None = None
+    ttl: float | None = None
+
+
+_TRIGGER_FIELDS = frozenset({"payload", "idempotency_key", "delay", "priority", "tags", "concurrency_key", "ttl"})
+_EVENT_FIELDS = frozenset({"name", "data", "key"})
+_TOKEN_FIELDS = frozenset({"data"})
+
+
+def _trigger_request(raw: bytes) -> _TriggerRequest:
+    body = _json_object(raw, _TRIGGER_FIELDS)
+    delay = _seconds(body, "delay")
+    ttl = _seconds(body, "ttl")
+    priority = body.get("priority", 0)
+    if isinstance(priority, float) and priority.is_integer():
+        # JSON has one number type: 5.0 is the integer 5, to JSON Schema and so to us.
+        priority = int(priority)
+    if isinstance(priority, bool) or not isinstance(priority, int) or priority not in _PRIORITY_RANGE:
+        raise _HttpError(400, "priority must be a 32-bit integer")
+    tags = body.get("tags", [])
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise _HttpError(400, "tags must be a list of strings")
+    return _TriggerRequest(body.get("payload"), _optional_str(body, "idempotency_key"), delay, priority,
+                           tuple(tags), _optional_str(body, "concurrency_key"), ttl)
+
+
+def _seconds(body: dict[str, Any], name: str) -> float | None:
+    value = body.get(name)
+    # bool is an int to Python, never a number of seconds to a caller.
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int | float)
+        or not math.isfinite(value) or not 0 <= value <= _MAX_DELAY_S
+    ):
+        raise _HttpError(400, f"{name} must be a number of seconds from 0 to {_MAX_DELAY_S}")
+    return value
+
+
+def _parse_signature(header: str | None) -> tuple[int, list[str]]:
+    """(timestamp, v1 signatures) of a signature header; entries of other schemes are ignored."""
+    if header is None:
+        raise _HttpError(401, f"missing {SIGNATURE_HEADER} header")
+    timestamp: int | None = None
+    signatures: list[str] = []
+    for item in header.split(","):
+        key, sep, value = item.strip().partition("=")
+        if not sep:
+            raise _HttpError(401, _MALFORMED)
+        if key == "t":
+            if timestamp is not None or not _TIMESTAMP.fullmatch(value):
+                raise _HttpError(401, _MALFORMED)
+            timestamp = int(value)
+        elif key == "v1":
+            if not _HEX_DIGEST.fullmatch(value.lower()):
+                raise _HttpError(401, _MALFORMED)
+            signatures.append(value.lower())
+    if timestamp is None or not signatures:
+        raise _HttpError(401, _MALFORMED)
+    return timestamp, signatures
+
+
+class _ReplayGuard:
+    """Signatures accepted lately, so that a captured delivery cannot be sent again.
+
+    Held in memory: the guarantee holds per server process. An entry lives
+    2 x tolerance from its acceptance, which outlasts its timestamp's window
+    (t + tolerance <= accepted + 2 x tolerance) and keeps expiries in
+    insertion order, so pruning pops from the front only.
+    """
+
+    def __init__(self, tolerance_s: int) -> None:
+        self._ttl = 2 * tolerance_s
+        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    def claim(self, source: str, signature: str, now: float) -> bool:
+        while self._seen and next(iter(self._seen.values())) < now:
+            self._seen.popitem(last=False)
+        key = (source, signature)
+        if key in self._seen:
+            return False
+        self._seen[key] = now + self._ttl
+        return True
+
+    def release(self, source: str, signature: str) -> None:
+        self._seen.pop((source, signature), None)
+
+
+class _Api:
+    def __init__(self, client: Client, config: ServeConfig, registry: Registry | None) -> None:
+        self.client = client
+        self.config = config
+        self.registry = registry
+        self.replays = _ReplayGuard(config.signature_tolerance_s)
+
+    def authenticate(self, request: web.Request, *, query_token: bool = False) -> None:
+        """`query_token=True` also accepts `?token=` (EventSource cannot send headers)."""
+        if not self.config.auth_required:
+            return
+        header = request.headers.get("Authorization")
+        if header is None and query_token and request.query.get("token"):
+            header = f"Bearer {request.query['token']}"
+        if header is None:
+            raise _unauthorized("missing Authorization header: send 'Authorization: Bearer <API token>'")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise _unauthorized("Authorization header must be 'Bearer <API token>'")
+        token = self.config.api_token or ""
+        # Compared as bytes: compare_digest refuses non-ASCII str, and a header may hold any.
+        if not hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), token.encode()):
+            raise _unauthorized("the API token is not valid")
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def info(self, request: web.Request) -> web.Response:
+        """Unauthenticated: tells the dashboard whether to ask for a token."""
+        from stepline.version import __version__
+
+        return web.json_response({"auth": self.config.auth_required, "version": __version__})
+
+    async def trigger(self, request: web.Request) -> web.Response:
+        self.authenticate(request)
+        task_id = request.match_info["task_id"]
+        req = _trigger_request(await _read_body(request, self.config.max_body_bytes))
+        task: Task[Any, Any] | str = self.registry.get(task_id) if self.registry is not None else task_id
+        handle = await self.client.trigger(
+            task, req.payload, idempotency_key=req.idempotency_key, delay=req.delay,
+            priority=req.priority, tags=req.tags, concurrency_key=req.concurrency_key, ttl=req.ttl,
+        )
+        return web.json_response(
+            {"run_id": handle.run_id, "task_id": handle.task_id}, status=202,
+            headers={"Location": f"/v1/runs/{handle.run_id}"},
+        )
+
+    async def publish(self, request: web.Request) -> web.Response:
+        self.authenticate(request)
+        body = _json_object(await _read_body(request, self.config.max_body_bytes), _EVENT_FIELDS)
+        name = body.get("name")
+        if not isinstance(name, str):
+            raise _HttpError(400, "name must be a string, e.g. \"user.created\"")
+        event_id = await self.client.publish(name, body.get("data"), key=_optional_str(body, "key"), source="api")
+        return web.json_response({"event_id": event_id}, status=202)
+
+    async def get_run(self, request: web.Request) -> web.Response:
+        self.authenticate(request)
+        state = await self.client.get_run(request.match_info["run_id"])
+        # Sensitive fields show as "[redacted]" or "[erased]", never decrypted.
+        return web.json_response(await shown(state_dict(state), self.client.keys))
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        """Stop a run: a running step is cancelled at once, a waiting run never resumes."""
+        self.authenticate(request)
+        run_id = request.match_info["run_id"]
+        was = await self.client.cancel(run_id, "cancelled over the API")
+        return web.json_response({"run_id": run_id, "cancelled": True, "was": was.status}, status=202)
+
+    async def complete_token(self, request: web.Request) -> web.Response:
+        """Resume a run waiting in `wait_for_token` with `{"data": ...}`."""
+        self.authenticate(request)
+        token = request.match_info["token"]
+        try:
+            parse_token(token)
+        except InvalidToken as exc:
+            raise _HttpError(400, str(exc)) from None
+        body = _json_object(await _read_body(request, self.config.max_body_bytes), _TOKEN_FIELDS)
+        state = await self.client.complete_token(token, body.get("data"))
+        return web.json_response({"token": token, "run_id": state.run_id, "completed": True})
+
+    async def webhook(self, request: web.Request) -> web.Response:
+        name = request.match_info["source"]
+        source = self.config.webhooks.get(name)
+        if source is None:
+            raise _HttpError(404, f"no webhook source named {name!r}")
+        raw = await _read_body(request, self.config.max_body_bytes)
+        try:
+            signature = self.verify(source, request.headers.get(SIGNATURE_HEADER), raw)
+            data = _parse_json(raw)
+            if not self.replays.claim(name, signature, time.time()):
+                raise _HttpError(401, "this signature was already accepted: a replayed delivery is refused")
+        except _HttpError as exc:
+            log.warning("webhook rejected", source=name, reason=exc.message, remote=request.remote)
+            raise
+        try:
+            event_id = await self.client.publish(source.event, data, source=f"webhook:{name}")
+        except BaseException:
+            # Not recorded, so the sender's retry of this very delivery must get through.
+            self.replays.release(name, signature)
+            raise
+        return web.json_response({"event_id": event_id}, status=202)
+
+    def verify(self, source: WebhookSource, header: str | None, raw: bytes) -> str:
+        """The matching signature of an authentic, timely delivery; 401 otherwise.
+
+        The signature is checked before the timestamp, so that a caller
+        without the secret learns nothing beyond "no match".
+        """
+        timestamp, given = _parse_signature(header)
+        expected = _digest(source.secret, timestamp, raw)
+        if not any(hmac.compare_digest(expected, sig) for sig in given):
+            raise _HttpError(401, f"{SIGNATURE_HEADER} does not match the body for source {source.name!r}")
+        tolerance = self.config.signature_tolerance_s
+        if abs(time.time() - timestamp) > tolerance:
+            raise _HttpError(401, f"signature timestamp is outside the {tolerance} s tolerance window")
+        return expected
+
+
+def create_app(
+    client: Client, config: ServeConfig, registry: Registry | None = None, *, query: QueryStore | None = None,
+) -> web.Application:
+    """The HTTP API over a started client.
+
+    With a registry, unknown task ids are refused (404) and payloads are
+    validated (422); without one a trigger is recorded as given. With a
+    query store (kept up to date by a QueryProjector) the run and event
+    lists of engine/server/query_api.py answer; without one they answer 503.
+    """
+    from stepline.server.query_api import add_query_routes
+
+    # Above our own limit, so a too-large body gets our 413 and its message.
+    app = web.Application(middlewares=[_json_errors], client_max_size=config.max_body_bytes + 1)
+    api = _Api(client, config, registry)
+    from stepline.server.ops_api import add_ops_routes
+
+    # First: /v1/runs/bulk/cancel must not be read as /v1/runs/{run_id}/cancel.
+    add_ops_routes(app, api, query)
+    app.router.add_get("/healthz", api.healthz)
+    app.router.add_post("/v1/tasks/{task_id}/trigger", api.trigger)
+    app.router.add_post("/v1/events", api.publish)
+    app.router.add_get("/v1/runs/{run_id}", api.get_run)
+    app.router.add_post("/v1/tokens/{token}/complete", api.complete_token)
+    app.router.add_post("/v1/runs/{run_id}/cancel", api.cancel)
+    app.router.add_post("/v1/webhooks/{source}", api.webhook)
+    add_query_routes(app, api, query)
+    from stepline.server.history_api import add_history_routes
+
+    add_history_routes(app, api)
+    from stepline.server.backfill_api import add_backfill_routes
+
+    add_backfill_routes(app, api)
+    app.router.add_get("/v1/info", api.info)
+    add_openapi_route(app, auth_required=config.auth_required)
+    add_dashboard_routes(app)
+    return app
+
+
+async def serve(
+    client: Client,
+    config: ServeConfig,
+    registry: Registry | None,
+    host: str,
+    port: int,
+    *,
+    on_listening: Callable[[list[str]], None] | None = None,
+    query: QueryStore | None = None,
+) -> None:
+    """Serve until cancelled. `on_listening` gets the bound addresses (the real port for port 0)."""
+    runner = web.AppRunner(create_app(client, config, registry, query=query), access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        if on_listening is not None:
+            on_listening([_address(a) for a in runner.addresses])
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+async def serve_api(
+    client: Client,
+    config: ServeConfig,
+    registry: Registry | None,
+    host: str,
+    port: int,
+    *,
+    query_db: str | None,
+    on_listening: Callable[[list[str]], None] | None = None,
+) -> None:
+    """Serve until cancelled, with the query projection of `query_db` kept up
+    to date in this process on the client's log (None: no lists, 503)."""
+    if query_db is None:
+        await serve(client, config, registry, host, port, on_listening=on_listening)
+        return
+    async with QueryStore(query_db) as store:
+        async with QueryProjector(client.log, store, topics=client.topics):
+            await serve(client, config, registry, host, port, on_listening=on_listening, query=store)
+
+
+def _address(sockname: Any) -> str:
+    host, port = sockname[0], sockname[1]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+__all__ = ["SIGNATURE_HEADER", "ServeConfig", "WebhookSource", "create_app", "serve", "serve_api", "sign_webhook"]
