@@ -22,24 +22,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
 
 from stepline.consumers.patterns import Matcher, compile_name, compile_where
 from stepline.consumers.waits import SeenEvent, WaitEntry, WaitsTable, unregister
 from stepline.core import codec
-from stepline.core.events import DomainEvent
+from stepline.core.events import DomainEvent, Payload
+from stepline.core.ids import fanout_key
 from stepline.errors import SchemaError, TaskDefinitionError
-from stepline.log.base import Assignment
+from stepline.log.base import Assignment, Log
 from stepline.log.quarantine import quarantine
-
-if TYPE_CHECKING:
-    from stepline.client import Client
-    from stepline.sdk.task import Registry
+from stepline.log.topics import Topics
 
 log = structlog.get_logger("stepline.router")
 
@@ -74,20 +72,47 @@ class Subscription:
         return bool(self._data(data if isinstance(data, dict) else {}))
 
 
-def fanout_key(event_id: str) -> str:
-    """The idempotency key of a fan-out run; with the task id it fixes the run id.
+class Subscriber(Protocol):
+    """A task as the router sees it (`stepline.Task` is one)."""
 
-    NEVER change this format: redelivered events must map to existing runs.
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def subscriptions(self) -> Sequence[Subscription]: ...
+
+
+class RouterClient(Protocol):
+    """What the router asks of a client (`stepline.Client` is one): the log and its
+    topics, the clock, and two requests. The client layer is above this one."""
+
+    log: Log
+    topics: Topics
+    clock: Callable[[], int]
+
+    async def trigger(self, task: str, payload: Any = None, *, idempotency_key: str | None = None,
+                      tags: Sequence[str] = (), validate: bool = True) -> object: ...
+
+    async def resolve_wait(self, run_id: str, task_id: str, step: int, reason: str, source: str,
+                           output: Payload | None = None) -> object: ...
+
+
+S = TypeVar("S", bound=Subscriber)
+
+
+class Router(Generic[S]):
+    """Routes the events topic to the subscriptions of a registry.
+
+    `retroactive` starts the runs of subscriptions with `since=` for their past
+    window (the client layer's `backfill_new_subscriptions`, which the worker
+    passes in); without it such subscriptions only see new events.
     """
-    return f"stepline/event/{event_id}"
 
-
-class Router:
-    """Routes the events topic to the subscriptions of a registry."""
-
-    def __init__(self, registry: Registry, client: Client, read_batch: int = 500) -> None:
+    def __init__(self, registry: Iterable[S], client: RouterClient, read_batch: int = 500,
+                 retroactive: Callable[[list[S]], Awaitable[object]] | None = None) -> None:
         self.registry = registry
         self.client = client
+        self._retroactive = retroactive
         self.topic = client.topics.events
         self.group = f"{client.topics.namespace}.router"
         self._read_batch = read_batch
@@ -108,14 +133,14 @@ class Router:
         self._membership = await self.client.log.join_group(
             self.group, self.topic, self._on_assign, self._on_revoke
         )
-        if any(s.since is not None for _, subs in self.subscribers() for s in subs):
+        if self._retroactive is not None and any(s.since is not None for _, subs in self.subscribers()
+                                                  for s in subs):
             self._retro = asyncio.create_task(self._backfill_retroactive(), name="stepline-backfill")
 
     async def _backfill_retroactive(self) -> None:
-        from stepline.client.backfill import backfill_new_subscriptions
-
+        assert self._retroactive is not None
         try:
-            await backfill_new_subscriptions(self.client, [t for t in self.registry if t.subscriptions])
+            await self._retroactive([t for t in self.registry if t.subscriptions])
         except Exception as exc:  # the next worker start tries again; routing goes on meanwhile
             log.error("retroactive subscription backfill failed", error=f"{type(exc).__name__}: {exc}")
 
@@ -188,7 +213,7 @@ class Router:
         seen.append(SeenEvent(ev.event_id, body.name, ev.time, data, body.data))
         out: list[Awaitable[object]] = []
         for task_id, subs in subscribers:
-            if not any(self._safe_match(s, task_id, body.name, data) for s in subs):
+            if not any(safe_match(s, task_id, body.name, data) for s in subs):
                 continue
             self.triggered += 1
             # A backfill (stepline.backfill.fanout_trigger) triggers exactly
@@ -199,15 +224,19 @@ class Router:
             ))
         return out
 
-    @staticmethod
-    def _safe_match(sub: Subscription, task_id: str, name: str, data: Any) -> bool:
-        try:
-            return sub.matches(name, data)
-        except Exception as exc:  # a broken predicate: no match for this one only
-            log.error("subscription predicate raised; treated as no match",
-                      task=task_id, subscription=sub.event, error=f"{type(exc).__name__}: {exc}")
-            return False
-
 
 def codec_json(body: DomainEvent) -> Any:
     return json.loads(body.data.data) if body.data.data else None
+
+
+def safe_match(sub: Subscription, task_id: str, name: str, data: Any) -> bool:
+    """Whether `sub` matches; a predicate that raises is logged and counts as no match."""
+    try:
+        return sub.matches(name, data)
+    except Exception as exc:  # a broken predicate: no match for this one only
+        log.error("subscription predicate raised; treated as no match",
+                  task=task_id, subscription=sub.event, error=f"{type(exc).__name__}: {exc}")
+        return False
+
+
+__all__ = ["Router", "RouterClient", "Subscriber", "Subscription", "codec_json", "fanout_key", "safe_match"]

@@ -48,7 +48,7 @@ from stepline.log.memory import MemoryLog, MemoryStore
 from stepline.log.topics import Topics
 from stepline.projections.runs import PartitionRuns, RunState
 from stepline.runtime.worker import Worker
-from stepline.sdk.schedule import Scheduler
+from stepline.sdk.schedule import Scheduled, Scheduler
 from stepline.sdk.task import Registry, Task, default_registry
 
 R = TypeVar("R")
@@ -186,7 +186,7 @@ class _VirtualScheduler(Scheduler):
         super().__init__(registry, client)
         self._clock = clock
 
-    async def _run(self, task: Task[Any, Any]) -> None:
+    async def _run(self, task: Scheduled) -> None:
         sched = task.schedule
         assert sched is not None
         now = self._clock.now()

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from stepline.consumers.router import fanout_key
 from stepline.core.events import JSON, DomainEvent, Event, Payload
+from stepline.core.ids import fanout_key
 from stepline.errors import SteplineError
 from stepline.projections.runs import RunState
 from stepline.projections.snapshot import run_to_json

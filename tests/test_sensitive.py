@@ -34,8 +34,9 @@ from stepline.errors import (
 )
 from stepline.history.replay import check_runs
 from stepline.projections.query import QueryProjector, QueryStore
+from stepline.sdk.sealing import open_for_replay
 from stepline.security.keystore import MemoryKeyStore, SqliteKeyStore, default_keystore_url, open_keystore
-from stepline.security.sensitive import ERASED, REDACTED, open_for_replay, redact_secret_fields, redact_text
+from stepline.security.sensitive import ERASED, REDACTED, redact_secret_fields, redact_text
 from stepline.server import ServeConfig, create_app
 
 from .conftest import eventually

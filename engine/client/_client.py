@@ -12,11 +12,12 @@ import asyncio
 import contextvars
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
+from stepline.client.fork import copied_bytes, fork_trigger
+from stepline.client.pause import pauses, scope_of, set_paused
 from stepline.core import codec
 from stepline.core.events import (
     JSON,
@@ -31,7 +32,7 @@ from stepline.core.events import (
     WaitCompleted,
 )
 from stepline.core.ids import TOKEN, idempotent_run_id, new_event_id, new_run_id, parse_token
-from stepline.core.payloads import ANY, Codec
+from stepline.core.payloads import ANY
 from stepline.errors import (
     InvalidEventName,
     InvalidRunState,
@@ -40,7 +41,6 @@ from stepline.errors import (
     NoClient,
     PayloadTooLarge,
     PayloadValidationError,
-    RunFailedError,
     UnknownRun,
 )
 from stepline.log import open_log
@@ -50,8 +50,6 @@ from stepline.log.topics import Topics
 from stepline.observability import tracing
 from stepline.projections.runs import (
     CANCELLED,
-    COMPLETED,
-    EXPIRED,
     FAILED,
     LIVE,
     PENDING,
@@ -60,8 +58,10 @@ from stepline.projections.runs import (
     RunState,
     fold_run,
 )
+from stepline.sdk import port
 from stepline.sdk.context import now_ms
 from stepline.sdk.debounce import Debounce
+from stepline.sdk.port import ClientPort, RunHandle, TaskRef, bind_client, unbind_client
 from stepline.sdk.task import Registry, Task
 from stepline.security.keystore import KeyStore, default_keystore
 from stepline.security.sensitive import refuse_envelopes, seal
@@ -70,10 +70,6 @@ from stepline.settings import load_settings
 R = TypeVar("R")
 
 Progress = Callable[[int, int], None]
-
-_current_client: contextvars.ContextVar[Client | None] = contextvars.ContextVar(
-    "stepline_client", default=None
-)
 
 _TERMINAL_TYPES = frozenset({b"RunCompleted", b"RunFailed", b"RunCancelled", b"RunExpired"})
 
@@ -110,7 +106,7 @@ def _peek_type(value: bytes) -> bytes:
 
 async def publish(name: str, data: Any = None, *, key: str | None = None, source: str = "api") -> str:
     """Publish a domain event through the current client (see Client.publish)."""
-    return await current_client().publish(name, data, key=key, source=source)
+    return await port.current_client().publish(name, data, key=key, source=source)
 
 
 def check_event_name(name: str) -> None:
@@ -119,45 +115,21 @@ def check_event_name(name: str) -> None:
         raise InvalidEventName(f"event name must be a non-empty dotted name without spaces, got {name!r}")
 
 
-def _ms(duration: timedelta | float) -> int:
-    secs = duration.total_seconds() if isinstance(duration, timedelta) else float(duration)
-    return int(secs * 1000)
-
-
 def current_client() -> Client:
-    c = _current_client.get()
-    if c is None:
-        raise NoClient(
-            "no Stepline client is open here: use `async with stepline.Client(url):` "
-            "around the trigger, or pass client=..."
-        )
+    """The `Client` open in this context (a worker's own inside a task), or NoClient.
+
+    Code that needs the whole client (backfill) asks here; a task handle asks
+    `stepline.sdk.port.current_client`, which an isolated child also answers.
+    """
+    c = port.current_client()
+    if not isinstance(c, Client):
+        raise NoClient("this needs a stepline.Client opened in this process (`async with stepline.Client(url):`)")
     return c
 
 
-@dataclass(frozen=True)
-class RunHandle(Generic[R]):
-    run_id: str
-    task_id: str
-    client: Client
-    output_codec: Codec
-    offset: int | None = None
-
-    async def result(self, timeout: float | timedelta | None = None) -> R:
-        """Wait for the run to end; its output, or RunFailedError."""
-        secs = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
-        state = await self.client.wait(self.run_id, timeout=secs, from_offset=self.offset)
-        if state.status != COMPLETED or state.output is None:
-            err = state.error
-            if err is not None:
-                raise RunFailedError(self.run_id, state.status, err.type, err.message)
-            if state.status == EXPIRED:
-                raise RunFailedError(self.run_id, state.status, "Expired", "it did not start within its ttl")
-            raise RunFailedError(self.run_id, state.status, "Cancelled", "the run was cancelled")
-        value: R = self.output_codec.load(state.output, f"output of run {self.run_id}")
-        return value
-
-    async def state(self) -> RunState:
-        return await self.client.get_run(self.run_id)
+def _ms(duration: timedelta | float) -> int:
+    secs = duration.total_seconds() if isinstance(duration, timedelta) else float(duration)
+    return int(secs * 1000)
 
 
 class _Watcher:
@@ -237,7 +209,7 @@ class Client:
         self._nparts = 0
         self._event_partitions = 0
         self._watchers: dict[int, _Watcher] = {}
-        self._token: contextvars.Token[Client | None] | None = None
+        self._token: contextvars.Token[ClientPort | None] | None = None
         self.clock = now_ms
         # Payloads and event data larger than this are refused before anything
         # is appended (a log record is not a blob store; Kafka's default
@@ -266,18 +238,14 @@ class Client:
 
     async def __aenter__(self) -> Client:
         await self.start()
-        self._token = _current_client.set(self)
+        self._token = bind_client(self)
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if self._token is not None:
-            try:
-                _current_client.reset(self._token)
-            except ValueError:  # exited from another context (e.g. a test fixture)
-                if _current_client.get() is self:
-                    _current_client.set(None)
+            unbind_client(self._token, self)
             self._token = None
         await self.close()
 
@@ -326,12 +294,13 @@ class Client:
     def partition_of(self, run_id: str) -> int:
         return partition_for(run_id.encode(), self._nparts)
 
-    def _task(self, task: Task[Any, Any] | str) -> tuple[str, Task[Any, Any] | None]:
+    def _task(self, task: TaskRef[Any] | str) -> tuple[str, Task[Any, Any] | None]:
         if isinstance(task, Task):
             return task.id, task
+        task_id = task if isinstance(task, str) else task.id
         if self.registry is not None:
-            return task, self.registry.get(task)  # raises UnknownTask
-        return task, None
+            return task_id, self.registry.get(task_id)  # raises UnknownTask
+        return task_id, None
 
     async def _append(self, ev: Event) -> int:
         assert self._appender is not None, "client not started"
@@ -345,7 +314,7 @@ class Client:
 
     async def trigger(
         self,
-        task: Task[Any, R] | str,
+        task: TaskRef[R] | str,
         payload: Any = None,
         *,
         idempotency_key: str | None = None,
@@ -514,23 +483,17 @@ class Client:
         """Pause a task or a queue (name one): its runs stay queued, new
         triggers are still recorded, attempts under way finish. Holds across
         every worker and restart until `resume`; see engine/client/pause.py."""
-        from stepline.client.pause import scope_of, set_paused
-
         scope, name = scope_of(task, queue)
         await set_paused(self, scope, name, True, reason=reason, requested_by=requested_by)
 
     async def resume(self, *, task: str | None = None, queue: str | None = None,
                      requested_by: str = "api") -> None:
         """Resume a paused task or queue: its held runs start in their usual order."""
-        from stepline.client.pause import scope_of, set_paused
-
         scope, name = scope_of(task, queue)
         await set_paused(self, scope, name, False, requested_by=requested_by)
 
     async def paused(self) -> dict[tuple[str, str], str]:
         """What is paused: (scope, name) -> the reason given."""
-        from stepline.client.pause import pauses
-
         return {key: body.reason for key, body in (await pauses(self)).items()}
 
     async def fork(
@@ -552,8 +515,6 @@ class Client:
         `forked_from` and `forked_at_step`. Raises InvalidFork when the
         original's history cannot give that prefix.
         """
-        from stepline.client.fork import copied_bytes, fork_trigger
-
         state = await self.get_run(run_id)
         t = self.registry.find(state.task_id) if self.registry is not None else None
         where = f"payload for task {state.task_id!r}"

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from stepline.consumers.lookback import CLOCK_SKEW_MS
-from stepline.consumers.router import Router, Subscription, codec_json, fanout_key
+from stepline.consumers.router import Subscription, codec_json, fanout_key, safe_match
 from stepline.core import codec
 from stepline.core.events import DomainEvent
 from stepline.core.ids import idempotent_run_id
@@ -222,7 +222,7 @@ def _match(value: bytes, task_id: str, subs: Sequence[Subscription], start: int,
         data = codec_json(body)
     except ValueError:
         return None
-    if not any(Router._safe_match(s, task_id, body.name, data) for s in subs):
+    if not any(safe_match(s, task_id, body.name, data) for s in subs):
         return None
     return _Match(ev.event_id, body.name, data, idempotent_run_id(task_id, fanout_key(ev.event_id)))
 

@@ -31,15 +31,25 @@ which carries every pause, and is small next to the runs topic.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
 from stepline.core import codec
 from stepline.core.events import PAUSE_QUEUE, PAUSE_TASK, Event, PauseChanged
 from stepline.core.ids import new_event_id
 from stepline.errors import LogError, SteplineError
+from stepline.log.base import Log
+from stepline.log.topics import Topics
+from stepline.sdk.task import Registry
 
-if TYPE_CHECKING:
-    from stepline.client._client import Client
+
+class Connection(Protocol):
+    """What a pause asks of a client (`stepline.Client` is one, and calls these)."""
+
+    log: Log
+    topics: Topics
+    registry: Registry | None
+    clock: Callable[[], int]
 
 SCOPES = (PAUSE_TASK, PAUSE_QUEUE)
 
@@ -65,7 +75,7 @@ def scope_of(task: str | None, queue: str | None) -> tuple[str, str]:
     return scope, name
 
 
-def _check_known(client: Client, scope: str, name: str) -> None:
+def _check_known(client: Connection, scope: str, name: str) -> None:
     """With the app's tasks at hand, a misspelt name is an error, not a pause of nothing."""
     registry = client.registry
     if registry is None:
@@ -78,7 +88,7 @@ def _check_known(client: Client, scope: str, name: str) -> None:
         raise InvalidPause(f"no task of this app uses a queue named {name!r}; its queues: {', '.join(queues)}")
 
 
-async def set_paused(client: Client, scope: str, name: str, paused: bool, *, reason: str = "",
+async def set_paused(client: Connection, scope: str, name: str, paused: bool, *, reason: str = "",
                      requested_by: str = "api") -> PauseChanged:
     """Append PauseChanged to every partition of the runs and queues topics.
 
@@ -104,7 +114,7 @@ async def set_paused(client: Client, scope: str, name: str, paused: bool, *, rea
     return body
 
 
-async def pauses(client: Client) -> dict[tuple[str, str], PauseChanged]:
+async def pauses(client: Connection) -> dict[tuple[str, str], PauseChanged]:
     """What is paused now, by (scope, name): a fold of partition 0 of the queues topic."""
     from stepline.client._client import _peek_type
 

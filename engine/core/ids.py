@@ -125,3 +125,11 @@ def child_idempotency_key(parent_run_id: str, step: int) -> str:
     NEVER change this format: existing parents find their children by it.
     """
     return f"stepline/child/{parent_run_id}/{step}"
+
+
+def fanout_key(event_id: str) -> str:
+    """The idempotency key of a fan-out run; with the task id it fixes the run id.
+
+    NEVER change this format: redelivered events must map to existing runs.
+    """
+    return f"stepline/event/{event_id}"

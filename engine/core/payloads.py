@@ -8,14 +8,17 @@ returns what the code expects, not a bare dict.
 
 from __future__ import annotations
 
+import inspect
 import json
+import typing
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 from pydantic_core import to_json
 
 from stepline.core.events import JSON, Payload
-from stepline.errors import PayloadValidationError
+from stepline.errors import PayloadValidationError, TaskDefinitionError
 
 
 class Codec:
@@ -102,3 +105,19 @@ def payload_json(p: Payload | None) -> Any:
         return json.loads(p.data)
     except ValueError:
         return {"content_type": p.content_type, "bytes": len(p.data)}
+
+
+def annotations_of(fn: Callable[..., Any]) -> tuple[Any, Any]:
+    """The payload and return types a task or step function declares (Any when absent)."""
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception as exc:
+        raise TaskDefinitionError(f"cannot resolve the annotations of {fn.__qualname__}: {exc}") from exc
+    params = list(inspect.signature(fn).parameters.values())
+    payload_t: Any = Any
+    if params:
+        payload_t = hints.get(params[0].name, Any)
+    ret: Any = hints.get("return", Any)
+    if ret is type(None):
+        ret = Any
+    return payload_t, ret

@@ -35,7 +35,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from stepline.client import Client
-from stepline.client._client import _current_client
 from stepline.core.events import Body, Event
 from stepline.core.ids import TOKEN
 from stepline.core.payloads import payload_json
@@ -43,9 +42,10 @@ from stepline.errors import KeyStoreError, NonDeterminismError, PayloadValidatio
 from stepline.log.topics import Topics
 from stepline.projections.runs import COMPLETED, DONE_STEPS, PartitionRuns, RunState, StepState
 from stepline.sdk.context import RunContext, Suspend, _current
+from stepline.sdk.port import bind_client, unbind_client
+from stepline.sdk.sealing import open_for_replay
 from stepline.sdk.task import Registry, Task
 from stepline.security.keystore import KeyStore
-from stepline.security.sensitive import open_for_replay
 
 # --- a run's state at a point in its history ------------------------------
 
@@ -246,11 +246,11 @@ def _replay_context(state: RunState) -> _ReplayContext:
 async def _run_body(task: Task[Any, Any], payload: Any, ctx: _ReplayContext) -> Any:
     token = _current.set(ctx)
     # No client: a trigger or publish in the body must fail, not append.
-    client_token = _current_client.set(None)
+    client_token = bind_client(None)
     try:
         return await task.fn(payload)
     finally:
-        _current_client.reset(client_token)
+        unbind_client(client_token, None)
         _current.reset(token)
 
 

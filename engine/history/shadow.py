@@ -35,13 +35,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from stepline.client import Client
-from stepline.client._client import _current_client
 from stepline.core.events import Body
 from stepline.core.ids import TOKEN
 from stepline.core.payloads import describe_args, payload_json
 from stepline.errors import KeyStoreError, PayloadValidationError
 from stepline.projections.runs import COMPLETED, DONE_STEPS, FAILED, RunState, StepState
 from stepline.sdk.context import RunContext, Suspend, _current
+from stepline.sdk.port import bind_client, unbind_client
 from stepline.sdk.task import Registry, Task
 from stepline.security.keystore import KeyStore
 from stepline.security.sensitive import ERASED, Scrubber, unseal
@@ -215,11 +215,11 @@ def _context(state: RunState) -> _ShadowContext:
 
 async def _body(task: Task[Any, Any], payload: Any, ctx: _ShadowContext) -> Any:
     token = _current.set(ctx)
-    client_token = _current_client.set(None)  # trigger/publish in the body must fail, not append
+    client_token = bind_client(None)  # trigger/publish in the body must fail, not append
     try:
         return await task.fn(payload)
     finally:
-        _current_client.reset(client_token)
+        unbind_client(client_token, None)
         _current.reset(token)
 
 

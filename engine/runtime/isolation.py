@@ -55,7 +55,6 @@ from pathlib import Path
 from typing import Any, cast
 
 from stepline.client import Client, RunHandle
-from stepline.client._client import _current_client
 from stepline.consumers.waits import WaitEntry
 from stepline.core.events import (
     Body,
@@ -71,6 +70,7 @@ from stepline.errors import ChildProcessDied, IsolationError, MaxDurationExceede
 from stepline.projections.runs import RunState
 from stepline.runtime.runner import Outcome, _failed, run_body
 from stepline.sdk.context import RunContext, now_ms
+from stepline.sdk.port import bind_client, bound_client
 from stepline.sdk.task import Registry, Task, default_registry, load_app
 
 # Seconds a child that reported its end gets to exit by itself before it is
@@ -119,7 +119,8 @@ async def execute_in_child(
 ) -> Outcome:
     """One attempt of an isolated task: start a child, serve it, record its end."""
     ctx.emit(RunStarted(state.attempt, worker_id, task.version))
-    client = _current_client.get()
+    bound = bound_client()
+    client = bound if isinstance(bound, Client) else None  # the worker's own, around this attempt
     try:
         child = await _Child.spawn(_init(task, state, ctx, rng, client), ctx, client, _app_registry(task))
     except OSError as exc:  # out of processes or memory: the retry policy decides
@@ -576,7 +577,7 @@ async def _child(fd: int) -> int:
         patches=state.patch_answers(),
     )
     if init.has_client:
-        _current_client.set(cast(Client, _ParentClient(link)))
+        bind_client(cast(Client, _ParentClient(link)))
     try:
         outcome = await run_body(task, state, ctx, random.Random(init.seed), None)
     except Exception as exc:

@@ -42,8 +42,8 @@ from stepline.observability.tracing import attempt_failed
 from stepline.projections.runs import RunState
 from stepline.sdk.context import RunContext, Suspend, _current, error_info
 from stepline.sdk.logs import note_dropped
+from stepline.sdk.sealing import open_run, watch_values
 from stepline.sdk.task import Task
-from stepline.security.sensitive import open_run, watch_values
 
 
 @dataclass(frozen=True, slots=True)

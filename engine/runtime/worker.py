@@ -22,15 +22,17 @@ the events it appended are kept by offset until read back.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import random
 import socket
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import structlog
 
 from stepline.client import Client
-from stepline.client._client import _current_client
+from stepline.client.backfill import backfill_new_subscriptions
 from stepline.consumers.lookback import find_past_event
 from stepline.consumers.router import Router
 from stepline.consumers.waits import WaitEntry, register, unregister
@@ -79,8 +81,9 @@ from stepline.runtime.runner import execute_attempt
 from stepline.runtime.snapshots import SnapshotStore
 from stepline.runtime.timers import TimerWheel
 from stepline.sdk.context import SLEEP, RunContext, error_info, now_ms
+from stepline.sdk.port import bind_client
 from stepline.sdk.schedule import Scheduler
-from stepline.sdk.task import Queue, Registry
+from stepline.sdk.task import Queue, Registry, Task
 from stepline.sdk.waits import EVENT
 from stepline.security.keystore import KeyStore, default_keystore
 
@@ -139,8 +142,9 @@ class Worker:
         self.snapshot_every = snapshot_every
         # Route domain events to subscribed tasks and waiting runs (needs a
         # client to append with).
-        self._router: Router | None = (
-            Router(registry, client) if route_events and client is not None else None
+        self._router: Router[Task[Any, Any]] | None = (
+            Router(registry, client, retroactive=functools.partial(backfill_new_subscriptions, client))
+            if route_events and client is not None else None
         )
         self._scheduler: Scheduler | None = (
             Scheduler(registry, client) if client is not None
@@ -677,7 +681,7 @@ class Worker:
         rid = state.run_id
         outcome_offset: int | None = None
         if self.client is not None:
-            _current_client.set(self.client)  # this attempt's own context copy
+            bind_client(self.client)  # this attempt's own context copy
         # The attempt's span, current while it runs; its events carry its context.
         span = tracing.start_attempt(rid, state.task_id, state.attempt, self._trace_parents.get(rid))
         tp = span.traceparent

@@ -22,11 +22,10 @@ from typing import TYPE_CHECKING, ParamSpec, Protocol, TypeVar, overload
 from stepline.consumers.waits import WaitEntry
 from stepline.core.events import Body, ErrorInfo, PatchRecorded, StepCompleted, StepFailed, StepStarted
 from stepline.core.ids import step_idempotency_key
-from stepline.core.payloads import Codec, describe_args
+from stepline.core.payloads import Codec, annotations_of, describe_args
 from stepline.errors import NonDeterminismError, NotInRunContext
 from stepline.observability import tracing
 from stepline.projections.runs import DONE_STEPS, StepState
-from stepline.sdk.task import _annotations
 
 if TYPE_CHECKING:
     from stepline.log.base import Log, Outgoing
@@ -225,7 +224,7 @@ _step_position: contextvars.ContextVar[int | None] = contextvars.ContextVar(
 
 
 def _step_wrapper(fn: Callable[P, Awaitable[R]], name: str) -> Callable[P, Awaitable[R]]:
-    _, ret = _annotations(fn)
+    _, ret = annotations_of(fn)
     codec = Codec(ret)
 
     @functools.wraps(fn)

@@ -32,7 +32,8 @@ import structlog
 from stepline.core.events import LogRecorded
 from stepline.observability import tracing
 from stepline.sdk.context import RunContext, _step_position, current_run
-from stepline.security.sensitive import redact_secret_fields, redact_secrets, scrub_line
+from stepline.sdk.sealing import scrub_line
+from stepline.security.sensitive import redact_secret_fields, redact_secrets
 
 # LogRecorded events one attempt may write, the note about dropped lines
 # included: the run's projection keeps 1,000 lines (MAX_LOGS_PER_RUN), so a

@@ -15,10 +15,10 @@ fired once; older ones are skipped.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import structlog
@@ -26,10 +26,7 @@ from croniter import CroniterError, croniter
 from pydantic import BaseModel
 
 from stepline.errors import SteplineError, TaskDefinitionError
-
-if TYPE_CHECKING:
-    from stepline.client import Client
-    from stepline.sdk.task import Registry, Task
+from stepline.sdk.port import ClientPort, TaskRef
 
 log = structlog.get_logger("stepline.schedule")
 
@@ -101,16 +98,23 @@ def tick_key(tick: datetime) -> str:
     return f"stepline/tick/{int(tick.timestamp() * 1000)}"
 
 
+class Scheduled(TaskRef[Any], Protocol):
+    """A task as the scheduler sees it (`stepline.Task` is one)."""
+
+    @property
+    def schedule(self) -> Schedule | None: ...
+
+
 class Scheduler:
     """Fires the ticks of every scheduled task of a registry."""
 
-    def __init__(self, registry: Registry, client: Client) -> None:
+    def __init__(self, registry: Iterable[Scheduled], client: ClientPort) -> None:
         self.registry = registry
         self.client = client
         self._tasks: list[asyncio.Task[None]] = []
         self.fired = 0
 
-    def scheduled(self) -> list[Task[Any, Any]]:
+    def scheduled(self) -> list[Scheduled]:
         return [t for t in self.registry if t.schedule is not None]
 
     def start(self) -> None:
@@ -123,7 +127,7 @@ class Scheduler:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
 
-    async def _fire(self, task: Task[Any, Any], sched: Schedule, tick: datetime) -> None:
+    async def _fire(self, task: Scheduled, sched: Schedule, tick: datetime) -> None:
         # As JSON data, so a task may declare `ScheduleTick`, `dict` or nothing.
         payload = ScheduleTick(schedule=sched.describe(), scheduled_at=tick).model_dump(mode="json")
         try:
@@ -132,7 +136,7 @@ class Scheduler:
         except SteplineError as exc:  # the log is down: the next tick tries again
             log.error("could not fire a schedule tick", task=task.id, tick=tick.isoformat(), error=str(exc))
 
-    async def _run(self, task: Task[Any, Any]) -> None:
+    async def _run(self, task: Scheduled) -> None:
         sched = task.schedule
         assert sched is not None
         now = datetime.now(UTC)

@@ -12,19 +12,18 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+from typing import Any, Generic, TypeVar, overload
 
 from stepline.consumers.router import Subscription
-from stepline.core.payloads import Codec
+from stepline.core.payloads import Codec, annotations_of
 from stepline.core.versions import task_version
 from stepline.errors import TaskDefinitionError, UnknownTask
 from stepline.sdk.debounce import Debounce
+from stepline.sdk.port import ClientPort, RunHandle, current_client
 from stepline.sdk.retry import DEFAULT_RETRY, Retry
 from stepline.sdk.schedule import Cron, Every
+from stepline.sdk.waits import trigger_children
 from stepline.security.sensitive import sensitive_spec
-
-if TYPE_CHECKING:
-    from stepline.client import Client, RunHandle
 
 PayloadT = TypeVar("PayloadT")
 ResultT = TypeVar("ResultT")
@@ -77,22 +76,6 @@ class Queue:
     @property
     def limited(self) -> bool:
         return self.concurrency_limit is not None or self.key_limit is not None or self.rate_limit is not None
-
-
-def _annotations(fn: Callable[..., Any]) -> tuple[Any, Any]:
-    """The payload and return types a task function declares (Any when absent)."""
-    try:
-        hints = typing.get_type_hints(fn)
-    except Exception as exc:
-        raise TaskDefinitionError(f"cannot resolve the annotations of {fn.__qualname__}: {exc}") from exc
-    params = list(inspect.signature(fn).parameters.values())
-    payload_t: Any = Any
-    if params:
-        payload_t = hints.get(params[0].name, Any)
-    ret: Any = hints.get("return", Any)
-    if ret is type(None):
-        ret = Any
-    return payload_t, ret
 
 
 # Where an attempt runs: in the worker's event loop, or in a fresh child process.
@@ -179,7 +162,7 @@ class Task(Generic[PayloadT, ResultT]):
         self.debounce = debounce
         # Recorded on every attempt's RunStarted (engine/core/versions.py).
         self.version = task_version(id, fn, version)
-        payload_t, result_t = _annotations(fn)
+        payload_t, result_t = annotations_of(fn)
         self.payload_codec = Codec(payload_t)
         # Fields encrypted on the log under the subject's key (engine/security/sensitive.py).
         self.sensitive = sensitive_spec(id, payload_t, sensitive, subject)
@@ -205,13 +188,11 @@ class Task(Generic[PayloadT, ResultT]):
         concurrency_key: str | None = None,
         ttl: timedelta | float | None = None,
         idempotency_key_ttl: timedelta | float | None = None,
-        client: Client | None = None,
+        client: ClientPort | None = None,
     ) -> RunHandle[ResultT]:
         """Start a run (see Client.trigger for ttl and idempotency_key_ttl)."""
-        from stepline.client import current_client
-
         c = client or current_client()
-        return await c.trigger(
+        handle: RunHandle[ResultT] = await c.trigger(
             self,
             payload,
             idempotency_key=idempotency_key,
@@ -222,7 +203,7 @@ class Task(Generic[PayloadT, ResultT]):
             ttl=ttl,
             idempotency_key_ttl=idempotency_key_ttl,
         )
-
+        return handle
 
     async def batch_trigger(
         self,
@@ -230,15 +211,13 @@ class Task(Generic[PayloadT, ResultT]):
         *,
         priority: int = 0,
         tags: Sequence[str] = (),
-        client: Client | None = None,
+        client: ClientPort | None = None,
     ) -> list[RunHandle[ResultT]]:
         """Trigger one run per payload, without waiting for them.
 
         Every payload is validated before the first run is recorded, so a
         bad one fails the whole batch up front rather than half of it.
         """
-        from stepline.client import current_client
-
         c = client or current_client()
         for i, p in enumerate(payloads):
             self.payload_codec.check_and_dump(p, f"payload {i} of the batch for task {self.id!r}")
@@ -254,8 +233,6 @@ class Task(Generic[PayloadT, ResultT]):
         The parent is suspended meanwhile and holds no worker slot; a child
         that fails raises ChildRunFailed here.
         """
-        from stepline.sdk.waits import trigger_children
-
         [result] = await trigger_children(self, [payload], priority=priority, tags=tags)
         return result
 
@@ -264,8 +241,6 @@ class Task(Generic[PayloadT, ResultT]):
     ) -> list[ResultT]:
         """From inside a task: one child per payload, in parallel; their outputs
         in order once all have ended. The parent waits suspended."""
-        from stepline.sdk.waits import trigger_children
-
         return await trigger_children(self, list(payloads), priority=priority, tags=tags)
 
 

@@ -28,13 +28,14 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from stepline.consumers.waits import check_wait_pattern
 from stepline.core.events import RunCancelled
 from stepline.core.ids import child_idempotency_key, idempotent_run_id
 from stepline.projections.runs import DONE_STEPS, StepState
 from stepline.sdk.context import SLEEP, RunContext, Suspend, Wait, _step_wrapper
+from stepline.sdk.port import TaskRef, current_client
 from stepline.sdk.waits import (
     CHILD,
     EVENT,
@@ -44,9 +45,6 @@ from stepline.sdk.waits import (
     lookback_ms,
     register_event_wait,
 )
-
-if TYPE_CHECKING:
-    from stepline.sdk.task import Task
 
 R = TypeVar("R")
 
@@ -98,7 +96,7 @@ class ChildRun(Generic[R]):
     options (priority, tags, concurrency_key...).
     """
 
-    task: Task[Any, R]
+    task: TaskRef[R]
     payload: Any = None
     cancel_if_lost: bool = True
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -185,8 +183,6 @@ async def _open(ctx: RunContext, b: Branch, pos: int, rec: StepState | None, gro
         # Fixed when first reached, so a replay does not restart the clock.
         wake_at = rec.wake_at if rec is not None and rec.wake_at is not None else b.wake_at(ctx.clock())
         return Wait(pos, SLEEP, wake_at, json.dumps({"timer": wake_at, "any": group}), group)
-    from stepline.client import current_client
-
     handle = await current_client().trigger(
         b.task, b.payload, idempotency_key=child_idempotency_key(ctx.run_id, pos),
         parent_run_id=ctx.run_id, parent_step=pos, **b.options)

@@ -19,7 +19,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from stepline.consumers.lookback import MAX_LOOKBACK
 from stepline.consumers.waits import WaitEntry, check_wait_pattern
@@ -28,9 +28,7 @@ from stepline.core.payloads import ANY
 from stepline.errors import ChildRunFailed, NotInRunContext
 from stepline.projections.runs import DONE_STEPS, StepState
 from stepline.sdk.context import RunContext, Suspend, Wait, _step_position, require_run
-
-if TYPE_CHECKING:
-    from stepline.sdk.task import Task
+from stepline.sdk.port import TaskRef, current_client
 
 R = TypeVar("R")
 
@@ -157,7 +155,7 @@ async def wait_for_token(
     raise Suspend(Wait(token.step, TOKEN, deadline, json.dumps({"token": token.id})))
 
 
-async def trigger_children(task: Task[Any, R], payloads: Sequence[Any], **options: Any) -> list[R]:
+async def trigger_children(task: TaskRef[R], payloads: Sequence[Any], **options: Any) -> list[R]:
     """Start one child run per payload and suspend until all have ended.
 
     Child ids derive from the parent and the journal position, so a parent
@@ -165,8 +163,6 @@ async def trigger_children(task: Task[Any, R], payloads: Sequence[Any], **option
     Returns the outputs in order; raises ChildRunFailed for the first child
     that failed or was cancelled.
     """
-    from stepline.client import current_client
-
     ctx = _in_body(f"{task.id}.trigger_and_wait()")
     slots = [ctx.next_position(CHILD) for _ in payloads]
     open_ = [(pos, payload) for (pos, rec), payload in zip(slots, payloads)
@@ -186,7 +182,7 @@ async def trigger_children(task: Task[Any, R], payloads: Sequence[Any], **option
     ))
 
 
-def _child_result(task: Task[Any, R], parent: str, pos: int, rec: StepState) -> R:
+def _child_result(task: TaskRef[R], parent: str, pos: int, rec: StepState) -> R:
     child = idempotent_run_id(task.id, child_idempotency_key(parent, pos))
     if rec.error is not None:
         raise ChildRunFailed(child, task.id, rec.error.type, rec.error.message)

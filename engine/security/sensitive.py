@@ -43,10 +43,8 @@ import json
 import re
 import typing
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
-from typing import TYPE_CHECKING, Annotated, Any
-from weakref import WeakKeyDictionary
+from typing import Annotated, Any
 
-import structlog
 from pydantic import BaseModel
 
 from stepline.core.events import (
@@ -69,15 +67,6 @@ from stepline.errors import (
     TaskDefinitionError,
 )
 from stepline.security.keystore import KeyStore
-
-if TYPE_CHECKING:
-    import asyncio
-
-    from stepline.projections.runs import RunState
-    from stepline.sdk.context import Emitter, RunContext
-    from stepline.sdk.task import Task
-
-_log = structlog.get_logger("stepline.sensitive")
 
 REDACTED = "[redacted]"
 ERASED = "[erased]"
@@ -211,6 +200,11 @@ def _at(doc: Any, path: Path) -> Iterator[tuple[Any, Any]]:
             yield from _at(doc[k], rest)
         else:
             yield doc, k
+
+
+def values_at(spec: SensitiveSpec, doc: Any) -> list[Any]:
+    """Every value of `doc` that the spec marks sensitive (plain, as a task body sees them)."""
+    return [c[k] for p in spec.paths for c, k in _at(doc, p)]
 
 
 def is_envelope(value: Any) -> bool:
@@ -465,71 +459,6 @@ class Scrubber:
         return body
 
 
-# The scrubber of each attempt that has sensitive values, for its log lines.
-_scrubbers: WeakKeyDictionary[RunContext, Scrubber] = WeakKeyDictionary()
-
-
-def scrub_line(ctx: RunContext, message: str, fields: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """A structlog line of a run with its sensitive values cut out."""
-    scrubber = _scrubbers.get(ctx) if _scrubbers else None
-    if scrubber is None:
-        return message, fields
-    return scrubber.text(message), {k: scrubber.value(v) for k, v in fields.items()}
-
-
-def _scrubbing(emit: Emitter, scrubber: Scrubber) -> Emitter:
-    def scrubbed(body: Body) -> asyncio.Future[int]:
-        return emit(scrubber.body(body))
-
-    return scrubbed
-
-
-async def open_run(task: Task[Any, Any], state: RunState, ctx: RunContext) -> RunState:
-    """The run as its attempt sees it: sensitive fields decrypted, and the
-    attempt's recordings and log lines scrubbed of them from here on.
-
-    Raises SubjectErased when the subject was forgotten (the attempt fails
-    without retry), KeyStoreError when the key store cannot answer.
-    """
-    spec = task.sensitive
-    if spec is None:
-        return state
-    payload, values, _ = await unseal(spec, state.payload, ctx.keys, f"run {state.run_id} of task {task.id!r}")
-    if payload is state.payload and any(v is not None for v in values):
-        # Triggered by a process that did not know the task (a bare task id
-        # without its app), or before the fields were marked: say so, once per attempt.
-        _log.warning("sensitive fields of this run are in plaintext on the log; trigger it where "
-                     "the task's definition is loaded", run_id=state.run_id, task_id=task.id,
-                     fields=spec.describe())
-    scrubber = Scrubber(values)
-    if scrubber:
-        _scrubbers[ctx] = scrubber
-        ctx.emit = _scrubbing(ctx.emit, scrubber)
-    return dataclasses.replace(state, payload=payload)
-
-
-def watch_values(task: Task[Any, Any], state: RunState, ctx: RunContext) -> None:
-    """Scrub the structlog lines of an attempt whose payload is already plain:
-    an isolated child's (its worker opened the run and scrubs what it records)."""
-    spec = task.sensitive
-    if spec is None or ctx in _scrubbers or state.payload.content_type != JSON:
-        return
-    doc = json.loads(state.payload.data)
-    scrubber = Scrubber([c[k] for p in spec.paths for c, k in _at(doc, p)])
-    if scrubber:
-        _scrubbers[ctx] = scrubber
-
-
-async def open_for_replay(task: Task[Any, Any], payload: Payload, keys: KeyStore | None) -> tuple[Payload, bool]:
-    """A recorded payload for a replay check: decrypted where the key lives,
-    "[erased]" where it was forgotten; and whether anything was erased."""
-    spec = task.sensitive
-    if spec is None:
-        return payload, False
-    opened, _, erased = await unseal(spec, payload, keys, f"replay of task {task.id!r}", erased_as=ERASED)
-    return opened, erased
-
-
 # --- secrets in log lines ------------------------------------------------------
 
 # Field names that hold secrets: `token`, `api_token`, `webhook_secret`,
@@ -572,16 +501,13 @@ __all__ = [
     "Scrubber",
     "Sensitive",
     "SensitiveSpec",
-    "open_for_replay",
-    "open_run",
     "redact_secret_fields",
     "redact_secrets",
     "redact_text",
     "refuse_envelopes",
-    "scrub_line",
     "seal",
     "sensitive_spec",
     "shown",
     "unseal",
-    "watch_values",
+    "values_at",
 ]
