@@ -41,7 +41,7 @@ from stepline.core.payloads import payload_json
 from stepline.errors import KeyStoreError, NonDeterminismError, PayloadValidationError
 from stepline.log.topics import Topics
 from stepline.projections.runs import COMPLETED, DONE_STEPS, PartitionRuns, RunState, StepState
-from stepline.sdk.context import RunContext, Suspend, _current
+from stepline.sdk.context import RunContext, Suspend, enter_run, exit_run
 from stepline.sdk.port import bind_client, unbind_client
 from stepline.sdk.sealing import open_for_replay
 from stepline.sdk.task import Registry, Task
@@ -244,14 +244,14 @@ def _replay_context(state: RunState) -> _ReplayContext:
 
 
 async def _run_body(task: Task[Any, Any], payload: Any, ctx: _ReplayContext) -> Any:
-    token = _current.set(ctx)
+    token = enter_run(ctx)
     # No client: a trigger or publish in the body must fail, not append.
     client_token = bind_client(None)
     try:
         return await task.fn(payload)
     finally:
         unbind_client(client_token, None)
-        _current.reset(token)
+        exit_run(token)
 
 
 def _problem(state: RunState, kind: str, message: str, **details: Any) -> ReplayProblem:

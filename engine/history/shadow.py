@@ -40,7 +40,7 @@ from stepline.core.ids import TOKEN
 from stepline.core.payloads import describe_args, payload_json
 from stepline.errors import KeyStoreError, PayloadValidationError
 from stepline.projections.runs import COMPLETED, DONE_STEPS, FAILED, RunState, StepState
-from stepline.sdk.context import RunContext, Suspend, _current
+from stepline.sdk.context import RunContext, Suspend, enter_run, exit_run
 from stepline.sdk.port import bind_client, unbind_client
 from stepline.sdk.task import Registry, Task
 from stepline.security.keystore import KeyStore
@@ -214,13 +214,13 @@ def _context(state: RunState) -> _ShadowContext:
 
 
 async def _body(task: Task[Any, Any], payload: Any, ctx: _ShadowContext) -> Any:
-    token = _current.set(ctx)
+    token = enter_run(ctx)
     client_token = bind_client(None)  # trigger/publish in the body must fail, not append
     try:
         return await task.fn(payload)
     finally:
         unbind_client(client_token, None)
-        _current.reset(token)
+        exit_run(token)
 
 
 async def shadow_run(task: Task[Any, Any] | None, state: RunState,

@@ -40,7 +40,7 @@ from stepline.errors import (
 )
 from stepline.observability.tracing import attempt_failed
 from stepline.projections.runs import RunState
-from stepline.sdk.context import RunContext, Suspend, _current, error_info
+from stepline.sdk.context import RunContext, Suspend, enter_run, error_info, exit_run
 from stepline.sdk.logs import note_dropped
 from stepline.sdk.sealing import open_run, watch_values
 from stepline.sdk.task import Task
@@ -90,7 +90,7 @@ async def run_body(
     """
     emit = ctx.emit
     attempt = state.attempt
-    token = _current.set(ctx)
+    token = enter_run(ctx)
     try:
         try:
             watch_values(task, state, ctx)  # an isolated child's log lines, scrubbed too
@@ -111,7 +111,7 @@ async def run_body(
     except Exception as exc:
         return await _failed(task, state, ctx, exc, rng)
     finally:
-        _current.reset(token)
+        exit_run(token)
     await _tell_parent(state, ctx, output=output)
     return Outcome("completed", await emit(RunCompleted(output, attempt)))
 

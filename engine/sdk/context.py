@@ -185,6 +185,17 @@ def current_run() -> RunContext | None:
     return _current.get()
 
 
+def enter_run(ctx: RunContext | None) -> contextvars.Token[RunContext | None]:
+    """Make `ctx` the run that the task body's steps and waits see here (the
+    runtime around an attempt, a replay or shadow around a recorded one)."""
+    return _current.set(ctx)
+
+
+def exit_run(token: contextvars.Token[RunContext | None]) -> None:
+    """Undo `enter_run`."""
+    _current.reset(token)
+
+
 def require_run(what: str) -> RunContext:
     ctx = _current.get()
     if ctx is None:
