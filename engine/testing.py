@@ -39,6 +39,7 @@ import itertools
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, TypeVar
 
 from stepline.client import Client, RunHandle
@@ -48,7 +49,7 @@ from stepline.log.memory import MemoryLog, MemoryStore
 from stepline.log.topics import Topics
 from stepline.projections.runs import PartitionRuns, RunState
 from stepline.runtime.worker import Worker
-from stepline.sdk.schedule import Scheduled, Scheduler
+from stepline.sdk.schedule import Scheduled, Scheduler, fire_ticks
 from stepline.sdk.task import Registry, Task, default_registry
 
 R = TypeVar("R")
@@ -189,15 +190,10 @@ class _VirtualScheduler(Scheduler):
     async def _run(self, task: Scheduled) -> None:
         sched = task.schedule
         assert sched is not None
-        now = self._clock.now()
-        if sched.catch_up is not None:
-            for tick in sched.ticks_after(now - sched.catch_up):
-                if tick > now:
-                    break
-                await self._fire(task, sched, tick)
-        for tick in sched.ticks_after(now):
-            await self._clock.sleep_until(int(tick.timestamp() * 1000), auto=False)
-            await self._fire(task, sched, tick)
+        await fire_ticks(sched, self._clock.now(), partial(self._fire, task, sched), self._sleep_until)
+
+    async def _sleep_until(self, tick: datetime) -> None:
+        await self._clock.sleep_until(int(tick.timestamp() * 1000), auto=False)
 
 
 def _run_id(run: RunHandle[Any] | str) -> str:

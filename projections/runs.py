@@ -339,22 +339,7 @@ def _changes(state: RunState, event: Event) -> dict[str, Any] | None:
         )
         return {"steps": _with_step(state, step)}
     if isinstance(body, StepFailed):
-        err = AttemptError(body.attempt, body.step, body.name, body.error, t)
-        changes: dict[str, Any] = {"errors": state.errors + (err,), "error": body.error}
-        if body.step is None:
-            return changes
-        prev = steps.get(body.step)
-        if prev is not None and prev.status == "completed":
-            return changes
-        changes["steps"] = _with_step(
-            state,
-            StepState(
-                body.step, body.name or (prev.name if prev else "?"), "failed",
-                body.attempt, prev.started_at if prev else t, t,
-                input=prev.input if prev else None, error=body.error,
-            ),
-        )
-        return changes
+        return _step_failed(state, body, t)
     if isinstance(body, RetryScheduled):
         info = RetryInfo(body.attempt, body.retry_at, body.delay_ms, body.reason, t)
         return {
@@ -365,26 +350,7 @@ def _changes(state: RunState, event: Event) -> dict[str, Any] | None:
             "retries": state.retries + (info,),
         }
     if isinstance(body, RunSuspended):
-        prev = steps.get(body.step)
-        if prev is not None and prev.status in ("completed", LOST):
-            return {}  # a stale duplicate: already resumed past this wait
-        if body.group is not None and _group_decided(steps, body.group, body.step):
-            # Another branch of the same wait_for_any already won (in log
-            # order): this one ends here, whatever resolved it early.
-            lost = StepState(body.step, body.reason, LOST, state.attempt, prev.started_at if prev else t, t,
-                             wake_at=body.wake_at, condition=body.condition, group=body.group)
-            return _waits_changed(_with_step(state, lost))
-        if prev is not None and prev.status == RESOLVED:
-            # Resolved before the wait was recorded (a token completed, a
-            # child ended or an event matched first): nothing to wait for.
-            done = replace(prev, status="completed", condition=body.condition, group=body.group)
-            return _waits_changed(_won(state, done))
-        step = StepState(
-            body.step, body.reason, "waiting", state.attempt,
-            prev.started_at if prev else t, wake_at=body.wake_at, condition=body.condition,
-            group=body.group,
-        )
-        return _waits_changed(_with_step(state, step))
+        return _run_suspended(state, body, t)
     if isinstance(body, RunResumed):
         prev = steps.get(body.step)
         if prev is None or prev.status != "waiting":
@@ -411,6 +377,52 @@ def _changes(state: RunState, event: Event) -> dict[str, Any] | None:
             return {}  # the first answer stands
         return {"patches": state.patches + (body,)}
     return None
+
+
+def _step_failed(state: RunState, body: StepFailed, t: int) -> dict[str, Any]:
+    """Every failed attempt is recorded on the run; a step that already
+    completed keeps its one accepted result."""
+    err = AttemptError(body.attempt, body.step, body.name, body.error, t)
+    changes: dict[str, Any] = {"errors": state.errors + (err,), "error": body.error}
+    if body.step is None:
+        return changes
+    prev = state.steps.get(body.step)
+    if prev is not None and prev.status == "completed":
+        return changes
+    changes["steps"] = _with_step(
+        state,
+        StepState(
+            body.step, body.name or (prev.name if prev else "?"), "failed",
+            body.attempt, prev.started_at if prev else t, t,
+            input=prev.input if prev else None, error=body.error,
+        ),
+    )
+    return changes
+
+
+def _run_suspended(state: RunState, body: RunSuspended, t: int) -> dict[str, Any]:
+    """A wait opens at its journal position, unless it is already decided."""
+    steps = state.steps
+    prev = steps.get(body.step)
+    if prev is not None and prev.status in ("completed", LOST):
+        return {}  # a stale duplicate: already resumed past this wait
+    if body.group is not None and _group_decided(steps, body.group, body.step):
+        # Another branch of the same wait_for_any already won (in log
+        # order): this one ends here, whatever resolved it early.
+        lost = StepState(body.step, body.reason, LOST, state.attempt, prev.started_at if prev else t, t,
+                         wake_at=body.wake_at, condition=body.condition, group=body.group)
+        return _waits_changed(_with_step(state, lost))
+    if prev is not None and prev.status == RESOLVED:
+        # Resolved before the wait was recorded (a token completed, a
+        # child ended or an event matched first): nothing to wait for.
+        done = replace(prev, status="completed", condition=body.condition, group=body.group)
+        return _waits_changed(_won(state, done))
+    step = StepState(
+        body.step, body.reason, "waiting", state.attempt,
+        prev.started_at if prev else t, wake_at=body.wake_at, condition=body.condition,
+        group=body.group,
+    )
+    return _waits_changed(_with_step(state, step))
 
 
 def _waits_changed(steps: Mapping[int, StepState]) -> dict[str, Any]:

@@ -26,7 +26,6 @@ replay after a retry or a sleep.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -39,10 +38,10 @@ from stepline.core.events import Body, Event
 from stepline.core.ids import TOKEN
 from stepline.core.payloads import payload_json
 from stepline.errors import KeyStoreError, NonDeterminismError, PayloadValidationError
+from stepline.history._sandbox import Stop, run_sandboxed, sandbox_context
 from stepline.log.topics import Topics
 from stepline.projections.runs import COMPLETED, DONE_STEPS, PartitionRuns, RunState, StepState
-from stepline.sdk.context import RunContext, Suspend, enter_run, exit_run
-from stepline.sdk.port import bind_client, unbind_client
+from stepline.sdk.context import RunContext
 from stepline.sdk.sealing import open_for_replay
 from stepline.sdk.task import Registry, Task
 from stepline.security.keystore import KeyStore
@@ -190,11 +189,6 @@ class ReplayReport:
                 "totals": self.totals(), "problems": [p.to_dict() for p in self.problems]}
 
 
-class _EndOfHistory(BaseException):
-    """The code reached a position the history has no completed record for.
-    A BaseException, like Suspend, so `except Exception` does not swallow it."""
-
-
 class _ReplayContext(RunContext):
     """A RunContext that answers from the journal and never runs anything new.
 
@@ -212,7 +206,7 @@ class _ReplayContext(RunContext):
 
     def next_position(self, name: str) -> tuple[int, StepState | None]:
         if self.stopped_at is not None:
-            raise _EndOfHistory(self.stopped_at)  # a parallel branch went past the end
+            raise Stop(self.stopped_at)  # a parallel branch went past the end
         try:
             pos, rec = super().next_position(name)
         except NonDeterminismError as exc:
@@ -224,34 +218,15 @@ class _ReplayContext(RunContext):
         # journal itself (and, with nothing there, suspends: also an end).
         if name != TOKEN and (rec is None or rec.status not in DONE_STEPS):
             self.stopped_at = pos
-            raise _EndOfHistory(pos)
+            raise Stop(pos)
         return pos, rec
 
 
 def _replay_context(state: RunState) -> _ReplayContext:
     emitted: list[Body] = []
-
-    def emit(body: Body) -> asyncio.Future[int]:
-        emitted.append(body)  # into memory, never onto the log
-        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        done.set_result(-1)
-        return done
-
-    ctx = _ReplayContext(state.run_id, state.task_id, state.attempt, state.steps, emit,
-                         clock=lambda: state.updated_at, patches=state.patch_answers())
+    ctx = sandbox_context(_ReplayContext, state, emitted)
     ctx.emitted = emitted
     return ctx
-
-
-async def _run_body(task: Task[Any, Any], payload: Any, ctx: _ReplayContext) -> Any:
-    token = enter_run(ctx)
-    # No client: a trigger or publish in the body must fail, not append.
-    client_token = bind_client(None)
-    try:
-        return await task.fn(payload)
-    finally:
-        unbind_client(client_token, None)
-        exit_run(token)
 
 
 def _problem(state: RunState, kind: str, message: str, **details: Any) -> ReplayProblem:
@@ -287,24 +262,15 @@ async def check_run(task: Task[Any, Any] | None, state: RunState,
     except KeyStoreError as exc:
         return _problem(state, PAYLOAD_INVALID, str(exc), error=f"{type(exc).__name__}: {exc}")
     ctx = _replay_context(state)
-    raised: Exception | None = None
-    result: Any = None
-    deadline = asyncio.timeout(timeout)
-    try:
-        async with deadline:
-            # A task of its own, so nothing the body sets in contextvars leaks out.
-            result = await asyncio.create_task(_run_body(task, payload, ctx))
-    except _EndOfHistory:
-        pass  # ctx.stopped_at says where
-    except Suspend as s:
+    # A stop leaves ctx.stopped_at saying where.
+    end = await run_sandboxed(task, payload, ctx, timeout)
+    if end.suspended is not None:
         # A wait_for_token whose token position has no record yet.
-        ctx.stopped_at = s.waits[0].step if ctx.stopped_at is None else ctx.stopped_at
-    except Exception as exc:
-        if deadline.expired() and ctx.nondeterminism is None and ctx.stopped_at is None:
-            return _problem(state, DIVERGENCE, f"replay did not finish within {timeout:g} s: the task "
-                            f"awaits something outside its steps", position=ctx.reached)
-        raised = exc
-    problem = _judge(task, state, ctx, raised, result)
+        ctx.stopped_at = end.suspended.waits[0].step if ctx.stopped_at is None else ctx.stopped_at
+    if end.expired and ctx.nondeterminism is None and ctx.stopped_at is None:
+        return _problem(state, DIVERGENCE, f"replay did not finish within {timeout:g} s: the task "
+                        f"awaits something outside its steps", position=ctx.reached)
+    problem = _judge(task, state, ctx, end.raised, end.returned)
     if erased and problem is not None and problem.kind == DIVERGENCE and problem.expected is None:
         return None  # the output or an error came from the erased values; the journal matched
     return problem

@@ -28,20 +28,18 @@ what the shadow is there to check.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from stepline.client import Client
-from stepline.core.events import Body
 from stepline.core.ids import TOKEN
 from stepline.core.payloads import describe_args, payload_json
 from stepline.errors import KeyStoreError, PayloadValidationError
+from stepline.history._sandbox import Stop, run_sandboxed, sandbox_context
 from stepline.projections.runs import COMPLETED, DONE_STEPS, FAILED, RunState, StepState
-from stepline.sdk.context import RunContext, Suspend, enter_run, exit_run
-from stepline.sdk.port import bind_client, unbind_client
+from stepline.sdk.context import RunContext
 from stepline.sdk.task import Registry, Task
 from stepline.security.keystore import KeyStore
 from stepline.security.sensitive import ERASED, Scrubber, unseal
@@ -155,11 +153,6 @@ def _same(value: Any) -> Any:
     return value
 
 
-class _Stop(BaseException):
-    """The shadow reached a position it must not execute. A BaseException,
-    like Suspend, so `except Exception` in the task does not swallow it."""
-
-
 class _ShadowContext(RunContext):
     """Answers every position from the journal and notes what the code asked."""
 
@@ -178,7 +171,7 @@ class _ShadowContext(RunContext):
 
     def next_position(self, name: str) -> tuple[int, StepState | None]:
         if self.stopped is not None:
-            raise _Stop  # a parallel branch went past where another stopped
+            raise Stop  # a parallel branch went past where another stopped
         pos = self._next
         self._next += 1
         shown = self._args[1] if self._args is not None and self._args[0] == name else None
@@ -190,37 +183,21 @@ class _ShadowContext(RunContext):
                 return pos, None  # create_token records nothing; its wait reads the journal itself
             self.stopped = StepDiff(pos, BEYOND if self.open_history else NEW_STEP, shadow_name=name,
                                     shadow_input=shown)
-            raise _Stop
+            raise Stop
         if rec.name != name:
             self.stopped = StepDiff(pos, NAME_CHANGED, rec.name, rec.status, payload_json(rec.input),
                                     payload_json(rec.output), name, shown)
-            raise _Stop
+            raise Stop
         if rec.status not in DONE_STEPS:
             self.stopped = StepDiff(pos, OPEN, rec.name, rec.status, payload_json(rec.input), None, name, shown)
-            raise _Stop
+            raise Stop
         return pos, rec
 
 
 def _context(state: RunState) -> _ShadowContext:
-    def emit(body: Body) -> asyncio.Future[int]:
-        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        done.set_result(-1)  # into nothing: a shadow records no event anywhere
-        return done
-
-    ctx = _ShadowContext(state.run_id, state.task_id, state.attempt, state.steps, emit,
-                         clock=lambda: state.updated_at, patches=state.patch_answers())
+    ctx = sandbox_context(_ShadowContext, state)  # emits into nothing: a shadow records no event anywhere
     ctx.open_history = state.status not in ENDED_BY_CODE
     return ctx
-
-
-async def _body(task: Task[Any, Any], payload: Any, ctx: _ShadowContext) -> Any:
-    token = enter_run(ctx)
-    client_token = bind_client(None)  # trigger/publish in the body must fail, not append
-    try:
-        return await task.fn(payload)
-    finally:
-        unbind_client(client_token, None)
-        exit_run(token)
 
 
 async def shadow_run(task: Task[Any, Any] | None, state: RunState,
@@ -258,29 +235,17 @@ async def shadow_run(task: Task[Any, Any] | None, state: RunState,
         return result
     ctx = _context(state)
     ctx.scrub = scrub
-    raised: BaseException | None = None
-    returned: Any = None
-    deadline = asyncio.timeout(timeout)
-    try:
-        async with deadline:
-            # A task of its own, so nothing the body sets in contextvars leaks out.
-            returned = await asyncio.create_task(_body(task, payload, ctx))
-    except _Stop:
-        pass
-    except Suspend as s:
+    end = await run_sandboxed(task, payload, ctx, timeout)
+    if end.suspended is not None and ctx.stopped is None:
         # wait_for_token on a token position with no record: the history waits there.
-        if ctx.stopped is None:
-            pos = s.waits[0].step
-            ctx.stopped = StepDiff(pos, BEYOND if ctx.open_history else NEW_STEP, shadow_name=s.waits[0].reason)
-    except Exception as exc:
-        if deadline.expired() and ctx.stopped is None:
-            result.problem = TIMEOUT
-            result.message = f"the shadow did not finish within {timeout:g} s: the task awaits something outside its steps"
-        else:
-            raised = exc
+        wait = end.suspended.waits[0]
+        ctx.stopped = StepDiff(wait.step, BEYOND if ctx.open_history else NEW_STEP, shadow_name=wait.reason)
+    if end.expired and ctx.stopped is None:
+        result.problem = TIMEOUT
+        result.message = f"the shadow did not finish within {timeout:g} s: the task awaits something outside its steps"
     result.steps = _diff(state, ctx)
     if result.problem is None and ctx.stopped is None and not erased:
-        _judge_end(task, state, result, raised, scrub(_output(task, state, returned)))
+        _judge_end(task, state, result, end.raised, scrub(_output(task, state, end.returned)))
     return result
 
 

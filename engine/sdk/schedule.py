@@ -15,9 +15,10 @@ fired once; older ones are skipped.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -139,14 +140,33 @@ class Scheduler:
     async def _run(self, task: Scheduled) -> None:
         sched = task.schedule
         assert sched is not None
-        now = datetime.now(UTC)
-        if sched.catch_up is not None:
-            for tick in sched.ticks_after(now - sched.catch_up):
-                if tick > now:
-                    break
-                await self._fire(task, sched, tick)
-        for tick in sched.ticks_after(now):
-            delay = (tick - datetime.now(UTC)).total_seconds()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            await self._fire(task, sched, tick)
+        await fire_ticks(sched, datetime.now(UTC), partial(self._fire, task, sched), _sleep_until)
+
+
+async def _sleep_until(tick: datetime) -> None:
+    delay = (tick - datetime.now(UTC)).total_seconds()
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
+async def fire_ticks(
+    sched: Schedule,
+    now: datetime,
+    fire: Callable[[datetime], Awaitable[None]],
+    sleep_until: Callable[[datetime], Awaitable[None]],
+) -> None:
+    """Fire a schedule's ticks for ever, by one clock: the ticks of its
+    catch-up window before `now` at once, then each later tick when
+    `sleep_until` has reached it.
+
+    The worker's Scheduler runs it on the wall clock, the TestEngine on its
+    virtual clock: one catch-up rule for both.
+    """
+    if sched.catch_up is not None:
+        for tick in sched.ticks_after(now - sched.catch_up):
+            if tick > now:
+                break
+            await fire(tick)
+    for tick in sched.ticks_after(now):
+        await sleep_until(tick)
+        await fire(tick)
