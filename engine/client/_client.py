@@ -47,7 +47,6 @@ from stepline.log import open_log
 from stepline.log.appender import Appender
 from stepline.log.base import Log, partition_for
 from stepline.log.topics import Topics
-from stepline.observability import tracing
 from stepline.projections.runs import (
     CANCELLED,
     FAILED,
@@ -61,6 +60,7 @@ from stepline.projections.runs import (
 from stepline.sdk import port
 from stepline.sdk.context import now_ms
 from stepline.sdk.debounce import Debounce
+from stepline.sdk.interceptors import Interceptor, Interceptors, default_interceptors
 from stepline.sdk.port import ClientPort, RunHandle, TaskRef, bind_client, unbind_client
 from stepline.sdk.task import Registry, Task
 from stepline.security.keystore import KeyStore, default_keystore
@@ -197,6 +197,7 @@ class Client:
         topics: Topics | None = None,
         max_payload_bytes: int | None = None,
         keys: KeyStore | None = None,
+        interceptors: Sequence[Interceptor] | None = None,
     ) -> None:
         if (url is None) == (log is None):
             raise ValueError("Client needs exactly one of url= or log=")
@@ -211,6 +212,8 @@ class Client:
         self._watchers: dict[int, _Watcher] = {}
         self._token: contextvars.Token[ClientPort | None] | None = None
         self.clock = now_ms
+        # Hooks around each trigger (tracing: the run's trace starts here).
+        self.interceptors = Interceptors(default_interceptors() if interceptors is None else interceptors)
         # Payloads and event data larger than this are refused before anything
         # is appended (a log record is not a blob store; Kafka's default
         # message limit is 1 MiB for the whole batch).
@@ -308,7 +311,7 @@ class Client:
 
     async def _append_trigger(self, ev: Event) -> int:
         """Append a RunTriggered in a `stepline.trigger` span whose W3C context it carries."""
-        return await tracing.traced_trigger(ev, self._append)
+        return await self.interceptors.trigger(ev, self._append)
 
     # --- requests ----------------------------------------------------------
 

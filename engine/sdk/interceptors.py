@@ -1,0 +1,294 @@
+"""Interceptors: hooks around a run's lifecycle for concerns that cut across the core.
+
+Tracing (spans and metrics) and the sealing of sensitive fields are not called
+from the worker, the runner, the run context or the client: each is an
+`Interceptor` in a list those call at fixed points, as Temporal's interceptors
+and dramatiq's middleware are. An interceptor overrides the hooks it needs;
+the others do nothing. `Interceptors` is the list as the core holds it: it
+calls each interceptor in order and skips the work when none has anything to do.
+
+The points, in the order a run meets them:
+
+1. `trigger` (client): around the append of a RunTriggered; may replace the
+   event (tracing writes its span's context into the envelope).
+2. `folded` / `released` (worker): each event of a run the worker owns, after
+   the fold; then the partitions it gives up (tracing keeps each live run's
+   trigger context, to parent its attempts).
+3. `attempt` (worker): a scope around one attempt, opened before its context
+   exists; its `traceparent` goes on every event the attempt writes.
+4. `open_attempt` (runner, before the isolation split): the run as the
+   attempt sees it (sealing decrypts the payload and scrubs what it records).
+5. `enter_body` (in the process that runs the body, a child's too): just
+   before the task function (sealing scrubs an isolated child's log lines).
+6. `step` (run context): around each step that executes.
+7. `failed` (runner): the exception that failed the attempt.
+
+`default_interceptors()` is what a worker and a client use unless given a list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager, ExitStack, nullcontext
+from typing import Any, Protocol
+
+from stepline.core.events import Event, RunTriggered
+from stepline.observability import tracing
+from stepline.projections.runs import TERMINAL, RunState
+from stepline.sdk.context import RunContext
+from stepline.sdk.sealing import open_run, watch_values
+from stepline.sdk.task import Task
+
+Append = Callable[[Event], Awaitable[int]]
+
+
+class AttemptScope(Protocol):
+    """What an interceptor keeps open around one attempt."""
+
+    @property
+    def traceparent(self) -> str | None: ...
+
+    def failed(self, exc: BaseException) -> None:
+        """The attempt failed with `exc` before it had a context (an unknown task)."""
+
+    def ended(self, outcome: str, detail: str = "") -> None:
+        """The attempt's outcome is on the log (or recording it failed: "error")."""
+
+    def close(self) -> None:
+        """The attempt is over; leave whatever it made current."""
+
+
+class Interceptor:
+    """Hooks around a run's lifecycle; each one does nothing unless overridden."""
+
+    async def trigger(self, event: Event, append: Append) -> int:
+        return await append(event)
+
+    def folded(self, event: Event, state: RunState) -> None:
+        return None
+
+    def released(self, partitions: frozenset[int], partition_of: Callable[[str], int]) -> None:
+        return None
+
+    def attempt(self, state: RunState) -> AttemptScope | None:
+        return None
+
+    async def open_attempt(self, task: Task[Any, Any], state: RunState, ctx: RunContext) -> RunState:
+        return state
+
+    def enter_body(self, task: Task[Any, Any], state: RunState, ctx: RunContext) -> None:
+        return None
+
+    def step(self, name: str, position: int) -> AbstractContextManager[object] | None:
+        return None
+
+    def failed(self, exc: BaseException) -> None:
+        return None
+
+
+class TracingInterceptor(Interceptor):
+    """OpenTelemetry spans and metrics (engine/observability/tracing.py): one trace
+    per run, from the trigger through each attempt to each step.
+
+    It keeps the trigger context of each live run of one worker: give every
+    worker an instance of its own (`default_interceptors()` makes one each time).
+    """
+
+    def __init__(self) -> None:
+        # W3C context of each live run's RunTriggered: its attempts' spans
+        # are children of the trigger's, so a run is one trace wherever it
+        # executes. (Runs whose trigger precedes the snapshot their
+        # partition was rebuilt from have none: their attempts start traces.)
+        self._parents: dict[str, tracing.TraceParent] = {}
+
+    async def trigger(self, event: Event, append: Append) -> int:
+        return await tracing.traced_trigger(event, append)
+
+    def folded(self, event: Event, state: RunState) -> None:
+        if event.traceparent is not None and type(event.body) is RunTriggered:
+            parent = tracing.trigger_context(event)
+            if parent is not None:
+                self._parents.setdefault(state.run_id, parent)
+        elif self._parents and state.status in TERMINAL:
+            self._parents.pop(state.run_id, None)
+
+    def released(self, partitions: frozenset[int], partition_of: Callable[[str], int]) -> None:
+        for run_id in [r for r in self._parents if partition_of(r) in partitions]:
+            del self._parents[run_id]
+
+    def attempt(self, state: RunState) -> AttemptScope:
+        span = tracing.start_attempt(state.run_id, state.task_id, state.attempt, self._parents.get(state.run_id))
+        return _SpanScope(span)
+
+    def step(self, name: str, position: int) -> AbstractContextManager[object]:
+        return tracing.step_scope(name, position)
+
+    def failed(self, exc: BaseException) -> None:
+        tracing.attempt_failed(exc)
+
+
+class _SpanScope:
+    """An attempt's span as an AttemptScope."""
+
+    __slots__ = ("_span",)
+
+    def __init__(self, span: tracing.Attempt) -> None:
+        self._span = span
+
+    @property
+    def traceparent(self) -> str | None:
+        return self._span.traceparent
+
+    def failed(self, exc: BaseException) -> None:
+        self._span.record_failure(exc)
+
+    def ended(self, outcome: str, detail: str = "") -> None:
+        self._span.ended(outcome, detail)
+
+    def close(self) -> None:
+        self._span.close()
+
+
+class SealingInterceptor(Interceptor):
+    """Sensitive payload fields (docs/sensitive-data.md): the attempt sees them
+    decrypted, and what it records and logs is scrubbed of them."""
+
+    async def open_attempt(self, task: Task[Any, Any], state: RunState, ctx: RunContext) -> RunState:
+        return await open_run(task, state, ctx)
+
+    def enter_body(self, task: Task[Any, Any], state: RunState, ctx: RunContext) -> None:
+        watch_values(task, state, ctx)
+
+
+def default_interceptors() -> list[Interceptor]:
+    """Sealing, then tracing: what workers and clients use unless told otherwise."""
+    return [SealingInterceptor(), TracingInterceptor()]
+
+
+class _NoScope:
+    __slots__ = ()
+    traceparent = None
+
+    def failed(self, exc: BaseException) -> None:
+        return None
+
+    def ended(self, outcome: str, detail: str = "") -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+NO_SCOPE: AttemptScope = _NoScope()
+
+
+class _Scopes:
+    """Several interceptors' scopes as one; the first traceparent is the attempt's."""
+
+    __slots__ = ("_scopes",)
+
+    def __init__(self, scopes: list[AttemptScope]) -> None:
+        self._scopes = scopes
+
+    @property
+    def traceparent(self) -> str | None:
+        return next((s.traceparent for s in self._scopes if s.traceparent is not None), None)
+
+    def failed(self, exc: BaseException) -> None:
+        for s in self._scopes:
+            s.failed(exc)
+
+    def ended(self, outcome: str, detail: str = "") -> None:
+        for s in self._scopes:
+            s.ended(outcome, detail)
+
+    def close(self) -> None:
+        for s in reversed(self._scopes):  # the last opened is the innermost
+            s.close()
+
+
+class Interceptors:
+    """A list of interceptors as the core calls them: each in order, the last innermost."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: Sequence[Interceptor] = ()) -> None:
+        self.items = tuple(items)
+
+    async def trigger(self, event: Event, append: Append) -> int:
+        call = append
+        for i in reversed(self.items):
+            call = _bound_trigger(i, call)
+        return await call(event)
+
+    def folded(self, event: Event, state: RunState) -> None:
+        for i in self.items:
+            i.folded(event, state)
+
+    def released(self, partitions: frozenset[int], partition_of: Callable[[str], int]) -> None:
+        for i in self.items:
+            i.released(partitions, partition_of)
+
+    def attempt(self, state: RunState) -> AttemptScope:
+        scopes = [s for s in (i.attempt(state) for i in self.items) if s is not None]
+        if not scopes:
+            return NO_SCOPE
+        return scopes[0] if len(scopes) == 1 else _Scopes(scopes)
+
+    async def open_attempt(self, task: Task[Any, Any], state: RunState, ctx: RunContext) -> RunState:
+        for i in self.items:
+            state = await i.open_attempt(task, state, ctx)
+        return state
+
+    def enter_body(self, task: Task[Any, Any], state: RunState, ctx: RunContext) -> None:
+        for i in self.items:
+            i.enter_body(task, state, ctx)
+
+    def step(self, name: str, position: int) -> AbstractContextManager[object]:
+        # A hot path: one scope (tracing's) is returned as it is.
+        scopes = [s for s in (i.step(name, position) for i in self.items) if s is not None]
+        if len(scopes) == 1:
+            return scopes[0]
+        return _Steps(scopes) if scopes else _NO_STEP
+
+    def failed(self, exc: BaseException) -> None:
+        for i in self.items:
+            i.failed(exc)
+
+
+class _Steps:
+    """Several step scopes, entered in order and left in reverse."""
+
+    __slots__ = ("_scopes", "_stack")
+
+    def __init__(self, scopes: list[AbstractContextManager[object]]) -> None:
+        self._scopes = scopes
+        self._stack = ExitStack()
+
+    def __enter__(self) -> None:
+        for s in self._scopes:
+            self._stack.enter_context(s)
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        return self._stack.__exit__(*exc)
+
+
+_NO_STEP = nullcontext()
+
+
+def _bound_trigger(interceptor: Interceptor, append: Append) -> Append:
+    async def call(event: Event) -> int:
+        return await interceptor.trigger(event, append)
+
+    return call
+
+
+__all__ = [
+    "AttemptScope",
+    "Interceptor",
+    "Interceptors",
+    "NO_SCOPE",
+    "SealingInterceptor",
+    "TracingInterceptor",
+    "default_interceptors",
+]
