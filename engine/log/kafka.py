@@ -78,6 +78,7 @@ from .base import (
 )
 from .kafka_tail import Tails, make_record
 from .kafka_txn import TransactionalWriters
+from .redact import redact_url
 
 __all__ = ["KafkaLog", "URL_OPTIONS", "from_url_options"]
 
@@ -165,7 +166,6 @@ _CONSUMER_INT = ("fetch_max_wait_ms", "fetch_min_bytes", "fetch_max_bytes",
 _SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 _SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI")
 _COMPRESSION = ("gzip", "snappy", "lz4", "zstd")
-_SECRETS = ("sasl_plain_password", "ssl_password")
 
 
 def _int_option(url: str, name: str, text: str, *, minimum: int) -> int:
@@ -175,24 +175,9 @@ def _int_option(url: str, name: str, text: str, *, minimum: int) -> int:
         value = minimum - 1
     if value < minimum:
         raise InvalidLogUrl(
-            f"option {name}={text!r} in log URL {_redact(url)!r} must be an integer >= {minimum}"
+            f"option {name}={text!r} in log URL {redact_url(url)!r} must be an integer >= {minimum}"
         )
     return value
-
-
-def _redact(url: str) -> str:
-    """The URL with secret option values replaced, for messages and `Log.url`."""
-    import urllib.parse
-
-    parts = urllib.parse.urlsplit(url)
-    if not parts.query:
-        return url
-    pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-    query = "&".join(
-        f"{k}={'***' if k in _SECRETS else urllib.parse.quote(v, safe='/:,.-_')}"
-        for k, v in pairs
-    )
-    return urllib.parse.urlunsplit(parts._replace(query=query))
 
 
 def from_url_options(url: str, servers: list[str], options: dict[str, str]) -> KafkaLog:
@@ -218,14 +203,14 @@ def from_url_options(url: str, servers: list[str], options: dict[str, str]) -> K
         if common["security_protocol"] not in _SECURITY_PROTOCOLS:
             raise InvalidLogUrl(
                 f"option security_protocol={options['security_protocol']!r} in log URL "
-                f"{_redact(url)!r} must be one of {', '.join(_SECURITY_PROTOCOLS)}"
+                f"{redact_url(url)!r} must be one of {', '.join(_SECURITY_PROTOCOLS)}"
             )
     if "sasl_mechanism" in common:
         common["sasl_mechanism"] = common["sasl_mechanism"].upper()
         if common["sasl_mechanism"] not in _SASL_MECHANISMS:
             raise InvalidLogUrl(
                 f"option sasl_mechanism={options['sasl_mechanism']!r} in log URL "
-                f"{_redact(url)!r} must be one of {', '.join(_SASL_MECHANISMS)} "
+                f"{redact_url(url)!r} must be one of {', '.join(_SASL_MECHANISMS)} "
                 "(OAUTHBEARER needs a token provider: build KafkaLog in code)"
             )
     if "compression_type" in options:
@@ -233,7 +218,7 @@ def from_url_options(url: str, servers: list[str], options: dict[str, str]) -> K
         if kind not in _COMPRESSION:
             raise InvalidLogUrl(
                 f"option compression_type={options['compression_type']!r} in log URL "
-                f"{_redact(url)!r} must be one of {', '.join(_COMPRESSION)}"
+                f"{redact_url(url)!r} must be one of {', '.join(_COMPRESSION)}"
             )
         producer["compression_type"] = kind
     if "partition_assignment_strategy" in options:
@@ -251,7 +236,7 @@ def from_url_options(url: str, servers: list[str], options: dict[str, str]) -> K
         name = options["partition_assignment_strategy"].lower()
         if name not in strategies:
             raise InvalidLogUrl(
-                f"option partition_assignment_strategy={name!r} in log URL {_redact(url)!r} "
+                f"option partition_assignment_strategy={name!r} in log URL {redact_url(url)!r} "
                 f"must be one of {', '.join(strategies)}"
             )
         consumer["partition_assignment_strategy"] = (strategies[name],)
@@ -264,7 +249,7 @@ def from_url_options(url: str, servers: list[str], options: dict[str, str]) -> K
         flag = ssl_options.pop("ssl_check_hostname").lower()
         if flag not in ("true", "false", "1", "0", "yes", "no"):
             raise InvalidLogUrl(
-                f"option ssl_check_hostname={flag!r} in log URL {_redact(url)!r} "
+                f"option ssl_check_hostname={flag!r} in log URL {redact_url(url)!r} "
                 "must be true or false"
             )
         check_hostname = flag in ("true", "1", "yes")
@@ -272,13 +257,13 @@ def from_url_options(url: str, servers: list[str], options: dict[str, str]) -> K
     namespace = options.get("namespace", "")
     if namespace and not _valid_name(namespace):
         raise InvalidLogUrl(
-            f"option namespace={namespace!r} in log URL {_redact(url)!r} may only use "
+            f"option namespace={namespace!r} in log URL {redact_url(url)!r} may only use "
             "letters, digits, '.', '_' and '-'"
         )
     transactions = options.get("transactions", "true").lower()
     if transactions not in ("true", "false", "1", "0", "yes", "no"):
         raise InvalidLogUrl(
-            f"option transactions={transactions!r} in log URL {_redact(url)!r} must be true or false"
+            f"option transactions={transactions!r} in log URL {redact_url(url)!r} must be true or false"
         )
     rf = options.get("replication_factor")
     mir = options.get("min_insync_replicas")
@@ -316,12 +301,12 @@ def from_url_options(url: str, servers: list[str], options: dict[str, str]) -> K
             consumer_options=consumer,
             ssl_files={k.removeprefix("ssl_"): v for k, v in ssl_options.items()},
             ssl_check_hostname=check_hostname,
-            url=_redact(url),
+            url=redact_url(url),
         )
     except ValueError as exc:  # bad option combinations, unreadable TLS files
         if isinstance(exc, InvalidLogUrl):
             raise
-        raise InvalidLogUrl(f"log URL {_redact(url)!r}: {exc}") from exc
+        raise InvalidLogUrl(f"log URL {redact_url(url)!r}: {exc}") from exc
 
 
 def _ready(meta: dict[str, Any] | None) -> bool:
