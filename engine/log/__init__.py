@@ -60,7 +60,7 @@ def _number(url: str, name: str, text: str) -> float:
 
 
 def _open_memory(url: str, parts: urllib.parse.SplitResult) -> Log:
-    from .memory import MemoryLog
+    from .memory import MemoryLog  # lazy: start-up loads only the backend a URL names
 
     _options(url, parts.query, {})
     name = parts.netloc + parts.path
@@ -68,7 +68,7 @@ def _open_memory(url: str, parts: urllib.parse.SplitResult) -> Log:
 
 
 def _open_sqlite(url: str, parts: urllib.parse.SplitResult) -> Log:
-    from .sqlite import SqliteLog
+    from .sqlite import SqliteLog  # lazy: start-up loads only the backend a URL names
 
     if parts.netloc:
         raise InvalidLogUrl(
@@ -107,6 +107,7 @@ def _open_sqlite(url: str, parts: urllib.parse.SplitResult) -> Log:
 
 
 def _open_kafka(url: str, parts: urllib.parse.SplitResult) -> Log:
+    # lazy: aiokafka loads (slowly) only for a kafka:// URL
     from .kafka import URL_OPTIONS, from_url_options
 
     shown = redact_url(url)
