@@ -116,8 +116,6 @@ async def set_paused(client: Connection, scope: str, name: str, paused: bool, *,
 
 async def pauses(client: Connection) -> dict[tuple[str, str], PauseChanged]:
     """What is paused now, by (scope, name): a fold of partition 0 of the queues topic."""
-    from stepline.client._client import _peek_type
-
     topic = client.topics.queues
     end = await client.log.end_offset(topic, 0)
     out: dict[tuple[str, str], PauseChanged] = {}
@@ -127,7 +125,7 @@ async def pauses(client: Connection) -> dict[tuple[str, str], PauseChanged]:
         if not recs:
             break
         for r in recs:
-            if r.offset < end and _peek_type(r.value) == b"PauseChanged":
+            if r.offset < end and codec.peek_type(r.value) == b"PauseChanged":
                 body = codec.decode(r.value).body
                 if isinstance(body, PauseChanged):
                     if body.paused:

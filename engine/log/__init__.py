@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from ..errors import InvalidLogUrl
 from .base import Assignment, Log, Membership, Record, TopicSpec, partition_for
+from .redact import redact_url
 
 __all__ = [
     # opening a log
@@ -30,6 +31,8 @@ __all__ = [
     "Assignment",
     "Membership",
     "partition_for",
+    # showing a URL
+    "redact_url",
 ]
 
 DEFAULT_LOG_URL = "sqlite:///.stepline/stepline.db"
@@ -57,7 +60,7 @@ def _number(url: str, name: str, text: str) -> float:
 
 
 def _open_memory(url: str, parts: urllib.parse.SplitResult) -> Log:
-    from .memory import MemoryLog
+    from .memory import MemoryLog  # lazy: start-up loads only the backend a URL names
 
     _options(url, parts.query, {})
     name = parts.netloc + parts.path
@@ -65,7 +68,7 @@ def _open_memory(url: str, parts: urllib.parse.SplitResult) -> Log:
 
 
 def _open_sqlite(url: str, parts: urllib.parse.SplitResult) -> Log:
-    from .sqlite import SqliteLog
+    from .sqlite import SqliteLog  # lazy: start-up loads only the backend a URL names
 
     if parts.netloc:
         raise InvalidLogUrl(
@@ -104,9 +107,10 @@ def _open_sqlite(url: str, parts: urllib.parse.SplitResult) -> Log:
 
 
 def _open_kafka(url: str, parts: urllib.parse.SplitResult) -> Log:
-    from .kafka import URL_OPTIONS, _redact, from_url_options
+    # lazy: aiokafka loads (slowly) only for a kafka:// URL
+    from .kafka import URL_OPTIONS, from_url_options
 
-    shown = _redact(url)
+    shown = redact_url(url)
     if "@" in parts.netloc:
         raise InvalidLogUrl(
             f"log URL {shown!r} has credentials before the host; pass them as "

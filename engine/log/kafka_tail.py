@@ -23,7 +23,7 @@ that range is in it, in offset order. It grows two ways:
 A read at an offset the window covers is served from it; a tailing read
 (timeout > 0) at `end` waits for the window to grow. Anything else (older
 offsets, reads with timeout=0 at the end, which must ask the broker) goes
-to the per-partition cursors of `KafkaLog` as before, and so does every
+to the per-partition cursors (kafka_cursors.py) as before, and so does every
 reader once the window has been dropped (a fetch error, an idle partition).
 """
 
@@ -34,16 +34,14 @@ import bisect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import ConsumerStoppedError, OffsetOutOfRangeError
 
 from .base import Record
-
-if TYPE_CHECKING:
-    from .kafka import KafkaLog
+from .kafka_clients import KafkaClients
 
 log = structlog.get_logger("stepline.log.kafka")
 
@@ -120,7 +118,7 @@ class _Window:
 class Tails:
     """The shared tail consumer of one KafkaLog and its windows."""
 
-    def __init__(self, log_: KafkaLog) -> None:
+    def __init__(self, log_: KafkaClients) -> None:
         self._log = log_
         self._windows: dict[TopicPartition, _Window] = {}
         self._consumer: AIOKafkaConsumer | None = None

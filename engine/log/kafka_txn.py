@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import structlog
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -28,9 +28,7 @@ from aiokafka.errors import KafkaError, ProducerFenced
 
 from ..errors import LogError, LogWriteFailed
 from .base import Outgoing
-
-if TYPE_CHECKING:
-    from .kafka import KafkaLog
+from .kafka_clients import KafkaClients
 
 log = structlog.get_logger("stepline.log.kafka")
 
@@ -65,7 +63,7 @@ class TransactionalWriters:
     # acknowledged and before it commits (fault tests stop a worker here).
     before_commit: ClassVar[BeforeCommit | None] = None
 
-    def __init__(self, log_: KafkaLog) -> None:
+    def __init__(self, log_: KafkaClients) -> None:
         self._log = log_
         self._writers: dict[tuple[str, int], _Writer] = {}
 

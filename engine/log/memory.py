@@ -26,6 +26,7 @@ from .base import (
     RevokeCallback,
     TopicSpec,
 )
+from .membership import SoleMembership
 
 __all__ = ["MemoryLog", "MemoryStore", "forget_store"]
 
@@ -114,34 +115,6 @@ def forget_store(name: str) -> None:
     """Drop the shared store behind `memory://name`; later opens start empty."""
     with _STORES_LOCK:
         _STORES.pop(name, None)
-
-
-class _MemoryMembership(Membership):
-    def __init__(
-        self,
-        store: MemoryStore,
-        key: tuple[str, str],
-        assignment: Assignment,
-        on_revoke: RevokeCallback,
-    ) -> None:
-        self._store = store
-        self._key = key
-        self._assignment = assignment
-        self._on_revoke = on_revoke
-        self._left = False
-
-    @property
-    def assignment(self) -> Assignment:
-        return self._assignment
-
-    async def leave(self) -> None:
-        if self._left:
-            return
-        self._left = True
-        try:
-            await self._on_revoke(self._assignment.partitions)
-        finally:
-            _release_seat(self._store, self._key, self)
 
 
 def _release_seat(store: MemoryStore, key: tuple[str, str], holder: object) -> None:
@@ -279,7 +252,8 @@ class MemoryLog(Log):
         with store.lock:
             seat.generation += 1
             assignment = Assignment(frozenset(range(count)), seat.generation)
-        membership = _MemoryMembership(store, key, assignment, on_revoke)
+        membership = SoleMembership(key, assignment, on_revoke,
+                                    lambda m: _release_seat(store, key, m))
         with store.lock:
             seat.holder = membership
         try:

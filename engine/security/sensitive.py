@@ -66,6 +66,7 @@ from stepline.errors import (
     SubjectErased,
     TaskDefinitionError,
 )
+from stepline.log.redact import redact_url
 from stepline.security.keystore import KeyStore
 
 REDACTED = "[redacted]"
@@ -464,17 +465,18 @@ class Scrubber:
 # Field names that hold secrets: `token`, `api_token`, `webhook_secret`,
 # `sasl_plain_password`, `authorization`... but not `tokens` or `tokens_used`.
 _SECRET_NAME = re.compile(r"(?i)(?:^|_)(?:password|passwd|secret|token|api_?key|authorization|credentials?)$")
-# The same names as URL options or `key=value` text, and bearer tokens.
-_SECRET_IN_TEXT = re.compile(
-    r"(?i)((?:password|passwd|secret|token|api_?key|credentials?)=)[^&\s,;'\"]+|(bearer\s+)[A-Za-z0-9._~+/=-]+"
-)
+_BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
 
 
 def redact_text(text: str) -> str:
     """Secrets written as `password=...` (e.g. in a Kafka URL) or `Bearer ...`, masked."""
     if "=" not in text and "earer" not in text:
         return text
-    return _SECRET_IN_TEXT.sub(lambda m: (m.group(1) or m.group(2)) + REDACTED, text)
+    # Bearer tokens first: in "Bearer abc=def" the whole token is the secret.
+    if "earer" in text:
+        text = _BEARER.sub(lambda m: m.group(1) + REDACTED, text)
+    # The same names as URL options or `key=value` text.
+    return redact_url(text, REDACTED)
 
 
 def redact_secret_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
