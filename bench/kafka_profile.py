@@ -47,11 +47,10 @@ AREAS: list[tuple[str, tuple[str, ...]]] = [
                                         "aiokafka/client.py", "producer/sender.py",
                                         "producer/producer.py")),
     ("aiokafka consumer: other", ("aiokafka/consumer",)),
-    ("KafkaLog append (engine/log/kafka.py)", ("KafkaLog._flush", "KafkaLog._send",
-                                                "KafkaLog.append", "_size (")),
-    ("KafkaLog read (engine/log/kafka.py)", ("KafkaLog.read", "KafkaLog._read_at",
-                                              "KafkaLog._acquire", "KafkaLog._release",
-                                              "KafkaLog._fetch_soon", "KafkaLog.end_offset")),
+    ("KafkaLog append (engine/log/kafka_append.py)", ("engine/log/kafka_append.py",
+                                                       "KafkaLog.append", "_size (")),
+    ("KafkaLog read (engine/log/kafka_cursors.py)", ("engine/log/kafka_cursors.py", "KafkaLog.read",
+                                                      "KafkaLog.end_offset")),
     ("appender", ("engine/log/appender.py",)),
     ("projection fold", ("projections/runs.py", "projections/snapshot.py", "evolve (<string>")),
     # Dataclass __init__s: @dataclass's own (__create_fn__) and engine/core/frozen.py's.
@@ -70,9 +69,9 @@ AREAS: list[tuple[str, tuple[str, ...]]] = [
 # Coarser: a sample whose stack holds any of these frames (first match wins).
 SIDES: list[tuple[str, tuple[str, ...]]] = [
     ("Kafka read side (KafkaLog.read, tail, consumers, fetcher)",
-     ("KafkaLog.read", "Tails.", "kafka_tail.py", "Fetcher.", "AIOKafkaConsumer", "consumer/")),
-    ("Kafka produce side (KafkaLog.append/_flush/_send, aiokafka producer)",
-     ("KafkaLog._flush", "KafkaLog.append", "KafkaLog._send", "producer/", "Sender.")),
+     ("KafkaLog.read", "engine/log/kafka_cursors.py", "Tails.", "kafka_tail.py", "Fetcher.", "AIOKafkaConsumer", "consumer/")),
+    ("Kafka produce side (KafkaLog.append, KafkaAppends, aiokafka producer)",
+     ("engine/log/kafka_append.py", "KafkaLog.append", "producer/", "Sender.")),
     ("Kafka other (group heartbeats, metadata)", ("group_coordinator", "_metadata_update")),
     ("Kafka connections (reading responses)", ("AIOKafkaConnection._read", "_read_ready")),
 ]
