@@ -69,7 +69,7 @@ from stepline.core.events import (
 from stepline.core.payloads import ANY
 from stepline.errors import ChildProcessDied, IsolationError, MaxDurationExceeded, NoClient
 from stepline.projections.runs import RunState
-from stepline.runtime.runner import Outcome, _failed, run_body
+from stepline.runtime.runner import Outcome, record_failure, run_body
 from stepline.sdk.context import RunContext, now_ms
 from stepline.sdk.task import Registry, Task, default_registry, load_app
 
@@ -124,7 +124,7 @@ async def execute_in_child(
         child = await _Child.spawn(_init(task, state, ctx, rng, client), ctx, client, _app_registry(task))
     except OSError as exc:  # out of processes or memory: the retry policy decides
         err = IsolationError(f"could not start a child process for task {task.id!r}: {exc}")
-        return await _failed(task, state, ctx, err, rng)
+        return await record_failure(task, state, ctx, err, rng)
     try:
         end = await child.serve(task.max_duration)
         # Gently unless it overran: one that ended or hung up is exiting by
@@ -206,7 +206,7 @@ async def _settle(
         exc = IsolationError(f"task {task.id!r} could not start in its child process: {end[1]}")
     else:
         exc = ChildProcessDied(task.id, state.attempt, child.proc.returncode)
-    return await _failed(task, state, ctx, exc, rng)
+    return await record_failure(task, state, ctx, exc, rng)
 
 
 class _Calls:
