@@ -127,10 +127,18 @@ class Worker:
     def concurrency(self) -> int:
         return self._decider.concurrency
 
+    @concurrency.setter
+    def concurrency(self, concurrency: int) -> None:
+        self._decider.concurrency = concurrency
+
     @property
     def snapshot_every(self) -> int:
         """Events folded between snapshots of a partition."""
         return self._partitions.snapshot_every
+
+    @snapshot_every.setter
+    def snapshot_every(self, every: int) -> None:
+        self._partitions.snapshot_every = every
 
     @property
     def rebuilt_from(self) -> dict[int, int]:
