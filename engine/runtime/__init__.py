@@ -1,1 +1,1 @@
-"""Running tasks: the worker (partition ownership, tail, decisions), the attempt runner, isolation, admission, dispatch, timers, snapshots."""
+"""Running tasks: the worker and its parts (ownership, owned, deciding, executor, fence, slots), the attempt runner, isolation (parent, child, wire), admission, dispatch, timers, snapshots."""

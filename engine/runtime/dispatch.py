@@ -61,3 +61,16 @@ class ReadyQueue:
     def discard(self, run_id: str) -> None:
         """Forget a queued run; its entry is skipped lazily."""
         self._queued.discard(run_id)
+
+    def depths(self) -> dict[str, int]:
+        """Queued runs by queue (the `stepline.queue.depth` gauge).
+
+        Read from copies: the metrics exporter may call this from its own thread.
+        """
+        queued = set(self._queued)
+        entries = list(self._heap) + [e for held in list(self._held.values()) for e in list(held)]
+        by_queue: dict[str, set[str]] = {}
+        for *_, run_id, queue in entries:
+            if run_id in queued:
+                by_queue.setdefault(queue, set()).add(run_id)
+        return {q: len(ids) for q, ids in by_queue.items()}

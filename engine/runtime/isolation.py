@@ -1,14 +1,16 @@
 """Attempts in a child process: `@task(isolation="process")`.
 
 An isolated attempt runs in a fresh interpreter (`python -m
-stepline.isolation`), so code that never yields, leaks, or crashes the
-interpreter costs one attempt, not the worker. The child imports the task's
+stepline.runtime.isolation_child`, engine/runtime/isolation_child.py), so
+code that never yields, leaks, or crashes the interpreter costs one
+attempt, not the worker. The child imports the task's
 module again and runs the ordinary attempt code (`runner.run_body`); it has
 no connection to the log. Everything it records goes through its parent,
 the worker, over a socket pair:
 
-1. parent → child `_Init`: where the task lives, the run (journal included),
-   a seed, the clock offset and the memory limit. The child applies the
+1. parent → child `Init` (engine/runtime/isolation_wire.py): where the
+   task lives, the run (journal included), a seed, the clock offset and
+   the memory limit. The child applies the
    limit, imports the app and finds the task.
 2. child → parent `("ready",)`; the max_duration clock starts here, so the
    interpreter's start-up is not charged to the task (it gets its own
@@ -28,8 +30,7 @@ limit) or overruns max_duration is killed and the parent records the attempt
 as failed (ChildProcessDied, MaxDurationExceeded) under the retry policy.
 If it had already recorded an outcome, that outcome stands.
 
-Messages are pickles: both ends run the same build for the length of one
-attempt, so the format never outlives the code (unlike events on the log).
+Messages are pickles (engine/runtime/isolation_wire.py).
 """
 
 from __future__ import annotations
@@ -39,22 +40,14 @@ import contextlib
 import dataclasses
 import functools
 import inspect
-import itertools
-import json
 import os
-import pickle
 import random
 import signal
 import socket
-import struct
 import sys
-import typing
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-from stepline.client import Client, RunHandle
+from stepline.client import Client
 from stepline.consumers.waits import WaitEntry
 from stepline.core.events import (
     Body,
@@ -65,13 +58,14 @@ from stepline.core.events import (
     RunStarted,
     RunSuspended,
 )
-from stepline.core.payloads import ANY
-from stepline.errors import ChildProcessDied, IsolationError, MaxDurationExceeded, NoClient
+from stepline.errors import ChildProcessDied, IsolationError, MaxDurationExceeded
 from stepline.projections.runs import RunState
-from stepline.runtime.runner import Outcome, _failed, run_body
+from stepline.runtime import isolation_wire as wire
+from stepline.runtime.runner import Outcome, record_failure
 from stepline.sdk.context import RunContext, now_ms
-from stepline.sdk.port import bind_client, bound_client
-from stepline.sdk.task import Registry, Task, default_registry, load_app
+from stepline.sdk.interceptors import Interceptors
+from stepline.sdk.port import bound_client
+from stepline.sdk.task import Registry, Task, default_registry
 
 # Seconds a child that reported its end gets to exit by itself before it is
 # terminated (it flushes its output and leaves at once; this is for a hang).
@@ -79,8 +73,6 @@ _EXIT_GRACE = 2.0
 # Seconds between SIGTERM and SIGKILL for a child past its max_duration: the
 # attempt is lost either way, this only lets a handler of the task's clean up.
 _TERM_GRACE = 1.0
-
-_LEN = struct.Struct(">I")
 
 # The events that end an attempt, by the outcome they make.
 _OUTCOME_KINDS: dict[type, str] = {
@@ -92,20 +84,6 @@ _OUTCOME_KINDS: dict[type, str] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class _Init:
-    target: str  # what load_app imports in the child: a file path or a module name
-    task_id: str
-    state: RunState  # with the journal as a plain dict (a mapping proxy does not pickle)
-    seed: int
-    clock_offset_ms: int  # the worker's clock minus the wall clock, kept in the child
-    memory_limit_mb: int | None
-    sys_path: tuple[str, ...]
-    parent_pid: int
-    can_register_waits: bool
-    can_request: bool
-    has_client: bool
-
 
 # --- the parent ------------------------------------------------------------
 
@@ -116,8 +94,13 @@ async def execute_in_child(
     ctx: RunContext,
     worker_id: str,
     rng: random.Random,
+    hooks: Interceptors,
 ) -> Outcome:
-    """One attempt of an isolated task: start a child, serve it, record its end."""
+    """One attempt of an isolated task: start a child, serve it, record its end.
+
+    The child runs the body under the default interceptors (a worker's own
+    list does not cross into another process); `hooks` record its failures here.
+    """
     ctx.emit(RunStarted(state.attempt, worker_id, task.version))
     bound = bound_client()
     client = bound if isinstance(bound, Client) else None  # the worker's own, around this attempt
@@ -125,7 +108,7 @@ async def execute_in_child(
         child = await _Child.spawn(_init(task, state, ctx, rng, client), ctx, client, _app_registry(task))
     except OSError as exc:  # out of processes or memory: the retry policy decides
         err = IsolationError(f"could not start a child process for task {task.id!r}: {exc}")
-        return await _failed(task, state, ctx, err, rng)
+        return await record_failure(task, state, ctx, err, rng, hooks)
     try:
         end = await child.serve(task.max_duration)
         # Gently unless it overran: one that ended or hung up is exiting by
@@ -137,13 +120,13 @@ async def execute_in_child(
         # so it goes now, without a grace.
         await child.kill()
         raise
-    return await _settle(task, state, ctx, rng, child, end)
+    return await _settle(task, state, ctx, rng, child, end, hooks)
 
 
 def _init(
     task: Task[Any, Any], state: RunState, ctx: RunContext, rng: random.Random, client: Client | None
-) -> _Init:
-    return _Init(
+) -> wire.Init:
+    return wire.Init(
         target=_app_target(task),
         task_id=task.id,
         state=_portable(state),
@@ -187,6 +170,7 @@ async def _settle(
     rng: random.Random,
     child: _Child,
     end: tuple[Any, ...],
+    hooks: Interceptors,
 ) -> Outcome:
     kind = end[0]
     if kind == "outcome":
@@ -207,7 +191,7 @@ async def _settle(
         exc = IsolationError(f"task {task.id!r} could not start in its child process: {end[1]}")
     else:
         exc = ChildProcessDied(task.id, state.attempt, child.proc.returncode)
-    return await _failed(task, state, ctx, exc, rng)
+    return await record_failure(task, state, ctx, exc, rng, hooks)
 
 
 class _Calls:
@@ -274,7 +258,7 @@ class _Child:
         self.recorded: tuple[str, asyncio.Future[int]] | None = None
 
     @classmethod
-    async def spawn(cls, init: _Init, ctx: RunContext, client: Client | None, registry: Registry) -> _Child:
+    async def spawn(cls, init: wire.Init, ctx: RunContext, client: Client | None, registry: Registry) -> _Child:
         ours, theirs = socket.socketpair()
         try:
             # A fresh interpreter, not a fork: the worker has threads and a
@@ -282,7 +266,7 @@ class _Child:
             # own session, so a terminal's Ctrl-C reaches only the worker,
             # which then ends its children itself.
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "stepline.runtime.isolation", str(theirs.fileno()), str(init.parent_pid),
+                sys.executable, "-m", "stepline.runtime.isolation_child", str(theirs.fileno()), str(init.parent_pid),
                 pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
             )
         except BaseException:
@@ -292,7 +276,7 @@ class _Child:
             theirs.close()
         reader, writer = await asyncio.open_connection(sock=ours)
         child = cls(proc, reader, writer, ctx, _Calls(ctx, client, registry))
-        writer.write(_frame(init))
+        writer.write(wire.frame(init))
         return child
 
     async def serve(self, limit: float | None) -> tuple[Any, ...]:
@@ -318,7 +302,7 @@ class _Child:
     async def _pump(self) -> tuple[Any, ...]:
         while True:
             try:
-                msg: tuple[Any, ...] = await _recv(self._reader)
+                msg: tuple[Any, ...] = await wire.recv(self._reader)
             except (asyncio.IncompleteReadError, ConnectionError):
                 return ("died",)
             except Exception as exc:  # a message that does not unpickle here
@@ -344,7 +328,7 @@ class _Child:
             else:
                 raise IsolationError(f"the child asked for an unknown call {name!r}")
         except Exception as exc:
-            self._send(("reply", call_id, False, _portable_error(exc)))
+            self._send(("reply", call_id, False, wire.portable_error(exc)))
             return
         fut.add_done_callback(functools.partial(self._reply, call_id))
 
@@ -352,7 +336,7 @@ class _Child:
         if fut.cancelled():
             self._send(("reply", call_id, False, None))
         elif (exc := fut.exception()) is not None:
-            self._send(("reply", call_id, False, _portable_error(exc)))
+            self._send(("reply", call_id, False, wire.portable_error(exc)))
         else:
             self._send(("reply", call_id, True, fut.result()))
 
@@ -360,9 +344,9 @@ class _Child:
         if self._writer.is_closing():
             return  # the child is being stopped; nobody waits for this answer
         try:
-            data = _frame(msg)
+            data = wire.frame(msg)
         except Exception as exc:  # a value that does not pickle
-            data = _frame(("reply", msg[1], False, _portable_error(exc)))
+            data = wire.frame(("reply", msg[1], False, wire.portable_error(exc)))
         self._writer.write(data)
 
     async def stop(self, gently: bool) -> None:
@@ -405,222 +389,3 @@ async def _exited(proc: asyncio.subprocess.Process, within: float) -> bool:
         return False
     return True
 
-
-# --- the wire --------------------------------------------------------------
-
-
-def _frame(msg: Any) -> bytes:
-    data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
-    return _LEN.pack(len(data)) + data
-
-
-async def _recv(reader: asyncio.StreamReader) -> Any:
-    (size,) = _LEN.unpack(await reader.readexactly(_LEN.size))
-    return pickle.loads(await reader.readexactly(size))
-
-
-def _portable_error(exc: BaseException) -> BaseException:
-    """The exception itself if it survives a round trip through pickle
-    (custom __init__ signatures often do not), else its type and message."""
-    try:
-        pickle.loads(pickle.dumps(exc))
-    except Exception:
-        return IsolationError(f"{type(exc).__qualname__}: {exc}")
-    return exc
-
-
-# --- the child -------------------------------------------------------------
-
-
-class _Link:
-    """The child's side of the socket: calls to the parent, as futures."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
-        self._ids = itertools.count()
-        self._pending: dict[int, asyncio.Future[Any]] = {}
-        self._listener: asyncio.Task[None] | None = None
-
-    async def recv(self) -> Any:
-        return await _recv(self._reader)
-
-    def send(self, msg: tuple[Any, ...]) -> None:
-        self._writer.write(_frame(msg))
-
-    def call(self, name: str, *args: Any) -> asyncio.Future[Any]:
-        call_id = next(self._ids)
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[call_id] = fut
-        self.send(("call", call_id, name, args))
-        return fut
-
-    def emit(self, body: Body) -> asyncio.Future[int]:
-        fut: asyncio.Future[int] = self.call("emit", body)
-        return fut
-
-    def listen(self) -> None:
-        self._listener = asyncio.create_task(self._listen())
-
-    async def _listen(self) -> None:
-        while True:
-            try:
-                _, call_id, ok, value = await _recv(self._reader)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                # The worker is gone or gave up on this attempt: nothing this
-                # process does from here can be recorded, so stop doing it.
-                _leave(70)
-            fut = self._pending.pop(call_id, None)
-            if fut is None or fut.done():
-                continue
-            if ok:
-                fut.set_result(value)
-            elif value is None:
-                fut.cancel()
-            else:
-                fut.set_exception(value)
-
-    async def close(self) -> None:
-        await self._writer.drain()
-        if self._listener is not None:
-            self._listener.cancel()
-        self._writer.close()
-
-
-class _ParentClient:
-    """Stands in for the worker's Client inside the child. Triggers and
-    publishes go through the parent; the rest of Client is not offered."""
-
-    def __init__(self, link: _Link) -> None:
-        self._link = link
-
-    async def trigger(self, task: Task[Any, Any] | str, payload: Any = None, **options: Any) -> RunHandle[Any]:
-        task_id, t = (task.id, task) if isinstance(task, Task) else (task, None)
-        # Validated here, where the caller can catch it; sent as JSON data,
-        # since a payload object need not pickle.
-        data = (t.payload_codec if t else ANY).check_and_dump(payload, f"payload for task {task_id!r}")
-        run_id, offset = await self._link.call("trigger", task_id, json.loads(data.data), options)
-        codec = t.output_codec if t else ANY
-        return RunHandle(run_id, task_id, cast(Client, self), codec, offset)
-
-    async def publish(self, name: str, data: Any = None, **options: Any) -> str:
-        value = json.loads(ANY.dump(data, f"data of event {name!r}").data)
-        event_id: str = await self._link.call("publish", name, value, options)
-        return event_id
-
-    async def wait(self, run_id: str, timeout: float | None = None, from_offset: int | None = None) -> RunState:
-        state: RunState = await self._link.call("wait", run_id, timeout, from_offset)
-        return state
-
-    async def get_run(self, run_id: str) -> RunState:
-        state: RunState = await self._link.call("get_run", run_id)
-        return state
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        raise NoClient(
-            f"Client.{name} is not available inside a task with isolation='process': the child "
-            f"reaches the log only through its worker, which offers trigger, publish, wait and get_run"
-        )
-
-
-def _limit_memory(mb: int) -> None:
-    import resource
-
-    limit = mb * 1024 * 1024
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-
-def _find_task(init: _Init) -> Task[Any, Any]:
-    sys.path[:0] = [p for p in init.sys_path if p not in sys.path]
-    registry = load_app(init.target)
-    found = registry.find(init.task_id)
-    if found is None:  # declared with another registry: look in the module itself
-        module = sys.modules.get(Path(init.target).stem if init.target.endswith(".py") else init.target)
-        candidates = vars(module).values() if module is not None else ()
-        found = next((v for v in candidates if isinstance(v, Task) and v.id == init.task_id), None)
-    if found is None:
-        raise IsolationError(
-            f"task {init.task_id!r} is not declared in {init.target} as imported by the child "
-            f"process (known there: {', '.join(registry.ids()) or 'none'}); an isolated task must "
-            f"be declared at module level of its app"
-        )
-    return found
-
-
-def _shifted_clock(offset_ms: int) -> Callable[[], int]:
-    return lambda: now_ms() + offset_ms
-
-
-async def _child(fd: int) -> int:
-    reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=fd))
-    link = _Link(reader, writer)
-    init: _Init = await link.recv()
-    try:
-        if init.memory_limit_mb is not None:
-            _limit_memory(init.memory_limit_mb)  # before the app's imports count against it
-        task = _find_task(init)
-    except Exception as exc:
-        link.send(("unavailable", f"{type(exc).__qualname__}: {exc}"))
-        await link.close()
-        return 1
-    link.send(("ready",))
-    link.listen()
-    state = init.state
-    ctx = RunContext(
-        state.run_id, state.task_id, state.attempt, state.steps, link.emit,
-        _shifted_clock(init.clock_offset_ms),
-        register_wait=functools.partial(link.call, "register_wait") if init.can_register_waits else None,
-        unregister_wait=functools.partial(link.call, "unregister_wait") if init.can_register_waits else None,
-        request=functools.partial(link.call, "request") if init.can_request else None,
-        patches=state.patch_answers(),
-    )
-    if init.has_client:
-        bind_client(cast(Client, _ParentClient(link)))
-    try:
-        outcome = await run_body(task, state, ctx, random.Random(init.seed), None)
-    except Exception as exc:
-        link.send(("raised", _portable_error(exc)))
-    else:
-        link.send(("outcome", outcome))
-    await link.close()
-    return 0
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Linux: have the kernel kill this process if the worker dies, even
-    while the task spins in code that never reads the socket. Best effort."""
-    if sys.platform != "linux":
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent_pid:  # it died before the request took effect
-        _leave(70)
-
-
-def _leave(code: int) -> typing.NoReturn:
-    """Exit now, keeping what was printed. Threads the task left behind are
-    not joined: the attempt is over, there is nothing left to report to."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def main(argv: list[str] | None = None) -> None:
-    fd, parent_pid = (int(a) for a in (sys.argv[1:] if argv is None else argv))
-    _die_with_parent(parent_pid)
-    _leave(asyncio.run(_child(fd)))
-
-
-if __name__ == "__main__":
-    # Run as `python -m stepline.isolation`: hand over to the importable
-    # module, so that classes pickled to and from the parent are the same.
-    from stepline.runtime.isolation import main as _main
-
-    _main()

@@ -9,7 +9,8 @@ new one.
 An attempt of a task with `max_duration` that runs longer fails with
 MaxDurationExceeded, like any error under the retry policy. A task with
 isolation="process" runs its attempt in a child process (engine/runtime/isolation.py),
-which records through this same code.
+which records through this same code. Which of the two runs an attempt is
+decided in engine/runtime/executor.py (`execute_attempt`).
 """
 
 from __future__ import annotations
@@ -26,23 +27,19 @@ from stepline.core.events import (
     RunCompleted,
     RunDeadLettered,
     RunFailed,
-    RunStarted,
     RunSuspended,
     StepFailed,
     WaitCompleted,
 )
 from stepline.errors import (
-    KeyStoreError,
     MaxDurationExceeded,
     NonDeterminismError,
     PayloadValidationError,
-    SubjectErased,
 )
-from stepline.observability.tracing import attempt_failed
 from stepline.projections.runs import RunState
 from stepline.sdk.context import RunContext, Suspend, enter_run, error_info, exit_run
+from stepline.sdk.interceptors import Interceptors
 from stepline.sdk.logs import note_dropped
-from stepline.sdk.sealing import open_run, watch_values
 from stepline.sdk.task import Task
 
 
@@ -53,35 +50,13 @@ class Outcome:
     detail: str = ""
 
 
-async def execute_attempt(
-    task: Task[Any, Any],
-    state: RunState,
-    ctx: RunContext,
-    worker_id: str,
-    rng: random.Random,
-) -> Outcome:
-    if task.sensitive is not None:
-        try:
-            # Before the isolation split: an isolated child gets the plain
-            # payload, and records through the scrubbing emit.
-            state = await open_run(task, state, ctx)
-        except (KeyStoreError, SubjectErased, ValueError) as exc:
-            ctx.emit(RunStarted(state.attempt, worker_id, task.version))
-            return await _failed(task, state, ctx, exc, rng)
-    if task.isolation == "process":
-        from stepline.runtime.isolation import execute_in_child  # the module imports this one
-
-        return await execute_in_child(task, state, ctx, worker_id, rng)
-    ctx.emit(RunStarted(state.attempt, worker_id, task.version))
-    return await run_body(task, state, ctx, rng, task.max_duration)
-
-
 async def run_body(
     task: Task[Any, Any],
     state: RunState,
     ctx: RunContext,
     rng: random.Random,
     max_duration: float | None,
+    hooks: Interceptors,
 ) -> Outcome:
     """The attempt after RunStarted: run the function, record how it ended.
 
@@ -93,7 +68,7 @@ async def run_body(
     token = enter_run(ctx)
     try:
         try:
-            watch_values(task, state, ctx)  # an isolated child's log lines, scrubbed too
+            hooks.enter_body(task, state, ctx)  # e.g. an isolated child's log lines, scrubbed too
             payload = task.payload_codec.load(state.payload, f"payload of run {state.run_id}")
             if max_duration is None:
                 result = await task.fn(payload)
@@ -109,7 +84,7 @@ async def run_body(
         off = await emit(RunSuspended(last.step, last.reason, last.wake_at, last.condition, last.group))
         return Outcome("suspended", off, str(s))
     except Exception as exc:
-        return await _failed(task, state, ctx, exc, rng)
+        return await record_failure(task, state, ctx, exc, rng, hooks)
     finally:
         exit_run(token)
     await _tell_parent(state, ctx, output=output)
@@ -145,14 +120,17 @@ async def _tell_parent(
     await ctx.request(state.parent_run_id, "", body)
 
 
-async def _failed(
-    task: Task[Any, Any], state: RunState, ctx: RunContext, exc: Exception, rng: random.Random
+async def record_failure(
+    task: Task[Any, Any], state: RunState, ctx: RunContext, exc: Exception, rng: random.Random,
+    hooks: Interceptors,
 ) -> Outcome:
+    """Record a failed attempt under the retry policy: RetryScheduled, or
+    RunFailed + RunDeadLettered (after telling a waiting parent)."""
     emit = ctx.emit
     attempt = state.attempt
     retriable = not isinstance(exc, (NonDeterminismError, PayloadValidationError))
     info = error_info(exc, retriable)
-    attempt_failed(exc)
+    hooks.failed(exc)
     if exc is not ctx.recorded_failure:
         emit(StepFailed(attempt, info))
     delay = task.retry.next_delay(state.attempt_in_trigger, exc, rng) if retriable else None

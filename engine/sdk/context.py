@@ -10,11 +10,13 @@ completed returns the recorded output without running the step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, ParamSpec, Protocol, TypeVar, overload
@@ -24,7 +26,6 @@ from stepline.core.events import Body, ErrorInfo, PatchRecorded, StepCompleted, 
 from stepline.core.ids import step_idempotency_key
 from stepline.core.payloads import Codec, annotations_of, describe_args
 from stepline.errors import NonDeterminismError, NotInRunContext
-from stepline.observability import tracing
 from stepline.projections.runs import DONE_STEPS, StepState
 
 if TYPE_CHECKING:
@@ -68,6 +69,13 @@ def error_info(exc: BaseException, retriable: bool = True) -> ErrorInfo:
     return ErrorInfo(type(exc).__qualname__, str(exc), stack, retriable)
 
 
+def _no_step_scope(name: str, position: int) -> AbstractContextManager[object]:
+    return _NO_STEP
+
+
+_NO_STEP = contextlib.nullcontext()
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -101,6 +109,9 @@ class RunContext:
     # (engine/sdk/emit.py); None where nothing can be emitted. Whoever sets it
     # makes `emit` take `take_attached()` along with each event.
     emit_log: Log | None = None
+    # Opens the interceptors' scope around each executed step (a span and its
+    # timing, engine/sdk/interceptors.py); none outside a worker.
+    step_scope: Callable[[str, int], AbstractContextManager[object]] = _no_step_scope
 
     def __post_init__(self) -> None:
         # Records emitted by each executing step, until its checkpoint.
@@ -252,7 +263,7 @@ def _step_wrapper(fn: Callable[P, Awaitable[R]], name: str) -> Callable[P, Await
         token = _step_position.set(pos)
         try:
             # The step's span and duration (a no-op unless the attempt is traced or metered).
-            with tracing.step_scope(name, pos):
+            with ctx.step_scope(name, pos):
                 ctx.emit(StepStarted(pos, name, ctx.attempt, describe_args(args, kwargs)))
                 try:
                     result = await fn(*args, **kwargs)

@@ -11,7 +11,9 @@ The points, in the order a run meets them:
 
 1. `trigger` (client): around the append of a RunTriggered; may replace the
    event (tracing writes its span's context into the envelope).
-2. `folded` / `released` (worker): each event of a run the worker owns, after
+2. `started` / `stopped` (worker): the worker's lifetime (tracing reports its
+   queues and runs in the metrics' gauges meanwhile).
+   `folded` / `released` (worker): each event of a run the worker owns, after
    the fold; then the partitions it gives up (tracing keeps each live run's
    trigger context, to parent its attempts).
 3. `attempt` (worker): a scope around one attempt, opened before its context
@@ -58,11 +60,25 @@ class AttemptScope(Protocol):
         """The attempt is over; leave whatever it made current."""
 
 
+class WorkerView(Protocol):
+    """What a worker shows its interceptors of itself."""
+
+    def queue_depths(self) -> dict[str, int]: ...
+
+    def run_counts(self) -> dict[str, int]: ...
+
+
 class Interceptor:
     """Hooks around a run's lifecycle; each one does nothing unless overridden."""
 
     async def trigger(self, event: Event, append: Append) -> int:
         return await append(event)
+
+    def started(self, worker: WorkerView) -> None:
+        return None
+
+    def stopped(self, worker: WorkerView) -> None:
+        return None
 
     def folded(self, event: Event, state: RunState) -> None:
         return None
@@ -104,10 +120,16 @@ class TracingInterceptor(Interceptor):
     async def trigger(self, event: Event, append: Append) -> int:
         return await tracing.traced_trigger(event, append)
 
+    def started(self, worker: WorkerView) -> None:
+        tracing.watch_worker(worker)
+
+    def stopped(self, worker: WorkerView) -> None:
+        tracing.unwatch_worker(worker)
+
     def folded(self, event: Event, state: RunState) -> None:
         if event.traceparent is not None and type(event.body) is RunTriggered:
             parent = tracing.trigger_context(event)
-            if parent is not None:
+            if parent is not None and state.status not in TERMINAL:
                 self._parents.setdefault(state.run_id, parent)
         elif self._parents and state.status in TERMINAL:
             self._parents.pop(state.run_id, None)
@@ -221,6 +243,14 @@ class Interceptors:
             call = _bound_trigger(i, call)
         return await call(event)
 
+    def started(self, worker: WorkerView) -> None:
+        for i in self.items:
+            i.started(worker)
+
+    def stopped(self, worker: WorkerView) -> None:
+        for i in self.items:
+            i.stopped(worker)
+
     def folded(self, event: Event, state: RunState) -> None:
         for i in self.items:
             i.folded(event, state)
@@ -290,5 +320,6 @@ __all__ = [
     "NO_SCOPE",
     "SealingInterceptor",
     "TracingInterceptor",
+    "WorkerView",
     "default_interceptors",
 ]

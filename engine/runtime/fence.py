@@ -1,0 +1,86 @@
+"""Appending a run's events, fenced by the epoch of its partition's claim.
+
+Every event a worker writes for a run it owns carries the epoch of its
+claim on the run's partition (engine/runtime/ownership.py), and the next
+sequence number of the run; the projection drops events of older epochs,
+so a replaced owner's late writes never count. Requests (to runs owned
+here or not, such as a child's answer to its parent) go unfenced, with
+epoch 0. Both go through the worker's Appender, which batches per
+partition and keeps submission order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+
+from stepline.core.events import Body, Event
+from stepline.core.ids import new_event_id
+from stepline.log.appender import Appender
+from stepline.log.base import Outgoing
+from stepline.projections.runs import RunState
+from stepline.runtime.owned import Owned
+from stepline.runtime.slots import Slots
+
+
+def _copy_result(src: asyncio.Future[int], dst: asyncio.Future[int]) -> None:
+    if dst.done():
+        return
+    if src.cancelled():
+        dst.cancel()
+    elif src.exception() is not None:
+        dst.set_exception(src.exception())  # type: ignore[arg-type]
+    else:
+        dst.set_result(src.result())
+
+
+class Fence:
+    def __init__(self, owned: Owned, appender: Appender, slots: Slots, clock: Callable[[], int]) -> None:
+        self._owned = owned
+        self._appender = appender
+        self._slots = slots
+        self._clock = clock
+        # The last sequence number written per live run (the fold's may lag).
+        self._seq: dict[str, int] = {}
+
+    def emit(self, state: RunState, body: Body, traceparent: str | None = None,
+             outgoing: Sequence[Outgoing] = ()) -> asyncio.Future[int]:
+        rid = state.run_id
+        p = self._owned.partition_of(rid)
+        epoch = self._owned.epochs.get(p)
+        if epoch is None:
+            # The partition was revoked while this attempt went on (its code
+            # swallowed the cancellation). Whatever it says now, the next
+            # owner decides: write nothing, and end the attempt as a revoke
+            # does. (Written, it would carry epoch 0, which every fold drops,
+            # but a reader that started after the last claim, such as a
+            # client awaiting a result, could not tell it was stale.)
+            revoked: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            revoked.cancel()
+            return revoked
+        seq = max(self._seq.get(rid, 0), state.seq) + 1
+        self._seq[rid] = seq
+        ev = Event(new_event_id(), body.TYPE, rid, state.task_id, seq, self._clock(),
+                   epoch, body, traceparent)
+        gate = self._slots.gate(rid, body)
+        if gate is None:
+            return self._appender.submit(ev, rid.encode(), p, outgoing)
+        # Later events of the run queue up behind the release, in order
+        # (done-callbacks run in the order they were added).
+        out: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def submit(_: asyncio.Future[int]) -> None:
+            inner = self._appender.submit(ev, rid.encode(), p, outgoing)
+            inner.add_done_callback(lambda f: _copy_result(f, out))
+
+        gate.add_done_callback(submit)
+        return out
+
+    def request(self, run_id: str, task_id: str, body: Body) -> asyncio.Future[int]:
+        """Append a request (epoch 0, unfenced) to any run, owned here or not."""
+        ev = Event(new_event_id(), body.TYPE, run_id, task_id, 0, self._clock(), 0, body)
+        return self._appender.submit(ev, run_id.encode(), self._owned.partition_of(run_id))
+
+    def forget(self, run_id: str) -> None:
+        """The run is no longer running here: its next writer starts from the fold."""
+        self._seq.pop(run_id, None)

@@ -1,0 +1,79 @@
+"""The worker's table of owned partitions: their runs as folded so far.
+
+Per owned partition: its `PartitionRuns` and the epoch of this worker's
+claim (the epoch its events are fenced with, engine/runtime/fence.py). The
+interceptors see every event folded here (tracing keeps each live run's
+trigger context, engine/sdk/interceptors.py). And the events this worker
+appended and has not read back yet: it folds its own events when it reads
+them back, in log order like everyone else's; to save decoding, they are
+kept by offset until then.
+
+Every other part of the worker looks runs up here; only the ownership part
+(engine/runtime/ownership.py) adds and removes partitions.
+"""
+
+from __future__ import annotations
+
+from stepline.core.events import Event
+from stepline.log.base import partition_for
+from stepline.projections.runs import PartitionRuns, RunState
+from stepline.sdk.interceptors import Interceptors
+
+
+class Owned:
+    def __init__(self, hooks: Interceptors) -> None:
+        self.nparts = 0  # of the runs topic, known once the worker starts
+        self.parts: dict[int, PartitionRuns] = {}
+        self.epochs: dict[int, int] = {}
+        self._hooks = hooks
+        self._own: dict[tuple[int, int], Event] = {}
+
+    def partition_of(self, run_id: str) -> int:
+        return partition_for(run_id.encode(), self.nparts)
+
+    def part_of(self, run_id: str) -> PartitionRuns | None:
+        return self.parts.get(self.partition_of(run_id))
+
+    def state(self, run_id: str) -> RunState | None:
+        part = self.part_of(run_id)
+        return None if part is None else part.runs.get(run_id)
+
+    def fold(self, part: PartitionRuns, ev: Event, offset: int) -> RunState | None:
+        """Fold one event, and show it to the interceptors."""
+        st = part.apply(ev, offset)
+        if st is not None:
+            self._hooks.folded(ev, st)
+        return st
+
+    def forget(self, partitions: frozenset[int]) -> None:
+        """The partitions are given up: the interceptors drop what they kept of their runs."""
+        self._hooks.released(partitions, self.partition_of)
+
+    def on_appended(self, p: int, offsets: list[int], events: list[Event]) -> None:
+        """The Appender's callback: keep our own events until read back."""
+        part = self.parts.get(p)
+        if part is None:
+            return
+        for off, ev in zip(offsets, events):
+            if off >= part.next_offset:
+                self._own[(p, off)] = ev
+
+    def appended(self, p: int, offset: int) -> Event | None:
+        """The event this worker appended at `offset`, once, if it still has it."""
+        return self._own.pop((p, offset), None)
+
+    # --- introspection (tests, CLI, gauges) -----------------------------------
+
+    def runs(self) -> dict[str, RunState]:
+        out: dict[str, RunState] = {}
+        for part in self.parts.values():
+            out.update(part.runs)
+        return out
+
+    def run_counts(self) -> dict[str, int]:
+        """Runs of the owned partitions by state (the `stepline.partition.runs` gauge)."""
+        counts: dict[str, int] = {}
+        for part in list(self.parts.values()):
+            for st in list(part.runs.values()):
+                counts[st.status] = counts.get(st.status, 0) + 1
+        return counts
