@@ -1,5 +1,9 @@
-"""Reading the engine's topics as typed deliveries (docs/events.md); lives in `stepline.log.consume`."""
+# The documented path of the reader (docs/events.md, docs/api): it lives in
+# stepline.log.consume, beside the log it reads; this module is that one's face.
+from stepline.log import consume as _impl
+from stepline.log.consume import TOPIC_NAMES, Delivery, EventStream, consume
+from stepline.log.consume import Start as Start  # the type of `consume(start=...)`, as before the move
 
-from stepline.log.consume import TOPIC_NAMES, Delivery, EventStream, Start, consume
+__doc__ = _impl.__doc__
 
-__all__ = ["Delivery", "EventStream", "Start", "TOPIC_NAMES", "consume"]
+__all__ = ["Delivery", "EventStream", "TOPIC_NAMES", "consume"]

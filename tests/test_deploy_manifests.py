@@ -218,7 +218,8 @@ def _modules_of(*packages: Any) -> list[Any]:
     found = list(packages)
     for package in packages:
         for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
-            found.append(importlib.import_module(info.name))
+            if not info.name.endswith(".__main__"):  # importing it would run the CLI
+                found.append(importlib.import_module(info.name))
     return found
 
 
