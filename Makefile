@@ -26,10 +26,12 @@ $(STAMP): pyproject.toml
 quickstart: setup
 	$(PY) examples/process_order.py
 
-# lint: ruff, then mypy --strict on the package as it installs (scripts/typecheck.sh); fails on any finding.
+# lint: ruff, mypy --strict on the package as it installs (scripts/typecheck.sh), then the layering
+# contracts of docs/architecture.md (import-linter, scripts/importlint.sh); fails on any finding.
 lint: setup
-	$(PY) -m ruff check engine projections consumers schemas tests examples
+	$(PY) -m ruff check engine projections consumers schemas tests examples bench
 	PY=$(PY) scripts/typecheck.sh
+	PY=$(PY) scripts/importlint.sh
 
 # apidoc: write docs/api/ (signatures and docstrings of the public API) and the settings table of
 # docs/configuration.md from the code; tests/test_apidoc.py fails while they are stale.
