@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -88,44 +87,9 @@ def from_url_options(url: str, servers: list[str], options: dict[str, str]) -> K
 class KafkaLog(KafkaClients, Log):
     """A `Log` on Apache Kafka; see the module docstring."""
 
-    def __init__(
-        self,
-        bootstrap_servers: str | Sequence[str],
-        *,
-        namespace: str = "",
-        partitions: int | None = None,
-        replication_factor: int = -1,
-        retention_ms: int | None = None,
-        min_insync_replicas: int | None = None,
-        connect_timeout: float = 10.0,
-        cursors_per_partition: int = 4,
-        transactions: bool = True,
-        transaction_timeout_ms: int = 60_000,
-        client_options: dict[str, Any] | None = None,
-        producer_options: dict[str, Any] | None = None,
-        consumer_options: dict[str, Any] | None = None,
-        ssl_files: dict[str, str] | None = None,
-        ssl_check_hostname: bool = True,
-        url: str | None = None,
-    ) -> None:
-        super().__init__(
-            bootstrap_servers,
-            namespace=namespace,
-            partitions=partitions,
-            replication_factor=replication_factor,
-            retention_ms=retention_ms,
-            min_insync_replicas=min_insync_replicas,
-            connect_timeout=connect_timeout,
-            cursors_per_partition=cursors_per_partition,
-            transactions=transactions,
-            transaction_timeout_ms=transaction_timeout_ms,
-            client_options=client_options,
-            producer_options=producer_options,
-            consumer_options=consumer_options,
-            ssl_files=ssl_files,
-            ssl_check_hostname=ssl_check_hostname,
-            url=url,
-        )
+    def _build(self) -> None:
+        # Called by KafkaClients.__init__ once the settings are checked, so
+        # KafkaLog takes exactly its constructor (one signature, not two).
         self._admin: AIOKafkaAdminClient | None = None
         self._producer: AIOKafkaProducer | None = None
         self._meta: AIOKafkaConsumer | None = None

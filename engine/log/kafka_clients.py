@@ -76,6 +76,10 @@ class KafkaClients:
         self._producer_options = dict(producer_options or {})
         self._consumer_options = dict(consumer_options or {})
         self._ssl_context = self._make_ssl_context(dict(ssl_files or {}), ssl_check_hostname)
+        self._build()
+
+    def _build(self) -> None:
+        """What a subclass builds on the settings (KafkaLog: its clients' parts)."""
 
     def _make_ssl_context(self, files: dict[str, str], check_hostname: bool) -> ssl.SSLContext | None:
         protocol = self._client_options.get("security_protocol", "PLAINTEXT")
