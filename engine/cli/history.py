@@ -33,13 +33,13 @@ from stepline.sdk.task import load_app
 
 
 def _step_outputs(entries: list[str]) -> dict[int, Any]:
-    out: dict[int, Any] = {}
+    outputs: dict[int, Any] = {}
     for entry in entries:
         pos, sep, value = entry.partition("=")
         if not sep or not pos.strip().isdigit():
             raise CliError(f"--step-output must be N=JSON (e.g. 2='{{\"price\": 10}}'), got {entry!r}")
-        out[int(pos)] = _parse_json(value, f"--step-output {pos.strip()}")
-    return out
+        outputs[int(pos)] = _parse_json(value, f"--step-output {pos.strip()}")
+    return outputs
 
 
 def fork(
