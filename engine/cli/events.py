@@ -1,20 +1,27 @@
 """`stepline events`: the engine's events as JSON lines, for jq, scripts and audits.
 
 The command-line face of `stepline.events.consume` (docs/events.md):
-registered on the CLI's app by engine/cli/main.py; the CLI's helpers are
-imported when the command runs, as in engine/cli/history.py.
+registered on the CLI's app by engine/cli/main.py.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
+from datetime import datetime
 from typing import Annotated, Any
 
 import typer
 
+from stepline.cli._common import _fail, _run
 from stepline.cli.options import LogOpt
+from stepline.core import events as ev_mod
 from stepline.log import DEFAULT_LOG_URL
+from stepline.log.consume import consume
+from stepline.projections.views import event_dict
+from stepline.security.keystore import default_keystore
+from stepline.security.sensitive import shown
 
 TopicOpt = Annotated[list[str] | None, typer.Option(
     "--topic", "-t", help="runs, events or queues; repeat for several (default: runs).")]
@@ -43,13 +50,6 @@ def events(
 
     Sensitive payload fields print as "\\[redacted]" (or "\\[erased]"), as everywhere else.
     """
-    from stepline.cli.main import _fail, _run
-    from stepline.core import events as ev_mod
-    from stepline.log.consume import consume
-    from stepline.projections.views import event_dict
-    from stepline.security.keystore import default_keystore
-    from stepline.security.sensitive import shown
-
     known = {name: cls for name, cls in vars(ev_mod).items()
              if isinstance(cls, type) and isinstance(getattr(cls, "TYPE", None), str)}
     unknown = sorted(set(types or ()) - set(known))
@@ -89,9 +89,6 @@ def events(
 
 
 def _since_ms(text: str) -> int | None:
-    import time
-    from datetime import datetime
-
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     if text[-1:] in units and text[:-1].isdecimal():
         return int((time.time() - int(text[:-1]) * units[text[-1]]) * 1000)

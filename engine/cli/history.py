@@ -1,9 +1,7 @@
 """`stepline fork` and `stepline shadow`: the history as something to branch from.
 
-Registered on the CLI's app by `engine/cli/main.py` (`register(app)`). The
-CLI's helpers are imported when a command runs: under `python -m
-stepline.cli` the app lives in `__main__`, and importing `stepline.cli`
-from here at import time would cycle.
+Registered on the CLI's app by `engine/cli/main.py` (`register(app)`), over
+the helpers of engine/cli/_common.py.
 """
 
 from __future__ import annotations
@@ -12,21 +10,36 @@ import json
 from typing import Annotated, Any
 
 import typer
+from rich.table import Table
 
+from stepline.cli._common import (
+    CliError,
+    _await_outcome,
+    _fail,
+    _parse_json,
+    _print_json,
+    _print_started,
+    _progress,
+    _run,
+    out,
+)
 from stepline.cli.options import AppOpt, JsonOpt, LogOpt
+from stepline.client import Client
+from stepline.history.replay import iso_ms, parse_point
+from stepline.history.shadow import ShadowResult, ShadowSummary, shadow_runs, shadow_task
+from stepline.history.shadow_code import load_code
 from stepline.log import DEFAULT_LOG_URL
+from stepline.sdk.task import load_app
 
 
 def _step_outputs(entries: list[str]) -> dict[int, Any]:
-    from stepline.cli.main import CliError, _parse_json
-
-    out: dict[int, Any] = {}
+    outputs: dict[int, Any] = {}
     for entry in entries:
         pos, sep, value = entry.partition("=")
         if not sep or not pos.strip().isdigit():
             raise CliError(f"--step-output must be N=JSON (e.g. 2='{{\"price\": 10}}'), got {entry!r}")
-        out[int(pos)] = _parse_json(value, f"--step-output {pos.strip()}")
-    return out
+        outputs[int(pos)] = _parse_json(value, f"--step-output {pos.strip()}")
+    return outputs
 
 
 def fork(
@@ -44,10 +57,6 @@ def fork(
     as_json: JsonOpt = False,
 ) -> None:
     """Start a new run from RUN's history up to --at-step, then live (with edits)."""
-    from stepline.cli.main import _await_outcome, _parse_json, _print_started, _run
-    from stepline.client import Client
-    from stepline.sdk.task import load_app
-
     async def go() -> dict[str, Any]:
         registry = load_app(app_module) if app_module else None
         new_value = _parse_json(payload, "--payload") if payload is not None else None
@@ -68,8 +77,6 @@ def fork(
 
 def parse_since(text: str, now_ms: int) -> int:
     """`24h`, `30m`, `7d` (also with a leading `-`), or an ISO-8601 time: ms since the epoch."""
-    from stepline.history.replay import parse_point
-
     value = text.strip()
     relative = value if value.startswith("-") else f"-{value}"
     try:
@@ -99,11 +106,6 @@ def shadow(
 ) -> None:
     """Re-execute recorded runs against new code, outputs served from the journal
     (no side effects), and diff step names, inputs and outputs. Exits 1 if any diverges."""
-    from stepline.cli.main import CliError, _fail, _print_json, _progress, _run
-    from stepline.client import Client
-    from stepline.history.shadow import ShadowResult, ShadowSummary, shadow_runs, shadow_task
-    from stepline.history.shadow_code import load_code
-
     if not module:
         _fail("stepline shadow needs --module NEW_CODE (a .py file or a dotted module name)")
     if bool(run_ids) == (task is not None):
@@ -147,10 +149,6 @@ def _short(value: Any, width: int = 60) -> str:
 
 
 def _print_result(r: Any) -> None:
-    from rich.table import Table
-
-    from stepline.cli.main import out
-
     verdict = "[bold red]DIVERGES[/]" if r.diverged else "[bold green]same[/]"
     out.print(f"shadow of [bold]{r.run_id}[/] ({r.task_id}, {r.status}): {verdict}", highlight=False)
     versions = f"version {r.recorded_version or '-'} → {r.shadow_version or '-'}"
@@ -174,9 +172,6 @@ def _print_result(r: Any) -> None:
 
 
 def _print_summary(summary: Any, as_json: bool) -> None:
-    from stepline.cli.main import _print_json, out
-    from stepline.history.replay import iso_ms
-
     if as_json:
         _print_json(summary.to_dict())
         return

@@ -1,7 +1,7 @@
 """`stepline pause|resume` and `stepline runs cancel|retry|replay`: operations at fleet scale.
 
-Registered on the CLI's app by `engine/cli/main.py` (`register(app)`); the CLI's
-helpers are imported when a command runs, as in engine/cli/history.py.
+Registered on the CLI's app by `engine/cli/main.py` (`register(app)`), over the
+helpers of engine/cli/_common.py.
 
 The bulk commands select runs from a query projection (the file `stepline
 dev` keeps beside a SQLite log, else `--query-db`), brought up to the log's
@@ -11,17 +11,19 @@ lists. Without `--yes` they count first and ask.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
-from stepline.log import DEFAULT_LOG_URL
-
-if TYPE_CHECKING:
-    from stepline.client import Client
-    from stepline.client.bulk import BulkReport
-
+from stepline.cli._common import _dev_query_db, _print_json, _run, err, out
 from stepline.cli.options import AppOpt, JsonOpt, LogOpt, _setting, _setting_help
+from stepline.client import Client
+from stepline.client.bulk import BulkReport, bulk_action
+from stepline.client.pause import set_paused
+from stepline.log import DEFAULT_LOG_URL
+from stepline.projections.query import QueryProjector
+from stepline.projections.query_store import QueryStore
+from stepline.sdk.task import load_app
 
 pause_app = typer.Typer(no_args_is_help=True, help="Hold a task's or a queue's runs: they stay queued until resumed.")
 resume_app = typer.Typer(no_args_is_help=True, help="Resume a paused task or queue.")
@@ -29,11 +31,6 @@ resume_app = typer.Typer(no_args_is_help=True, help="Resume a paused task or que
 
 def _set(scope: str, name: str, paused: bool, reason: str, app_module: str | None, log: str,
          as_json: bool) -> None:
-    from stepline.cli.main import _print_json, _run, out
-    from stepline.client import Client
-    from stepline.client.pause import set_paused
-    from stepline.sdk.task import load_app
-
     async def go() -> None:
         registry = load_app(app_module) if app_module else None
         async with Client(log, registry=registry) as client:
@@ -72,9 +69,6 @@ def pause_queue(
 @pause_app.command("ls")
 def pause_ls(log: LogOpt = DEFAULT_LOG_URL, as_json: JsonOpt = False) -> None:
     """What is paused."""
-    from stepline.cli.main import _print_json, _run, out
-    from stepline.client import Client
-
     async def go() -> dict[tuple[str, str], str]:
         async with Client(log) as client:
             return await client.paused()
@@ -110,17 +104,9 @@ def resume_queue(
 # --- bulk ----------------------------------------------------------------------------
 
 
-def _default_query_db(log: str) -> str:
-    from stepline.cli.main import _dev_query_db
-
-    return _dev_query_db(log)
-
-
 async def _bulk(client: Client, query_db: str, action: str, filt: dict[str, Any], dry_run: bool,
                 request_id: str | None) -> BulkReport:
-    from stepline.client.bulk import bulk_action
-    from stepline.projections.query import QueryProjector
-    from stepline.projections.query_store import QueryStore
+    # Imported when the command runs: the server's package imports aiohttp, slow to import (start-up).
     from stepline.server.ops_api import parse_filter
 
     async with QueryStore(query_db) as store:
@@ -163,12 +149,9 @@ def _bulk_command(action: str) -> Any:
         log: LogOpt = DEFAULT_LOG_URL,
         as_json: JsonOpt = False,
     ) -> None:
-        from stepline.cli.main import _print_json, _run, err, out
-        from stepline.client import Client
-
         filt: dict[str, Any] = {"task": task, "status": status or None, "tag": tag or None, "since": since,
                                 "until": until, "error_type": error_type, "q": text, "dead_letter": dead_letter}
-        db = query_db or _default_query_db(log)
+        db = query_db or _dev_query_db(log)
 
         async def go(dry: bool, rid: str | None) -> BulkReport:
             async with Client(log) as client:

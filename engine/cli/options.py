@@ -1,10 +1,9 @@
 """Command-line options backed by settings (engine/settings.py).
 
 A flag on the command line wins; else the setting when STEPLINE_<NAME> or
-stepline.toml sets it; else the option's own default. Shared by engine/cli/main.py
-and the commands other modules register on its app (cli_history, cli_ops,
-cli_events), which cannot import engine/cli/main.py itself: run as
-`python -m stepline.cli` it would be imported a second time.
+stepline.toml sets it; else the option's own default. Shared by the command
+modules (running, requesting, reading, history, ops, events), which
+engine/cli/main.py imports to register their commands on its app.
 """
 
 from __future__ import annotations

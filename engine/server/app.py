@@ -17,44 +17,44 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import math
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
 from aiohttp import web
 
-from stepline.client import Client, check_event_name
+from stepline.client import Client
 from stepline.core.ids import parse_token
-from stepline.errors import (
-    InvalidEventName,
-    InvalidRunState,
-    InvalidToken,
-    KeyStoreError,
-    LogError,
-    PayloadTooLarge,
-    PayloadValidationError,
-    ServeConfigError,
-    UnknownRun,
-    UnknownTask,
-)
+from stepline.errors import InvalidToken
 from stepline.projections.query import QueryProjector, QueryStore
 from stepline.projections.views import state_dict
 from stepline.sdk.task import Registry, Task
 from stepline.security.sensitive import shown
+from stepline.server._http import (
+    _Api,
+    _HttpError,
+    _json_errors,
+    _json_object,
+    _optional_str,
+    _parse_json,
+    _read_body,
+    log,
+)
+from stepline.server.backfill_api import add_backfill_routes
+from stepline.server.config import ServeConfig, WebhookSource
 from stepline.server.dashboard import add_dashboard_routes
+from stepline.server.history_api import add_history_routes
 from stepline.server.openapi import add_openapi_route
-
-log = structlog.get_logger("stepline.server")
+from stepline.server.ops_api import add_ops_routes
+from stepline.server.query_api import add_query_routes
+from stepline.version import __version__
 
 SIGNATURE_HEADER = "Stepline-Signature"
 
-_SOURCE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 _TIMESTAMP = re.compile(r"[0-9]{1,15}")
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 _MALFORMED = f"malformed {SIGNATURE_HEADER} header: expected t=<unix seconds>,v1=<hex HMAC-SHA256>"
@@ -66,59 +66,6 @@ _PRIORITY_RANGE = range(-(2**31), 2**31)
 _MAX_DELAY_S = 100 * 365 * 24 * 3600
 
 
-@dataclass(frozen=True)
-class WebhookSource:
-    """A sender of webhooks, e.g. a payment provider, and the secret it signs with.
-
-    Deliveries are published as domain events named `event_name`
-    (`webhook.<name>` by default), for tasks to subscribe to.
-    """
-
-    name: str
-    secret: str
-    event_name: str | None = None
-
-    def __post_init__(self) -> None:
-        if not _SOURCE_NAME.fullmatch(self.name):
-            raise ServeConfigError(
-                f"webhook source name must be letters, digits, '_' or '-' (it is part of the URL), "
-                f"got {self.name!r}"
-            )
-        if not self.secret:
-            raise ServeConfigError(f"webhook source {self.name!r} needs a non-empty secret")
-        try:
-            check_event_name(self.event)
-        except InvalidEventName as exc:
-            raise ServeConfigError(f"webhook source {self.name!r}: {exc}") from exc
-
-    @property
-    def event(self) -> str:
-        """The name its deliveries are published under."""
-        return self.event_name or f"webhook.{self.name}"
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    api_token: str | None
-    webhooks: Mapping[str, WebhookSource]
-    max_body_bytes: int = 1 << 20
-    signature_tolerance_s: int = 300
-    # False only for `stepline dev`: a local API anyone on the machine may call.
-    auth_required: bool = True
-    # Where `?module=` of the shadow route may import new code from
-    # (engine/server/history_api.py); None refuses every module.
-    shadow_path: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.auth_required and not self.api_token:
-            raise ServeConfigError("an API token is required unless auth_required=False")
-        if self.max_body_bytes < 1 or self.signature_tolerance_s < 1:
-            raise ServeConfigError("max_body_bytes and signature_tolerance_s must be positive")
-        for key, source in self.webhooks.items():
-            if key != source.name:
-                raise ServeConfigError(f"webhooks[{key!r}] holds the source named {source.name!r}")
-
-
 def sign_webhook(secret: str, body: bytes, timestamp: int | None = None) -> str:
     """The `Stepline-Signature` header value for `body`, signed now unless `timestamp` is given."""
     t = int(time.time()) if timestamp is None else timestamp
@@ -127,121 +74,6 @@ def sign_webhook(secret: str, body: bytes, timestamp: int | None = None) -> str:
 
 def _digest(secret: str, timestamp: int, body: bytes) -> str:
     return hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-
-
-class _HttpError(Exception):
-    """Answered as `{"error": message}` with `status`."""
-
-    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers
-
-
-def _unauthorized(message: str) -> _HttpError:
-    return _HttpError(401, message, {"WWW-Authenticate": "Bearer"})
-
-
-# Errors callers cause, by the status that tells them so; checked in order.
-_STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
-    (UnknownTask, 404),
-    (UnknownRun, 404),
-    (PayloadValidationError, 422),
-    (PayloadTooLarge, 413),
-    (InvalidEventName, 400),
-    (InvalidToken, 409),
-    (InvalidRunState, 409),
-    (LogError, 503),
-    (KeyStoreError, 503),
-)
-
-
-@web.middleware
-async def _json_errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except _HttpError as exc:
-        return _error(exc.status, exc.message, exc.headers)
-    except web.HTTPException as exc:  # aiohttp's own: no such route, wrong method
-        if exc.status < 400:
-            raise
-        message = f"{exc.reason}: {request.method} {request.path}"
-        return _error(exc.status, message, {k: v for k, v in exc.headers.items() if k == "Allow"})
-    except Exception as exc:
-        for cls, status in _STATUS_OF:
-            if isinstance(exc, cls):
-                return _error(status, str(exc))
-        log.exception("request failed", method=request.method, path=request.path)
-        return _error(500, "internal error; the server log has the details")
-
-
-def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers)
-
-
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    """The body, refused with 413 past `limit` bytes without reading further.
-
-    A declared length is checked up front; a chunked body is read to at most
-    limit + 1 bytes, enough to know it is too long.
-    """
-    too_large = _HttpError(413, f"request body is larger than the {limit}-byte limit")
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
-    chunks: list[bytes] = []
-    size = 0
-    while size <= limit:
-        chunk = await request.content.read(limit + 1 - size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    if size > limit:
-        raise too_large
-    return b"".join(chunks)
-
-
-def _parse_json(raw: bytes) -> Any:
-    """The body as JSON; 400 for what Python's parser takes but JSON (RFC 8259) and Avro do not."""
-    try:
-        value = json.loads(raw)
-    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
-        raise _HttpError(400, f"request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise _HttpError(400, "request body is nested too deeply") from None
-    try:
-        # NaN, Infinity and 1e400 (which parses as infinity) fail allow_nan=False;
-        # a lone surrogate escape ("\ud800") fails the UTF-8 encoding that
-        # every string meets on its way into an Avro record.
-        json.dumps(value, ensure_ascii=False, allow_nan=False).encode()
-    except ValueError as exc:  # UnicodeEncodeError is a ValueError
-        why = ("a lone UTF-16 surrogate escape" if isinstance(exc, UnicodeEncodeError)
-               else "NaN, Infinity and numbers beyond a double's range (such as 1e400) are not JSON")
-        raise _HttpError(400, f"request body is not valid JSON: {why}") from None
-    except RecursionError:
-        raise _HttpError(400, "request body is nested too deeply") from None
-    return value
-
-
-def _json_object(raw: bytes, allowed: frozenset[str]) -> dict[str, Any]:
-    body = _parse_json(raw)
-    if not isinstance(body, dict):
-        raise _HttpError(400, "request body must be a JSON object")
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        # A misspelt option silently ignored would trigger the wrong thing.
-        raise _HttpError(400, f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
-    return body
-
-
-def _optional_str(body: dict[str, Any], name: str) -> str | None:
-    value = body.get(name)
-    if value is not None and (not isinstance(value, str) or not value):
-        raise _HttpError(400, f"{name} must be a non-empty string")
-    return value
 
 
 @dataclass(frozen=True)
@@ -337,37 +169,18 @@ class _ReplayGuard:
         self._seen.pop((source, signature), None)
 
 
-class _Api:
-    def __init__(self, client: Client, config: ServeConfig, registry: Registry | None) -> None:
-        self.client = client
-        self.config = config
-        self.registry = registry
-        self.replays = _ReplayGuard(config.signature_tolerance_s)
+class _CoreApi(_Api):
+    """The routes of app.py itself: trigger, publish, read, cancel, tokens, webhooks."""
 
-    def authenticate(self, request: web.Request, *, query_token: bool = False) -> None:
-        """`query_token=True` also accepts `?token=` (EventSource cannot send headers)."""
-        if not self.config.auth_required:
-            return
-        header = request.headers.get("Authorization")
-        if header is None and query_token and request.query.get("token"):
-            header = f"Bearer {request.query['token']}"
-        if header is None:
-            raise _unauthorized("missing Authorization header: send 'Authorization: Bearer <API token>'")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not given.strip():
-            raise _unauthorized("Authorization header must be 'Bearer <API token>'")
-        token = self.config.api_token or ""
-        # Compared as bytes: compare_digest refuses non-ASCII str, and a header may hold any.
-        if not hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), token.encode()):
-            raise _unauthorized("the API token is not valid")
+    def __init__(self, client: Client, config: ServeConfig, registry: Registry | None) -> None:
+        super().__init__(client, config, registry)
+        self.replays = _ReplayGuard(config.signature_tolerance_s)
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
 
     async def info(self, request: web.Request) -> web.Response:
         """Unauthenticated: tells the dashboard whether to ask for a token."""
-        from stepline.version import __version__
-
         return web.json_response({"auth": self.config.auth_required, "version": __version__})
 
     async def trigger(self, request: web.Request) -> web.Response:
@@ -466,13 +279,9 @@ def create_app(
     query store (kept up to date by a QueryProjector) the run and event
     lists of engine/server/query_api.py answer; without one they answer 503.
     """
-    from stepline.server.query_api import add_query_routes
-
     # Above our own limit, so a too-large body gets our 413 and its message.
     app = web.Application(middlewares=[_json_errors], client_max_size=config.max_body_bytes + 1)
-    api = _Api(client, config, registry)
-    from stepline.server.ops_api import add_ops_routes
-
+    api = _CoreApi(client, config, registry)
     # First: /v1/runs/bulk/cancel must not be read as /v1/runs/{run_id}/cancel.
     add_ops_routes(app, api, query)
     app.router.add_get("/healthz", api.healthz)
@@ -483,11 +292,7 @@ def create_app(
     app.router.add_post("/v1/runs/{run_id}/cancel", api.cancel)
     app.router.add_post("/v1/webhooks/{source}", api.webhook)
     add_query_routes(app, api, query)
-    from stepline.server.history_api import add_history_routes
-
     add_history_routes(app, api)
-    from stepline.server.backfill_api import add_backfill_routes
-
     add_backfill_routes(app, api)
     app.router.add_get("/v1/info", api.info)
     add_openapi_route(app, auth_required=config.auth_required)

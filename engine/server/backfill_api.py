@@ -9,23 +9,19 @@ Needs the server to know the task's subscriptions (`stepline serve --app`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from stepline.client.backfill import backfill
 from stepline.errors import TaskDefinitionError
-
-if TYPE_CHECKING:
-    from stepline.server.app import _Api
+from stepline.server._http import _Api, _HttpError, _json_object, _read_body
 
 _FIELDS = frozenset({"since", "until", "dry_run"})
 
 
 def add_backfill_routes(app: web.Application, api: _Api) -> None:
     async def handle(request: web.Request) -> web.Response:
-        from stepline.server.app import _HttpError, _json_object, _read_body
-
         api.authenticate(request)
         task_id = request.match_info["task_id"]
         if api.registry is None:

@@ -19,7 +19,7 @@ its steps; steps answer from the journal). Which code:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
@@ -27,25 +27,17 @@ from stepline.errors import InvalidFork, TaskDefinitionError
 from stepline.history.shadow import shadow_run
 from stepline.history.shadow_code import load_code_under
 from stepline.sdk.task import Registry
-
-if TYPE_CHECKING:
-    from stepline.server.app import _Api
+from stepline.server._http import _Api, _HttpError, _json_object, _optional_str, _read_body
 
 _FORK_FIELDS = frozenset({"at_step", "payload", "step_outputs", "idempotency_key"})
 _SHADOW_FIELDS = frozenset({"module"})
-
-
-def _http_error(status: int, message: str) -> Exception:
-    from stepline.server.app import _HttpError
-
-    return _HttpError(status, message)
 
 
 def _step_outputs(value: Any) -> dict[int, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict) or not all(isinstance(k, str) and k.isascii() and k.isdigit() for k in value):
-        raise _http_error(400, 'step_outputs must be an object from step positions to outputs, e.g. {"2": 10}')
+        raise _HttpError(400, 'step_outputs must be an object from step positions to outputs, e.g. {"2": 10}')
     return {int(k): v for k, v in value.items()}
 
 
@@ -54,8 +46,6 @@ class HistoryRoutes:
         self.api = api
 
     async def fork(self, request: web.Request) -> web.Response:
-        from stepline.server.app import _json_object, _optional_str, _read_body
-
         self.api.authenticate(request)
         run_id = request.match_info["run_id"]
         body = _json_object(await _read_body(request, self.api.config.max_body_bytes), _FORK_FIELDS)
@@ -63,7 +53,7 @@ class HistoryRoutes:
         if isinstance(at_step, float) and at_step.is_integer():
             at_step = int(at_step)  # JSON has one number type: 3.0 is the integer 3
         if isinstance(at_step, bool) or not isinstance(at_step, int):
-            raise _http_error(400, "at_step must be an integer: the first journal position to run live")
+            raise _HttpError(400, "at_step must be an integer: the first journal position to run live")
         try:
             handle = await self.api.client.fork(
                 run_id, at_step, payload=body.get("payload"), new_payload="payload" in body,
@@ -71,7 +61,7 @@ class HistoryRoutes:
                 idempotency_key=_optional_str(body, "idempotency_key"),
             )
         except InvalidFork as exc:
-            raise _http_error(400, str(exc)) from None
+            raise _HttpError(400, str(exc)) from None
         return web.json_response(
             {"run_id": handle.run_id, "task_id": handle.task_id, "forked_from": run_id, "at_step": at_step},
             status=202, headers={"Location": f"/v1/runs/{handle.run_id}"},
@@ -81,23 +71,21 @@ class HistoryRoutes:
         config = self.api.config
         if module is None:
             if self.api.registry is None:
-                raise _http_error(409, "this server has no app code to shadow with: start it with --app "
-                                       "MODULE, or pass ?module= (needs --shadow-path and a token)")
+                raise _HttpError(409, "this server has no app code to shadow with: start it with --app "
+                                      "MODULE, or pass ?module= (needs --shadow-path and a token)")
             return self.api.registry, "the server's app"
         if not config.auth_required:
-            raise _http_error(403, "?module= imports and runs code, so it needs a server that requires a "
-                                   "token; this one runs without auth. Shadow with the server's own app instead")
+            raise _HttpError(403, "?module= imports and runs code, so it needs a server that requires a "
+                                  "token; this one runs without auth. Shadow with the server's own app instead")
         if not config.shadow_path:
-            raise _http_error(403, "this server accepts no shadow modules: start it with --shadow-path DIR "
-                                   "(STEPLINE_SHADOW_PATH) to allow modules from DIR")
+            raise _HttpError(403, "this server accepts no shadow modules: start it with --shadow-path DIR "
+                                  "(STEPLINE_SHADOW_PATH) to allow modules from DIR")
         try:
             return load_code_under(config.shadow_path, module), module
         except TaskDefinitionError as exc:
-            raise _http_error(400, str(exc)) from None
+            raise _HttpError(400, str(exc)) from None
 
     async def shadow(self, request: web.Request) -> web.Response:
-        from stepline.server.app import _json_object, _optional_str, _read_body
-
         self.api.authenticate(request)
         run_id = request.match_info["run_id"]
         module = request.query.get("module") or None

@@ -19,6 +19,8 @@ from typing import Any
 
 from aiohttp import web
 
+from stepline.version import __version__
+
 SPEC_PATH = "/v1/openapi.json"
 
 # Mirrors of the server's limits; tests/test_openapi.py pins each to its source.
@@ -294,9 +296,13 @@ def _op(op_id: str, summary: str, responses: dict[str, Schema], *, auth: bool = 
     return out
 
 
-def _paths() -> dict[str, dict[str, Schema]]:
-    run_page = _json("runs, newest first", _ref("RunPage"))
-    get_run_link = {"GetRun": {"operationId": "getRun", "parameters": {"run_id": "$response.body#/run_id"}}}
+def _get_run_link() -> Schema:
+    """The link from an answer's run_id to getRun."""
+    return {"GetRun": {"operationId": "getRun", "parameters": {"run_id": "$response.body#/run_id"}}}
+
+
+def _meta_paths() -> dict[str, dict[str, Schema]]:
+    """The process, the API and this description: no token needed."""
     return {
         "/healthz": {"get": _op("healthz", "the process is up", {
             "200": _json("always", _obj(["ok"], ok={"type": "boolean", "const": True}))},
@@ -306,13 +312,20 @@ def _paths() -> dict[str, dict[str, Schema]]:
                                         version={"type": "string"}))}, auth=False, tags=("meta",))},
         SPEC_PATH: {"get": _op("openapi", "this description", {
             "200": _json("the OpenAPI document", {"type": "object"})}, auth=False, tags=("meta",))},
+    }
+
+
+def _run_paths() -> dict[str, dict[str, Schema]]:
+    """Trigger and publish, then read, list, cancel and retry runs."""
+    run_page = _json("runs, newest first", _ref("RunPage"))
+    return {
         "/v1/tasks/{task_id}/trigger": {"post": _op(
             "triggerTask", "start a run of a task", {
                 "202": _json("the run is recorded (or was already, for a repeated idempotency key)",
                              _obj(["run_id", "task_id"], run_id={"type": "string"}, task_id={"type": "string"}),
                              headers={"Location": {"schema": {"type": "string"},
                                                    "description": "/v1/runs/{run_id}"}},
-                             links=get_run_link),
+                             links=_get_run_link()),
                 "404": _error("no task with this id (when the server knows the app's tasks)"),
                 "422": _error("the payload does not fit the task's model"),
                 "503": _LOG_DOWN},
@@ -370,12 +383,18 @@ def _paths() -> dict[str, dict[str, Schema]]:
                 "404": _NO_RUN, "409": _error("the run is neither failed nor cancelled"),
                 "422": _error("the new payload does not fit the task's model"), "503": _LOG_DOWN},
             body=("RetryRequest", False), params=[_RUN_ID])},
+    }
+
+
+def _branch_paths() -> dict[str, dict[str, Schema]]:
+    """Forks, shadows and wait tokens: a run taken from its history or resumed."""
+    return {
         "/v1/runs/{run_id}/fork": {"post": _op(
             "forkRun", "a new run replaying this one's journal up to a step, then running live", {
                 "202": _json("the fork is triggered", _obj(
                     ["run_id", "task_id", "forked_from", "at_step"], run_id={"type": "string"},
                     task_id={"type": "string"}, forked_from={"type": "string"}, at_step={"type": "integer"}),
-                    headers={"Location": {"schema": {"type": "string"}}}, links=get_run_link),
+                    headers={"Location": {"schema": {"type": "string"}}}, links=_get_run_link()),
                 "400": _error("at_step or step_outputs do not fit the run's journal, or " + _BAD_JSON),
                 "404": _NO_RUN, "409": _error("the run cannot be forked in its state"),
                 "422": _error("the new payload does not fit the task's model"), "503": _LOG_DOWN},
@@ -403,6 +422,12 @@ def _paths() -> dict[str, dict[str, Schema]]:
             body=("CompleteTokenRequest", True),
             params=[_path("token", "tok_<run id>_<step>, as wait_for_token gave it",
                           pattern=r"^tok_run_[\s\S]*_[0-9]+$", examples=["tok_run_0123456789abcdef_2"])])},
+    }
+
+
+def _ops_paths() -> dict[str, dict[str, Schema]]:
+    """Bulk actions, pauses, and the live views of queues, schedules and runs."""
+    return {
         **{f"/v1/runs/bulk/{action}": {"post": _op(
             f"bulk{action.capitalize()}", f"{action} every run a filter selects, or count them (dry_run)", {
                 "200": _json("what was (or would be) done", _ref("BulkReport")),
@@ -436,6 +461,12 @@ def _paths() -> dict[str, dict[str, Schema]]:
             "200": {"description": "an endless event stream",
                     "content": {"text/event-stream": {"schema": {"type": "string"}}}},
             "503": _NO_QUERY}, security=[{"bearer": []}, {"queryToken": []}])},
+    }
+
+
+def _edge_paths() -> dict[str, dict[str, Schema]]:
+    """Webhooks, backfills, erasure, and the dashboard's files."""
+    return {
         "/v1/webhooks/{source}": {"post": _op(
             "receiveWebhook", "a signed delivery from a configured source, published as a domain event", {
                 "202": _json("published", _obj(["event_id"], event_id={"type": "string"})),
@@ -477,6 +508,11 @@ def _paths() -> dict[str, dict[str, Schema]]:
     }
 
 
+def _paths() -> dict[str, dict[str, Schema]]:
+    # In this order: the served description lists its paths as written here.
+    return {**_meta_paths(), **_run_paths(), **_branch_paths(), **_ops_paths(), **_edge_paths()}
+
+
 _SECURITY_SCHEMES: dict[str, Schema] = {
     "bearer": {"type": "http", "scheme": "bearer",
                "description": "`Authorization: Bearer <API token>` (`stepline serve --api-token` or "
@@ -494,8 +530,6 @@ _SECURITY_SCHEMES: dict[str, Schema] = {
 
 def openapi_spec(*, auth_required: bool = True) -> dict[str, Any]:
     """The description as a dict; with `auth_required=False` (`stepline dev`) no operation needs a token."""
-    from stepline.version import __version__
-
     paths = _paths()
     if not auth_required:
         for ops in paths.values():

@@ -20,7 +20,7 @@ without). The bulk routes are registered before `/v1/runs/{run_id}/...`, so
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
@@ -29,22 +29,14 @@ from stepline.client.bulk import ACTIONS, InvalidBulkRequest, bulk_action
 from stepline.client.pause import InvalidPause, pauses, set_paused
 from stepline.core.events import PAUSE_QUEUE, PAUSE_TASK
 from stepline.projections.query_store import QueryStore, RunFilter
+from stepline.server._http import _Api, _HttpError, _json_object, _read_body
 from stepline.server.query_api import STATUSES
-
-if TYPE_CHECKING:
-    from stepline.server.app import _Api
 
 _PAUSE_FIELDS = frozenset({"reason"})
 _BULK_FIELDS = frozenset({"filter", "dry_run", "request_id"})
 _FILTER_FIELDS = frozenset({"task", "status", "tag", "from", "to", "since", "until", "q", "dead_letter",
                             "parent", "error_type"})
 _MAX_MS = 2**63 - 1
-
-
-def _http_error(status: int, message: str) -> Exception:
-    from stepline.server.app import _HttpError
-
-    return _HttpError(status, message)
 
 
 def _strings(value: Any, name: str) -> tuple[str, ...]:
@@ -128,8 +120,6 @@ class OpsRoutes:
         self.store = store
 
     async def _body(self, request: web.Request, allowed: frozenset[str]) -> dict[str, Any]:
-        from stepline.server.app import _json_object, _read_body
-
         raw = await _read_body(request, self.api.config.max_body_bytes)
         return _json_object(raw, allowed) if raw.strip() else {}
 
@@ -139,11 +129,11 @@ class OpsRoutes:
         body = await self._body(request, _PAUSE_FIELDS) if paused else {}
         reason = body.get("reason", "")
         if not isinstance(reason, str):
-            raise _http_error(400, "reason must be a string")
+            raise _HttpError(400, "reason must be a string")
         try:
             await set_paused(self.api.client, scope, name, paused, reason=reason, requested_by="api")
         except InvalidPause as exc:
-            raise _http_error(404, str(exc)) from None  # a blank or unknown name names nothing
+            raise _HttpError(404, str(exc)) from None  # a blank or unknown name names nothing
         return web.json_response({"scope": scope, "name": name, "paused": paused, "reason": reason})
 
     async def pause_task(self, request: web.Request) -> web.Response:
@@ -175,19 +165,19 @@ class OpsRoutes:
         body = await self._body(request, _BULK_FIELDS)
         dry_run = body.get("dry_run", False)
         if not isinstance(dry_run, bool):
-            raise _http_error(400, "dry_run must be true or false")
+            raise _HttpError(400, "dry_run must be true or false")
         request_id = body.get("request_id")
         if request_id is not None and not isinstance(request_id, str):
-            raise _http_error(400, "request_id must be a string")
+            raise _HttpError(400, "request_id must be a string")
         if self.store is None:
-            raise _http_error(503, "bulk actions select runs from the query projection, and this server has "
-                                   "none: `stepline serve` keeps one (--query-db)")
+            raise _HttpError(503, "bulk actions select runs from the query projection, and this server has "
+                                  "none: `stepline serve` keeps one (--query-db)")
         try:
             where = parse_filter(body.get("filter"), self.api.client.clock())
             report = await bulk_action(self.api.client, self.store, action, where, dry_run=dry_run,
                                        request_id=request_id, requested_by="api")
         except InvalidBulkRequest as exc:
-            raise _http_error(400, str(exc)) from None
+            raise _HttpError(400, str(exc)) from None
         return web.json_response(report.as_dict())
 
 

@@ -23,7 +23,7 @@ import asyncio
 import json
 import re
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
@@ -33,9 +33,7 @@ from stepline.projections.runs import LIVE, TERMINAL
 from stepline.projections.views import event_dict
 from stepline.sdk.schedule import tick_key
 from stepline.security.sensitive import shown
-
-if TYPE_CHECKING:
-    from stepline.server.app import _Api
+from stepline.server._http import _Api, _HttpError, _json_object, _read_body
 
 STATUSES = frozenset(LIVE | TERMINAL)
 DEFAULT_LIMIT = 50
@@ -52,12 +50,6 @@ _RUN_PARAMS = _PAGE_PARAMS | {"task", "status", "tag", "from", "to", "q", "dead_
 _TICK_PREFIX = tick_key(datetime.fromtimestamp(0, UTC)).removesuffix("0")
 
 
-def _http_error(status: int, message: str) -> Exception:
-    from stepline.server.app import _HttpError
-
-    return _HttpError(status, message)
-
-
 def _int(request: web.Request, name: str, default: int | None, lo: int, hi: int) -> int | None:
     raw = request.query.get(name)
     if raw is None:
@@ -65,7 +57,7 @@ def _int(request: web.Request, name: str, default: int | None, lo: int, hi: int)
     # ASCII digits only: int() also takes " 7", "1_000" and "٣", which no client means.
     value = int(raw) if _INTEGER.fullmatch(raw) else lo - 1
     if not lo <= value <= hi:
-        raise _http_error(400, f"{name} must be an integer from {lo} to {hi}, got {raw!r}")
+        raise _HttpError(400, f"{name} must be an integer from {lo} to {hi}, got {raw!r}")
     return value
 
 
@@ -77,15 +69,15 @@ def _bool(request: web.Request, name: str) -> bool | None:
         return True
     if raw.lower() in ("false", "0", "no"):
         return False
-    raise _http_error(400, f"{name} must be true or false, got {raw!r}")
+    raise _HttpError(400, f"{name} must be true or false, got {raw!r}")
 
 
 def _known_params(request: web.Request, known: frozenset[str]) -> None:
     # A misspelt filter (?stauts=failed) silently ignored would list everything.
     unknown = sorted(set(request.query) - known)
     if unknown:
-        raise _http_error(400, f"unknown query parameter(s) {', '.join(unknown)}; "
-                               f"known: {', '.join(sorted(known))}")
+        raise _HttpError(400, f"unknown query parameter(s) {', '.join(unknown)}; "
+                              f"known: {', '.join(sorted(known))}")
 
 
 def _statuses(request: web.Request) -> tuple[str, ...]:
@@ -93,8 +85,8 @@ def _statuses(request: web.Request) -> tuple[str, ...]:
     given = [s for raw in request.query.getall("status", []) if raw for s in raw.split(",")]
     unknown = sorted(set(given) - STATUSES)
     if unknown:
-        raise _http_error(400, f"unknown status {', '.join(map(repr, unknown))}; "
-                               f"one of {', '.join(sorted(STATUSES))}")
+        raise _HttpError(400, f"unknown status {', '.join(map(repr, unknown))}; "
+                              f"one of {', '.join(sorted(STATUSES))}")
     return tuple(dict.fromkeys(given))
 
 
@@ -131,9 +123,9 @@ class QueryRoutes:
 
     def _store(self) -> QueryStore:
         if self.store is None:
-            raise _http_error(503, "run lists need the query projection, and this server has none: "
-                                   "`stepline serve` keeps one (--query-db); an app passes "
-                                   "create_app(..., query=QueryStore(...)) with a QueryProjector")
+            raise _HttpError(503, "run lists need the query projection, and this server has none: "
+                                  "`stepline serve` keeps one (--query-db); an app passes "
+                                  "create_app(..., query=QueryStore(...)) with a QueryProjector")
         return self.store
 
     def _limit(self, request: web.Request) -> int:
@@ -145,7 +137,7 @@ class QueryRoutes:
         try:
             page: Page = await coro
         except InvalidCursor as exc:
-            raise _http_error(400, str(exc)) from None
+            raise _HttpError(400, str(exc)) from None
         return page
 
     async def list_runs(self, request: web.Request) -> web.Response:
@@ -174,8 +166,6 @@ class QueryRoutes:
 
     async def retry(self, request: web.Request) -> web.Response:
         """Re-trigger a failed (dead-lettered) or cancelled run; `{"payload": ...}` replaces its payload."""
-        from stepline.server.app import _json_object, _read_body
-
         self.api.authenticate(request)
         run_id = request.match_info["run_id"]
         raw = await _read_body(request, self.api.config.max_body_bytes)

@@ -1,0 +1,244 @@
+"""`stepline dev`, `stepline worker` and `stepline serve`: the long-running processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from stepline.cli._common import CliError, _dev_query_db, _fail, _load_app, _run, err
+from stepline.cli.options import (
+    AppOpt,
+    ConcurrencyOpt,
+    JsonLogsOpt,
+    LogOpt,
+    _setting,
+    _setting_help,
+)
+from stepline.client import Client
+from stepline.errors import SteplineError
+from stepline.log import DEFAULT_LOG_URL
+from stepline.projections.query_store import DEFAULT_QUERY_DB
+from stepline.runtime.worker import Worker
+from stepline.sdk.logs import configure_logging
+from stepline.sdk.task import Registry
+from stepline.security.sensitive import redact_text
+from stepline.settings import DEFAULT_MAX_BODY_BYTES
+
+if TYPE_CHECKING:
+    from stepline.server import ServeConfig, WebhookSource
+
+
+async def _serve_worker(registry: Registry, log_url: str, concurrency: int) -> None:
+    # The log's writer and reader threads hand results back to the event
+    # loop; with CPython's default 5 ms switch interval each hand-off can
+    # wait that long for the GIL while the loop is busy. This process is
+    # ours, so shorten it (a library embedded in an app leaves it alone).
+    sys.setswitchinterval(0.0005)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with Client(log_url, registry=registry) as client:
+        async with Worker(registry, client.log, concurrency=concurrency, topics=client.topics,
+                          client=client) as worker:
+            err.print(
+                f"stepline worker [bold]{worker.worker_id}[/] on {redact_text(log_url)}: "
+                f"{len(registry)} task(s): {', '.join(registry.ids())}; partitions {sorted(worker.owned)}",
+                highlight=False,
+            )
+            await stop.wait()
+
+
+async def _serve_until(stop: asyncio.Event, serving: Coroutine[Any, Any, None], where: str,
+                       hint: str = "") -> None:
+    """Run `serving` until `stop` is set (SIGINT/SIGTERM); a port that cannot
+    be bound is one clear error."""
+    server = asyncio.create_task(serving)
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({server, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    server.cancel()
+    stopping.cancel()
+    try:
+        await server
+    except asyncio.CancelledError:
+        pass  # stopped by a signal
+    except OSError as exc:  # the port is taken, the host is not ours
+        raise CliError(f"cannot listen on {where}: {exc.strerror or exc}{hint}") from None
+
+
+async def _serve_dev(registry: Registry, log_url: str, concurrency: int, port: int, query_db: str) -> None:
+    """A worker and the HTTP API with the dashboard (auth off, loopback only), in one process."""
+    # Imported when the command runs: aiohttp is slow to import and only serve and dev need it (start-up).
+    from stepline.server import ServeConfig, serve_api
+
+    sys.setswitchinterval(0.0005)  # as in _serve_worker: this process is ours
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    config = ServeConfig(api_token=None, webhooks={}, auth_required=False)
+
+    def announce(addresses: list[str]) -> None:
+        base = addresses[0]
+        err.print(f"dashboard: {base}/   API: {base}/v1/ (no auth: local development only)", highlight=False)
+
+    async with Client(log_url, registry=registry) as client:
+        async with Worker(registry, client.log, concurrency=concurrency, topics=client.topics,
+                          client=client) as worker:
+            err.print(
+                f"stepline dev: worker [bold]{worker.worker_id}[/] on {redact_text(log_url)}: "
+                f"{len(registry)} task(s): {', '.join(registry.ids())}",
+                highlight=False,
+            )
+            await _serve_until(stop, serve_api(client, config, registry, "127.0.0.1", port,
+                                               query_db=query_db, on_listening=announce),
+                               f"127.0.0.1:{port}", " (pick another with --port, or --port 0 for a free one)")
+
+
+def dev(
+    module: Annotated[str, typer.Argument(help="File or module declaring the tasks.")],
+    log: LogOpt = DEFAULT_LOG_URL,
+    concurrency: ConcurrencyOpt = 256,
+    port: Annotated[int, typer.Option(callback=_setting("port"), help=_setting_help(
+        "Port of the API and dashboard on 127.0.0.1; 0 picks a free one.", "port"))] = 8080,
+    query_db: Annotated[str | None, typer.Option(
+        "--query-db", show_default=False, callback=_setting("query_db"),
+        help=_setting_help("SQLite file of the query projection behind the dashboard's lists "
+                           "(default: beside a SQLite log, else " + DEFAULT_QUERY_DB + ").", "query_db"),
+    )] = None,
+) -> None:
+    """Embedded log, a worker, and the HTTP API with the dashboard (no auth), in one process."""
+    configure_logging(json_logs=False)
+    registry = _load_app(module)
+    _run(_serve_dev(registry, log, concurrency, port, query_db or _dev_query_db(log)))
+
+
+def worker(
+    module: Annotated[str, typer.Argument(help="File or module declaring the tasks.")],
+    log: LogOpt = DEFAULT_LOG_URL,
+    concurrency: ConcurrencyOpt = 256,
+    json_logs: JsonLogsOpt = True,
+) -> None:
+    """Run a worker: owns partitions of the runs topic and executes their runs."""
+    configure_logging(json_logs=json_logs)
+    registry = _load_app(module)
+    _run(_serve_worker(registry, log, concurrency))
+
+
+def _source_pairs(entries: list[str], flag: str, shape: str, echo: bool) -> dict[str, str]:
+    """`SOURCE=VALUE` entries as a dict; `echo=False` keeps secrets out of error messages."""
+    pairs: dict[str, str] = {}
+    for n, entry in enumerate(entries, 1):
+        source, sep, value = entry.partition("=")
+        if not sep or not source or not value:
+            shown = repr(entry) if echo else f"#{n}"
+            raise CliError(f"{flag} {shown} is not {shape}")
+        if source in pairs:
+            raise CliError(f"{flag} names source {source!r} twice")
+        pairs[source] = value
+    return pairs
+
+
+def _webhook_sources(webhook: list[str] | None, webhook_event: list[str] | None) -> dict[str, WebhookSource]:
+    from stepline.server import WebhookSource  # start-up: as in _serve_dev
+
+    # Without --webhook flags, the option's callback filled in the setting.
+    secrets = _source_pairs(webhook or [], "--webhook", "SOURCE=SECRET", echo=False)
+    events = _source_pairs(webhook_event or [], "--webhook-event", "SOURCE=EVENT.NAME", echo=True)
+    unknown = sorted(set(events) - set(secrets))
+    if unknown:
+        raise CliError(f"--webhook-event for source(s) without a --webhook secret: {', '.join(unknown)}")
+    return {name: WebhookSource(name, secret, events.get(name)) for name, secret in secrets.items()}
+
+
+async def _serve_http(
+    config: ServeConfig, registry: Registry | None, log_url: str, host: str, port: int,
+    query_db: str | None = None,
+) -> None:
+    from stepline.server import serve_api  # start-up: as in _serve_dev
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    def announce(addresses: list[str]) -> None:
+        sources = ", ".join(f"{s.name} -> {s.event}" for s in config.webhooks.values()) or "none"
+        auth = "bearer token" if config.auth_required else "OFF (--no-auth)"
+        err.print(f"stepline serve on {', '.join(addresses)} for {redact_text(log_url)}: auth {auth}; "
+                  f"webhook sources: {sources}", highlight=False)
+
+    async with Client(log_url, registry=registry) as client:
+        await _serve_until(stop, serve_api(client, config, registry, host, port, query_db=query_db,
+                                           on_listening=announce), f"{host}:{port}")
+
+
+def serve(
+    app_module: AppOpt = None,
+    log: LogOpt = DEFAULT_LOG_URL,
+    host: Annotated[str, typer.Option(callback=_setting("host"),
+                                      help=_setting_help("Interface to listen on.", "host"))] = "127.0.0.1",
+    port: Annotated[int, typer.Option(callback=_setting("port"),
+                                      help=_setting_help("TCP port; 0 picks a free one.", "port"))] = 8080,
+    api_token: Annotated[str | None, typer.Option(
+        "--api-token", show_default=False, callback=_setting("api_token"),
+        help=_setting_help("Bearer token the /v1/ API requires. Prefer the variable: other users can read argv.",
+                           "api_token"),
+    )] = None,
+    webhook: Annotated[list[str] | None, typer.Option(
+        "--webhook", show_default=False, callback=_setting("webhooks"),
+        help=_setting_help("SOURCE=SECRET: accept deliveries signed with SECRET at /v1/webhooks/SOURCE "
+                           "(repeatable; the variable is comma-separated SOURCE=SECRET).", "webhooks"),
+    )] = None,
+    webhook_event: Annotated[list[str] | None, typer.Option(
+        "--webhook-event", show_default=False,
+        help="SOURCE=EVENT.NAME: publish SOURCE's deliveries as EVENT.NAME, not webhook.SOURCE (repeatable).",
+    )] = None,
+    max_body_bytes: Annotated[int, typer.Option(min=1, callback=_setting("max_body_bytes"), help=_setting_help(
+        "Largest request body accepted.", "max_body_bytes"))] = DEFAULT_MAX_BODY_BYTES,
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="Serve the API without a token (local use only).")] = False,
+    query_db: Annotated[str, typer.Option(
+        "--query-db", callback=_setting("query_db"),
+        help=_setting_help("SQLite file of the query projection behind the run and event lists, kept up "
+                           "to date by this process; '' serves without lists (they answer 503).", "query_db"),
+    )] = DEFAULT_QUERY_DB,
+    shadow_path: Annotated[str | None, typer.Option(
+        "--shadow-path", envvar="STEPLINE_SHADOW_PATH", show_default=False,
+        help="Folder whose modules GET /v1/runs/{id}/shadow?module=NAME may import and run "
+             "(needs the token; default: none, only the --app code)."),
+    ] = None,
+    json_logs: JsonLogsOpt = True,
+) -> None:
+    """Serve the HTTP API: trigger runs, publish events, read and list runs, receive signed webhooks."""
+    from stepline.server import ServeConfig  # start-up: as in _serve_dev
+
+    configure_logging(json_logs=json_logs)
+    if not api_token and not no_auth:
+        _fail("stepline serve needs an API token: set STEPLINE_API_TOKEN (or api_token in stepline.toml, "
+              "or pass --api-token), or pass --no-auth for local development")
+    registry = _load_app(app_module) if app_module else None
+    try:
+        config = ServeConfig(api_token, _webhook_sources(webhook, webhook_event),
+                             max_body_bytes=max_body_bytes, auth_required=not no_auth,
+                             shadow_path=shadow_path)
+        if shadow_path is not None and not os.path.isdir(shadow_path):
+            raise CliError(f"--shadow-path {shadow_path!r} is not a folder")
+    except (SteplineError, CliError) as exc:
+        _fail(str(exc))
+        raise
+    _run(_serve_http(config, registry, log, host, port, query_db or None))
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(dev)
+    app.command()(worker)
+    app.command()(serve)
+
+
+__all__ = ["register"]
