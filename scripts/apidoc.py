@@ -114,10 +114,22 @@ def _value(obj: Any) -> str:
     return _clean(repr(obj))
 
 
+def _private_module(cls: type) -> bool:
+    """A class from a private module of ours (`stepline.client._base`): a layer of a public class."""
+    return cls.__module__.startswith("stepline") and any(
+        part.startswith("_") for part in cls.__module__.split("."))
+
+
 def _members(cls: type) -> list[tuple[str, Any]]:
-    """Public methods and properties the class itself defines, in definition order."""
+    """Public methods and properties the class defines, in definition order; with
+    those of the bases it is built from in private modules (`Client`'s layers), base first."""
+    layers = [b for b in reversed(cls.__mro__[1:]) if _private_module(b)] + [cls]
     found = []
-    for name, member in cls.__dict__.items():
+    seen: set[str] = set()
+    for name, member in [item for layer in layers for item in layer.__dict__.items()]:
+        if name in seen:
+            continue
+        seen.add(name)
         if name.startswith("_") or _framework_hook(cls, name):
             continue
         if isinstance(member, classmethod):
@@ -194,7 +206,7 @@ def _render_name(name: str, obj: Any) -> list[str]:
                 lines.append(doc + "\n")
         return lines
     if isinstance(obj, type):
-        bases = ", ".join(b.__name__ for b in obj.__bases__ if b is not object)
+        bases = ", ".join(b.__name__ for b in obj.__bases__ if b is not object and not _private_module(b))
         pydantic_model = hasattr(obj, "model_fields")
         sig = _signature(obj, name) if kind == "class" and not pydantic_model else None
         head = f"class {name}({bases})" if bases else f"class {name}"
