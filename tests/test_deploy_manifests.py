@@ -467,12 +467,29 @@ def _image(service: dict[str, Any]) -> tuple[str, str]:
 
 
 def _published(service: dict[str, Any]) -> dict[int, int]:
-    """Container port -> host port of a compose service's `ports`."""
+    """Container port -> host port of a compose service's `ports` ("[ip:]host:container")."""
     found = {}
     for entry in service.get("ports", []):
-        host, _, container = str(entry).rpartition(":")
-        found[int(container.split("/")[0])] = int(host)
+        rest, _, container = _compose_expand(str(entry)).rpartition(":")
+        found[int(container.split("/")[0])] = int(rest.rpartition(":")[2])
     return found
+
+
+def test_compose_publishes_ports_on_loopback_only(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        for entry in service.get("ports", []):
+            assert str(entry).startswith("127.0.0.1:"), f"compose service {name} publishes {entry} beyond 127.0.0.1"
+
+
+def test_images_that_cannot_be_built_here_are_under_a_profile(compose: dict[str, Any]) -> None:
+    """The default `docker compose up` needs only Kafka and the project's image (scripts/images.sh)."""
+    for name, service in compose["services"].items():
+        if name in (COLLECTOR, JAEGER):
+            assert "observability" in service.get("profiles", []), f"{name} runs without --profile observability"
+            continue
+        assert not service.get("profiles"), f"{name} is not in the default stack"
+        needs = set(service.get("depends_on") or [])
+        assert not needs & {COLLECTOR, JAEGER}, f"{name} depends on a service of the observability profile"
 
 
 def _port_of(endpoint: str) -> int:
@@ -549,7 +566,11 @@ def test_workers_and_api_export_otlp_to_the_collector(compose: dict[str, Any], c
     assert not unknown, f"compose service {service} sets {sorted(unknown)}, which OpenTelemetry does not read"
     # The variable stepline's exporter set-up reads (stepline.tracing.configure_from_env).
     assert "OTEL_EXPORTER_OTLP_ENDPOINT" in inspect.getsource(stepline.tracing.configure_from_env)
-    url = urllib.parse.urlsplit(env["OTEL_EXPORTER_OTLP_ENDPOINT"])
+    # Empty by default (no collector without the profile); the observability
+    # profile's value is x-observability's.
+    assert _compose_expand(env["OTEL_EXPORTER_OTLP_ENDPOINT"]) == "<OTEL_EXPORTER_OTLP_ENDPOINT>", (
+        f"{service} should take OTEL_EXPORTER_OTLP_ENDPOINT from the shell, empty by default")
+    url = urllib.parse.urlsplit(compose["x-observability"]["OTEL_EXPORTER_OTLP_ENDPOINT"])
     assert url.hostname == COLLECTOR, f"{service} exports to {url.hostname}, not the {COLLECTOR} service"
     # http/protobuf unless OTEL_EXPORTER_OTLP_PROTOCOL says grpc, as in stepline.tracing._otlp.
     protocol = "grpc" if env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "").lower() == "grpc" else "http"
@@ -558,12 +579,11 @@ def test_workers_and_api_export_otlp_to_the_collector(compose: dict[str, Any], c
     assert url.port == _port_of(receiver["endpoint"]), (
         f"{service} exports to port {url.port}, the collector's {protocol} receiver listens on {receiver['endpoint']}")
     assert url.scheme == "http", "the collector's receiver has no TLS here"
-    assert COLLECTOR in compose["services"][service].get("depends_on", {}), f"{service} starts before the collector"
 
 
 def test_the_image_installs_the_otlp_exporter_the_code_imports() -> None:
     dockerfile = DOCKERFILE.read_text(encoding="utf-8")
-    assert re.search(r"pip install [\"']?\.\[[^\]]*\botlp\b", dockerfile), "the Dockerfile does not install stepline[otlp]"
+    assert re.search(r"pip install [^\n]*[\"' ]\.\[[^\]]*\botlp\b", dockerfile), "the Dockerfile does not install stepline[otlp]"
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
     assert any(req.startswith("opentelemetry-exporter-otlp-proto-http") for req in extras["otlp"]), (
         "the otlp extra lacks the OTLP/HTTP exporter that stepline.tracing imports")
@@ -573,6 +593,7 @@ def test_compose_environment_makes_the_cli_choose_otlp(compose: dict[str, Any]) 
     """The worker's OTEL_* variables, given to the real set-up code in a fresh process."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     env.update({k: v for k, v in _service_env(compose["services"]["worker"]).items() if k.startswith("OTEL_")})
+    env.update(compose["x-observability"])  # as with --profile observability
     script = (
         "import logging; logging.basicConfig()\n"
         "from opentelemetry import trace\n"
