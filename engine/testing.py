@@ -29,6 +29,13 @@ conftest.py) it adds the fixtures `stepline_engine` (a started TestEngine on
 the marker `@pytest.mark.stepline(auto_advance=False, ...)`, whose keywords
 go to TestEngine. The fixtures need pytest-asyncio; without pytest this
 module still gives TestEngine and VirtualClock.
+
+For tests against a real Kafka broker the plugin also has `stepline_kafka_url`:
+a `kafka://` URL with a namespace of its own per test, on one single-node
+broker per session that testcontainers starts (`KafkaTestContainer`; the
+optional `testcontainers` package and a Docker engine are needed). The image
+is `apache/kafka:<version>`, or STEPLINE_KAFKA_IMAGE; any image that takes
+the official image's KAFKA_* variables works.
 """
 
 from __future__ import annotations
@@ -36,6 +43,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
+import socket
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -428,6 +438,118 @@ class TestEngine:
                 if s.name == TOKEN and s.status == "waiting"]
 
 
+# --- a Kafka broker in a container -------------------------------------------------
+
+KAFKA_IMAGE = "apache/kafka:4.4.0"
+
+
+class KafkaContainerError(RuntimeError):
+    """No broker container: testcontainers or the engine is missing, the image is absent, or it never came up."""
+
+
+class KafkaTestContainer:
+    """A single-node KRaft broker in a container, started with testcontainers.
+
+        with KafkaTestContainer() as kafka:
+            url = kafka.log_url()           # kafka://127.0.0.1:PORT?namespace=test-...
+
+    The broker is published on 127.0.0.1 only. `env` adds or overrides
+    KAFKA_* settings, `labels` go on the container; `pull=False` never
+    contacts a registry (a missing image is then an error naming it).
+    """
+
+    def __init__(self, image: str | None = None, *, env: dict[str, str] | None = None,
+                 labels: dict[str, str] | None = None, pull: bool = True, start_timeout: float = 120.0) -> None:
+        self.image = image or os.environ.get("STEPLINE_KAFKA_IMAGE") or KAFKA_IMAGE
+        self.env = dict(env or {})
+        self.labels = dict(labels or {})
+        self.pull = pull
+        self.start_timeout = start_timeout
+        self.container: Any = None
+        self.bootstrap_servers = ""
+
+    def start(self) -> str:
+        """Start the broker; its bootstrap servers ("127.0.0.1:PORT")."""
+        try:
+            from testcontainers.core.container import DockerContainer
+            from testcontainers.core.docker_client import DockerClient
+            from testcontainers.core.wait_strategies import LogMessageWaitStrategy
+        except ImportError as exc:
+            raise KafkaContainerError(
+                f"a Kafka container needs the testcontainers package (pip install testcontainers): {exc}") from None
+        try:
+            client = DockerClient()
+            client.client.ping()
+        except Exception as exc:
+            raise KafkaContainerError(f"no Docker engine answers (DOCKER_HOST or /var/run/docker.sock): {exc}") from None
+        if not self.pull and not client.client.images.list(name=self.image):
+            raise KafkaContainerError(f"the image {self.image} is not on this Docker engine and pulling is off "
+                                      "(in Stepline's repository: scripts/images.sh build kafka)")
+        with socket.socket() as probe:  # a free port, so the broker can advertise it before it starts
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        container = DockerContainer(self.image, labels=self.labels)
+        # EXTERNAL: clients on the host; BROKER: the broker reaching itself (transaction markers).
+        for key, value in {
+            "CLUSTER_ID": "c3RlcGxpbmUtdGVzdC1rYQ", "KAFKA_NODE_ID": "1",
+            "KAFKA_PROCESS_ROLES": "broker,controller",
+            "KAFKA_CONTROLLER_QUORUM_VOTERS": "1@localhost:9093",
+            "KAFKA_CONTROLLER_LISTENER_NAMES": "CONTROLLER",
+            "KAFKA_LISTENERS": "EXTERNAL://:9092,CONTROLLER://:9093,BROKER://:9094",
+            "KAFKA_ADVERTISED_LISTENERS": f"EXTERNAL://127.0.0.1:{port},BROKER://localhost:9094",
+            "KAFKA_LISTENER_SECURITY_PROTOCOL_MAP": "EXTERNAL:PLAINTEXT,CONTROLLER:PLAINTEXT,BROKER:PLAINTEXT",
+            "KAFKA_INTER_BROKER_LISTENER_NAME": "BROKER",
+            "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR": "1", "KAFKA_OFFSETS_TOPIC_NUM_PARTITIONS": "1",
+            "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR": "1", "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR": "1",
+            "KAFKA_SHARE_COORDINATOR_STATE_TOPIC_REPLICATION_FACTOR": "1",
+            "KAFKA_SHARE_COORDINATOR_STATE_TOPIC_MIN_ISR": "1",
+            "KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS": "0",
+            **self.env,
+        }.items():
+            container.with_env(key, value)
+        ports: dict[str, Any] = container.ports  # docker-py takes (host ip, port): loopback only
+        ports["9092/tcp"] = ("127.0.0.1", port)
+        wait = LogMessageWaitStrategy("Kafka Server started")
+        container.waiting_for(wait.with_startup_timeout(int(self.start_timeout)))
+        self.container = container
+        try:
+            container.start()
+        except Exception as exc:
+            logs = self.logs()[-3000:]
+            self.stop()
+            raise KafkaContainerError(f"the Kafka container ({self.image}) did not come up: {exc}\n{logs}") from None
+        self.bootstrap_servers = f"127.0.0.1:{port}"
+        return self.bootstrap_servers
+
+    def log_url(self, namespace: str | None = None) -> str:
+        """A `kafka://` URL on this broker; a fresh namespace unless one is given."""
+        if not self.bootstrap_servers:
+            raise KafkaContainerError("the Kafka container is not started")
+        return f"kafka://{self.bootstrap_servers}?namespace={namespace or 'test-' + uuid.uuid4().hex[:12]}"
+
+    def logs(self) -> str:
+        """What the broker printed so far (stdout and stderr)."""
+        try:
+            out, err = self.container.get_logs()
+            return str(out.decode(errors="replace") + err.decode(errors="replace"))
+        except Exception:  # not created, or already gone
+            return ""
+
+    def stop(self) -> None:
+        container, self.container = self.container, None
+        self.bootstrap_servers = ""
+        if container is not None:
+            with contextlib.suppress(Exception):  # already removed
+                container.stop()
+
+    def __enter__(self) -> KafkaTestContainer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 # --- the pytest plugin ----------------------------------------------------------
 
 try:
@@ -459,5 +581,16 @@ else:
         async with TestEngine(stepline_registry, **options) as engine:
             yield engine
 
+    @pytest.fixture(scope="session")
+    def stepline_kafka_container() -> Iterator[KafkaTestContainer]:
+        """One broker container for the session (see KafkaTestContainer)."""
+        with KafkaTestContainer() as kafka:
+            yield kafka
 
-__all__ = ["TestEngine", "VirtualClock"]
+    @pytest.fixture
+    def stepline_kafka_url(stepline_kafka_container: KafkaTestContainer) -> str:
+        """A `kafka://` URL with a namespace of its own, on the session's broker container."""
+        return stepline_kafka_container.log_url()
+
+
+__all__ = ["KafkaContainerError", "KafkaTestContainer", "TestEngine", "VirtualClock"]

@@ -1,16 +1,24 @@
 """Where the tests get a real Kafka broker from (a helper, not a test module).
 
-`ensure_broker()` returns bootstrap servers ("host:port[,host:port]"), trying
-in order:
+`ensure_broker()` returns bootstrap servers ("host:port[,host:port]"):
 
 1. `KAFKA_BOOTSTRAP_SERVERS` from the environment, used as is;
-2. testcontainers' Kafka module, only when a Docker engine answers (checked
-   in at most ~3 s, and skipped at once when no engine socket exists);
-3. `scripts/kafka.sh start`: a single-node KRaft broker from Maven Central on
-   the local Java, no Docker needed (first run downloads its jars).
+2. else by `STEPLINE_TEST_BROKER`:
+   - `script` (and the default, `auto`, first): `scripts/kafka.sh start`, a
+     single-node KRaft broker from Maven Central's jars on the local Java, no
+     Docker needed (the first run downloads its jars);
+   - `testcontainers` (and `auto`, when the script cannot): a container that
+     testcontainers starts (stepline.testing.KafkaTestContainer, the fixture
+     users get) on the Kafka image scripts/images.sh builds, never pulled;
+     Ryuk stays off (TESTCONTAINERS_RYUK_DISABLED=true: its image cannot be
+     pulled without a registry), so this module removes its own containers,
+     and those of test processes that died before they could.
 
-If none works it raises `BrokerUnavailable` with every reason; the caller
-decides whether that is a skip (locally) or a failure (CI=true).
+`make test` runs the whole suite on the script broker, then the Kafka tests
+again with STEPLINE_TEST_BROKER=testcontainers.
+
+If no source works it raises `BrokerUnavailable` with every reason; the
+caller decides whether that is a skip (locally) or a failure (CI=true).
 
 `stop_broker_if_started()` stops only what this process started: a container
 it ran, or a script broker that was not already running when it asked (so a
@@ -23,14 +31,15 @@ from __future__ import annotations
 
 import atexit
 import os
+import socket
 import subprocess
 import threading
-import warnings
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 KAFKA_SH = ROOT / "scripts" / "kafka.sh"
+IMAGES_SH = ROOT / "scripts" / "images.sh"
 
 # Cold start: Maven downloads ~65 MB (jars and its plugin), then the broker boots.
 SCRIPT_TIMEOUT_S = float(os.environ.get("KAFKA_SCRIPT_TIMEOUT", "900"))
@@ -43,7 +52,7 @@ class BrokerUnavailable(RuntimeError):
 
 _lock = threading.Lock()
 _bootstrap: str | None = None
-_container: Any = None  # testcontainers KafkaContainer we started
+_container: Any = None  # the KafkaTestContainer we started
 _script_pid: str | None = None  # pid of the broker our `kafka.sh start` launched
 _atexit_registered = False
 
@@ -59,7 +68,12 @@ def ensure_broker() -> str:
             _bootstrap = env
             return env
         reasons: list[str] = []
-        for source in (_from_testcontainers, _from_script):
+        choice = os.environ.get("STEPLINE_TEST_BROKER", "auto").strip().lower() or "auto"
+        sources = {"auto": (_from_script, _from_testcontainers), "script": (_from_script,),
+                   "testcontainers": (_from_testcontainers,)}.get(choice)
+        if sources is None:
+            raise BrokerUnavailable(f"STEPLINE_TEST_BROKER={choice!r}: expected auto, script or testcontainers")
+        for source in sources:
             try:
                 found = source(reasons)
             except Exception as exc:  # noqa: BLE001 - every reason goes in the error
@@ -69,6 +83,11 @@ def ensure_broker() -> str:
                 _bootstrap = found
                 return found
         raise BrokerUnavailable("no Kafka broker: KAFKA_BOOTSTRAP_SERVERS is unset; " + "; ".join(reasons))
+
+
+def started_container() -> Any:
+    """The KafkaTestContainer this process started for the tests, if any."""
+    return _container
 
 
 def stop_broker_if_started() -> None:
@@ -123,28 +142,62 @@ def docker_engine_answers(timeout: float = DOCKER_PING_TIMEOUT_S) -> bool:
         return False
 
 
+# Containers this helper starts carry these labels, so a later run can remove
+# those whose test process died (no Ryuk to do it).
+OWNER_LABEL = "dev.stepline.test-owner"
+
+
+def remove_orphan_containers() -> list[str]:
+    """Remove containers labelled by a test process on this host that is gone; their names."""
+    import docker
+
+    client = docker.from_env(timeout=10)
+    removed = []
+    try:
+        for container in client.containers.list(all=True, filters={"label": OWNER_LABEL}):
+            host, _, pid = container.labels.get(OWNER_LABEL, "").partition(":")
+            if host != socket.gethostname() or not pid.isdigit() or Path(f"/proc/{pid}").exists():
+                continue
+            container.remove(force=True, v=True)
+            removed.append(container.name)
+    finally:
+        client.close()
+    return removed
+
+
+def kafka_image() -> str:
+    """The Kafka image scripts/images.sh builds (its `names`), e.g. apache/kafka:4.4.0."""
+    done = subprocess.run([str(IMAGES_SH), "names"], capture_output=True, text=True, timeout=30, check=True)
+    names = dict(line.split("=", 1) for line in done.stdout.split())
+    return names["KAFKA_IMAGE"]
+
+
 def _from_testcontainers(reasons: list[str]) -> str | None:
     global _container
-    if not docker_engine_answers():
-        reasons.append("testcontainers: no Docker engine answers")
-        return None
-    try:
-        from testcontainers.community.kafka import KafkaContainer
-    except ImportError:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            from testcontainers.kafka import KafkaContainer
+    from stepline.testing import KafkaContainerError, KafkaTestContainer
 
-    container = (
-        KafkaContainer()
-        .with_kraft()
-        # Same topic policy as scripts/kafka.sh: tests create their topics.
-        .with_env("KAFKA_AUTO_CREATE_TOPICS_ENABLE", "false")
+    if not docker_engine_answers():
+        reasons.append("testcontainers: no Docker engine answers (scripts/docker.sh start)")
+        return None
+    os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+    remove_orphan_containers()
+    container = KafkaTestContainer(
+        kafka_image(),
+        pull=False,  # no registry: the image is scripts/images.sh's
+        # Same topic policy as scripts/kafka.sh (tests create their topics), and
+        # its heap: the suite creates thousands of partitions.
+        env={"KAFKA_AUTO_CREATE_TOPICS_ENABLE": "false", "KAFKA_HEAP_OPTS": "-Xms256m -Xmx2g",
+             "KAFKA_NUM_NETWORK_THREADS": "2", "KAFKA_NUM_IO_THREADS": "2"},
+        labels={OWNER_LABEL: f"{socket.gethostname()}:{os.getpid()}"},
     )
-    container.start()
+    try:
+        found = container.start()
+    except KafkaContainerError as exc:
+        reasons.append(f"testcontainers: {exc}")
+        return None
     _container = container
     _register_atexit()
-    return str(container.get_bootstrap_server())
+    return found
 
 
 def _script_broker_pid() -> str | None:

@@ -1,8 +1,8 @@
 """A real Kafka broker is there for the tests, and a record round-trips it.
 
-The broker comes from tests/kafka_broker.py (env, testcontainers when a Docker
-engine answers, else scripts/kafka.sh). Locally a missing broker skips with
-the reason; under CI=true it fails the test.
+The broker comes from tests/kafka_broker.py (env, else scripts/kafka.sh, or
+a container testcontainers starts under STEPLINE_TEST_BROKER=testcontainers).
+Locally a missing broker skips with the reason; under CI=true it fails the test.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from tests.kafka_broker import BrokerUnavailable, ensure_broker
+from tests.kafka_broker import BrokerUnavailable, ensure_broker, started_container
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -35,6 +35,11 @@ async def test_record_round_trips_through_broker() -> None:
     # Called in the test body (not a fixture) so that under CI a missing
     # broker is a test failure, not a setup error.
     bootstrap = broker_or_skip()
+    if os.environ.get("STEPLINE_TEST_BROKER") == "testcontainers" and not os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        # `make test-testcontainers`: the suite's broker really is a container.
+        container = started_container()
+        assert container is not None and container.bootstrap_servers == bootstrap
+        assert "Kafka Server started" in container.logs()
     topic = f"stepline-broker-check-{uuid.uuid4().hex}"
     key, value = b"order-1", f"hello {uuid.uuid4().hex}".encode()
 

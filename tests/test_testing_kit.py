@@ -346,8 +346,9 @@ def test_the_pytest_plugin_gives_user_tests_a_stepline_engine(pytester: pytest.P
     result.assert_outcomes(passed=3)
 
 
-def test_the_testing_kit_exports_its_two_classes() -> None:
+def test_the_testing_kit_exports_its_classes() -> None:
     import stepline.testing
 
-    assert sorted(stepline.testing.__all__) == ["TestEngine", "VirtualClock"]
+    assert sorted(stepline.testing.__all__) == ["KafkaContainerError", "KafkaTestContainer", "TestEngine",
+                                                "VirtualClock"]
     assert stepline.testing.TestEngine.__test__ is False  # never collected as a test class
