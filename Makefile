@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.stamp
 # Extra arguments for pytest, e.g. `make test PYTEST_ARGS='-k sqlite -x'`.
 PYTEST_ARGS ?=
 
-.PHONY: setup quickstart lint apidoc test bench bench-peers soak clean
+.PHONY: setup quickstart lint apidoc images test test-testcontainers bench bench-peers soak clean
 
 # setup: create .venv and install stepline editable with test+bench extras (skipped while the stamp is newer than pyproject.toml).
 setup: $(STAMP)
@@ -38,12 +38,35 @@ lint: setup
 apidoc: setup
 	$(PY) scripts/apidoc.py
 
+# images: a Docker engine (scripts/docker.sh: Debian's docker.io, docker-compose, debootstrap;
+# dockerd started when none answers) and the images built offline (scripts/images.sh):
+# stepline/debian:bookworm, apache/kafka:<version> from Maven Central's jars, stepline/stepline:local.
+# Cached: a second run only checks. Needs root the first time.
+images: setup
+	scripts/images.sh build
+
+# The Kafka tests that run a second time, on a broker testcontainers starts from the local image
+# (~1.5 min): the broker check, the Kafka log and tail, the log contract and the worker processes.
+KAFKA_CONTAINER_TESTS ?= tests/test_kafka_broker.py tests/test_kafka_log.py tests/test_kafka_tail.py \
+	tests/test_log_contract.py tests/test_kafka_workers.py
+
 # test: run the test suite; fails on test failures and also when no test is collected (pytest exit code 5).
-# The dashboard's browser tests need Debian's chromium: installed here when missing (a failure
-# under CI=true; elsewhere, without root, those tests skip).
+# The dashboard's browser tests need Debian's chromium, the container tests (tests/test_compose.py,
+# tests/test_testcontainers.py, tests/test_docker_images.py) Docker and the images: installed or
+# built here when missing (a failure under CI=true; elsewhere, without root, those tests skip).
+# The suite's Kafka broker comes from Maven Central's jars (scripts/kafka.sh); then the Kafka
+# tests run again on a broker in a container (test-testcontainers).
 test: setup lint
 	scripts/browser.sh || test "$${CI:-}" != true
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	scripts/images.sh build || test "$${CI:-}" != true
+	TESTCONTAINERS_RYUK_DISABLED=true $(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-testcontainers
+
+# test-testcontainers: the Kafka tests on a broker testcontainers starts on the local Kafka image
+# (tests/kafka_broker.py; Ryuk off: its image cannot be pulled without a registry).
+test-testcontainers: setup
+	STEPLINE_TEST_BROKER=testcontainers TESTCONTAINERS_RYUK_DISABLED=true \
+	  $(PY) -m pytest -q -ra -k kafka $(KAFKA_CONTAINER_TESTS)
 
 # bench: run the benchmarks.
 bench: setup
@@ -58,7 +81,8 @@ bench-peers: setup
 soak: setup
 	$(PY) bench/soak.py $(SOAK_ARGS)
 
-# clean: remove the virtualenv, build artefacts and local run state.
+# clean: remove the virtualenv, build artefacts and local run state (not the Docker images:
+# `docker image rm` them by the names `scripts/images.sh names` prints).
 clean:
 	rm -rf $(VENV) build dist *.egg-info .stepline
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
