@@ -45,28 +45,21 @@ apidoc: setup
 images: setup
 	scripts/images.sh build
 
-# The Kafka tests that run a second time, on a broker testcontainers starts from the local image
-# (~1.5 min): the broker check, the Kafka log and tail, the log contract and the worker processes.
-KAFKA_CONTAINER_TESTS ?= tests/test_kafka_broker.py tests/test_kafka_log.py tests/test_kafka_tail.py \
-	tests/test_log_contract.py tests/test_kafka_workers.py
-
 # test: run the test suite; fails on test failures and also when no test is collected (pytest exit code 5).
 # The dashboard's browser tests need Debian's chromium, the container tests (tests/test_compose.py,
 # tests/test_testcontainers.py, tests/test_docker_images.py) Docker and the images: installed or
 # built here when missing (a failure under CI=true; elsewhere, without root, those tests skip).
-# The suite's Kafka broker comes from Maven Central's jars (scripts/kafka.sh); then the Kafka
-# tests run again on a broker in a container (test-testcontainers).
+# The suite's Kafka broker comes from Maven Central's jars (scripts/kafka.sh); the Kafka tests also
+# run on a broker in a container, inside the suite (tests/test_testcontainers.py). Ryuk is off: its
+# image cannot be pulled without a registry.
 test: setup lint
 	scripts/browser.sh || test "$${CI:-}" != true
 	scripts/images.sh build || test "$${CI:-}" != true
 	TESTCONTAINERS_RYUK_DISABLED=true $(PY) -m pytest -q -ra $(PYTEST_ARGS)
-	$(MAKE) --no-print-directory test-testcontainers
 
-# test-testcontainers: the Kafka tests on a broker testcontainers starts on the local Kafka image
-# (tests/kafka_broker.py; Ryuk off: its image cannot be pulled without a registry).
-test-testcontainers: setup
-	STEPLINE_TEST_BROKER=testcontainers TESTCONTAINERS_RYUK_DISABLED=true \
-	  $(PY) -m pytest -q -ra -k kafka $(KAFKA_CONTAINER_TESTS)
+# test-testcontainers: only the Kafka tests, on a broker testcontainers starts on the local image.
+test-testcontainers: images
+	TESTCONTAINERS_RYUK_DISABLED=true $(PY) -m pytest -q -ra tests/test_testcontainers.py -k kafka_suite
 
 # bench: run the benchmarks.
 bench: setup

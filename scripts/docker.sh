@@ -98,6 +98,25 @@ our_pid() {  # the pid of the dockerd we started, if it is alive
   echo "$pid"
 }
 
+# A dockerd killed with SIGKILL leaves its own and its containerd's pid files
+# behind; the next dockerd then refuses to start, or waits for that
+# containerd ("still running") until it gives up. Remove each file unless its
+# pid is still that live process.
+clear_stale_pid_files() {
+  local f pid name
+  for f in /var/run/docker/containerd/containerd.pid "$STATE/dockerd.daemon.pid"; do
+    [[ -f "$f" ]] || continue
+    name="$(basename "$f" .pid)"
+    name="${name%.daemon}"
+    pid="$(cat "$f" 2>/dev/null || true)"
+    # A zombie's cmdline is empty, so it counts as gone too.
+    if [[ ! "$pid" =~ ^[0-9]+$ ]] || ! tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "$name"; then
+      log "removing the stale $f (pid ${pid:-?} is no $name)"
+      "${SUDO[@]}" rm -f "$f"
+    fi
+  done
+}
+
 cmd_start() {
   local version
   if version="$(engine_answers)"; then
@@ -115,6 +134,7 @@ cmd_start() {
   if our_pid >/dev/null; then
     log "dockerd (pid $(our_pid)) is running but does not answer yet; waiting"
   else
+    clear_stale_pid_files
     log "starting dockerd (overlay2, cgroupfs; log $DAEMON_LOG)"
     # setsid: the daemon outlives this script and the caller's Ctrl-C; its
     # own containerd is started and stopped by it.

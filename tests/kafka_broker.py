@@ -14,8 +14,9 @@
      pulled without a registry), so this module removes its own containers,
      and those of test processes that died before they could.
 
-`make test` runs the whole suite on the script broker, then the Kafka tests
-again with STEPLINE_TEST_BROKER=testcontainers.
+`make test` runs the whole suite on the script broker, and in it
+tests/test_testcontainers.py runs the Kafka tests again, in a pytest
+subprocess with STEPLINE_TEST_BROKER=testcontainers.
 
 If no source works it raises `BrokerUnavailable` with every reason; the
 caller decides whether that is a skip (locally) or a failure (CI=true).

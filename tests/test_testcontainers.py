@@ -1,21 +1,28 @@
-"""stepline.testing's Kafka fixture: a broker that testcontainers starts.
+"""Kafka brokers that testcontainers starts: the Kafka suite on one, and the users' fixture.
 
-A user's test module, run by pytest in a subprocess with the plugin, gets
-`stepline_kafka_url` and runs a task on it; the broker is a container on the
-Kafka image scripts/images.sh builds (the official image's tag), published
-on 127.0.0.1. The whole Kafka suite also runs on such a broker in `make test`
-(STEPLINE_TEST_BROKER=testcontainers, tests/kafka_broker.py).
+The Kafka tests (KAFKA_SUITE) run a second time, in a pytest subprocess with
+STEPLINE_TEST_BROKER=testcontainers: their broker is then a container on the
+Kafka image scripts/images.sh builds (tests/kafka_broker.py), where the main
+run uses scripts/kafka.sh's broker from Maven Central's jars. A user's test
+module, run by pytest with the plugin, gets `stepline_kafka_url` and runs a
+task on it. Brokers are published on 127.0.0.1 only; Ryuk stays off.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
 
 import pytest
 
 from stepline.testing import KafkaContainerError, KafkaTestContainer
-from tests.docker_env import require_images
+from tests.docker_env import ROOT, require_images
+
+# The broker check, the Kafka log and tail, the log contract and the worker processes (~1 min).
+KAFKA_SUITE = ["tests/test_kafka_broker.py", "tests/test_kafka_log.py", "tests/test_kafka_tail.py",
+               "tests/test_log_contract.py", "tests/test_kafka_workers.py"]
 
 pytest_plugins = ["pytester"]
 
@@ -53,6 +60,20 @@ def test_each_test_gets_its_own_namespace(stepline_kafka_url, stepline_kafka_con
     other = stepline_kafka_container.log_url()
     assert "namespace=test-" in stepline_kafka_url and other != stepline_kafka_url
 '''
+
+
+def test_the_kafka_suite_passes_on_a_broker_testcontainers_starts() -> None:
+    require_images()
+    env = {**os.environ, "STEPLINE_TEST_BROKER": "testcontainers", "TESTCONTAINERS_RYUK_DISABLED": "true"}
+    env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", "-k", "kafka",
+                           *KAFKA_SUITE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    tail = "\n".join((done.stdout + done.stderr).splitlines()[-60:])
+    assert done.returncode == 0, tail
+    summary = done.stdout.strip().splitlines()[-1]
+    passed = re.search(r"(\d+) passed", summary)
+    # Every selected test ran: none skipped for want of a broker.
+    assert passed and int(passed.group(1)) >= 40 and "skipped" not in summary, tail
 
 
 def test_the_fixture_gives_users_a_kafka_log_url(pytester: pytest.Pytester) -> None:
