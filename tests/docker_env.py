@@ -1,10 +1,12 @@
 """What the container tests need: a Docker engine and scripts/images.sh's images.
 
-`require_images()` returns the image names (DEBIAN_IMAGE, KAFKA_IMAGE,
-STEPLINE_IMAGE) once the engine answers and every image exists; otherwise it
-skips the test with the reason, or under CI=true fails it (`make test` builds
-them first with `scripts/images.sh build`). Called in test bodies, not
-fixtures, so a missing engine is a test failure in CI, not a setup error.
+`require_images()` runs `scripts/images.sh build` once per test session (a
+second of checks when `make test` has just built them; a rebuild of what a
+changed source made stale, so the containers run the code under test) and
+returns the image names (DEBIAN_IMAGE, KAFKA_IMAGE, STEPLINE_IMAGE). When the
+engine or an image cannot be had it skips the test with the reason, or under
+CI=true fails it. Called in test bodies, not fixtures, so a missing engine
+is a test failure in CI, not a setup error.
 """
 
 from __future__ import annotations
@@ -33,10 +35,15 @@ def unavailable(reason: str) -> None:
     pytest.skip(f"{reason} (a failure under CI=true)")
 
 
+_built: list[str] = []  # the outcome of this session's build: "" when it worked, else why not
+
+
 def require_images() -> dict[str, str]:
-    done = subprocess.run([str(IMAGES_SH), "check"], capture_output=True, text=True, timeout=60, check=False)
-    if done.returncode != 0:
-        unavailable(done.stdout.strip() or done.stderr.strip())
+    if not _built:
+        done = subprocess.run([str(IMAGES_SH), "build"], capture_output=True, text=True, timeout=1200, check=False)
+        _built.append("" if done.returncode == 0 else "\n".join(done.stderr.strip().splitlines()[-20:]))
+    if _built[0]:
+        unavailable(f"scripts/images.sh build failed:\n{_built[0]}")
     return image_names()
 
 

@@ -111,3 +111,13 @@ def test_no_engine_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
     with pytest.raises(KafkaContainerError, match="no Docker engine answers"):
         KafkaTestContainer().start()
+
+
+def test_a_broker_that_never_comes_up_is_an_error_with_its_output() -> None:
+    names = require_images()
+    # A controller-only node may not advertise listeners: the image's entrypoint exits at once.
+    kafka = KafkaTestContainer(names["KAFKA_IMAGE"], pull=False, start_timeout=60,
+                               env={"KAFKA_PROCESS_ROLES": "controller"})
+    with pytest.raises(KafkaContainerError, match=r"(?s)did not come up.*KAFKA_ADVERTISED_LISTENERS is not supported"):
+        kafka.start()
+    assert kafka.container is None, "the failed container was not removed"
