@@ -143,10 +143,15 @@ cmd_start() {
       dockerd --storage-driver=overlay2 --exec-opt native.cgroupdriver=cgroupfs \
       --pidfile "$STATE/dockerd.daemon.pid" \
       </dev/null >"$DAEMON_LOG" 2>&1 9>&- &
+    local i
+    for ((i = 0; i < 50; i++)); do  # the pid file, written before exec
+      [[ -s "$PID_FILE" ]] && break
+      sleep 0.1
+    done
   fi
   local deadline=$((SECONDS + START_TIMEOUT))
   while ! version="$(engine_answers)"; do
-    if ! our_pid >/dev/null && ((SECONDS > 2)); then
+    if ! our_pid >/dev/null; then
       tail -n 30 "$DAEMON_LOG" >&2 || true
       die "dockerd exited during start-up (log: $DAEMON_LOG)"
     fi
