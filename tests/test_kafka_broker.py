@@ -36,7 +36,7 @@ async def test_record_round_trips_through_broker() -> None:
     # broker is a test failure, not a setup error.
     bootstrap = broker_or_skip()
     if os.environ.get("STEPLINE_TEST_BROKER") == "testcontainers" and not os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
-        # `make test-testcontainers`: the suite's broker really is a container.
+        # The Kafka suite's run on a container (tests/test_testcontainers.py): the broker really is one.
         container = started_container()
         assert container is not None and container.bootstrap_servers == bootstrap
         assert "Kafka Server started" in container.logs()
