@@ -41,7 +41,7 @@ resolve_jars() {
     return 0
   fi
   command -v mvn >/dev/null || die "Maven (mvn) is needed to fetch the Kafka and Avro jars (Debian: apt-get install maven)"
-  log "resolving kafka-clients, kafka-tools and avro with Maven (first run downloads ~30 MB into ~/.m2)..."
+  log "resolving kafka-clients, kafka-tools and avro with Maven (first run downloads ~50 MB into ~/.m2)..."
   tmp="$STATE/lib.new"
   for attempt in 1 2; do
     rm -rf "$tmp"
