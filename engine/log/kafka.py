@@ -9,7 +9,9 @@ One `KafkaLog` holds:
 * an admin client: topic provisioning (`ensure_topics`), topic metadata
   (`partitions`, the UnknownTopic checks) and committed offsets
   (kafka_topics.py);
-* one idempotent producer (acks=all): `append` (kafka_append.py);
+* one idempotent producer (acks=all): `append` (kafka_append.py), with the
+  record headers the caller gives (engine events carry theirs,
+  engine/log/headers.py);
 * one plain consumer for `end_offset` (ListOffsets);
 * a small pool of *cursors* per partition for `read`: each is a consumer
   with that one partition assigned by hand, remembered by the offset it
@@ -59,7 +61,16 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from ..errors import InvalidLogUrl, LogError, UnknownTopic
-from .base import AssignCallback, Log, Membership, Outgoing, Record, RevokeCallback, TopicSpec
+from .base import (
+    AssignCallback,
+    Headers,
+    Log,
+    Membership,
+    Outgoing,
+    Record,
+    RevokeCallback,
+    TopicSpec,
+)
 from .kafka_append import KafkaAppends
 from .kafka_clients import KafkaClients, _noop, _quietly, _valid_name
 from .kafka_cursors import KafkaCursors
@@ -86,6 +97,8 @@ def from_url_options(url: str, servers: list[str], options: dict[str, str]) -> K
 
 class KafkaLog(KafkaClients, Log):
     """A `Log` on Apache Kafka; see the module docstring."""
+
+    record_headers = True
 
     def _build(self) -> None:
         # Called by KafkaClients.__init__ once the settings are checked, so
@@ -152,7 +165,11 @@ class KafkaLog(KafkaClients, Log):
     # --- appends ---
 
     async def append(
-        self, topic: str, partition: int, records: Sequence[tuple[bytes, bytes]]
+        self,
+        topic: str,
+        partition: int,
+        records: Sequence[tuple[bytes, bytes]],
+        headers: Sequence[Headers] | None = None,
     ) -> list[int]:
         if self._producer is None:
             self._started()
@@ -163,7 +180,7 @@ class KafkaLog(KafkaClients, Log):
             await self._topics.where(topic, partition)
         if not records:
             return []
-        return await self._appends.submit(name, partition, records)
+        return await self._appends.submit(name, partition, records, headers)
 
     # --- transactions (sl.emit) ---
 
@@ -198,12 +215,13 @@ class KafkaLog(KafkaClients, Log):
         partition: int,
         records: Sequence[tuple[bytes, bytes]],
         outgoing: Sequence[Outgoing],
+        headers: Sequence[Headers] | None = None,
     ) -> list[int]:
         if not self.transactional:
-            return await super().append_atomic(topic, partition, records, outgoing)
+            return await super().append_atomic(topic, partition, records, outgoing, headers)
         self._started()
         tp = await self._topics.where(topic, partition)
-        return await self._writers.append(tp, records, outgoing)
+        return await self._writers.append(tp, records, outgoing, headers)
 
     # --- reads ---
 
