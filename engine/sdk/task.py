@@ -30,8 +30,6 @@ PayloadT = TypeVar("PayloadT")
 ResultT = TypeVar("ResultT")
 
 TaskFn = Callable[[PayloadT], Awaitable[ResultT]]
-# What `on=` takes: domain events of the events topic, records of Kafka topics.
-On = Subscription | KafkaTopic | Sequence[Subscription | KafkaTopic]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +84,9 @@ Isolation = typing.Literal["inline", "process"]
 ISOLATIONS: tuple[str, ...] = typing.get_args(Isolation)
 
 
-def _subscriptions(task_id: str, on: On) -> tuple[tuple[Subscription, ...], tuple[KafkaTopic, ...]]:
+def _subscriptions(
+    task_id: str, on: Subscription | KafkaTopic | Sequence[Subscription | KafkaTopic],
+) -> tuple[tuple[Subscription, ...], tuple[KafkaTopic, ...]]:
     """`on=` split by kind; anything else is a definition error, not a silent no-op
     (a bare string would otherwise be read as one subscription per character)."""
     items: Iterable[Any] = (on,) if isinstance(on, (Subscription, KafkaTopic)) else on
@@ -156,7 +156,7 @@ class Task(Generic[PayloadT, ResultT]):
         id: str,
         retry: Retry | None = None,
         queue: Queue | None = None,
-        on: On = (),
+        on: Subscription | KafkaTopic | Sequence[Subscription | KafkaTopic] = (),
         schedule: Cron | Every | None = None,
         max_duration: timedelta | float | None = None,
         isolation: Isolation = "inline",
@@ -323,7 +323,7 @@ def task(
     id: str | None = None,
     retry: Retry | None = None,
     queue: Queue | None = None,
-    on: On = (),
+    on: Subscription | KafkaTopic | Sequence[Subscription | KafkaTopic] = (),
     schedule: Cron | Every | None = None,
     registry: Registry | None = None,
     max_duration: timedelta | float | None = None,
@@ -343,7 +343,7 @@ def task(
     id: str | None = None,
     retry: Retry | None = None,
     queue: Queue | None = None,
-    on: On = (),
+    on: Subscription | KafkaTopic | Sequence[Subscription | KafkaTopic] = (),
     schedule: Cron | Every | None = None,
     registry: Registry | None = None,
     max_duration: timedelta | float | None = None,
