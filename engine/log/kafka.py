@@ -29,6 +29,11 @@ One `KafkaLog` holds:
 * for each partition it was asked to `fence`, one transactional producer
   (engine/log/kafka_txn.py): `append_atomic`, what `sl.emit` rides on.
 
+`external_view()` gives a second log on the same settings that names topics
+as the broker does (no namespace prefix) and only reads, joins groups and
+commits: how subscriptions to topics other services write read them
+(consumers/external.py).
+
 Every consumer reads with isolation_level=read_committed, so a record of
 an open or aborted transaction is never folded, and `end_offset` is the
 last stable offset (where the first open transaction starts). Commit and
@@ -55,6 +60,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import NoReturn
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -116,6 +122,18 @@ class KafkaLog(KafkaClients, Log):
     def __repr__(self) -> str:
         # The URL as given to open_log, with secret options shown as ***.
         return f"KafkaLog({self.url!r})"
+
+    def external_view(self) -> KafkaLog:
+        """A log on the same cluster and settings that names topics as the
+        broker does, with no namespace prefix: how subscriptions to topics
+        Stepline does not own read them (consumers/external.py). Group names
+        keep the namespace, so those groups stay this app's. The view has
+        clients of its own (start and close it like a log) and only reads,
+        joins groups and commits: it refuses to create or append."""
+        view = _BrokerNamed.__new__(_BrokerNamed)
+        view.__dict__.update(self.__dict__)
+        view._build()  # fresh clients and parts, built on the copied settings
+        return view
 
     # --- lifecycle ---
 
@@ -289,3 +307,23 @@ class KafkaLog(KafkaClients, Log):
     async def committed(self, group: str, topic: str) -> dict[int, int]:
         self._started()
         return await self._topics.committed(group, topic)
+
+
+class _BrokerNamed(KafkaLog):
+    """`KafkaLog.external_view()`: topics by their broker names, read-only."""
+
+    def topic_name(self, topic: str) -> str:
+        return topic
+
+    def _read_only(self, what: str) -> NoReturn:
+        raise LogError(f"{what}: the view of topics Stepline does not own only reads")
+
+    async def ensure_topics(self, specs: Sequence[TopicSpec]) -> None:
+        self._read_only("ensure_topics")
+
+    async def append(self, topic: str, partition: int, records: Sequence[tuple[bytes, bytes]]) -> list[int]:
+        self._read_only(f"append to {topic!r}")
+
+    async def append_atomic(self, topic: str, partition: int, records: Sequence[tuple[bytes, bytes]],
+                            outgoing: Sequence[Outgoing]) -> list[int]:
+        self._read_only(f"append to {topic!r}")
