@@ -321,9 +321,10 @@ class _BrokerNamed(KafkaLog):
     async def ensure_topics(self, specs: Sequence[TopicSpec]) -> None:
         self._read_only("ensure_topics")
 
-    async def append(self, topic: str, partition: int, records: Sequence[tuple[bytes, bytes]]) -> list[int]:
+    async def append(self, topic: str, partition: int, records: Sequence[tuple[bytes, bytes]],
+                     headers: Sequence[Headers] | None = None) -> list[int]:
         self._read_only(f"append to {topic!r}")
 
     async def append_atomic(self, topic: str, partition: int, records: Sequence[tuple[bytes, bytes]],
-                            outgoing: Sequence[Outgoing]) -> list[int]:
+                            outgoing: Sequence[Outgoing], headers: Sequence[Headers] | None = None) -> list[int]:
         self._read_only(f"append to {topic!r}")
