@@ -12,6 +12,7 @@ implementation and may move.
 from stepline.client import Client, RunHandle, publish
 from stepline.client.backfill import BackfillReport, backfill
 from stepline.consumers.router import Subscription
+from stepline.consumers.topic_subscription import KafkaTopic
 from stepline.errors import (
     ChildProcessDied,
     ChildRunFailed,
@@ -76,6 +77,7 @@ __all__ = [
     "Debounce",
     "Sensitive",
     "Subscription",
+    "KafkaTopic",
     "Cron",
     "Every",
     "ScheduleTick",

@@ -3,7 +3,9 @@
 `Event.avsc` is the envelope; it refers to the body records by full name.
 `event_schema()` inlines them into one self-contained schema, which is what
 the codec parses and what `history/Event.v<N>.avsc` freezes per release.
-See README.md in this folder for the evolution rules.
+`Event.current.avsc` is the same schema written out, for other tools (Avro's
+classic `Schema.Parser` reads one file): `python -m stepline.schemas`
+rewrites it. See README.md in this folder for the evolution rules.
 
 Nothing here reads files at import time; the functions read on each call and
 the codec calls them once.
@@ -16,7 +18,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, cast
 
-__all__ = ["NAMESPACE", "SCHEMA_DIR", "HISTORY_DIR", "load", "event_schema", "history_schemas"]
+__all__ = [
+    "NAMESPACE", "SCHEMA_DIR", "HISTORY_DIR", "CURRENT_FILE",
+    "load", "event_schema", "history_schemas", "current_text",
+]
 
 NAMESPACE = "io.stepline"
 
@@ -24,6 +29,8 @@ NAMESPACE = "io.stepline"
 # the resource root is a real directory; Path() makes that explicit.
 SCHEMA_DIR: Path = Path(str(resources.files(__name__)))
 HISTORY_DIR: Path = SCHEMA_DIR / "history"
+# The expanded current schema in one file; generated, never edited by hand.
+CURRENT_FILE: Path = SCHEMA_DIR / "Event.current.avsc"
 
 Schema = dict[str, Any]
 
@@ -38,6 +45,8 @@ def _records() -> dict[str, Schema]:
     """Every schema file, keyed by the record's full name."""
     out: dict[str, Schema] = {}
     for path in sorted(SCHEMA_DIR.glob("*.avsc")):
+        if path.name == CURRENT_FILE.name:
+            continue  # generated from the others
         schema = json.loads(path.read_text(encoding="utf-8"))
         out[f"{schema.get('namespace', NAMESPACE)}.{schema['name']}"] = schema
     return out
@@ -83,3 +92,9 @@ def history_schemas() -> dict[str, Schema]:
         path.name.removesuffix(".avsc"): json.loads(path.read_text(encoding="utf-8"))
         for path in sorted(HISTORY_DIR.glob("*.avsc"))
     }
+
+
+def current_text() -> str:
+    """What `Event.current.avsc` holds: `event_schema()` as the history files
+    are written (two-space JSON, a final newline)."""
+    return json.dumps(event_schema(), indent=2) + "\n"

@@ -11,6 +11,9 @@
 #   scripts/kafka.sh stop     SIGTERM, wait, SIGKILL; removes the data dir.
 #   scripts/kafka.sh status   prints "running <address> pid <pid>" (exit 0)
 #                             or "stopped" (exit 3).
+#   scripts/kafka.sh jars     resolve the jars only (cached) and print their
+#                             directory: Kafka's own tools run from it, e.g.
+#                             java -cp "$DIR/*" org.apache.kafka.tools.ConsoleProducer
 #
 # Only the address goes to stdout; progress and errors go to stderr.
 #
@@ -416,9 +419,9 @@ cmd_status() {
 main() {
   local cmd="${1:-}"
   case "$cmd" in
-    start | stop | status | restart) ;;
+    start | stop | status | restart | jars) ;;
     *)
-      echo "usage: $0 start|stop|status|restart" >&2
+      echo "usage: $0 start|stop|status|restart|jars" >&2
       exit 2
       ;;
   esac
@@ -434,6 +437,7 @@ main() {
     start) cmd_start ;;
     stop) stop_broker ;;
     restart) cmd_restart ;;
+    jars) resolve_jars && echo "$LIB" ;;
   esac
 }
 

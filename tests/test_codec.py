@@ -392,7 +392,8 @@ def test_a_schema_that_drifts_from_the_dataclasses_is_refused() -> None:
 
 def test_every_schema_file_parses() -> None:
     named: dict[str, Any] = {}
-    paths = sorted(schemas.SCHEMA_DIR.glob("*.avsc"))
+    # Event.current.avsc is generated from these (tests/test_schema_files.py).
+    paths = sorted(p for p in schemas.SCHEMA_DIR.glob("*.avsc") if p != schemas.CURRENT_FILE)
     first = [p for p in paths if p.stem in ("Payload", "ErrorInfo")]
     last = [p for p in paths if p.stem == "Event"]
     middle = [p for p in paths if p not in first and p not in last]

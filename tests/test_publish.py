@@ -14,7 +14,7 @@ import stepline as sl
 from stepline.core import codec
 from stepline.core.events import DomainEvent
 from stepline.errors import InvalidEventName
-from stepline.log.base import partition_for
+from stepline.log.base import kafka_partition_for
 
 
 async def events_on_topic(client: sl.Client) -> list:
@@ -36,7 +36,7 @@ async def test_publish_appends_a_domain_event_keyed_for_order(engine_factory):
     assert set(by_id) == {first, second, other}
     p1, o1, ev1 = by_id[first]
     p2, o2, ev2 = by_id[second]
-    assert p1 == p2 == partition_for(b"user-1", await e.client.log.partitions(e.client.topics.events))
+    assert p1 == p2 == kafka_partition_for(b"user-1", await e.client.log.partitions(e.client.topics.events))
     assert o1 < o2  # one key, one partition, in order
     assert ev1.body == DomainEvent("user.created", ev1.body.data, "user-1", "api")
     assert json.loads(ev1.body.data.data) == {"id": 1, "plan": "pro"}

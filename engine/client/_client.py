@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 
 from stepline.client._steering import Steering
 from stepline.client.fork import copied_bytes, fork_trigger
-from stepline.core import codec
 from stepline.core.events import (
     DomainEvent,
     Event,
@@ -30,7 +29,8 @@ from stepline.errors import (
     PayloadTooLarge,
     UnknownRun,
 )
-from stepline.log.base import partition_for
+from stepline.log.base import kafka_partition_for
+from stepline.log.headers import append_event
 from stepline.projections.runs import (
     PENDING,
     PartitionRuns,
@@ -217,11 +217,11 @@ class Client(Steering):
         body = DomainEvent(name, payload, key, source)
         ev = Event(event_id, body.TYPE, "", "", 0, self.clock(), 0, body)
         partition_key = (key or event_id).encode()
-        await self.log.append(
-            self.topics.events,
-            partition_for(partition_key, self._event_partitions),
-            [(partition_key, codec.encode(ev))],
-        )
+        # Kafka's partitioner, not the runs topic's CRC-32: other services
+        # publish to this topic with their own clients (docs/operations.md).
+        await append_event(self.log, self.topics.events,
+                           kafka_partition_for(partition_key, self._event_partitions),
+                           partition_key, ev)
         return event_id
 
     async def fork(

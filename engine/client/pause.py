@@ -39,6 +39,7 @@ from stepline.core.events import PAUSE_QUEUE, PAUSE_TASK, Event, PauseChanged
 from stepline.core.ids import new_event_id
 from stepline.errors import LogError, SteplineError
 from stepline.log.base import Log
+from stepline.log.headers import append_event
 from stepline.log.topics import Topics
 from stepline.sdk.task import Registry
 
@@ -99,11 +100,12 @@ async def set_paused(client: Connection, scope: str, name: str, paused: bool, *,
     check_scope(scope, name)
     _check_known(client, scope, name)
     body = PauseChanged(scope, name, paused, reason, requested_by)
-    value = codec.encode(Event(new_event_id(), body.TYPE, "", "", 0, client.clock(), 0, body))
+    event = Event(new_event_id(), body.TYPE, "", "", 0, client.clock(), 0, body)
+    codec.encode(event)  # a bad event fails here, before any partition gets it
     appends = []
     for topic in (client.topics.runs, client.topics.queues):
         for p in range(await client.log.partitions(topic)):
-            appends.append(client.log.append(topic, p, [(b"", value)]))
+            appends.append(append_event(client.log, topic, p, b"", event))
     results = await asyncio.gather(*appends, return_exceptions=True)
     failed = [r for r in results if isinstance(r, BaseException)]
     if failed:

@@ -133,3 +133,14 @@ def fanout_key(event_id: str) -> str:
     NEVER change this format: redelivered events must map to existing runs.
     """
     return f"stepline/event/{event_id}"
+
+
+def record_key(topic: str, partition: int, offset: int) -> str:
+    """The idempotency key of the run a record of a Kafka topic Stepline does
+    not own starts (`stepline.KafkaTopic`); with the task id it fixes the run id.
+
+    NEVER change this format: a record delivered again (a restart before its
+    offset was committed, a rebalance) must map to the run it already started.
+    Topic names cannot hold '/', so the key is unambiguous.
+    """
+    return f"stepline/record/{topic}/{partition}/{offset}"

@@ -12,6 +12,9 @@ the step emitted with `stepline.emit`) makes its whole batch go out as one
 transaction (`Log.append_atomic`): the batch keeps its queue order, later
 submissions wait behind it as behind any batch, and only batches that
 carry emitted records pay for the transaction.
+
+On a log that keeps record headers (Kafka) each event also gets its
+headers (engine/log/headers.py); elsewhere none are built.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from dataclasses import dataclass, field
 
 from stepline.core import codec
 from stepline.core.events import Event
-from stepline.log.base import Log, Outgoing
+from stepline.log.base import Headers, Log, Outgoing
+from stepline.log.headers import event_headers
 
 AppendedCallback = Callable[[int, list[int], list[Event]], None]
 
@@ -34,6 +38,7 @@ class _Pending:
     events: list[Event] = field(default_factory=list)
     futures: list[asyncio.Future[int]] = field(default_factory=list)
     outgoing: list[Outgoing] = field(default_factory=list)
+    headers: list[Headers] | None = None
 
 
 class Appender:
@@ -43,6 +48,7 @@ class Appender:
         self._on_appended = on_appended
         self._pending: dict[int, _Pending] = {}
         self._flushing: dict[int, asyncio.Task[None]] = {}
+        self._headers = log.record_headers
 
     def submit(
         self, event: Event, key: bytes, partition: int, outgoing: Sequence[Outgoing] = ()
@@ -56,7 +62,9 @@ class Appender:
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         pend = self._pending.get(partition)
         if pend is None:
-            pend = self._pending[partition] = _Pending()
+            pend = self._pending[partition] = _Pending(headers=[] if self._headers else None)
+        if pend.headers is not None:
+            pend.headers.append(event_headers(event))
         pend.keys.append(key)
         pend.values.append(value)
         pend.events.append(event)
@@ -76,7 +84,10 @@ class Appender:
                 try:
                     if pend.outgoing:
                         offsets = await self._log.append_atomic(
-                            self._topic, partition, records, pend.outgoing)
+                            self._topic, partition, records, pend.outgoing, pend.headers)
+                    elif pend.headers is not None:
+                        offsets = await self._log.append(
+                            self._topic, partition, records, pend.headers)
                     else:
                         offsets = await self._log.append(self._topic, partition, records)
                 except BaseException as exc:

@@ -24,6 +24,10 @@ Semantics, shared by all backends:
 * A group assigns each partition of a topic to exactly one live member;
   `generation` grows with every assignment the group hands out, so callers
   can derive fencing epochs from it.
+* Records may carry headers (`headers=`, one tuple of (name, value) pairs
+  per record) where the backend keeps them (`record_headers`: Kafka, so
+  other tools can filter without decoding); the others accept and drop
+  them, and a record's key and value are the same either way.
 * Atomic appends (`append_atomic`, what `sl.emit` rides on) exist only where
   the backend has transactions (`transactional`): the Kafka log. A
   partition's owner calls `fence` when it claims the partition; from then on
@@ -33,6 +37,7 @@ Semantics, shared by all backends:
 from __future__ import annotations
 
 import abc
+import struct
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -40,6 +45,8 @@ from types import TracebackType
 from typing import Self
 
 from ..errors import EmitUnsupported
+
+_WORDS = struct.Struct("<I")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +69,10 @@ class TopicSpec:
     compact: bool = False
 
 
+# Per-record headers: (name, value) pairs, as Kafka record headers.
+Headers = tuple[tuple[str, bytes], ...]
+
+
 @dataclass(frozen=True, slots=True)
 class Outgoing:
     """A record for a topic outside the engine (`sl.emit`), written in the
@@ -70,7 +81,7 @@ class Outgoing:
     topic: str  # the broker's own name: no namespace prefix is added
     key: bytes | None
     value: bytes
-    headers: tuple[tuple[str, bytes], ...] = ()
+    headers: Headers = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,12 +95,49 @@ RevokeCallback = Callable[[frozenset[int]], Awaitable[None]]
 
 
 def partition_for(key: bytes, partitions: int) -> int:
-    """Which partition a key lives in. Every backend and client uses this.
+    """Which partition of an engine topic (runs, queues, waits...) a key
+    lives in. Every backend and client uses this.
 
     CRC-32 is stable across processes and Python versions (unlike `hash`).
-    Never change it: existing logs place runs by this function.
+    Never change it: existing logs place runs by this function. The events
+    topic, which other services publish to, uses `kafka_partition_for`.
     """
     return zlib.crc32(key) % partitions
+
+
+def kafka_partition_for(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner picks for `key`: the Java
+    client's `toPositive(murmur2(key)) % n` (aiokafka's and librdkafka's
+    `murmur2_random` agree). Stepline places the events topic's keys by it,
+    on every backend, so a service in another language that publishes with
+    the same key keeps per-key order with Stepline's publishes."""
+    return (_murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+def _murmur2(data: bytes) -> int:
+    """MurmurHash2 (32-bit, seed 0x9747b28c) as org.apache.kafka.common.utils.Utils.murmur2,
+    as an unsigned 32-bit value."""
+    m, mask = 0x5BD1E995, 0xFFFFFFFF
+    length = len(data)
+    h = (0x9747B28C ^ length) & mask
+    whole = length - length % 4
+    for (k,) in _WORDS.iter_unpack(data[:whole]):
+        k = (k * m) & mask
+        k ^= k >> 24
+        k = (k * m) & mask
+        h = ((h * m) & mask) ^ k
+    rest = length - whole
+    if rest:
+        if rest == 3:
+            h ^= data[whole + 2] << 16
+        if rest >= 2:
+            h ^= data[whole + 1] << 8
+        h ^= data[whole]
+        h = (h * m) & mask
+    h ^= h >> 13
+    h = (h * m) & mask
+    h ^= h >> 15
+    return h
 
 
 async def skip_unreadable(log_: Log, topic: str, partition: int, offset: int) -> int:
@@ -149,11 +197,21 @@ class Log(abc.ABC):
     async def partitions(self, topic: str) -> int:
         """Partition count; raises UnknownTopic for a topic never created."""
 
+    # Whether appends keep `headers=` (Kafka). Writers build headers only
+    # then, and pass them only then, so a Log written before headers
+    # existed keeps working.
+    record_headers: bool = False
+
     @abc.abstractmethod
     async def append(
-        self, topic: str, partition: int, records: Sequence[tuple[bytes, bytes]]
+        self,
+        topic: str,
+        partition: int,
+        records: Sequence[tuple[bytes, bytes]],
+        headers: Sequence[Headers] | None = None,
     ) -> list[int]:
-        """Append (key, value) pairs to one partition; return their offsets."""
+        """Append (key, value) pairs to one partition; return their offsets.
+        `headers`, one per record, are kept where `record_headers` is set."""
 
     @abc.abstractmethod
     async def read(
@@ -216,6 +274,7 @@ class Log(abc.ABC):
         partition: int,
         records: Sequence[tuple[bytes, bytes]],
         outgoing: Sequence[Outgoing],
+        headers: Sequence[Headers] | None = None,
     ) -> list[int]:
         """Append like `append`, and write `outgoing` to their topics, in one
         transaction: readers see all of it or none. Needs `fence` first."""

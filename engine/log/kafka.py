@@ -9,7 +9,9 @@ One `KafkaLog` holds:
 * an admin client: topic provisioning (`ensure_topics`), topic metadata
   (`partitions`, the UnknownTopic checks) and committed offsets
   (kafka_topics.py);
-* one idempotent producer (acks=all): `append` (kafka_append.py);
+* one idempotent producer (acks=all): `append` (kafka_append.py), with the
+  record headers the caller gives (engine events carry theirs,
+  engine/log/headers.py);
 * one plain consumer for `end_offset` (ListOffsets);
 * a small pool of *cursors* per partition for `read`: each is a consumer
   with that one partition assigned by hand, remembered by the offset it
@@ -26,6 +28,11 @@ One `KafkaLog` holds:
 * for each `join_group`, one consumer in that group (kafka_group.py);
 * for each partition it was asked to `fence`, one transactional producer
   (engine/log/kafka_txn.py): `append_atomic`, what `sl.emit` rides on.
+
+`external_view()` gives a second log on the same settings that names topics
+as the broker does (no namespace prefix) and only reads, joins groups and
+commits: how subscriptions to topics other services write read them
+(consumers/external.py).
 
 Every consumer reads with isolation_level=read_committed, so a record of
 an open or aborted transaction is never folded, and `end_offset` is the
@@ -53,13 +60,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import NoReturn
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from ..errors import InvalidLogUrl, LogError, UnknownTopic
-from .base import AssignCallback, Log, Membership, Outgoing, Record, RevokeCallback, TopicSpec
+from .base import (
+    AssignCallback,
+    Headers,
+    Log,
+    Membership,
+    Outgoing,
+    Record,
+    RevokeCallback,
+    TopicSpec,
+)
 from .kafka_append import KafkaAppends
 from .kafka_clients import KafkaClients, _noop, _quietly, _valid_name
 from .kafka_cursors import KafkaCursors
@@ -87,6 +104,8 @@ def from_url_options(url: str, servers: list[str], options: dict[str, str]) -> K
 class KafkaLog(KafkaClients, Log):
     """A `Log` on Apache Kafka; see the module docstring."""
 
+    record_headers = True
+
     def _build(self) -> None:
         # Called by KafkaClients.__init__ once the settings are checked, so
         # KafkaLog takes exactly its constructor (one signature, not two).
@@ -103,6 +122,18 @@ class KafkaLog(KafkaClients, Log):
     def __repr__(self) -> str:
         # The URL as given to open_log, with secret options shown as ***.
         return f"KafkaLog({self.url!r})"
+
+    def external_view(self) -> KafkaLog:
+        """A log on the same cluster and settings that names topics as the
+        broker does, with no namespace prefix: how subscriptions to topics
+        Stepline does not own read them (consumers/external.py). Group names
+        keep the namespace, so those groups stay this app's. The view has
+        clients of its own (start and close it like a log) and only reads,
+        joins groups and commits: it refuses to create or append."""
+        view = _BrokerNamed.__new__(_BrokerNamed)
+        view.__dict__.update(self.__dict__)
+        view._build()  # fresh clients and parts, built on the copied settings
+        return view
 
     # --- lifecycle ---
 
@@ -152,7 +183,11 @@ class KafkaLog(KafkaClients, Log):
     # --- appends ---
 
     async def append(
-        self, topic: str, partition: int, records: Sequence[tuple[bytes, bytes]]
+        self,
+        topic: str,
+        partition: int,
+        records: Sequence[tuple[bytes, bytes]],
+        headers: Sequence[Headers] | None = None,
     ) -> list[int]:
         if self._producer is None:
             self._started()
@@ -163,7 +198,7 @@ class KafkaLog(KafkaClients, Log):
             await self._topics.where(topic, partition)
         if not records:
             return []
-        return await self._appends.submit(name, partition, records)
+        return await self._appends.submit(name, partition, records, headers)
 
     # --- transactions (sl.emit) ---
 
@@ -198,12 +233,13 @@ class KafkaLog(KafkaClients, Log):
         partition: int,
         records: Sequence[tuple[bytes, bytes]],
         outgoing: Sequence[Outgoing],
+        headers: Sequence[Headers] | None = None,
     ) -> list[int]:
         if not self.transactional:
-            return await super().append_atomic(topic, partition, records, outgoing)
+            return await super().append_atomic(topic, partition, records, outgoing, headers)
         self._started()
         tp = await self._topics.where(topic, partition)
-        return await self._writers.append(tp, records, outgoing)
+        return await self._writers.append(tp, records, outgoing, headers)
 
     # --- reads ---
 
@@ -271,3 +307,24 @@ class KafkaLog(KafkaClients, Log):
     async def committed(self, group: str, topic: str) -> dict[int, int]:
         self._started()
         return await self._topics.committed(group, topic)
+
+
+class _BrokerNamed(KafkaLog):
+    """`KafkaLog.external_view()`: topics by their broker names, read-only."""
+
+    def topic_name(self, topic: str) -> str:
+        return topic
+
+    def _read_only(self, what: str) -> NoReturn:
+        raise LogError(f"{what}: the view of topics Stepline does not own only reads")
+
+    async def ensure_topics(self, specs: Sequence[TopicSpec]) -> None:
+        self._read_only("ensure_topics")
+
+    async def append(self, topic: str, partition: int, records: Sequence[tuple[bytes, bytes]],
+                     headers: Sequence[Headers] | None = None) -> list[int]:
+        self._read_only(f"append to {topic!r}")
+
+    async def append_atomic(self, topic: str, partition: int, records: Sequence[tuple[bytes, bytes]],
+                            outgoing: Sequence[Outgoing], headers: Sequence[Headers] | None = None) -> list[int]:
+        self._read_only(f"append to {topic!r}")

@@ -1,6 +1,7 @@
 """Appends of a `KafkaLog`: one flusher per partition packs every call
 queued meanwhile into one record batch (see the module docstring of
-engine/log/kafka.py)."""
+engine/log/kafka.py). Records go out with the headers their call gave
+(engine events: engine/log/headers.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from ..errors import LogWriteFailed
+from .base import Headers
 from .kafka_clients import DEFAULT_MAX_BATCH_SIZE, KafkaClients, _fail
 from .kafka_tail import Tails
 
@@ -21,6 +23,8 @@ from .kafka_tail import Tails
 # header count, as varints), and the batch header.
 _RECORD_OVERHEAD = 40
 _BATCH_OVERHEAD = 61
+# And per header, beyond its name and value: their two length varints.
+_HEADER_OVERHEAD = 10
 
 
 @dataclass(slots=True)
@@ -28,6 +32,7 @@ class _Call:
     records: Sequence[tuple[bytes, bytes]]
     size: int
     future: asyncio.Future[list[int]]
+    headers: Sequence[Headers] | None = None  # one per record
 
 
 @dataclass(slots=True)
@@ -39,11 +44,24 @@ class _Partial:
     parts_left: int = 0
 
 
-def _size(records: Sequence[tuple[bytes, bytes]]) -> int:
+def _size(records: Sequence[tuple[bytes, bytes]], headers: Sequence[Headers] | None = None) -> int:
     if len(records) == 1:
         k, v = records[0]
-        return len(k) + len(v) + _RECORD_OVERHEAD
-    return sum(len(k) + len(v) + _RECORD_OVERHEAD for k, v in records)
+        size = len(k) + len(v) + _RECORD_OVERHEAD
+    else:
+        size = sum(len(k) + len(v) + _RECORD_OVERHEAD for k, v in records)
+    if headers:
+        size += sum(_headers_size(h) for h in headers)
+    return size
+
+
+def _headers_size(headers: Headers) -> int:
+    return sum(len(name.encode()) + len(value) + _HEADER_OVERHEAD for name, value in headers)
+
+
+def _check_headers(records: Sequence[tuple[bytes, bytes]], headers: Sequence[Headers]) -> None:
+    if len(headers) != len(records):
+        raise ValueError(f"{len(headers)} headers for {len(records)} records: give one per record")
 
 
 class KafkaAppends:
@@ -62,15 +80,18 @@ class KafkaAppends:
             raise RuntimeError(f"{self._clients.url} is not started; use `async with` or start()")
         return self.producer
 
-    def submit(self, name: str, partition: int,
-               records: Sequence[tuple[bytes, bytes]]) -> asyncio.Future[list[int]]:
-        """Queue a call's records for the partition's flusher; its offsets come in the future."""
+    def submit(self, name: str, partition: int, records: Sequence[tuple[bytes, bytes]],
+               headers: Sequence[Headers] | None = None) -> asyncio.Future[list[int]]:
+        """Queue a call's records (and their headers) for the partition's
+        flusher; its offsets come in the future."""
+        if headers is not None:
+            _check_headers(records, headers)
         key = (name, partition)
         future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
         queue = self._pending.get(key)
         if queue is None:
             queue = self._pending[key] = []
-        queue.append(_Call(records, _size(records), future))
+        queue.append(_Call(records, _size(records, headers), future, headers))
         if key not in self._flushers:
             self._flushers[key] = asyncio.create_task(
                 self._flush(key), name=f"stepline-kafka-flush:{name}:{partition}"
@@ -107,8 +128,10 @@ class KafkaAppends:
                 stamps: list[int] = []
                 overflow = False
                 for call in taken:
-                    for k, v in call.records:
-                        meta = batch.append(key=k, value=v or None, timestamp=None)
+                    for i, (k, v) in enumerate(call.records):
+                        # aiokafka's C batch builder takes a list only.
+                        meta = batch.append(key=k, value=v or None, timestamp=None,
+                                            headers=list(call.headers[i]) if call.headers else None)
                         if meta is None:
                             overflow = True
                             break
@@ -185,18 +208,22 @@ class KafkaAppends:
         another producer could, so such a call is contiguous only per batch.
         """
         chunks: list[list[tuple[bytes, bytes]]] = [[]]
+        chunk_headers: list[list[Headers]] = [[]]
         size = _BATCH_OVERHEAD
-        for k, v in call.records:
-            rec = len(k) + len(v) + _RECORD_OVERHEAD
+        for i, (k, v) in enumerate(call.records):
+            hdrs: Headers = call.headers[i] if call.headers else ()
+            rec = len(k) + len(v) + _RECORD_OVERHEAD + _headers_size(hdrs)
             if chunks[-1] and size + rec > limit:
                 chunks.append([])
+                chunk_headers.append([])
                 size = _BATCH_OVERHEAD
             chunks[-1].append((k, v))
+            chunk_headers[-1].append(hdrs)
             size += rec
         partial = _Partial(call, parts_left=len(chunks))
         results: list[list[int] | None] = [None] * len(chunks)
         loop = asyncio.get_running_loop()
-        for i, chunk in enumerate(chunks):
+        for i, (chunk, hdrs_of) in enumerate(zip(chunks, chunk_headers)):
             sub: asyncio.Future[list[int]] = loop.create_future()
 
             def collect(fut: asyncio.Future[list[int]], i: int = i) -> None:
@@ -212,8 +239,8 @@ class KafkaAppends:
 
             sub.add_done_callback(collect)
             batch = producer.create_batch()
-            for k, v in chunk:
-                batch.append(key=k, value=v or None, timestamp=None)
+            for (k, v), hdrs in zip(chunk, hdrs_of):
+                batch.append(key=k, value=v or None, timestamp=None, headers=list(hdrs))
             batch.close()
             await self._send(producer, topic, partition, batch, [_Call(chunk, 0, sub)])
 

@@ -23,6 +23,8 @@ URL_OPTIONS: dict[str, str] = {
     "replication_factor": "replicas per partition of created topics (default: broker's)",
     "retention_ms": "retention.ms of created topics (default -1: keep forever)",
     "min_insync_replicas": "min.insync.replicas of created topics (default: broker's)",
+    "durability": "production: created topics get replication_factor=3 and "
+                  "min_insync_replicas=2 unless those are set; broker (default): the broker's",
     "connect_timeout_ms": "give up reaching the brokers after this long, default 10000",
     "cursors_per_partition": "readers kept open per partition, default 4",
     "transactions": "true (default) or false: a transactional producer per owned runs "
@@ -206,23 +208,18 @@ def _log_settings(url: str, options: dict[str, str]) -> dict[str, Any]:
         raise InvalidLogUrl(
             f"option transactions={transactions!r} in log URL {redact_url(url)!r} must be true or false"
         )
-    rf = options.get("replication_factor")
-    mir = options.get("min_insync_replicas")
+    rf, mir = _replication(url, options)
     retention = options.get("retention_ms")
     parts = options.get("partitions")
     return {
         "namespace": namespace,
         "partitions": None if parts is None else _int_option(url, "partitions", parts, minimum=1),
-        "replication_factor": (
-            -1 if rf is None else _int_option(url, "replication_factor", rf, minimum=1)
-        ),
+        "replication_factor": rf,
         "retention_ms": (
             None if retention is None
             else _int_option(url, "retention_ms", retention, minimum=-1)
         ),
-        "min_insync_replicas": (
-            None if mir is None else _int_option(url, "min_insync_replicas", mir, minimum=1)
-        ),
+        "min_insync_replicas": mir,
         "connect_timeout": _int_option(
             url, "connect_timeout_ms", options.get("connect_timeout_ms", "10000"), minimum=1
         ) / 1000,
@@ -236,3 +233,36 @@ def _log_settings(url: str, options: dict[str, str]) -> dict[str, Any]:
             minimum=1000,
         ),
     }
+
+
+# durability=NAME: replication_factor and min_insync_replicas of created topics.
+# production: three copies, and a write is acknowledged once two have it, so
+# one broker can be lost (or restarted for an upgrade) without losing an
+# acknowledged event or stopping writes.
+DURABILITY_PRESETS: dict[str, tuple[int, int] | None] = {
+    "broker": None,  # the broker's default.replication.factor and min.insync.replicas
+    "production": (3, 2),
+}
+
+
+def _replication(url: str, options: dict[str, str]) -> tuple[int, int | None]:
+    """(replication_factor, min_insync_replicas) of created topics: -1 and
+    None leave them to the broker. Explicit options beat the preset."""
+    name = options.get("durability", "broker").lower()
+    if name not in DURABILITY_PRESETS:
+        raise InvalidLogUrl(
+            f"option durability={options['durability']!r} in log URL {redact_url(url)!r} "
+            f"must be one of {', '.join(DURABILITY_PRESETS)}"
+        )
+    rf, mir = DURABILITY_PRESETS[name] or (-1, None)
+    if "replication_factor" in options:
+        rf = _int_option(url, "replication_factor", options["replication_factor"], minimum=1)
+    if "min_insync_replicas" in options:
+        mir = _int_option(url, "min_insync_replicas", options["min_insync_replicas"], minimum=1)
+    if rf != -1 and mir is not None and mir > rf:
+        raise InvalidLogUrl(
+            f"min_insync_replicas={mir} in log URL {redact_url(url)!r} is more than "
+            f"replication_factor={rf}: every acks=all write would fail (NotEnoughReplicas); "
+            "keep it below the replication factor (production: 3 and 2)"
+        )
+    return rf, mir

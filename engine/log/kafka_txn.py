@@ -27,7 +27,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
 from ..errors import LogError, LogWriteFailed
-from .base import Outgoing
+from .base import Headers, Outgoing
 from .kafka_clients import KafkaClients
 
 log = structlog.get_logger("stepline.log.kafka")
@@ -112,7 +112,8 @@ class TransactionalWriters:
             await self.unfence(TopicPartition(topic, partition))
 
     async def append(
-        self, tp: TopicPartition, records: Sequence[tuple[bytes, bytes]], outgoing: Sequence[Outgoing]
+        self, tp: TopicPartition, records: Sequence[tuple[bytes, bytes]],
+        outgoing: Sequence[Outgoing], headers: Sequence[Headers] | None = None,
     ) -> list[int]:
         writer = self._writers.get((tp.topic, tp.partition))
         if writer is None:
@@ -125,7 +126,7 @@ class TransactionalWriters:
                 raise self._failed(tp, writer.broken)
             # Shielded: a commit cut off half-way would leave the producer
             # in an unknown state; the transaction ends either way first.
-            task = asyncio.ensure_future(self._transact(writer, tp, records, outgoing))
+            task = asyncio.ensure_future(self._transact(writer, tp, records, outgoing, headers))
             try:
                 return await asyncio.shield(task)
             except asyncio.CancelledError:
@@ -137,6 +138,7 @@ class TransactionalWriters:
     async def _transact(
         self, writer: _Writer, tp: TopicPartition,
         records: Sequence[tuple[bytes, bytes]], outgoing: Sequence[Outgoing],
+        headers: Sequence[Headers] | None,
     ) -> list[int]:
         """1. begin; 2. send the user's records, then the engine's, in order;
         3. wait until every in-sync replica has them; 4. commit. Any failure
@@ -148,8 +150,9 @@ class TransactionalWriters:
                 await producer.send(o.topic, o.value, key=o.key, headers=list(o.headers))
                 for o in outgoing
             ]
-            own = [await producer.send(tp.topic, v or None, key=k, partition=tp.partition)
-                   for k, v in records]
+            own = [await producer.send(tp.topic, v or None, key=k, partition=tp.partition,
+                                       headers=list(headers[i]) if headers else None)
+                   for i, (k, v) in enumerate(records)]
             metas = await asyncio.gather(*own)
             await asyncio.gather(*sent)
             hook = TransactionalWriters.before_commit

@@ -20,6 +20,7 @@ from ..errors import UnknownTopic
 from .base import (
     AssignCallback,
     Assignment,
+    Headers,
     Log,
     Membership,
     Record,
@@ -170,7 +171,11 @@ class MemoryLog(Log):
             return len(self.store.topic(topic).partitions)
 
     async def append(
-        self, topic: str, partition: int, records: Sequence[tuple[bytes, bytes]]
+        self,
+        topic: str,
+        partition: int,
+        records: Sequence[tuple[bytes, bytes]],
+        headers: Sequence[Headers] | None = None,  # not kept: record_headers is False
     ) -> list[int]:
         store = self.store
         now_ms = time.time_ns() // 1_000_000

@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from ..errors import LogCorrupted, LogError, UnknownTopic
-from .base import AssignCallback, Log, Membership, Record, RevokeCallback, TopicSpec
+from .base import AssignCallback, Headers, Log, Membership, Record, RevokeCallback, TopicSpec
 from .sqlite_file import (
     _COMMIT,
     _COMMITTED,
@@ -215,7 +215,11 @@ class SqliteLog(Log):
     # --- records ---
 
     async def append(
-        self, topic: str, partition: int, records: Sequence[tuple[bytes, bytes]]
+        self,
+        topic: str,
+        partition: int,
+        records: Sequence[tuple[bytes, bytes]],
+        headers: Sequence[Headers] | None = None,  # not kept: record_headers is False
     ) -> list[int]:
         writer, _ = self._parts()
         # The hot path: a dict lookup, no extra awaits, for a known topic.

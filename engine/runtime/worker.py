@@ -35,6 +35,7 @@ from typing import Any
 
 from stepline.client import Client
 from stepline.client.backfill import backfill_new_subscriptions
+from stepline.consumers.external import ExternalTopics
 from stepline.consumers.router import Router
 from stepline.core.events import Body
 from stepline.log.appender import Appender
@@ -89,6 +90,11 @@ class Worker:
         self._router: Router[Task[Any, Any]] | None = (
             Router(registry, client, retroactive=functools.partial(backfill_new_subscriptions, client))
             if route_events and client is not None else None
+        )
+        # Records of Kafka topics other services write, to tasks subscribed with sl.KafkaTopic.
+        self._external: ExternalTopics[Task[Any, Any]] | None = (
+            ExternalTopics(registry, client)
+            if route_events and client is not None and any(t.topic_subscriptions for t in registry) else None
         )
         self._scheduler: Scheduler | None = (
             Scheduler(registry, client) if client is not None
@@ -165,6 +171,8 @@ class Worker:
 
     async def start(self) -> None:
         await self.log.ensure_topics(self.topics.specs())
+        if self._external is not None:  # a missing subscribed topic fails the start before anything runs
+            await self._external.prepare()
         self._owned.nparts = await self.log.partitions(self.topics.runs)
         await self._admission.prepare()
         self._decider.timers.start()
@@ -179,6 +187,8 @@ class Worker:
         )
         if self._router is not None:
             await self._router.start()
+        if self._external is not None:
+            await self._external.start()
         await self._admission.start()
         self.interceptors.started(self)
         self.started.set()
@@ -189,6 +199,8 @@ class Worker:
         await self._admission.close()
         if self._scheduler is not None:
             await self._scheduler.close()
+        if self._external is not None:
+            await self._external.close()
         if self._router is not None:
             await self._router.close()
         if self._membership is not None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar, overload
 
 from stepline.consumers.router import Subscription
+from stepline.consumers.topic_subscription import KafkaTopic, check_topic_subscriptions
 from stepline.core.payloads import Codec, annotations_of
 from stepline.core.versions import task_version
 from stepline.errors import TaskDefinitionError, UnknownTask
@@ -83,6 +84,29 @@ Isolation = typing.Literal["inline", "process"]
 ISOLATIONS: tuple[str, ...] = typing.get_args(Isolation)
 
 
+def _subscriptions(
+    task_id: str, on: Subscription | KafkaTopic | Sequence[Subscription | KafkaTopic],
+) -> tuple[tuple[Subscription, ...], tuple[KafkaTopic, ...]]:
+    """`on=` split by kind; anything else is a definition error, not a silent no-op
+    (a bare string would otherwise be read as one subscription per character)."""
+    items: Iterable[Any] = (on,) if isinstance(on, (Subscription, KafkaTopic)) else on
+    if isinstance(items, (str, bytes, dict)) or not isinstance(items, Iterable):
+        items = (items,)
+    events: list[Subscription] = []
+    topics: list[KafkaTopic] = []
+    for item in items:
+        if isinstance(item, Subscription):
+            events.append(item)
+        elif isinstance(item, KafkaTopic):
+            topics.append(item)
+        else:
+            raise TaskDefinitionError(
+                f"task {task_id!r}: on= takes sl.Subscription(...) and sl.KafkaTopic(...), or a list of "
+                f"them; got {item!r}")
+    check_topic_subscriptions(task_id, topics)
+    return tuple(events), tuple(topics)
+
+
 def _max_duration(task_id: str, value: timedelta | float | None) -> float | None:
     if value is None:
         return None
@@ -132,7 +156,7 @@ class Task(Generic[PayloadT, ResultT]):
         id: str,
         retry: Retry | None = None,
         queue: Queue | None = None,
-        on: Subscription | Sequence[Subscription] = (),
+        on: Subscription | KafkaTopic | Sequence[Subscription | KafkaTopic] = (),
         schedule: Cron | Every | None = None,
         max_duration: timedelta | float | None = None,
         isolation: Isolation = "inline",
@@ -152,7 +176,7 @@ class Task(Generic[PayloadT, ResultT]):
         self.fn = fn
         self.retry = retry or DEFAULT_RETRY
         self.queue = queue or Queue(f"task/{id}")
-        self.subscriptions: tuple[Subscription, ...] = (on,) if isinstance(on, Subscription) else tuple(on)
+        self.subscriptions, self.topic_subscriptions = _subscriptions(id, on)
         self.schedule = schedule
         # Seconds per attempt, enforced by the runner; None means unbounded.
         self.max_duration = _max_duration(id, max_duration)
@@ -299,7 +323,7 @@ def task(
     id: str | None = None,
     retry: Retry | None = None,
     queue: Queue | None = None,
-    on: Subscription | Sequence[Subscription] = (),
+    on: Subscription | KafkaTopic | Sequence[Subscription | KafkaTopic] = (),
     schedule: Cron | Every | None = None,
     registry: Registry | None = None,
     max_duration: timedelta | float | None = None,
@@ -319,7 +343,7 @@ def task(
     id: str | None = None,
     retry: Retry | None = None,
     queue: Queue | None = None,
-    on: Subscription | Sequence[Subscription] = (),
+    on: Subscription | KafkaTopic | Sequence[Subscription | KafkaTopic] = (),
     schedule: Cron | Every | None = None,
     registry: Registry | None = None,
     max_duration: timedelta | float | None = None,
@@ -333,7 +357,8 @@ def task(
     """Declare a durable task: `@task(id="process-order", retry=Retry(...))`.
 
     `on=Subscription("user.created", where=...)` also starts it for every
-    matching domain event; `schedule=Cron("0 3 * * *")` on every tick.
+    matching domain event, `on=KafkaTopic("orders", where=...)` for every
+    matching record of a Kafka topic; `schedule=Cron("0 3 * * *")` on every tick.
     `max_duration=30` fails an attempt that runs longer (the retry policy
     decides what next); `isolation="process"` runs each attempt in a child
     process, optionally capped at `memory_limit_mb` of address space.
