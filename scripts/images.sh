@@ -2,9 +2,10 @@
 # Stepline's container images, built on this machine with no image registry:
 #
 #   stepline/debian:bookworm   Debian 12 (debootstrap --variant=minbase + docker import)
-#   apache/kafka:<version>     Apache Kafka (KRaft) from Maven Central's jars on that base,
-#                              taking the official image's KAFKA_* variables
-#                              (deploy/docker/kafka/); <version> is scripts/kafka/pom.xml's
+#   apache/kafka:<version>     Apache Kafka (KRaft) on that base, from the Maven Central jars
+#                              scripts/kafka.sh resolves for the tests (`kafka.sh jars`: the
+#                              broker and its tools), taking the official image's KAFKA_*
+#                              variables (deploy/docker/kafka/); <version> is scripts/kafka/pom.xml's
 #   stepline/stepline:local    the project's Dockerfile on the Debian base with Debian's
 #                              python3.11, installed from wheels the host's pip fetched
 #
@@ -36,7 +37,6 @@ kafka_prop() {  # the value of <NAME> in scripts/kafka/pom.xml's <properties>
   sed -n "s:.*<$1>\([^<]*\)</$1>.*:\1:p" "$ROOT/scripts/kafka/pom.xml" | head -n 1
 }
 KAFKA_VERSION="$(kafka_prop kafka.version)"
-LOG4J_VERSION="$(kafka_prop log4j.version)"
 
 DEBIAN_IMAGE=stepline/debian:bookworm
 KAFKA_IMAGE="apache/kafka:$KAFKA_VERSION"
@@ -93,7 +93,7 @@ build_base() {
 # --- Kafka -----------------------------------------------------------------------
 
 build_kafka() {
-  [[ -n "$KAFKA_VERSION" && -n "$LOG4J_VERSION" ]] || die "cannot read kafka.version/log4j.version from scripts/kafka/pom.xml"
+  [[ -n "$KAFKA_VERSION" ]] || die "cannot read kafka.version from scripts/kafka/pom.xml"
   local src="$ROOT/deploy/docker/kafka" ctx="$BUILD/kafka" want t0=$SECONDS
   want="$(hash_paths deploy/docker/kafka scripts/kafka/pom.xml)"
   if image_exists "$KAFKA_IMAGE"; then
@@ -109,12 +109,18 @@ build_kafka() {
     fi
   fi
   build_base
-  command -v mvn >/dev/null || die "Maven (mvn) is needed to fetch Kafka's jars (Debian: apt-get install maven)"
   rm -rf "$ctx"
   mkdir -p "$ctx"
-  log "$KAFKA_IMAGE: resolving Kafka $KAFKA_VERSION's jars with Maven (log $BUILD/mvn.log)"
-  run_logged mvn mvn -B -q -f "$src/pom.xml" dependency:copy-dependencies -DincludeScope=runtime \
-    -Dkafka.version="$KAFKA_VERSION" -Dlog4j.version="$LOG4J_VERSION" -DoutputDirectory="$ctx/lib"
+  # The tests' broker's jars (the broker, its tools, log4j), resolved and cached
+  # by scripts/kafka.sh in a state folder of its own.
+  local jars
+  log "$KAFKA_IMAGE: Kafka $KAFKA_VERSION's jars from scripts/kafka.sh jars (log $BUILD/jars.log)"
+  jars="$(KAFKA_STATE_DIR="$BUILD/kafka-jars" "$ROOT/scripts/kafka.sh" jars 2>"$BUILD/jars.log")" || {
+    tail -n 30 "$BUILD/jars.log" >&2
+    die "scripts/kafka.sh jars failed (full output: $BUILD/jars.log)"
+  }
+  cp -r "$jars" "$ctx/lib"
+  rm -f "$ctx/lib/.stamp"
   cp "$src"/* "$ctx/"
   log "$KAFKA_IMAGE: docker build (apt installs Java 17 in the image; log $BUILD/kafka-build.log)"
   run_logged kafka-build docker build --build-arg BASE="$DEBIAN_IMAGE" \
