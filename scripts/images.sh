@@ -57,6 +57,15 @@ hash_paths() {  # a digest of the files under the given paths (relative to the r
      | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
 }
 
+# After a rebuild, the image the tag left behind: removed unless a container still uses it.
+drop_previous() {  # drop_previous OLD_ID NAME
+  local new
+  new="$(docker image inspect -f '{{.Id}}' "$2" 2>/dev/null || true)"
+  if [[ -n "$1" && "$1" != "$new" ]]; then
+    docker image rm "$1" >/dev/null 2>&1 || true
+  fi
+}
+
 run_logged() {  # run_logged NAME CMD...: output to $BUILD/NAME.log, its tail on failure
   local name="$1" logf="$BUILD/$1.log"
   shift
@@ -123,10 +132,13 @@ build_kafka() {
   rm -f "$ctx/lib/.stamp"
   cp "$src"/* "$ctx/"
   log "$KAFKA_IMAGE: docker build (apt installs Java 17 in the image; log $BUILD/kafka-build.log)"
+  local previous
+  previous="$(docker image inspect -f '{{.Id}}' "$KAFKA_IMAGE" 2>/dev/null || true)"
   run_logged kafka-build docker build --build-arg BASE="$DEBIAN_IMAGE" \
     --label "$LABEL=$want" --label org.opencontainers.image.version="$KAFKA_VERSION" \
     -t "$KAFKA_IMAGE" "$ctx"
   rm -rf "$ctx/lib"
+  drop_previous "$previous" "$KAFKA_IMAGE"
   log "$KAFKA_IMAGE: built in $((SECONDS - t0))s"
 }
 
@@ -150,8 +162,11 @@ build_stepline() {
   run_logged wheels "$py" -m pip wheel --quiet --wheel-dir "$wheels" "$ROOT[otlp]" 'setuptools>=68' wheel
   rm -f "$wheels"/stepline-*.whl
   log "$STEPLINE_IMAGE: docker build on $DEBIAN_IMAGE (log $BUILD/stepline-build.log)"
+  local previous
+  previous="$(docker image inspect -f '{{.Id}}' "$STEPLINE_IMAGE" 2>/dev/null || true)"
   run_logged stepline-build docker build --build-arg BASE="$DEBIAN_IMAGE" --build-arg PIP_ARGS=--no-index \
     --label "$LABEL=$want" -t "$STEPLINE_IMAGE" "$ROOT"
+  drop_previous "$previous" "$STEPLINE_IMAGE"
   log "$STEPLINE_IMAGE: built in $((SECONDS - t0))s"
 }
 
