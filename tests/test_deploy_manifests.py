@@ -34,7 +34,6 @@ import stepline.tracing
 from stepline.cli import app as cli_app
 from stepline.client import Client
 from stepline.log import open_log
-from stepline.log.topics import Topics
 from stepline.server import ServeConfig, create_app
 from stepline.settings import env_var
 

@@ -309,8 +309,7 @@ def _meta_paths() -> dict[str, dict[str, Schema]]:
             auth=False, tags=("meta",))},
         "/readyz": {"get": _op("readyz", "the log answers: ready for traffic", {
             "200": _json("the log answered", _obj(["ready"], ready={"type": "boolean", "const": True})),
-            "503": _json("the log did not answer in time, or failed", _obj(
-                ["ready", "error"], ready={"type": "boolean", "const": False}, error={"type": "string"}))},
+            "503": _error("the log did not answer in time, or failed (`error` says which)")},
             auth=False, tags=("meta",))},
         "/metrics": {"get": _op("metrics", "Prometheus metrics (text format; docs/operations.md, \"Metrics\")", {
             "200": {"description": "the Prometheus text exposition format", "content": {
