@@ -172,22 +172,32 @@ def attempt(task_id: str, first_start_ms: int | None) -> AttemptTimer:
 
 
 class _StepTimer:
-    __slots__ = ("_task", "_start")
+    __slots__ = ("_histogram", "_start")
 
-    def __init__(self, task_id: str) -> None:
-        self._task = task_id
+    def __init__(self, histogram: Any) -> None:
+        self._histogram = histogram
 
     def __enter__(self) -> None:
         self._start = time.perf_counter()
 
     def __exit__(self, *exc: object) -> None:
-        STEP_SECONDS.labels(self._task).observe(time.perf_counter() - self._start)
+        self._histogram.observe(time.perf_counter() - self._start)
+
+
+# Every step: the task's histogram child is looked up once, not under the
+# registry's lock each time.
+_step_children: dict[str, Any] = {}
 
 
 def step() -> _StepTimer | None:
     """A step's timer inside an attempt; None outside one (a replay, a test)."""
     task = _task.get()
-    return None if task is None else _StepTimer(task)
+    if task is None:
+        return None
+    child = _step_children.get(task)
+    if child is None:
+        child = _step_children[task] = STEP_SECONDS.labels(task)
+    return _StepTimer(child)
 
 
 # --- gauges: read when scraped ----------------------------------------------------

@@ -33,7 +33,7 @@ The points, in the order a run meets them:
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
 
 from stepline.core.events import Event, RunTriggered
@@ -158,7 +158,7 @@ class TracingInterceptor(Interceptor):
         span = tracing.start_attempt(state.run_id, state.task_id, state.attempt, self._parents.get(state.run_id))
         return _SpanScope(span)
 
-    def step(self, name: str, position: int) -> AbstractContextManager[object]:
+    def step(self, name: str, position: int) -> AbstractContextManager[object] | None:
         return tracing.step_scope(name, position)
 
     def failed(self, exc: BaseException) -> None:
@@ -327,7 +327,7 @@ class Interceptors:
             i.enter_body(task, state, ctx)
 
     def step(self, name: str, position: int) -> AbstractContextManager[object]:
-        # A hot path: one scope (tracing's) is returned as it is.
+        # A hot path: one scope (tracing's or metrics') is returned as it is.
         scopes = [s for s in (i.step(name, position) for i in self.items) if s is not None]
         if len(scopes) == 1:
             return scopes[0]
@@ -339,20 +339,37 @@ class Interceptors:
 
 
 class _Steps:
-    """Several step scopes, entered in order and left in reverse."""
+    """Several step scopes, entered in order and left in reverse (none of
+    them swallows an exception). Not an ExitStack: this is on every step."""
 
-    __slots__ = ("_scopes", "_stack")
+    __slots__ = ("_scopes", "_entered")
 
     def __init__(self, scopes: list[AbstractContextManager[object]]) -> None:
         self._scopes = scopes
-        self._stack = ExitStack()
+        self._entered = 0
 
     def __enter__(self) -> None:
-        for s in self._scopes:
-            self._stack.enter_context(s)
+        try:
+            for s in self._scopes:
+                s.__enter__()
+                self._entered += 1
+        except BaseException as exc:
+            self._leave(type(exc), exc, exc.__traceback__)
+            raise
 
-    def __exit__(self, *exc: Any) -> bool | None:
-        return self._stack.__exit__(*exc)
+    def __exit__(self, *exc: Any) -> None:
+        self._leave(*exc)
+
+    def _leave(self, *exc: Any) -> None:
+        error: BaseException | None = None
+        for s in reversed(self._scopes[:self._entered]):
+            try:
+                s.__exit__(*exc)
+            except BaseException as raised:  # the rest still leave; the first error wins
+                error = error or raised
+        self._entered = 0
+        if error is not None:
+            raise error
 
 
 _NO_STEP = nullcontext()
