@@ -131,6 +131,19 @@ class Settings(BaseSettings):
         description="TCP port of `stepline serve` and `stepline dev`; 0 picks a free one.",
         json_schema_extra=_kind("integer 0–65535"),
     )
+    http_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="Port of a worker's HTTP server (`stepline worker`): `/healthz`, `/readyz` and "
+                    "Prometheus `/metrics` (operations.md, \"Health, metrics and autoscaling\"); "
+                    "unset: none; 0 picks a free one.",
+        json_schema_extra=_kind("integer 0–65535"),
+    )
+    http_host: str = Field(
+        "0.0.0.0",
+        description="Interface the worker's HTTP server (`http_port`) listens on: all of them by "
+                    "default, for the kubelet's probes and Prometheus.",
+        json_schema_extra=_kind("string"),
+    )
     query_db: str = Field(
         DEFAULT_QUERY_DB,
         description="SQLite file of the query projection behind the API's run and event lists "

@@ -31,7 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from stepline.core.events import Event, PauseChanged
+from stepline.core.events import PAUSE_QUEUE, PAUSE_TASK, Event, PauseChanged
 from stepline.projections.query_feed import FeedSubscription, RunFeed, SubscriptionClosed
 from stepline.projections.query_sql import (
     DEFAULT_QUERY_DB,
@@ -58,6 +58,7 @@ from stepline.projections.query_sql import (
     list_events,
     list_pauses,
     list_runs,
+    paused_scopes,
     run_values,
     summary,
     tag_rows,
@@ -344,6 +345,47 @@ class QueryStore:
                 out.setdefault(queue, dict.fromkeys(LIVE_COUNTED, 0))[status] = int(n)
             return out
         result: dict[str | None, dict[str, int]] = await self._read(q)
+        return result
+
+    async def work_counts(self, now_ms: int) -> list[tuple[str, str | None, str, int]]:
+        """(task_id, queue, kind, runs) of the live runs, for the backlog metrics.
+
+        kind: "ready" (may start or resume now: pending or retrying and due,
+        or suspended with its deadline passed), "running", "delayed" (due
+        later), "waiting" (suspended with no deadline), or "paused" (ready,
+        but its task or queue is paused). One scan of the live runs.
+        """
+        def q(conn: sqlite3.Connection) -> list[tuple[str, str | None, str, int]]:
+            paused = paused_scopes(conn)
+            out: dict[tuple[str, str | None, str], int] = {}
+            for task_id, queue, status, due_at, n in conn.execute(
+                "SELECT task_id, queue, status, due_at, count(*) FROM ("
+                " SELECT task_id, queue, status, CASE"
+                "  WHEN status = 'running' THEN NULL"
+                "  WHEN due_at IS NULL THEN NULL"
+                "  WHEN due_at <= ? THEN 0 ELSE 1 END AS due_at FROM ("
+                "   SELECT task_id, queue, status, CASE status"
+                "    WHEN 'pending' THEN json_extract(state_json, '$.not_before')"
+                "    WHEN 'retrying' THEN json_extract(state_json, '$.retry_at')"
+                "    WHEN 'suspended' THEN json_extract(state_json, '$.wake_at') END AS due_at"
+                "   FROM runs WHERE status IN ('pending', 'running', 'retrying', 'suspended')))"
+                " GROUP BY task_id, queue, status, due_at",
+                (now_ms,),
+            ):
+                if status == "running":
+                    kind = "running"
+                elif due_at == 1:
+                    kind = "delayed"
+                elif status == "suspended" and due_at is None:
+                    kind = "waiting"
+                elif (PAUSE_TASK, task_id) in paused or (queue is not None and (PAUSE_QUEUE, queue) in paused):
+                    kind = "paused"
+                else:
+                    kind = "ready"
+                key = (task_id, queue, kind)
+                out[key] = out.get(key, 0) + int(n)
+            return [(t, queue, kind, n) for (t, queue, kind), n in sorted(out.items(), key=str)]
+        result: list[tuple[str, str | None, str, int]] = await self._read(q)
         return result
 
     async def pauses(self) -> list[dict[str, Any]]:

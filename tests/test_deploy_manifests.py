@@ -9,6 +9,7 @@ engine/log/topics.py as the Kafka log names them on the broker.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import inspect
 import json
@@ -33,7 +34,6 @@ import stepline.tracing
 from stepline.cli import app as cli_app
 from stepline.client import Client
 from stepline.log import open_log
-from stepline.log.topics import Topics
 from stepline.server import ServeConfig, create_app
 from stepline.settings import env_var
 
@@ -350,23 +350,30 @@ def test_log_urls_are_valid_and_shared(objects: dict[tuple[str, str], dict[str, 
 # --- autoscaling ----------------------------------------------------------------------
 
 
-def test_keda_scales_the_worker_group_on_the_runs_topic(objects: dict[tuple[str, str], dict[str, Any]]) -> None:
+def test_keda_scales_the_workers_on_the_apis_backlog(objects: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """The Prometheus trigger's query reads gauges the API serves at /metrics
+    (tests/test_autoscaling.py evaluates it against a live API)."""
+    from stepline.observability.metrics import GAUGES
+    from stepline.server.backlog import KINDS
+
     scaled = objects[SCALER]["spec"]
     target = scaled["scaleTargetRef"]
     assert (target.get("kind", "Deployment"), target["name"]) == WORKER, f"KEDA scales {target}, not the workers"
-    [trigger] = [t for t in scaled["triggers"] if t["type"] == "kafka"]
+    [trigger] = scaled["triggers"]
+    assert trigger["type"] == "prometheus", "the workers scale on the API's backlog gauges (Prometheus)"
     meta = trigger["metadata"]
-    url = _env(objects, _container(objects[WORKER]))["STEPLINE_LOG"]
-    log = open_log(url)
-    topics = Topics()
-    # The names on the broker: Topics()' own, prefixed when the URL sets namespace=.
-    group, topic = log.group_name(topics.worker_group), log.topic_name(topics.runs)  # type: ignore[attr-defined]
-    assert meta["consumerGroup"] == group, f"KEDA watches group {meta['consumerGroup']!r}; the workers join {group!r}"
-    assert meta["topic"] == topic, f"KEDA watches topic {meta['topic']!r}; the workers own {topic!r}"
-    if "namespace" not in urllib.parse.parse_qs(urllib.parse.urlsplit(url).query):
-        assert (group, topic) == (topics.worker_group, topics.runs)
-    brokers = urllib.parse.urlsplit(url).netloc.split(",")
-    assert sorted(meta["bootstrapServers"].split(",")) == sorted(brokers), "KEDA watches other brokers"
+    names = set(re.findall(r"\bstepline_[a-z_]+", meta["query"]))
+    assert names and names <= {f"stepline_runs_{k}" for k in KINDS} <= set(GAUGES), (
+        f"the query reads {sorted(names)}, which the API's backlog does not serve")
+    assert float(meta["threshold"]) > 0
+    assert meta.get("ignoreNullValues") == "false" and "fallback" in scaled, (
+        "a lost scrape must hold the workers (fallback), not read as no work")
+    # Prometheus finds the API's /metrics through the pod's annotations.
+    api = objects[API]["spec"]["template"]["metadata"].get("annotations", {})
+    assert api.get("prometheus.io/scrape") == "true" and api.get("prometheus.io/path") == "/metrics"
+    container = _container(objects[API])
+    port = _parse([_k8s_expand(a, _env(objects, container)) for a in _stepline_args(container)]).params["port"]
+    assert int(api["prometheus.io/port"]) == port, "Prometheus would scrape another port than the API's"
 
 
 def test_keda_never_scales_past_the_runs_partitions(objects: dict[tuple[str, str], dict[str, Any]]) -> None:
@@ -406,7 +413,9 @@ async def test_api_probes_hit_a_route_the_server_answers_without_a_token(
     probes = [container[k] for k in ("readinessProbe", "livenessProbe", "startupProbe") if k in container]
     assert {"readinessProbe", "livenessProbe"} <= set(container), "the API needs readiness and liveness probes"
     routes = _get_routes()
-    async with TestClient(TestServer(_server_app())) as http:
+    # /readyz asks the log: the client is started, as `stepline serve` starts it.
+    async with Client("memory://deploy-manifests") as client, \
+            TestClient(TestServer(create_app(client, ServeConfig("test-token", {})))) as http:
         for probe in probes:
             get = probe["httpGet"]
             assert get["path"] in routes, f"probe path {get['path']!r} is not a GET route of stepline serve"
@@ -415,13 +424,40 @@ async def test_api_probes_hit_a_route_the_server_answers_without_a_token(
             assert response.status == 200, f"GET {get['path']} answers {response.status} to a probe"
 
 
-def test_the_worker_has_no_http_probe(objects: dict[tuple[str, str], dict[str, Any]]) -> None:
+async def test_worker_probes_hit_the_routes_of_its_http_port(
+    objects: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    from stepline.server.probes import WorkerProbes
+
     container = _container(objects[WORKER])
-    for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
-        probe = container.get(kind) or {}
-        assert "httpGet" not in probe and "tcpSocket" not in probe, (
-            f"the worker's {kind} would fail: `stepline worker` serves no port"
-        )
+    env = _env(objects, container)
+    assert env.get(env_var("http_port")), "the worker serves no probe port (STEPLINE_HTTP_PORT)"
+    port = int(env[env_var("http_port")])
+    assert {"readinessProbe", "livenessProbe"} <= set(container), "the worker needs readiness and liveness probes"
+    paths = {}
+    for kind in ("readinessProbe", "livenessProbe"):
+        get = container[kind]["httpGet"]
+        assert _container_port(container, get["port"]) == port, f"the {kind} targets another port"
+        paths[kind] = get["path"]
+    assert paths == {"livenessProbe": "/healthz", "readinessProbe": "/readyz"}
+    annotations = objects[WORKER]["spec"]["template"]["metadata"].get("annotations", {})
+    assert int(annotations["prometheus.io/port"]) == port and annotations["prometheus.io/path"] == "/metrics"
+    # The real server answers those paths (ready only once a worker has joined).
+    async with WorkerProbes("127.0.0.1", 0) as probes:
+        for path, status in (("/healthz", 200), ("/readyz", 503), ("/metrics", 200)):
+            response = await asyncio.to_thread(_http_status, f"http://127.0.0.1:{probes.port}{path}")
+            assert response == status, f"GET {path} answers {response}"
+
+
+def _http_status(url: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
 
 
 def test_the_service_reaches_the_api_port(objects: dict[tuple[str, str], dict[str, Any]]) -> None:

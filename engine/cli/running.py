@@ -6,7 +6,8 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -32,9 +33,11 @@ from stepline.settings import DEFAULT_MAX_BODY_BYTES
 
 if TYPE_CHECKING:
     from stepline.server import ServeConfig, WebhookSource
+    from stepline.server.probes import WorkerProbes
 
 
-async def _serve_worker(registry: Registry, log_url: str, concurrency: int) -> None:
+async def _serve_worker(registry: Registry, log_url: str, concurrency: int,
+                        http: tuple[str, int] | None = None) -> None:
     # The log's writer and reader threads hand results back to the event
     # loop; with CPython's default 5 ms switch interval each hand-off can
     # wait that long for the GIL while the loop is busy. This process is
@@ -44,15 +47,49 @@ async def _serve_worker(registry: Registry, log_url: str, concurrency: int) -> N
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with Client(log_url, registry=registry) as client:
-        async with Worker(registry, client.log, concurrency=concurrency, topics=client.topics,
-                          client=client) as worker:
-            err.print(
-                f"stepline worker [bold]{worker.worker_id}[/] on {redact_text(log_url)}: "
-                f"{len(registry)} task(s): {', '.join(registry.ids())}; partitions {sorted(worker.owned)}",
-                highlight=False,
-            )
-            await stop.wait()
+    # Bound before the log is opened: a port in use fails at once, and the
+    # probes answer (alive, not ready) while the worker still joins.
+    async with _worker_http(http) as probes:
+        async with Client(log_url, registry=registry) as client:
+            worker = Worker(registry, client.log, concurrency=concurrency, topics=client.topics, client=client)
+            if probes is not None:
+                probes.attach(worker)
+            async with worker:
+                err.print(
+                    f"stepline worker [bold]{worker.worker_id}[/] on {redact_text(log_url)}: "
+                    f"{len(registry)} task(s): {', '.join(registry.ids())}; partitions {sorted(worker.owned)}",
+                    highlight=False,
+                )
+                await stop.wait()
+
+
+@asynccontextmanager
+async def _worker_http(http: tuple[str, int] | None) -> AsyncIterator[WorkerProbes | None]:
+    """The worker's /healthz, /readyz and /metrics (engine/server/probes.py), when asked for."""
+    if http is None:
+        yield None
+        return
+    from stepline.server.probes import WorkerProbes  # start-up: only with --http-port
+
+    host, port = http
+    try:
+        probes = WorkerProbes(host, port)
+    except OSError as exc:
+        raise CliError(f"cannot listen on {host}:{port} (--http-port): {exc.strerror or exc}; "
+                       "pick another port, or 0 for a free one") from None
+    async with probes:
+        err.print(f"stepline worker: /healthz, /readyz and /metrics on {probes.address}", highlight=False)
+        yield probes
+
+
+def _http_port(value: str | int | None) -> int | None:
+    """--http-port as a number; a bad one is one clear error."""
+    if value is None or value == "":
+        return None
+    text = str(value).strip()
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        _fail(f"--http-port {text!r} is not a TCP port: give 1-65535, or 0 for a free one")
+    return int(text)
 
 
 async def _serve_until(stop: asyncio.Event, serving: Coroutine[Any, Any, None], where: str,
@@ -124,11 +161,19 @@ def worker(
     log: LogOpt = DEFAULT_LOG_URL,
     concurrency: ConcurrencyOpt = 256,
     json_logs: JsonLogsOpt = True,
+    http_port: Annotated[str | None, typer.Option(
+        "--http-port", show_default=False, metavar="PORT", callback=_setting("http_port"),
+        help=_setting_help("Serve /healthz, /readyz and Prometheus /metrics on this port "
+                           "(default: none; 0 picks a free one).", "http_port"))] = None,
+    http_host: Annotated[str, typer.Option(
+        "--http-host", callback=_setting("http_host"),
+        help=_setting_help("Interface of the --http-port server.", "http_host"))] = "0.0.0.0",
 ) -> None:
     """Run a worker: owns partitions of the runs topic and executes their runs."""
+    port = _http_port(http_port)
     configure_logging(json_logs=json_logs)
     registry = _load_app(module)
-    _run(_serve_worker(registry, log, concurrency))
+    _run(_serve_worker(registry, log, concurrency, None if port is None else (http_host, port)))
 
 
 def _source_pairs(entries: list[str], flag: str, shape: str, echo: bool) -> dict[str, str]:

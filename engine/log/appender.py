@@ -15,11 +15,15 @@ carry emitted records pay for the transaction.
 
 On a log that keeps record headers (Kafka) each event also gets its
 headers (engine/log/headers.py); elsewhere none are built.
+
+`timed`, when given, is told how long each successful `Log.append` took
+(seconds, records): the worker's append-latency histogram.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -29,6 +33,7 @@ from stepline.log.base import Headers, Log, Outgoing
 from stepline.log.headers import event_headers
 
 AppendedCallback = Callable[[int, list[int], list[Event]], None]
+TimedCallback = Callable[[float, int], None]
 
 
 @dataclass(slots=True)
@@ -42,10 +47,12 @@ class _Pending:
 
 
 class Appender:
-    def __init__(self, log: Log, topic: str, on_appended: AppendedCallback | None = None) -> None:
+    def __init__(self, log: Log, topic: str, on_appended: AppendedCallback | None = None,
+                 timed: TimedCallback | None = None) -> None:
         self._log = log
         self._topic = topic
         self._on_appended = on_appended
+        self._timed = timed
         self._pending: dict[int, _Pending] = {}
         self._flushing: dict[int, asyncio.Task[None]] = {}
         self._headers = log.record_headers
@@ -81,6 +88,7 @@ class Appender:
                 if pend is None:
                     return
                 records = list(zip(pend.keys, pend.values))
+                began = time.perf_counter()
                 try:
                     if pend.outgoing:
                         offsets = await self._log.append_atomic(
@@ -101,6 +109,8 @@ class Appender:
                     if not isinstance(exc, Exception):
                         raise
                     continue
+                if self._timed is not None:
+                    self._timed(time.perf_counter() - began, len(records))
                 if self._on_appended is not None:
                     self._on_appended(partition, offsets, pend.events)
                 for f, off in zip(pend.futures, offsets):

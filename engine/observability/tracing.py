@@ -357,19 +357,6 @@ def attempt_failed(exc: BaseException) -> None:
         a.record_failure(exc)
 
 
-class _NoStep:
-    __slots__ = ()
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-_NO_STEP = _NoStep()
-
-
 class _Step:
     """A step's span and duration. Cancellation and durable waits are not errors."""
 
@@ -408,11 +395,12 @@ class _Step:
             instruments.step_duration.record(elapsed_ms, {TASK_ID: self._attempt.task_id, STEP_NAME: self._name})
 
 
-def step_scope(name: str, position: int) -> _Step | _NoStep:
-    """Span and timing of one executed step: a no-op outside a traced attempt."""
+def step_scope(name: str, position: int) -> _Step | None:
+    """Span and timing of one executed step; None outside a traced attempt
+    (so that the interceptors skip it: another scope may still time the step)."""
     a = _attempt.get()
     if a is None:
-        return _NO_STEP
+        return None
     return _Step(a, name, position)
 
 

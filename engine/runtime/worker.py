@@ -116,7 +116,7 @@ class Worker:
         # partitions (and grants their slots), and its runs ask for slots.
         self._admission = Admission(log_, topics, self._request, clock, worker_id)
         self._slots = slots = Slots(self._admission)
-        self._appender = appender = Appender(log_, topics.runs, owned.on_appended)
+        self._appender = appender = Appender(log_, topics.runs, owned.on_appended, timed=hooks.appended)
         self._fence = fence = Fence(owned, appender, slots, clock)
         self._executor = executor = Executor(
             registry, log_, topics, owned, fence, slots, background,

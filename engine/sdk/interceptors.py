@@ -1,6 +1,6 @@
 """Interceptors: hooks around a run's lifecycle for concerns that cut across the core.
 
-Tracing (spans and metrics) and the sealing of sensitive fields are not called
+Tracing (spans and metrics), Prometheus metrics and the sealing of sensitive fields are not called
 from the worker, the runner, the run context or the client: each is an
 `Interceptor` in a list those call at fixed points, as Temporal's interceptors
 and dramatiq's middleware are. An interceptor overrides the hooks it needs;
@@ -16,6 +16,8 @@ The points, in the order a run meets them:
    `folded` / `released` (worker): each event of a run the worker owns, after
    the fold; then the partitions it gives up (tracing keeps each live run's
    trigger context, to parent its attempts).
+   `appended` (worker): each batch of the worker's run events the log took,
+   with the time the append took (the log-append latency histogram).
 3. `attempt` (worker): a scope around one attempt, opened before its context
    exists; its `traceparent` goes on every event the attempt writes.
 4. `open_attempt` (runner, before the isolation split): the run as the
@@ -31,11 +33,11 @@ The points, in the order a run meets them:
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
 
 from stepline.core.events import Event, RunTriggered
-from stepline.observability import tracing
+from stepline.observability import metrics, tracing
 from stepline.projections.runs import TERMINAL, RunState
 from stepline.sdk.context import RunContext
 from stepline.sdk.sealing import open_run, watch_values
@@ -61,11 +63,22 @@ class AttemptScope(Protocol):
 
 
 class WorkerView(Protocol):
-    """What a worker shows its interceptors of itself."""
+    """What a worker shows its interceptors of itself (read on its event loop)."""
 
     def queue_depths(self) -> dict[str, int]: ...
 
     def run_counts(self) -> dict[str, int]: ...
+
+    def runs(self) -> dict[str, RunState]: ...
+
+    @property
+    def owned(self) -> frozenset[int]: ...
+
+    @property
+    def active(self) -> int: ...
+
+    @property
+    def concurrency(self) -> int: ...
 
 
 class Interceptor:
@@ -84,6 +97,9 @@ class Interceptor:
         return None
 
     def released(self, partitions: frozenset[int], partition_of: Callable[[str], int]) -> None:
+        return None
+
+    def appended(self, seconds: float, records: int) -> None:
         return None
 
     def attempt(self, state: RunState) -> AttemptScope | None:
@@ -142,7 +158,7 @@ class TracingInterceptor(Interceptor):
         span = tracing.start_attempt(state.run_id, state.task_id, state.attempt, self._parents.get(state.run_id))
         return _SpanScope(span)
 
-    def step(self, name: str, position: int) -> AbstractContextManager[object]:
+    def step(self, name: str, position: int) -> AbstractContextManager[object] | None:
         return tracing.step_scope(name, position)
 
     def failed(self, exc: BaseException) -> None:
@@ -182,9 +198,41 @@ class SealingInterceptor(Interceptor):
         watch_values(task, state, ctx)
 
 
+class MetricsInterceptor(Interceptor):
+    """Prometheus counters, histograms and gauges (engine/observability/metrics.py):
+    triggers, attempts by outcome, step, attempt and run durations, events
+    folded, log appends, and the watched worker's gauges while it runs.
+
+    It keeps nothing per run: one instance may serve any number of workers.
+    """
+
+    async def trigger(self, event: Event, append: Append) -> int:
+        offset = await append(event)
+        metrics.triggered(event.task_id)  # counted once the log has it
+        return offset
+
+    def started(self, worker: WorkerView) -> None:
+        metrics.watch(worker)
+
+    def stopped(self, worker: WorkerView) -> None:
+        metrics.unwatch(worker)
+
+    def folded(self, event: Event, state: RunState) -> None:
+        metrics.folded(event)
+
+    def appended(self, seconds: float, records: int) -> None:
+        metrics.appended(seconds)
+
+    def attempt(self, state: RunState) -> AttemptScope:
+        return metrics.attempt(state.task_id, state.started_at)
+
+    def step(self, name: str, position: int) -> AbstractContextManager[object] | None:
+        return metrics.step()
+
+
 def default_interceptors() -> list[Interceptor]:
-    """Sealing, then tracing: what workers and clients use unless told otherwise."""
-    return [SealingInterceptor(), TracingInterceptor()]
+    """Sealing, tracing, then metrics: what workers and clients use unless told otherwise."""
+    return [SealingInterceptor(), TracingInterceptor(), MetricsInterceptor()]
 
 
 class _NoScope:
@@ -259,6 +307,10 @@ class Interceptors:
         for i in self.items:
             i.released(partitions, partition_of)
 
+    def appended(self, seconds: float, records: int) -> None:
+        for i in self.items:
+            i.appended(seconds, records)
+
     def attempt(self, state: RunState) -> AttemptScope:
         scopes = [s for s in (i.attempt(state) for i in self.items) if s is not None]
         if not scopes:
@@ -275,7 +327,7 @@ class Interceptors:
             i.enter_body(task, state, ctx)
 
     def step(self, name: str, position: int) -> AbstractContextManager[object]:
-        # A hot path: one scope (tracing's) is returned as it is.
+        # A hot path: one scope (tracing's or metrics') is returned as it is.
         scopes = [s for s in (i.step(name, position) for i in self.items) if s is not None]
         if len(scopes) == 1:
             return scopes[0]
@@ -287,20 +339,37 @@ class Interceptors:
 
 
 class _Steps:
-    """Several step scopes, entered in order and left in reverse."""
+    """Several step scopes, entered in order and left in reverse (none of
+    them swallows an exception). Not an ExitStack: this is on every step."""
 
-    __slots__ = ("_scopes", "_stack")
+    __slots__ = ("_scopes", "_entered")
 
     def __init__(self, scopes: list[AbstractContextManager[object]]) -> None:
         self._scopes = scopes
-        self._stack = ExitStack()
+        self._entered = 0
 
     def __enter__(self) -> None:
-        for s in self._scopes:
-            self._stack.enter_context(s)
+        try:
+            for s in self._scopes:
+                s.__enter__()
+                self._entered += 1
+        except BaseException as exc:
+            self._leave(type(exc), exc, exc.__traceback__)
+            raise
 
-    def __exit__(self, *exc: Any) -> bool | None:
-        return self._stack.__exit__(*exc)
+    def __exit__(self, *exc: Any) -> None:
+        self._leave(*exc)
+
+    def _leave(self, *exc: Any) -> None:
+        error: BaseException | None = None
+        for s in reversed(self._scopes[:self._entered]):
+            try:
+                s.__exit__(*exc)
+            except BaseException as raised:  # the rest still leave; the first error wins
+                error = error or raised
+        self._entered = 0
+        if error is not None:
+            raise error
 
 
 _NO_STEP = nullcontext()
@@ -317,6 +386,7 @@ __all__ = [
     "AttemptScope",
     "Interceptor",
     "Interceptors",
+    "MetricsInterceptor",
     "NO_SCOPE",
     "SealingInterceptor",
     "TracingInterceptor",

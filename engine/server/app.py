@@ -30,6 +30,7 @@ from aiohttp import web
 from stepline.client import Client
 from stepline.core.ids import parse_token
 from stepline.errors import InvalidToken
+from stepline.observability import metrics
 from stepline.projections.query import QueryProjector, QueryStore
 from stepline.projections.views import state_dict
 from stepline.sdk.task import Registry, Task
@@ -45,6 +46,7 @@ from stepline.server._http import (
     log,
 )
 from stepline.server.backfill_api import add_backfill_routes
+from stepline.server.backlog import Backlog
 from stepline.server.config import ServeConfig, WebhookSource
 from stepline.server.dashboard import add_dashboard_routes
 from stepline.server.history_api import add_history_routes
@@ -179,6 +181,22 @@ class _CoreApi(_Api):
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
 
+    async def readyz(self, request: web.Request) -> web.Response:
+        """Ready while the log answers a read of the runs topic's end within the bound."""
+        bound = self.config.ready_bound_s
+        try:
+            await asyncio.wait_for(self.client.log.end_offset(self.client.topics.runs, 0), bound)
+        except TimeoutError:
+            return web.json_response({"ready": False, "error": f"the log did not answer within {bound:g} s"},
+                                     status=503)
+        except Exception as exc:  # the log's own error says what is wrong
+            return web.json_response({"ready": False, "error": f"the log is not reachable: {exc}"}, status=503)
+        return web.json_response({"ready": True})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """Prometheus text: this process's counters, its workers' gauges (`stepline dev`), the backlog."""
+        return web.Response(body=await metrics.exposition(), headers={"Content-Type": metrics.CONTENT_TYPE})
+
     async def info(self, request: web.Request) -> web.Response:
         """Unauthenticated: tells the dashboard whether to ask for a token."""
         return web.json_response({"auth": self.config.auth_required, "version": __version__})
@@ -285,6 +303,10 @@ def create_app(
     # First: /v1/runs/bulk/cancel must not be read as /v1/runs/{run_id}/cancel.
     add_ops_routes(app, api, query)
     app.router.add_get("/healthz", api.healthz)
+    app.router.add_get("/readyz", api.readyz)
+    app.router.add_get("/metrics", api.metrics)
+    if query is not None:
+        Backlog(query, registry).attach(app)  # pending work on /metrics, with or without workers
     app.router.add_post("/v1/tasks/{task_id}/trigger", api.trigger)
     app.router.add_post("/v1/events", api.publish)
     app.router.add_get("/v1/runs/{run_id}", api.get_run)

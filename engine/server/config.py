@@ -58,6 +58,8 @@ class ServeConfig:
     # Where `?module=` of the shadow route may import new code from
     # (engine/server/history_api.py); None refuses every module.
     shadow_path: str | None = None
+    # How long /readyz waits for the log to answer before it says "not ready".
+    ready_bound_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.auth_required and not self.api_token:

@@ -307,6 +307,13 @@ def _meta_paths() -> dict[str, dict[str, Schema]]:
         "/healthz": {"get": _op("healthz", "the process is up", {
             "200": _json("always", _obj(["ok"], ok={"type": "boolean", "const": True}))},
             auth=False, tags=("meta",))},
+        "/readyz": {"get": _op("readyz", "the log answers: ready for traffic", {
+            "200": _json("the log answered", _obj(["ready"], ready={"type": "boolean", "const": True})),
+            "503": _error("the log did not answer in time, or failed (`error` says which)")},
+            auth=False, tags=("meta",))},
+        "/metrics": {"get": _op("metrics", "Prometheus metrics (text format; docs/operations.md, \"Metrics\")", {
+            "200": {"description": "the Prometheus text exposition format", "content": {
+                "text/plain": {"schema": {"type": "string"}}}}}, auth=False, tags=("meta",))},
         "/v1/info": {"get": _op("info", "whether the API wants a token, and the version", {
             "200": _json("always", _obj(["auth", "version"], auth={"type": "boolean"},
                                         version={"type": "string"}))}, auth=False, tags=("meta",))},
