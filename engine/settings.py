@@ -46,6 +46,8 @@ CONFIG_FILE = "stepline.toml"
 # for a whole batch, so one payload stays well under it.
 DEFAULT_MAX_PAYLOAD_BYTES = 512 * 1024
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+# Seconds a stopping worker lets its running steps finish (engine/runtime/worker.py, `Worker.drain`).
+DEFAULT_SHUTDOWN_GRACE = 30.0
 
 
 class SettingsError(SteplineError, ValueError):
@@ -120,6 +122,13 @@ class Settings(BaseSettings):
         256, ge=1,
         description="Runs a worker (`stepline worker`, `stepline dev`) executes at once.",
         json_schema_extra=_kind("integer ≥ 1"),
+    )
+    shutdown_grace: float = Field(
+        DEFAULT_SHUTDOWN_GRACE, ge=0, allow_inf_nan=False,
+        description="Seconds a worker (`stepline worker`, `stepline dev`) stopping on SIGTERM or SIGINT "
+                    "gives its running steps to finish and checkpoint before it cancels what is left and "
+                    "gives its partitions up (operations.md, \"Graceful shutdown\"); `0` cancels at once.",
+        json_schema_extra=_kind("seconds ≥ 0"),
     )
     host: str = Field(
         "127.0.0.1",
