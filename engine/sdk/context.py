@@ -282,8 +282,11 @@ def _step_wrapper(fn: Callable[P, Awaitable[R]], name: str) -> Callable[P, Await
         if rec is not None and rec.status == "completed" and rec.output is not None:
             value: R = codec.load(rec.output, f"recorded output of step {pos} ({name})")
             return value
-        if ctx.handover is not None and ctx.handover.is_set():
-            await ctx.hand_over(pos, name)  # the worker is stopping: this step is the next owner's
+        if ctx.handover is not None and ctx.handover.is_set() and _step_position.get() is None:
+            # The worker is stopping: this step is the next owner's. (Not a
+            # step called inside another: that one is under way, and waiting
+            # for it to quiesce would wait for ourselves.)
+            await ctx.hand_over(pos, name)
         ctx.step_started()
         token = _step_position.set(pos)
         try:
