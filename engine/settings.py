@@ -46,6 +46,8 @@ CONFIG_FILE = "stepline.toml"
 # for a whole batch, so one payload stays well under it.
 DEFAULT_MAX_PAYLOAD_BYTES = 512 * 1024
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+# Seconds a stopping worker lets its running steps finish (engine/runtime/worker.py, `Worker.drain`).
+DEFAULT_SHUTDOWN_GRACE = 30.0
 
 
 class SettingsError(SteplineError, ValueError):
@@ -121,6 +123,13 @@ class Settings(BaseSettings):
         description="Runs a worker (`stepline worker`, `stepline dev`) executes at once.",
         json_schema_extra=_kind("integer ≥ 1"),
     )
+    shutdown_grace: float = Field(
+        DEFAULT_SHUTDOWN_GRACE, ge=0, allow_inf_nan=False,
+        description="Seconds a worker (`stepline worker`, `stepline dev`) stopping on SIGTERM or SIGINT "
+                    "gives its running steps to finish and checkpoint before it cancels what is left and "
+                    "gives its partitions up (operations.md, \"Graceful shutdown\"); `0` cancels at once.",
+        json_schema_extra=_kind("seconds ≥ 0"),
+    )
     host: str = Field(
         "127.0.0.1",
         description="Interface `stepline serve` listens on (`0.0.0.0` in a container).",
@@ -162,6 +171,12 @@ class Settings(BaseSettings):
         True,
         description="JSON log lines (`true`) or console lines (`false`) from `worker` and `serve`.",
         json_schema_extra=_kind("boolean"),
+    )
+    kafka_image: str = Field(
+        "apache/kafka:4.4.0",
+        description="The Kafka image `stepline.testing.KafkaTestContainer` (the `stepline_kafka_url` "
+                    "fixture) starts: any image that takes the official image's `KAFKA_*` variables.",
+        json_schema_extra=_kind("string (image)"),
     )
 
     @field_validator("webhooks", mode="before")

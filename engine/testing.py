@@ -34,8 +34,8 @@ For tests against a real Kafka broker the plugin also has `stepline_kafka_url`:
 a `kafka://` URL with a namespace of its own per test, on one single-node
 broker per session that testcontainers starts (`KafkaTestContainer`; the
 optional `testcontainers` package and a Docker engine are needed). The image
-is `apache/kafka:<version>`, or STEPLINE_KAFKA_IMAGE; any image that takes
-the official image's KAFKA_* variables works.
+is the setting `kafka_image` (STEPLINE_KAFKA_IMAGE, default `apache/kafka:<version>`);
+any image that takes the official image's KAFKA_* variables works.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -61,6 +60,7 @@ from stepline.projections.runs import PartitionRuns, RunState
 from stepline.runtime.worker import Worker
 from stepline.sdk.schedule import Scheduled, Scheduler, fire_ticks
 from stepline.sdk.task import Registry, Task, default_registry
+from stepline.settings import load_settings
 
 R = TypeVar("R")
 
@@ -440,8 +440,6 @@ class TestEngine:
 
 # --- a Kafka broker in a container -------------------------------------------------
 
-KAFKA_IMAGE = "apache/kafka:4.4.0"
-
 
 class KafkaContainerError(RuntimeError):
     """No broker container: testcontainers or the engine is missing, the image is absent, or it never came up."""
@@ -460,7 +458,7 @@ class KafkaTestContainer:
 
     def __init__(self, image: str | None = None, *, env: dict[str, str] | None = None,
                  labels: dict[str, str] | None = None, pull: bool = True, start_timeout: float = 120.0) -> None:
-        self.image = image or os.environ.get("STEPLINE_KAFKA_IMAGE") or KAFKA_IMAGE
+        self.image = image or load_settings().kafka_image
         self.env = dict(env or {})
         self.labels = dict(labels or {})
         self.pull = pull

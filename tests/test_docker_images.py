@@ -16,6 +16,7 @@ import uuid
 
 import yaml
 
+from stepline.settings import load_settings
 from stepline.version import __version__
 from tests.docker_env import DOCKER_SH, IMAGES_SH, ROOT, docker, image_names, require_images
 
@@ -28,6 +29,7 @@ def test_compose_runs_the_images_the_script_builds() -> None:
     pom = (ROOT / "scripts" / "kafka" / "pom.xml").read_text(encoding="utf-8")
     [version] = re.findall(r"<kafka\.version>([^<]+)</kafka\.version>", pom)
     assert names["KAFKA_IMAGE"] == f"apache/kafka:{version}", "the image's tag is not the tests' Kafka version"
+    assert load_settings().kafka_image == names["KAFKA_IMAGE"], "stepline.testing's default image is not the one built here"
 
 
 def test_the_base_image_is_debian_12() -> None:

@@ -123,7 +123,7 @@ def test_precedence_is_argument_then_variable_then_file_then_default(
 def test_a_cli_flag_beats_the_variable_which_beats_the_file(monkeypatch: pytest.MonkeyPatch, clean: Path) -> None:
     _toml(clean / "stepline.toml", 'log = "memory://file"\nconcurrency = 3\njson_logs = false\nhttp_port = 9191\n')
     assert _params("worker", "app.py") == {
-        "module": "app.py", "log": "memory://file", "concurrency": 3, "json_logs": False,
+        "module": "app.py", "log": "memory://file", "concurrency": 3, "grace": "30", "json_logs": False,
         "http_port": 9191, "http_host": "0.0.0.0",
     }
     monkeypatch.setenv("STEPLINE_LOG", "memory://env")

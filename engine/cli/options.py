@@ -87,3 +87,8 @@ ConcurrencyOpt = Annotated[int, typer.Option(callback=_setting("concurrency"),
                                              help=_setting_help("Runs executing at once.", "concurrency"))]
 JsonLogsOpt = Annotated[bool, typer.Option("--json-logs/--console-logs", callback=_setting("json_logs"),
                                            help=_setting_help("Log format.", "json_logs"))]
+GraceOpt = Annotated[str, typer.Option(
+    "--grace", metavar="SECONDS", callback=_setting("shutdown_grace"),
+    help=_setting_help("On SIGTERM/SIGINT, how long running steps get to finish and checkpoint before "
+                       "what is left is cancelled and the partitions are given up; a second signal "
+                       "cancels at once.", "shutdown_grace"))]

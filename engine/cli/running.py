@@ -16,11 +16,13 @@ from stepline.cli._common import CliError, _dev_query_db, _fail, _load_app, _run
 from stepline.cli.options import (
     AppOpt,
     ConcurrencyOpt,
+    GraceOpt,
     JsonLogsOpt,
     LogOpt,
     _setting,
     _setting_help,
 )
+from stepline.cli.shutdown import Stop, drain, parse_grace, start_unless_stopped
 from stepline.client import Client
 from stepline.errors import SteplineError
 from stepline.log import DEFAULT_LOG_URL
@@ -29,38 +31,39 @@ from stepline.runtime.worker import Worker
 from stepline.sdk.logs import configure_logging
 from stepline.sdk.task import Registry
 from stepline.security.sensitive import redact_text
-from stepline.settings import DEFAULT_MAX_BODY_BYTES
+from stepline.settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_SHUTDOWN_GRACE
 
 if TYPE_CHECKING:
     from stepline.server import ServeConfig, WebhookSource
     from stepline.server.probes import WorkerProbes
 
 
-async def _serve_worker(registry: Registry, log_url: str, concurrency: int,
+async def _serve_worker(registry: Registry, log_url: str, concurrency: int, grace: float,
                         http: tuple[str, int] | None = None) -> None:
     # The log's writer and reader threads hand results back to the event
     # loop; with CPython's default 5 ms switch interval each hand-off can
     # wait that long for the GIL while the loop is busy. This process is
     # ours, so shorten it (a library embedded in an app leaves it alone).
     sys.setswitchinterval(0.0005)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = Stop.on_signals()  # the first signal drains (engine/cli/shutdown.py), a second cancels
     # Bound before the log is opened: a port in use fails at once, and the
     # probes answer (alive, not ready) while the worker still joins.
-    async with _worker_http(http) as probes:
-        async with Client(log_url, registry=registry) as client:
-            worker = Worker(registry, client.log, concurrency=concurrency, topics=client.topics, client=client)
-            if probes is not None:
-                probes.attach(worker)
-            async with worker:
-                err.print(
-                    f"stepline worker [bold]{worker.worker_id}[/] on {redact_text(log_url)}: "
-                    f"{len(registry)} task(s): {', '.join(registry.ids())}; partitions {sorted(worker.owned)}",
-                    highlight=False,
-                )
-                await stop.wait()
+    async with _worker_http(http) as probes, Client(log_url, registry=registry) as client:
+        worker = Worker(registry, client.log, concurrency=concurrency, topics=client.topics, client=client)
+        if probes is not None:
+            probes.attach(worker)
+        if not await start_unless_stopped(worker, stop):
+            return
+        try:
+            err.print(
+                f"stepline worker [bold]{worker.worker_id}[/] on {redact_text(log_url)}: "
+                f"{len(registry)} task(s): {', '.join(registry.ids())}; partitions {sorted(worker.owned)}",
+                highlight=False,
+            )
+            await stop.requested.wait()
+            await drain(worker, grace, stop)
+        finally:
+            await worker.close()
 
 
 @asynccontextmanager
@@ -109,16 +112,14 @@ async def _serve_until(stop: asyncio.Event, serving: Coroutine[Any, Any, None], 
         raise CliError(f"cannot listen on {where}: {exc.strerror or exc}{hint}") from None
 
 
-async def _serve_dev(registry: Registry, log_url: str, concurrency: int, port: int, query_db: str) -> None:
+async def _serve_dev(registry: Registry, log_url: str, concurrency: int, port: int, query_db: str,
+                     grace: float) -> None:
     """A worker and the HTTP API with the dashboard (auth off, loopback only), in one process."""
     # Imported when the command runs: aiohttp is slow to import and only serve and dev need it (start-up).
     from stepline.server import ServeConfig, serve_api
 
     sys.setswitchinterval(0.0005)  # as in _serve_worker: this process is ours
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = Stop.on_signals()
     config = ServeConfig(api_token=None, webhooks={}, auth_required=False)
 
     def announce(addresses: list[str]) -> None:
@@ -126,22 +127,28 @@ async def _serve_dev(registry: Registry, log_url: str, concurrency: int, port: i
         err.print(f"dashboard: {base}/   API: {base}/v1/ (no auth: local development only)", highlight=False)
 
     async with Client(log_url, registry=registry) as client:
-        async with Worker(registry, client.log, concurrency=concurrency, topics=client.topics,
-                          client=client) as worker:
+        worker = Worker(registry, client.log, concurrency=concurrency, topics=client.topics, client=client)
+        if not await start_unless_stopped(worker, stop):
+            return
+        try:
             err.print(
                 f"stepline dev: worker [bold]{worker.worker_id}[/] on {redact_text(log_url)}: "
                 f"{len(registry)} task(s): {', '.join(registry.ids())}",
                 highlight=False,
             )
-            await _serve_until(stop, serve_api(client, config, registry, "127.0.0.1", port,
-                                               query_db=query_db, on_listening=announce),
+            await _serve_until(stop.requested, serve_api(client, config, registry, "127.0.0.1", port,
+                                                         query_db=query_db, on_listening=announce),
                                f"127.0.0.1:{port}", " (pick another with --port, or --port 0 for a free one)")
+            await drain(worker, grace, stop)
+        finally:
+            await worker.close()
 
 
 def dev(
     module: Annotated[str, typer.Argument(help="File or module declaring the tasks.")],
     log: LogOpt = DEFAULT_LOG_URL,
     concurrency: ConcurrencyOpt = 256,
+    grace: GraceOpt = f"{DEFAULT_SHUTDOWN_GRACE:g}",
     port: Annotated[int, typer.Option(callback=_setting("port"), help=_setting_help(
         "Port of the API and dashboard on 127.0.0.1; 0 picks a free one.", "port"))] = 8080,
     query_db: Annotated[str | None, typer.Option(
@@ -151,15 +158,17 @@ def dev(
     )] = None,
 ) -> None:
     """Embedded log, a worker, and the HTTP API with the dashboard (no auth), in one process."""
+    seconds = _grace(grace)
     configure_logging(json_logs=False)
     registry = _load_app(module)
-    _run(_serve_dev(registry, log, concurrency, port, query_db or _dev_query_db(log)))
+    _run(_serve_dev(registry, log, concurrency, port, query_db or _dev_query_db(log), seconds))
 
 
 def worker(
     module: Annotated[str, typer.Argument(help="File or module declaring the tasks.")],
     log: LogOpt = DEFAULT_LOG_URL,
     concurrency: ConcurrencyOpt = 256,
+    grace: GraceOpt = f"{DEFAULT_SHUTDOWN_GRACE:g}",
     json_logs: JsonLogsOpt = True,
     http_port: Annotated[str | None, typer.Option(
         "--http-port", show_default=False, metavar="PORT", callback=_setting("http_port"),
@@ -170,10 +179,19 @@ def worker(
         help=_setting_help("Interface of the --http-port server.", "http_host"))] = "0.0.0.0",
 ) -> None:
     """Run a worker: owns partitions of the runs topic and executes their runs."""
+    seconds = _grace(grace)
     port = _http_port(http_port)
     configure_logging(json_logs=json_logs)
     registry = _load_app(module)
-    _run(_serve_worker(registry, log, concurrency, None if port is None else (http_host, port)))
+    _run(_serve_worker(registry, log, concurrency, seconds, None if port is None else (http_host, port)))
+
+
+def _grace(value: str | float) -> float:
+    try:
+        return parse_grace(value)
+    except CliError as exc:
+        _fail(str(exc))
+        raise
 
 
 def _source_pairs(entries: list[str], flag: str, shape: str, echo: bool) -> dict[str, str]:

@@ -4,6 +4,10 @@
 when the holder dies, even by kill -9, and a waiting joiner then takes over
 with a new generation. Inside one process, one member per (group, topic)
 holds a seat; the others queue for it.
+
+A joiner that finds the lock held says so once (a standby worker would
+otherwise look hung) and keeps polling; cancelling the join (a signal to
+`stepline worker`) stops the wait at once.
 """
 
 from __future__ import annotations
@@ -15,11 +19,15 @@ import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import structlog
+
 from .base import AssignCallback, Assignment, Membership, RevokeCallback
 from .membership import SoleMembership
 
 # How often a waiting joiner retries the group lock.
 _LOCK_POLL_S = 0.05
+
+log = structlog.get_logger("stepline.log.sqlite")
 
 
 @dataclass
@@ -102,19 +110,29 @@ class SqliteGroups:
             if held is None:
                 fd = os.open(self.lock_path(group), os.O_RDWR | os.O_CREAT, 0o644)
                 try:
-                    while True:
-                        try:
-                            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                            break
-                        except BlockingIOError:
-                            # Another process is the member; the OS frees
-                            # the lock when it leaves or dies, even by kill -9.
-                            await asyncio.sleep(_LOCK_POLL_S)
+                    await self._flock(fd, group)
                 except BaseException:
                     os.close(fd)
                     raise
                 held = self._group_locks[group] = _GroupLock(fd)
             held.holders += 1
+
+    async def _flock(self, fd: int, group: str) -> None:
+        said = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                # Another process is the member; the OS frees the lock when
+                # it leaves or dies, even by kill -9.
+                if not said:
+                    said = True
+                    log.info("another process is this group's member: waiting as a standby until it leaves",
+                                group=group, lock=self.lock_path(group))
+                await asyncio.sleep(_LOCK_POLL_S)
+        if said:
+            log.info("the group's member left: taking over", group=group)
 
     def _release_seat(self, key: tuple[str, str]) -> None:
         self._members = [m for m in self._members if m.key != key]

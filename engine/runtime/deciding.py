@@ -8,6 +8,10 @@ sleep or timeout to wake from), recovered (it was running when its previous
 owner died), or done. Timers (engine/runtime/timers.py) bring runs back
 here when due. `pump` starts ready runs while fewer than `concurrency`
 attempts run, and hands each to the executor (engine/runtime/executor.py).
+
+`drain` is the first half of a graceful stop: no attempt starts any more,
+and the running ones end at their next step boundary (or by finishing)
+within a grace; the worker then gives its partitions up.
 """
 
 from __future__ import annotations
@@ -71,6 +75,8 @@ class Decider:
         self.ready = ReadyQueue()
         self.timers = TimerWheel(self._on_timer, clock)
         self.stopping = False
+        # Draining (a graceful stop): no attempt starts; running ones hand over at a step boundary.
+        self.draining = False
         self._active: dict[str, asyncio.Task[None]] = {}
         self._cancel_requested: set[str] = set()
         # Runs found RUNNING on claim, or whose attempt could not record its
@@ -227,6 +233,8 @@ class Decider:
         return state.status == RUNNING and state.run_id in self._recover
 
     def pump(self) -> None:
+        if self.draining:
+            return  # the runs wait for their partitions' next owner
         now = self.clock()
         while len(self._active) < self.concurrency:
             nxt = self.ready.pop()
@@ -287,6 +295,18 @@ class Decider:
         failures = self._stalled[rid] = self._stalled.get(rid, 0) + 1
         self._recover.add(rid)
         self.timers.schedule(self.clock() + min(60_000, 500 * 2 ** failures), rid, START)
+
+    async def drain(self, grace: float) -> int:
+        """Start no attempt any more, and give the running ones up to `grace`
+        seconds to end: each stops before its next step (engine/sdk/context.py,
+        `Handover`) or ends by itself. How many still run after that (the
+        caller cancels them). Cancelling the drain only stops the waiting."""
+        self.draining = True
+        self._executor.handover.set()
+        running = list(self._active.values())
+        if running and grace > 0:
+            await asyncio.wait(running, timeout=grace)
+        return sum(not t.done() for t in running)
 
     def stop_attempts(self, partitions: frozenset[int]) -> list[asyncio.Task[None]]:
         """Cancel the attempts of runs in these partitions (being revoked)."""

@@ -5,6 +5,10 @@ part runs an attempt it started: the task found in the registry, a
 RunContext whose emits go through the fence, the attempt's span, and the
 attempt itself (engine/runtime/runner.py inline, engine/runtime/isolation.py
 in a child process). It tells the decider how the attempt ended.
+
+While the worker drains, `handover` is set: every attempt's context sees
+it, and an attempt ends before its next step would start (`Handover`,
+engine/sdk/context.py); an isolated child is told over its socket.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from stepline.runtime.background import Background
 from stepline.runtime.fence import Fence
 from stepline.runtime.isolation import execute_in_child
 from stepline.runtime.owned import Owned
-from stepline.runtime.runner import Outcome, record_failure, run_body
+from stepline.runtime.runner import HANDED_OVER, Outcome, record_failure, run_body
 from stepline.runtime.slots import Slots
 from stepline.sdk.context import RunContext, error_info
 from stepline.sdk.interceptors import Interceptors
@@ -69,6 +73,7 @@ class Ended:
     offset: int | None = None  # where its outcome landed, if it recorded one
     executed: bool = False  # the task ran and its outcome is durable
     unrecorded: bool = False  # recording the outcome failed: the log refused it
+    handed_over: bool = False  # stopped at a step boundary by a drain: the next owner resumes it
 
 
 class Executor:
@@ -101,6 +106,8 @@ class Executor:
         self.keys = keys
         self._hooks = hooks
         self._rng = random.Random()
+        # Set by the drain (Decider.drain): attempts stop at their next step boundary.
+        self.handover = asyncio.Event()
 
     async def run(self, state: RunState, cancel_requested: Callable[[str], bool]) -> Ended:
         rid = state.run_id
@@ -125,6 +132,10 @@ class Executor:
             outcome = await execute_attempt(task, state, self._context(state, tp), self.worker_id, self._rng,
                                             self._hooks)
             span.ended(outcome.kind, outcome.detail)
+            if outcome.kind == HANDED_OVER:
+                log.info("attempt stopped for the drain; the run's next owner resumes it", run_id=rid,
+                         at=outcome.detail)
+                return Ended(handed_over=True)
             return Ended(outcome.offset, executed=True)
         except asyncio.CancelledError:
             if not cancel_requested(rid):
@@ -151,7 +162,8 @@ class Executor:
                          self.clock, emit_log=self.log,
                          register_wait=self._register_wait, request=self._fence.request,
                          unregister_wait=self._unregister_wait, keys=self.keys,
-                         patches=state.patch_answers(), step_scope=self._hooks.step)
+                         patches=state.patch_answers(), step_scope=self._hooks.step,
+                         handover=self.handover)
         return ctx
 
     # --- event waits (consumers/waits.py) ----------------------------------

@@ -24,6 +24,9 @@ the worker, over a socket pair:
 4. child → parent `("outcome", Outcome)`: its outcome events are already
    durable, and the parent returns it as is. `("raised", exc)`: recording
    failed (the log is down) and the parent raises it, as inline would.
+5. parent → child `("handover",)`, at any time after `Init`, once the
+   worker drains: the child's context stops the attempt before its next
+   step (engine/sdk/context.py, `Handover`), and its outcome says so.
 
 A child that disconnects without an outcome (a crash, a signal, the memory
 limit) or overruns max_duration is killed and the parent records the attempt
@@ -277,7 +280,20 @@ class _Child:
         reader, writer = await asyncio.open_connection(sock=ours)
         child = cls(proc, reader, writer, ctx, _Calls(ctx, client, registry))
         writer.write(wire.frame(init))
+        if ctx.handover is not None:
+            child._relay(ctx.handover)
         return child
+
+    def _relay(self, handover: asyncio.Event) -> None:
+        """Tell the child when its worker starts draining."""
+
+        async def relay() -> None:
+            await handover.wait()
+            self._send(("handover",))
+
+        task = asyncio.ensure_future(relay())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def serve(self, limit: float | None) -> tuple[Any, ...]:
         """Answer the child until it reports its end. ("died",) if it

@@ -44,6 +44,9 @@ class _Link:
         self._ids = itertools.count()
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._listener: asyncio.Task[None] | None = None
+        # Set when the worker drains (its "handover" message): the attempt
+        # stops before its next step.
+        self.handover = asyncio.Event()
 
     async def recv(self) -> Any:
         return await wire.recv(self._reader)
@@ -68,11 +71,15 @@ class _Link:
     async def _listen(self) -> None:
         while True:
             try:
-                _, call_id, ok, value = await wire.recv(self._reader)
+                msg: tuple[Any, ...] = await wire.recv(self._reader)
             except (asyncio.IncompleteReadError, ConnectionError):
                 # The worker is gone or gave up on this attempt: nothing this
                 # process does from here can be recorded, so stop doing it.
                 _leave(70)
+            if msg[0] == "handover":
+                self.handover.set()
+                continue
+            _, call_id, ok, value = msg
             fut = self._pending.pop(call_id, None)
             if fut is None or fut.done():
                 continue
@@ -179,7 +186,7 @@ async def _child(fd: int) -> int:
         register_wait=functools.partial(link.call, "register_wait") if init.can_register_waits else None,
         unregister_wait=functools.partial(link.call, "unregister_wait") if init.can_register_waits else None,
         request=functools.partial(link.call, "request") if init.can_request else None,
-        patches=state.patch_answers(), step_scope=hooks.step,
+        patches=state.patch_answers(), step_scope=hooks.step, handover=link.handover,
     )
     if init.has_client:
         bind_client(_ParentClient(link))

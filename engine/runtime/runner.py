@@ -4,7 +4,9 @@ The outcome of an attempt is exactly one of: RunCompleted, RunSuspended,
 RetryScheduled, or RunFailed + RunDeadLettered. Each is awaited until
 durable before the attempt counts as finished, so a crash at any point
 leaves the run either in its previous state (and it is resumed) or in the
-new one.
+new one. An attempt its worker stops at a step boundary while draining
+(`Handover`, engine/sdk/context.py) records nothing more: its completed
+steps are durable, and the run's next owner resumes it like after a crash.
 
 An attempt of a task with `max_duration` that runs longer fails with
 MaxDurationExceeded, like any error under the retry policy. A task with
@@ -37,16 +39,18 @@ from stepline.errors import (
     PayloadValidationError,
 )
 from stepline.projections.runs import RunState
-from stepline.sdk.context import RunContext, Suspend, enter_run, error_info, exit_run
+from stepline.sdk.context import Handover, RunContext, Suspend, enter_run, error_info, exit_run
 from stepline.sdk.interceptors import Interceptors
 from stepline.sdk.logs import note_dropped
 from stepline.sdk.task import Task
 
+HANDED_OVER = "handed_over"
+
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    kind: str  # completed | suspended | retrying | failed
-    offset: int  # where the outcome's last event landed
+    kind: str  # completed | suspended | retrying | failed | handed_over
+    offset: int | None  # where the outcome's last event landed; None: handed over, nothing recorded
     detail: str = ""
 
 
@@ -83,6 +87,9 @@ async def run_body(
         last = s.waits[-1]
         off = await emit(RunSuspended(last.step, last.reason, last.wake_at, last.condition, last.group))
         return Outcome("suspended", off, str(s))
+    except Handover as h:
+        await ctx.quiesce()  # a step some branch started anyway records its checkpoint first
+        return Outcome(HANDED_OVER, None, str(h))
     except Exception as exc:
         return await record_failure(task, state, ctx, exc, rng, hooks)
     finally:

@@ -193,7 +193,21 @@ class Worker:
         self.interceptors.started(self)
         self.started.set()
 
-    async def close(self) -> None:
+    async def drain(self, grace: float) -> int:
+        """The first half of a graceful stop (`close(grace=...)`, or SIGTERM
+        to `stepline worker`): start no attempt any more, and give the
+        running ones up to `grace` seconds to end. Each ends before its next
+        step would start (its completed steps are checkpointed; the run's
+        next owner resumes it from there) or by finishing. Returns how many
+        still run; `close()` cancels those. Cancelling `drain` cuts the
+        wait short. The partitions stay owned until `close()`."""
+        return await self._decider.drain(grace)
+
+    async def close(self, grace: float = 0.0) -> None:
+        """Stop: with a `grace` (seconds), `drain` first; then cancel the
+        attempts still running and give every partition up."""
+        if grace > 0 and self._membership is not None:
+            await self.drain(grace)
         self._decider.stopping = True
         self.interceptors.stopped(self)
         await self._admission.close()

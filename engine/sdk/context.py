@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, ParamSpec, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, NoReturn, ParamSpec, Protocol, TypeVar, overload
 
 from stepline.consumers.waits import WaitEntry
 from stepline.core.events import Body, ErrorInfo, PatchRecorded, StepCompleted, StepFailed, StepStarted
@@ -62,6 +62,19 @@ class Suspend(BaseException):
     def __init__(self, *waits: Wait) -> None:
         super().__init__(", ".join(w.reason for w in waits))
         self.waits = waits
+
+
+class Handover(BaseException):
+    """Ends an attempt at a step boundary because its worker is stopping
+    (`Worker.drain`): the step about to start is left to the run's next
+    owner, which replays the completed ones and starts there. Nothing is
+    recorded for it: the run stays running on the log, as after a crash,
+    but every step that finished is checkpointed. A BaseException, like
+    Suspend, so that a task's `except Exception` cannot keep it running."""
+
+    def __init__(self, step: int, name: str) -> None:
+        super().__init__(f"handed over before step {step} ({name})")
+        self.step = step
 
 
 def error_info(exc: BaseException, retriable: bool = True) -> ErrorInfo:
@@ -112,6 +125,9 @@ class RunContext:
     # Opens the interceptors' scope around each executed step (a span and its
     # timing, engine/sdk/interceptors.py); none outside a worker.
     step_scope: Callable[[str, int], AbstractContextManager[object]] = _no_step_scope
+    # Set when the worker drains: no step starts any more, and the attempt
+    # ends with Handover at the next step boundary. None outside a worker.
+    handover: asyncio.Event | None = None
 
     def __post_init__(self) -> None:
         # Records emitted by each executing step, until its checkpoint.
@@ -186,6 +202,13 @@ class RunContext:
         """Wait until no step of this run is executing."""
         await self._idle.wait()
 
+    async def hand_over(self, step: int, name: str) -> NoReturn:
+        """Step `step` was about to execute while the worker drains: end the
+        attempt here, once the steps running beside it (asyncio.gather)
+        have finished and recorded their checkpoints."""
+        await self.quiesce()
+        raise Handover(step, name)
+
 
 _current: contextvars.ContextVar[RunContext | None] = contextvars.ContextVar(
     "stepline_run", default=None
@@ -259,6 +282,11 @@ def _step_wrapper(fn: Callable[P, Awaitable[R]], name: str) -> Callable[P, Await
         if rec is not None and rec.status == "completed" and rec.output is not None:
             value: R = codec.load(rec.output, f"recorded output of step {pos} ({name})")
             return value
+        if ctx.handover is not None and ctx.handover.is_set() and _step_position.get() is None:
+            # The worker is stopping: this step is the next owner's. (Not a
+            # step called inside another: that one is under way, and waiting
+            # for it to quiesce would wait for ourselves.)
+            await ctx.hand_over(pos, name)
         ctx.step_started()
         token = _step_position.set(pos)
         try:
