@@ -130,10 +130,10 @@ async def embedded(bootstrap: str, namespace: str) -> AsyncIterator[tuple[Any, A
             log = client.log
             inner = log.append
 
-            async def counted(topic: str, partition: int, records: Any) -> list[int]:
+            async def counted(topic: str, partition: int, records: Any, headers: Any = None) -> list[int]:
                 counter.calls += 1
                 counter.records += len(records)
-                return await inner(topic, partition, records)
+                return await inner(topic, partition, records, headers)
 
             log.append = counted
             yield client, worker, counter
