@@ -18,6 +18,7 @@ is bounded in time.
 
 from __future__ import annotations
 
+import os
 import socket
 import uuid
 from pathlib import Path
@@ -32,6 +33,8 @@ SESSION_TIMEOUT_MS = 6000
 DURABILITY = "replication_factor=3&min_insync_replicas=2"
 GROUP = (f"session_timeout_ms={SESSION_TIMEOUT_MS}&heartbeat_interval_ms=1000"
          "&rebalance_timeout_ms=20000")
+# More URL options for both sides, to measure their effect (e.g. request_timeout_ms=8000).
+EXTRA = "".join(f"&{o}" for o in os.environ.get("STEPLINE_CLUSTER_URL_OPTIONS", "").split("&") if o)
 
 
 def free_port() -> int:
@@ -98,12 +101,12 @@ class Cluster:
 
     def host_url(self) -> str:
         """The log URL for a client on the host (through the published ports)."""
-        return f"kafka://{self.host_bootstrap}?partitions={PARTITIONS}&{DURABILITY}&{GROUP}"
+        return f"kafka://{self.host_bootstrap}?partitions={PARTITIONS}&{DURABILITY}&{GROUP}{EXTRA}"
 
     def network_url(self) -> str:
         """The same log, for a container on the cluster's network."""
         nodes = ",".join(f"k{i}:9092" for i in BROKERS)
-        return f"kafka://{nodes}?partitions={PARTITIONS}&{DURABILITY}&{GROUP}"
+        return f"kafka://{nodes}?partitions={PARTITIONS}&{DURABILITY}&{GROUP}{EXTRA}"
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -136,7 +139,7 @@ class Cluster:
             docker("unpause", cid, check=False, timeout=30)  # a paused container cannot be removed
         names = [self.broker(i) for i in BROKERS] + self.workers
         for name in names:
-            logs = docker("logs", "--tail", "400", name, check=False, timeout=60)
+            logs = docker("logs", "--tail", "3000", name, check=False, timeout=60)
             (self.workdir / f"{name}.log").write_text(logs.stdout + logs.stderr)
         if ids:
             docker("rm", "-f", "-v", *ids, check=False, timeout=120)
