@@ -13,7 +13,9 @@ been read back here (`read_back`): folding the partition up to it shows
 whether a newer owner claimed the partition first, while this worker was
 paused or cut off and its append waited. Then the checkpoint is fenced,
 and the step must not go on to the next one, which the new owner may have
-completed already.
+completed already. When every offset between the fold's position and the
+checkpoint is one of this worker's own appends, no claim can be among
+them, and the checkpoint is handed back at once.
 
 Every other part of the worker looks runs up here; only the ownership part
 (engine/runtime/ownership.py) adds and removes partitions.
@@ -38,6 +40,11 @@ class Owned:
         self._own: dict[tuple[int, int], Event] = {}
         # Per partition: appends waiting to be read back (offset, claim epoch, future).
         self._reading_back: dict[int, list[tuple[int, int, asyncio.Future[int]]]] = {}
+        # Per partition: where the run of this worker's own appends that
+        # starts at the fold's position ends. Every offset between the two is
+        # ours, so no newer claim is among them: an append below it needs no
+        # reading back (the common case, which then costs nothing).
+        self._own_end: dict[int, int] = {}
 
     def partition_of(self, run_id: str) -> int:
         return partition_for(run_id.encode(), self.nparts)
@@ -61,6 +68,7 @@ class Owned:
         their runs, and appends waiting to be read back there never will be."""
         self._hooks.released(partitions, self.partition_of)
         for p in partitions:
+            self._own_end.pop(p, None)
             for _, _, fut in self._reading_back.pop(p, []):
                 fut.cancel()
 
@@ -72,7 +80,7 @@ class Owned:
         part = self.parts.get(p)
         if part is None or self.epochs.get(p) != epoch:
             fut.cancel()
-        elif part.next_offset > offset:
+        elif part.next_offset > offset or offset < self._own_end.get(p, 0):
             fut.set_result(offset)
         else:
             self._reading_back.setdefault(p, []).append((offset, epoch, fut))
@@ -104,6 +112,9 @@ class Owned:
         for off, ev in zip(offsets, events):
             if off >= part.next_offset:
                 self._own[(p, off)] = ev
+        if offsets and offsets[0] == max(self._own_end.get(p, 0), part.next_offset) \
+                and offsets[-1] - offsets[0] == len(offsets) - 1:
+            self._own_end[p] = offsets[-1] + 1
 
     def appended(self, p: int, offset: int) -> Event | None:
         """The event this worker appended at `offset`, once, if it still has it."""
