@@ -7,6 +7,14 @@ so a replaced owner's late writes never count. Requests (to runs owned
 here or not, such as a child's answer to its parent) go unfenced, with
 epoch 0. Both go through the worker's Appender, which batches per
 partition and keeps submission order.
+
+A step's checkpoint (StepCompleted) is handed back to the step only once
+the worker has read it back under its claim (`Owned.read_back`): an
+acknowledged append is not an accepted one. A worker paused or cut off
+past its session still gets its late appends acknowledged, after the new
+owner's claim; they are fenced, and the step must not go on to the next
+one, which the new owner may have completed already. Then the future is
+cancelled, and the attempt ends as on a revoke.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 
-from stepline.core.events import Body, Event
+from stepline.core.events import Body, Event, StepCompleted
 from stepline.core.ids import new_event_id
 from stepline.log.appender import Appender
 from stepline.log.base import Outgoing
@@ -64,16 +72,29 @@ class Fence:
                    epoch, body, traceparent)
         gate = self._slots.gate(rid, body)
         if gate is None:
-            return self._appender.submit(ev, rid.encode(), p, outgoing)
-        # Later events of the run queue up behind the release, in order
-        # (done-callbacks run in the order they were added).
+            appended = self._appender.submit(ev, rid.encode(), p, outgoing)
+        else:
+            # Later events of the run queue up behind the release, in order
+            # (done-callbacks run in the order they were added).
+            appended = asyncio.get_running_loop().create_future()
+
+            def submit(_: asyncio.Future[int]) -> None:
+                inner = self._appender.submit(ev, rid.encode(), p, outgoing)
+                inner.add_done_callback(lambda f: _copy_result(f, appended))
+
+            gate.add_done_callback(submit)
+        return self._read_back(p, epoch, appended) if isinstance(body, StepCompleted) else appended
+
+    def _read_back(self, p: int, epoch: int, appended: asyncio.Future[int]) -> asyncio.Future[int]:
         out: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
-        def submit(_: asyncio.Future[int]) -> None:
-            inner = self._appender.submit(ev, rid.encode(), p, outgoing)
-            inner.add_done_callback(lambda f: _copy_result(f, out))
+        def landed(f: asyncio.Future[int]) -> None:
+            if f.cancelled() or f.exception() is not None:
+                _copy_result(f, out)
+            elif not out.done():
+                self._owned.read_back(p, epoch, f.result()).add_done_callback(lambda r: _copy_result(r, out))
 
-        gate.add_done_callback(submit)
+        appended.add_done_callback(landed)
         return out
 
     def request(self, run_id: str, task_id: str, body: Body) -> asyncio.Future[int]:

@@ -8,11 +8,22 @@ appended and has not read back yet: it folds its own events when it reads
 them back, in log order like everyone else's; to save decoding, they are
 kept by offset until then.
 
+A checkpoint is handed back to the step that wrote it only once it has
+been read back here (`read_back`): folding the partition up to it shows
+whether a newer owner claimed the partition first, while this worker was
+paused or cut off and its append waited. Then the checkpoint is fenced,
+and the step must not go on to the next one, which the new owner may have
+completed already. When every offset between the fold's position and the
+checkpoint is one of this worker's own appends, no claim can be among
+them, and the checkpoint is handed back at once.
+
 Every other part of the worker looks runs up here; only the ownership part
 (engine/runtime/ownership.py) adds and removes partitions.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from stepline.core.events import Event
 from stepline.log.base import partition_for
@@ -27,6 +38,13 @@ class Owned:
         self.epochs: dict[int, int] = {}
         self._hooks = hooks
         self._own: dict[tuple[int, int], Event] = {}
+        # Per partition: appends waiting to be read back (offset, claim epoch, future).
+        self._reading_back: dict[int, list[tuple[int, int, asyncio.Future[int]]]] = {}
+        # Per partition: where the run of this worker's own appends that
+        # starts at the fold's position ends. Every offset between the two is
+        # ours, so no newer claim is among them: an append below it needs no
+        # reading back (the common case, which then costs nothing).
+        self._own_end: dict[int, int] = {}
 
     def partition_of(self, run_id: str) -> int:
         return partition_for(run_id.encode(), self.nparts)
@@ -46,8 +64,45 @@ class Owned:
         return st
 
     def forget(self, partitions: frozenset[int]) -> None:
-        """The partitions are given up: the interceptors drop what they kept of their runs."""
+        """The partitions are given up: the interceptors drop what they kept of
+        their runs, and appends waiting to be read back there never will be."""
         self._hooks.released(partitions, self.partition_of)
+        for p in partitions:
+            self._own_end.pop(p, None)
+            for _, _, fut in self._reading_back.pop(p, []):
+                fut.cancel()
+
+    def read_back(self, p: int, epoch: int, offset: int) -> asyncio.Future[int]:
+        """`offset` once partition `p` is folded past it under the claim of
+        `epoch`; cancelled if the claim is gone by then (a newer owner's
+        claim came first, or the partition was revoked)."""
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        part = self.parts.get(p)
+        if part is None or self.epochs.get(p) != epoch:
+            fut.cancel()
+        elif part.next_offset > offset or offset < self._own_end.get(p, 0):
+            fut.set_result(offset)
+        else:
+            self._reading_back.setdefault(p, []).append((offset, epoch, fut))
+        return fut
+
+    def caught_up(self, p: int) -> None:
+        """The tail folded more of `p`: settle the appends it has read back."""
+        waiting = self._reading_back.get(p)
+        if not waiting:
+            return
+        part, epoch = self.parts.get(p), self.epochs.get(p)
+        left = []
+        for offset, claimed, fut in waiting:
+            if fut.done():
+                continue
+            if part is None or epoch != claimed:
+                fut.cancel()
+            elif part.next_offset > offset:
+                fut.set_result(offset)
+            else:
+                left.append((offset, claimed, fut))
+        self._reading_back[p] = left
 
     def on_appended(self, p: int, offsets: list[int], events: list[Event]) -> None:
         """The Appender's callback: keep our own events until read back."""
@@ -57,6 +112,9 @@ class Owned:
         for off, ev in zip(offsets, events):
             if off >= part.next_offset:
                 self._own[(p, off)] = ev
+        if offsets and offsets[0] == max(self._own_end.get(p, 0), part.next_offset) \
+                and offsets[-1] - offsets[0] == len(offsets) - 1:
+            self._own_end[p] = offsets[-1] + 1
 
     def appended(self, p: int, offset: int) -> Event | None:
         """The event this worker appended at `offset`, once, if it still has it."""

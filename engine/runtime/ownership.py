@@ -75,6 +75,9 @@ class Partitions:
         # Where each claimed partition's rebuild started (0 without a snapshot).
         self.rebuilt_from: dict[int, int] = {}
         self._readers: dict[int, asyncio.Task[None]] = {}
+        # Partitions let go on seeing a newer claim, still winding down: a
+        # revoke or a new claim of the same partition waits for that first.
+        self._losing: dict[int, asyncio.Task[None]] = {}
         self._snapshots = SnapshotStore(log_, topics.snapshots)
         # Claims are appended through the worker's appender; the runs of
         # owned partitions are the decider's to act on.
@@ -90,12 +93,22 @@ class Partitions:
         self._decider.pump()
 
     async def on_revoke(self, partitions: frozenset[int]) -> None:
-        """Stop everything for these partitions before anyone else may own them.
+        """Stop everything for these partitions before anyone else may own them."""
+        readers, leaving = self._let_go(partitions)
+        for reader in readers:
+            reader.cancel()
+        await self._wind_down(partitions, readers, leaving)
+        await self._lost_wound_down(partitions)
 
-        The partitions are forgotten first, so that no run of theirs starts
-        while the running ones wind down (a run ending frees a slot, and the
-        pump would otherwise pick a queued run of a partition being revoked).
-        """
+    async def _lost_wound_down(self, partitions: frozenset[int]) -> None:
+        pending = [t for p in partitions if (t := self._losing.pop(p, None)) is not None]
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    def _let_go(self, partitions: frozenset[int]) -> tuple[list[asyncio.Task[None]], list[PartitionRuns]]:
+        """Forget the partitions at once, without waiting: no run of theirs
+        starts from here on (a run ending frees a slot, and the pump would
+        otherwise pick a queued run of a partition being let go), and nothing
+        more is written for them (the fence needs their epoch)."""
         owned = self._owned
         readers = [self._readers.pop(p) for p in partitions if p in self._readers]
         leaving = [part for p in partitions if (part := owned.parts.pop(p, None)) is not None]
@@ -103,8 +116,10 @@ class Partitions:
             owned.epochs.pop(p, None)
         self._slots.forget(lambda rid: owned.partition_of(rid) in partitions)
         owned.forget(partitions)
-        for reader in readers:
-            reader.cancel()
+        return readers, leaving
+
+    async def _wind_down(self, partitions: frozenset[int], readers: list[asyncio.Task[None]],
+                         leaving: list[PartitionRuns]) -> None:
         doomed = self._decider.stop_attempts(partitions)
         await asyncio.gather(*readers, *doomed, return_exceptions=True)
         for p in partitions:
@@ -115,7 +130,23 @@ class Partitions:
             if self._folded_since.get(part.partition, 0) >= max(1, self.snapshot_every // 10):
                 await self._snapshot(part)
 
+    def _claimed_elsewhere(self, p: int, part: PartitionRuns) -> bool:
+        """A newer owner's claim was folded: this worker lost `p` without
+        being told (paused or cut off past its session, the group moved on).
+        Let it go now rather than at the revoke its group will send: the
+        steps in flight stop, and those waiting for their checkpoint to be
+        read back learn it was fenced."""
+        if part.epoch == self._owned.epochs.get(p):
+            return False
+        log.warning("partition claimed by a newer owner while owned here; letting it go", partition=p,
+                    epoch=self._owned.epochs.get(p), newer=part.epoch, worker=self.worker_id)
+        lost = frozenset({p})
+        _, leaving = self._let_go(lost)  # its reader is the running tail, which ends here
+        self._losing[p] = asyncio.create_task(self._wind_down(lost, [], leaving), name=f"stepline-lost-{p}")
+        return True
+
     async def _claim(self, p: int, generation: int) -> None:
+        await self._lost_wound_down(frozenset({p}))
         # Fence before the claim is written: a previous owner's transaction
         # (a checkpoint with emitted records) either committed before our
         # claim, and is accepted, or is aborted now and can never commit.
@@ -207,6 +238,9 @@ class Partitions:
                     touched[st.run_id] = st
                 elif isinstance(ev.body, PauseChanged):
                     touched.update(decider.paused_runs(part, ev.body))
+            if self._claimed_elsewhere(p, part):
+                return
+            self._owned.caught_up(p)
             for st in touched.values():
                 decider.react(st)
             if touched:
