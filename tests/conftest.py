@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ import pytest
 
 import stepline as sl
 from stepline.log.topics import Topics
+
+from .ops_http import stop
 
 # "kafka" joins this list with the Kafka issue: the engine suite passes on
 # a local broker, but is not yet stable enough there to gate CI on.
@@ -126,3 +129,12 @@ async def engine_factory(backend_url: str) -> AsyncIterator[Callable[..., Awaita
     yield make
     for e in engines:
         await e.close()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes a test starts (tests/ops_http.py's `stepline`); stopped when it ends, whatever happened."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for p in started:
+        stop(p)

@@ -13,7 +13,6 @@ import math
 import re
 import subprocess
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import yaml
 import stepline as sl
 
 from .conftest import eventually
-from .ops_http import APP, Scrape, free_port, read, scrape, stepline, stop, until_status, value
+from .ops_http import APP, Scrape, free_port, read, scrape, stepline, until_status, value
 
 SCALED_OBJECT = Path(__file__).parent.parent / "deploy" / "kubernetes" / "keda-scaledobject.yaml"
 RUNS = 250  # more than one worker's threshold: the scaler asks for more than minReplicaCount
@@ -71,14 +70,6 @@ def log_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path}/stepline.db"
     servers = request.getfixturevalue("kafka_bootstrap")
     return f"kafka://{servers}?namespace=keda-{uuid.uuid4().hex[:10]}&partitions=2"
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for p in started:
-        stop(p)
 
 
 async def test_the_backlog_drives_keda_up_from_no_worker_and_back_down(

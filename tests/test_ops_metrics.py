@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ import stepline as sl
 from stepline.observability import metrics
 
 from .conftest import eventually
-from .ops_http import APP, free_port, get, read, scrape, stepline, stop, total, until_status, value
+from .ops_http import APP, free_port, get, read, scrape, stepline, total, until_status, value
 
 PARTITIONS = 2
 
@@ -29,14 +28,6 @@ def log_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path}/stepline.db"
     servers = request.getfixturevalue("kafka_bootstrap")
     return f"kafka://{servers}?namespace=ops-{uuid.uuid4().hex[:10]}&partitions={PARTITIONS}"
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for p in started:
-        stop(p)
 
 
 async def test_a_live_worker_serves_probes_and_metrics_that_move(

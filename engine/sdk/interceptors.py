@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 from stepline.core.events import Event, RunTriggered
 from stepline.observability import metrics, tracing
+from stepline.observability.metrics import Watched
 from stepline.projections.runs import TERMINAL, RunState
 from stepline.sdk.context import RunContext
 from stepline.sdk.sealing import open_run, watch_values
@@ -62,23 +63,11 @@ class AttemptScope(Protocol):
         """The attempt is over; leave whatever it made current."""
 
 
-class WorkerView(Protocol):
-    """What a worker shows its interceptors of itself (read on its event loop)."""
-
-    def queue_depths(self) -> dict[str, int]: ...
+class WorkerView(Watched, Protocol):
+    """What a worker shows its interceptors of itself (read on its event loop):
+    what the metrics watch, and its runs counted by state."""
 
     def run_counts(self) -> dict[str, int]: ...
-
-    def runs(self) -> dict[str, RunState]: ...
-
-    @property
-    def owned(self) -> frozenset[int]: ...
-
-    @property
-    def active(self) -> int: ...
-
-    @property
-    def concurrency(self) -> int: ...
 
 
 class Interceptor:
