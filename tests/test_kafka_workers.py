@@ -22,6 +22,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -161,22 +162,32 @@ async def test_three_workers_kill_one_add_one_and_every_run_completes_once(fleet
         assert sum(runs[(h.run_id, "two")] for h in handles) > 200, "the kill hit no run in flight"
 
 
+async def replaced_while_stopped(
+    fleet: Fleet, client: sl.Client,
+) -> tuple[subprocess.Popen[bytes], list[sl.RunHandle[Any]], list[Any]]:
+    """A worker owning every partition is SIGSTOPped with 6 runs held in step
+    two; a second worker takes over and completes them; then the first (the
+    zombie) is resumed, and wakes mid-step to finish step two late."""
+    (fleet.state / "hold").touch()
+    zombie = fleet.start()
+    await eventually(lambda: (fleet.state / "worker-0.log").read_bytes().count(b"partition claimed")
+                     >= PARTITIONS, timeout=60, what="the first worker to own every partition")
+    handles = [await client.trigger("fleet", {"n": i}) for i in range(6)]
+    await eventually(lambda: all((fleet.state / f"held-{h.run_id}").exists() for h in handles),
+                     timeout=60, what="every run to be held in step two")
+    zombie.send_signal(signal.SIGSTOP)
+    fleet.start()  # takes over once the zombie's session expires
+    (fleet.state / "hold").unlink()
+    results = [await h.result(timeout=120) for h in handles]
+    zombie.send_signal(signal.SIGCONT)
+    return zombie, handles, results
+
+
 async def test_a_paused_worker_gets_nothing_accepted_after_its_partitions_moved(
     fleet: Fleet,
 ) -> None:
-    (fleet.state / "hold").touch()
-    zombie = fleet.start()
     async with sl.Client(fleet.url) as client:
-        await eventually(lambda: (fleet.state / "worker-0.log").read_bytes().count(b"partition claimed")
-                         >= PARTITIONS, timeout=60, what="the first worker to own every partition")
-        handles = [await client.trigger("fleet", {"n": i}) for i in range(6)]
-        await eventually(lambda: all((fleet.state / f"held-{h.run_id}").exists() for h in handles),
-                         timeout=60, what="every run to be held in step two")
-        zombie.send_signal(signal.SIGSTOP)
-        fleet.start()  # takes over once the zombie's session expires
-        (fleet.state / "hold").unlink()
-        results = [await h.result(timeout=120) for h in handles]
-        zombie.send_signal(signal.SIGCONT)  # it wakes mid-step and finishes step two late
+        zombie, handles, results = await replaced_while_stopped(fleet, client)
         await asyncio.sleep(3)
 
         assert all(r["two_by"] != zombie.pid for r in results)

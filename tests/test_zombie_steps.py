@@ -19,33 +19,20 @@ with its pid).
 from __future__ import annotations
 
 import asyncio
-import signal
 
 import pytest
 
 import stepline as sl
 
-from .conftest import eventually
-from .test_kafka_workers import PARTITIONS, Fleet, fleet, fleet_url  # noqa: F401 (fixtures)
+from .test_kafka_workers import Fleet, fleet, fleet_url, replaced_while_stopped  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow
 
 
 async def test_a_resumed_zombie_does_not_begin_a_step_its_successor_completed(fleet: Fleet) -> None:  # noqa: F811
-    (fleet.state / "hold").touch()
-    zombie = fleet.start()
     async with sl.Client(fleet.url) as client:
-        await eventually(lambda: (fleet.state / "worker-0.log").read_bytes().count(b"partition claimed")
-                         >= PARTITIONS, timeout=60, what="the first worker to own every partition")
-        handles = [await client.trigger("fleet", {"n": i}) for i in range(6)]
-        await eventually(lambda: all((fleet.state / f"held-{h.run_id}").exists() for h in handles),
-                         timeout=60, what="every run to be held in step two")
-        zombie.send_signal(signal.SIGSTOP)
-        fleet.start()  # takes over once the zombie's session expires
-        (fleet.state / "hold").unlink()
-        results = [await h.result(timeout=120) for h in handles]
+        zombie, handles, results = await replaced_while_stopped(fleet, client)
         assert all(r["two_by"] != zombie.pid for r in results)
-        zombie.send_signal(signal.SIGCONT)  # it wakes inside step two, finishes it late
         await asyncio.sleep(8)  # past its rejoin: whatever it would begin, it has begun
 
         lines = (fleet.state / "calls.log").read_text().splitlines()
