@@ -158,7 +158,7 @@ class _Instruments:
         meter = provider.get_meter(SCOPE, __version__)
         self.runs = meter.create_counter(
             "stepline.runs", unit="{attempt}",
-            description="Attempts ended, by outcome (completed, failed, suspended, retrying, cancelled)",
+            description="Attempts ended, by outcome (completed, failed, suspended, retrying, cancelled, handed_over)",
         )
         self.step_duration = meter.create_histogram(
             "stepline.step.duration", unit="ms", description="Time a step took, checkpoint included",

@@ -193,6 +193,11 @@ class Worker:
         self.interceptors.started(self)
         self.started.set()
 
+    @property
+    def draining(self) -> bool:
+        """True from the start of a drain (or close): no attempt starts any more."""
+        return self._decider.draining or self._decider.stopping
+
     async def drain(self, grace: float) -> int:
         """The first half of a graceful stop (`close(grace=...)`, or SIGTERM
         to `stepline worker`): start no attempt any more, and give the
