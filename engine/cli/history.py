@@ -1,4 +1,4 @@
-"""`stepline fork` and `stepline shadow`: the history as something to branch from.
+"""`stepline fork`, `stepline shadow` and `stepline diff`: the history as something to branch from and compare.
 
 Registered on the CLI's app by `engine/cli/main.py` (`register(app)`), over
 the helpers of engine/cli/_common.py.
@@ -29,6 +29,7 @@ from stepline.history.replay import iso_ms, parse_point
 from stepline.history.shadow import ShadowResult, ShadowSummary, shadow_runs, shadow_task
 from stepline.history.shadow_code import load_code
 from stepline.log import DEFAULT_LOG_URL
+from stepline.projections.diff import RunDiff, diff_runs
 from stepline.sdk.task import load_app
 
 
@@ -188,9 +189,74 @@ def _print_summary(summary: Any, as_json: bool) -> None:
         out.print(f"  {r.run_id} ({r.status}): {first['message'] if first else '?'}", highlight=False, markup=False)
 
 
+def diff(
+    run_a: Annotated[str, typer.Argument(help="The first run (e.g. the original, or yesterday's good run).")],
+    run_b: Annotated[str, typer.Argument(help="The second run (e.g. its fork, or today's failed run).")],
+    log: LogOpt = DEFAULT_LOG_URL,
+    as_json: JsonOpt = False,
+) -> None:
+    """Two runs step by step: names, inputs, outputs, errors, durations and versions side
+    by side, the first divergence marked. Exits 1 when they differ."""
+    async def go() -> RunDiff:
+        async with Client(log) as client:
+            return diff_runs(await client.get_run(run_a), await client.get_run(run_b))
+
+    found = _run(go())
+    if as_json:
+        _print_json(found.to_dict())
+    else:
+        _print_diff(found)
+    if not found.same:
+        raise typer.Exit(1)
+
+
+def _duration(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return f"{ms} ms" if ms < 10_000 else f"{ms / 1000:.1f} s"
+
+
+def _print_diff(d: RunDiff) -> None:
+    a, b = d.a, d.b
+    verdict = "[bold green]same[/]" if d.same else "[bold red]differ[/]"
+    out.print(f"[bold]A[/] {a['run_id']} ({a['task_id']}, {a['status']})  [bold]B[/] {b['run_id']} "
+              f"({b['task_id']}, {b['status']}): {verdict}", highlight=False)
+    for key in ("task_id", "payload", "task_version", "status", "output", "error"):
+        if key in d.run_differs:
+            out.print(f"{key}: {_short(a[key], 100)} → {_short(b[key], 100)}", highlight=False, markup=False)
+    table = Table(show_edge=False)
+    for col in ("", "#", "A step", "B step", "differs", "A (input → output / error)",
+                "B (input → output / error)", "A time", "B time"):
+        table.add_column(col)
+
+    def side(s: dict[str, Any] | None) -> str:
+        if s is None:
+            return "-"
+        result = s["error"] if s["error"] is not None else _short(s["output"], 30)
+        return f"{_short(s['input'], 25)} → {result}"
+
+    for p in d.steps:
+        mark = "▶" if p.step == d.first_divergence else ("≠" if p.differs else " ")
+        table.add_row(mark, str(p.step), p.a["name"] if p.a else "-", p.b["name"] if p.b else "-",
+                      ",".join(p.differs) or "", side(p.a), side(p.b),
+                      _duration(p.a["duration_ms"]) if p.a else "", _duration(p.b["duration_ms"]) if p.b else "")
+    out.print(table, markup=False)
+    out.print(f"run time: A {_duration(a['duration_ms'])}, B {_duration(b['duration_ms'])}",
+              highlight=False, markup=False)
+    first = d.first_divergence
+    if first is None:
+        out.print("no divergence: same steps, inputs, outputs and errors", highlight=False, markup=False)
+    elif isinstance(first, int):
+        pair = next(p for p in d.steps if p.step == first)
+        out.print(f"first divergence: step {first} ({', '.join(pair.differs)})", highlight=False, markup=False)
+    else:
+        out.print(f"first divergence: the run's {first}", highlight=False, markup=False)
+
+
 def register(app: typer.Typer) -> None:
     app.command("fork")(fork)
     app.command("shadow")(shadow)
+    app.command("diff")(diff)
 
 
 __all__ = ["parse_since", "register"]
