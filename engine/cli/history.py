@@ -1,4 +1,4 @@
-"""`stepline fork`, `stepline shadow` and `stepline diff`: the history as something to branch from and compare.
+"""`stepline fork`, `shadow`, `diff` and `debug`: the history as something to branch from, compare and step through.
 
 Registered on the CLI's app by `engine/cli/main.py` (`register(app)`), over
 the helpers of engine/cli/_common.py.
@@ -21,10 +21,12 @@ from stepline.cli._common import (
     _print_started,
     _progress,
     _run,
+    err,
     out,
 )
 from stepline.cli.options import AppOpt, JsonOpt, LogOpt
 from stepline.client import Client
+from stepline.history.debug import DebugSession, debug_run
 from stepline.history.replay import iso_ms, parse_point
 from stepline.history.shadow import ShadowResult, ShadowSummary, shadow_runs, shadow_task
 from stepline.history.shadow_code import load_code
@@ -253,10 +255,60 @@ def _print_diff(d: RunDiff) -> None:
         out.print(f"first divergence: the run's {first}", highlight=False, markup=False)
 
 
+def debug(
+    run_id: Annotated[str, typer.Argument(help="The recorded run to debug.")],
+    module: Annotated[str, typer.Option("--module", help="The code: a file or dotted module declaring the task.")] = "",
+    break_at: Annotated[str | None, typer.Option(
+        "--break-at", help="Stop at this step: a journal position or a step name (default: the failed step).")] = None,
+    live_from: Annotated[int | None, typer.Option(
+        "--live-from", help="Run the steps from this position for real instead of answering them (needs --yes).")] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Accept that --live-from runs step bodies (side effects).")] = False,
+    log: LogOpt = DEFAULT_LOG_URL,
+) -> None:
+    """Re-execute RUN's task body in this process with its completed steps answered from
+    the journal (nothing appended), and stop in the debugger (pdb, or PYTHONBREAKPOINT's)
+    at the step that failed or at --break-at. Exits 1 when the body raises."""
+    if not module:
+        _fail("stepline debug needs --module CODE (a .py file or a dotted module name declaring the task)")
+    if live_from is not None and live_from < 0:
+        _fail(f"--live-from must be a journal position (0 or more), got {live_from}")
+    if live_from is not None and not yes:
+        _fail(f"--live-from {live_from} runs the bodies of steps {live_from} and after for real, side effects "
+              "and all (nothing is appended to the log): add --yes to do that")
+
+    async def go() -> DebugSession:
+        registry = load_code(module)
+        async with Client(log) as client:
+            state = await client.get_run(run_id)
+            task = registry.find(state.task_id)
+            if task is None:
+                raise CliError(f"{module} declares no task {state.task_id!r}, the task of {run_id}")
+            if break_at is None and state.status != "failed" and live_from is None:
+                raise CliError(f"{run_id} is {state.status}, not failed: name the step to stop at with --break-at")
+            return await debug_run(task, state, break_at=break_at, live_from=live_from, keys=client.keys)
+
+    session = _run(go())
+    if session.break_at is None and break_at is not None:
+        err.print(f"stepline debug: the body never reached step {break_at!r}", highlight=False, markup=False)
+    if session.inputs_differ:
+        err.print("stepline debug: the inputs this code made differ from the recorded ones at position(s) "
+                  + ", ".join(map(str, session.inputs_differ)), highlight=False, markup=False)
+    if session.stopped is not None:
+        err.print(f"stepline debug: {session.stopped}", highlight=False, markup=False)
+    ending = session.ending
+    if ending is not None and ending.raised is not None:
+        err.print(f"stepline debug: the body raised {type(ending.raised).__qualname__}: {ending.raised}",
+                  highlight=False, markup=False)
+        raise typer.Exit(1)
+    if ending is not None and session.stopped is None and ending.suspended is None:
+        err.print(f"stepline debug: the body returned {_short(ending.returned, 200)}", highlight=False, markup=False)
+
+
 def register(app: typer.Typer) -> None:
     app.command("fork")(fork)
     app.command("shadow")(shadow)
     app.command("diff")(diff)
+    app.command("debug")(debug)
 
 
 __all__ = ["parse_since", "register"]

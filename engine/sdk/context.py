@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, NoReturn, ParamSpec, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, Protocol, TypeVar, overload
 
 from stepline.consumers.waits import WaitEntry
 from stepline.core.events import Body, ErrorInfo, PatchRecorded, StepCompleted, StepFailed, StepStarted
@@ -41,6 +41,13 @@ SLEEP = "sleep"
 class Emitter(Protocol):
     def __call__(self, body: Body) -> asyncio.Future[int]:
         """Queue an event for this run; the future resolves once it is durable."""
+        ...
+
+
+class StepCaller(Protocol):
+    def __call__(self, pos: int, name: str, fn: Callable[..., Awaitable[Any]],
+                 args: tuple[object, ...], kwargs: dict[str, object]) -> Awaitable[Any]:
+        """Run step `pos` (`name`): `fn(*args, **kwargs)`, awaited, with something around it."""
         ...
 
 
@@ -128,6 +135,9 @@ class RunContext:
     # Set when the worker drains: no step starts any more, and the attempt
     # ends with Handover at the next step boundary. None outside a worker.
     handover: asyncio.Event | None = None
+    # Runs each executed step's body in place of a plain call: `stepline
+    # debug` (engine/history/debug.py) opens the debugger there. None in a worker.
+    call_step: StepCaller | None = None
 
     def __post_init__(self) -> None:
         # Records emitted by each executing step, until its checkpoint.
@@ -294,7 +304,10 @@ def _step_wrapper(fn: Callable[P, Awaitable[R]], name: str) -> Callable[P, Await
             with ctx.step_scope(name, pos):
                 ctx.emit(StepStarted(pos, name, ctx.attempt, describe_args(args, kwargs)))
                 try:
-                    result = await fn(*args, **kwargs)
+                    if ctx.call_step is None:
+                        result = await fn(*args, **kwargs)
+                    else:
+                        result = await ctx.call_step(pos, name, fn, args, kwargs)
                 except (asyncio.CancelledError, Suspend):
                     raise
                 except Exception as exc:
