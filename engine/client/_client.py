@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from stepline.client._steering import Steering
 from stepline.client.fork import copied_bytes, fork_trigger
+from stepline.client.why import reasons
 from stepline.core.events import (
     DomainEvent,
     Event,
@@ -36,6 +37,7 @@ from stepline.projections.runs import (
     PartitionRuns,
     RunState,
 )
+from stepline.projections.why import Reason
 from stepline.sdk import port
 from stepline.sdk.debounce import Debounce
 from stepline.sdk.port import RunHandle, TaskRef, bind_client, unbind_client
@@ -223,6 +225,11 @@ class Client(Steering):
                            kafka_partition_for(partition_key, self._event_partitions),
                            partition_key, ev)
         return event_id
+
+    async def why(self, run_id: str) -> list[Reason]:
+        """Why `run_id` is not executing now: each reason a kind, a sentence
+        and its facts (engine/client/why.py). UnknownRun for no such run."""
+        return await reasons(self, run_id)
 
     async def fork(
         self,
