@@ -9,7 +9,7 @@ Everything a user needs is importable from here; the modules behind it are
 implementation and may move.
 """
 
-from stepline.client import Client, RunHandle, publish
+from stepline.client import Client, RunHandle, SyncClient, SyncRunHandle, publish
 from stepline.client.backfill import BackfillReport, backfill
 from stepline.consumers.router import Subscription
 from stepline.consumers.topic_subscription import KafkaTopic
@@ -89,6 +89,8 @@ __all__ = [
     "load_app",
     # triggering and inspecting runs
     "Client",
+    "SyncClient",
+    "SyncRunHandle",
     "publish",
     "backfill",
     "BackfillReport",

@@ -25,6 +25,7 @@ EXPECTED_PUBLIC_NAMES = frozenset({
     "emit", "EmitUnsupported",  # docs/emit.md
     # triggering and inspecting runs
     "Client", "RunHandle", "RunState", "StepState",
+    "SyncClient", "SyncRunHandle",  # docs/sync-client.md
     # running
     "Worker", "open_log", "DEFAULT_LOG_URL",
     # errors
