@@ -32,7 +32,7 @@ EXPECTED_PUBLIC_NAMES = frozenset({
     "SteplineError", "FatalError", "RetryAfter", "RunFailedError", "NonDeterminismError",
     "PayloadValidationError", "TaskDefinitionError", "UnknownTask", "UnknownRun",
     "InvalidRunState", "NoClient", "NotInRunContext", "LogError", "LogUnavailable",
-    "SchemaError",
+    "SchemaError", "StepRetriesExhausted",  # docs/concepts.md, "A step's own retries"
     "__version__",
 })
 
