@@ -9,7 +9,7 @@ Everything a user needs is importable from here; the modules behind it are
 implementation and may move.
 """
 
-from stepline.client import Client, RunHandle, publish
+from stepline.client import Client, RunHandle, SyncClient, SyncRunHandle, publish
 from stepline.client.backfill import BackfillReport, backfill
 from stepline.consumers.router import Subscription
 from stepline.consumers.topic_subscription import KafkaTopic
@@ -33,6 +33,7 @@ from stepline.errors import (
     RunFailedError,
     SchemaError,
     SteplineError,
+    StepRetriesExhausted,
     SubjectErased,
     TaskDefinitionError,
     UnknownRun,
@@ -89,6 +90,8 @@ __all__ = [
     "load_app",
     # triggering and inspecting runs
     "Client",
+    "SyncClient",
+    "SyncRunHandle",
     "publish",
     "backfill",
     "BackfillReport",
@@ -105,6 +108,7 @@ __all__ = [
     "FatalError",
     "RetryAfter",
     "RunFailedError",
+    "StepRetriesExhausted",
     "NonDeterminismError",
     "PayloadValidationError",
     "PayloadTooLarge",

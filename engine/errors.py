@@ -157,6 +157,20 @@ class RunFailedError(SteplineError):
         self.message = message
 
 
+class StepRetriesExhausted(SteplineError):
+    """A step with its own retry policy had already given up when its run
+    was resumed (its worker died before recording the attempt's end): the
+    step is not run again, and this takes its last error's place under the
+    task's retry policy."""
+
+    def __init__(self, run_id: str, step: int, name: str, tries: int, error_type: str, message: str) -> None:
+        super().__init__(f"step {step} ({name}) of run {run_id} gave up after {tries} tr"
+                         f"{'ies' if tries != 1 else 'y'}: {error_type}: {message}")
+        self.run_id = run_id
+        self.step = step
+        self.error_type = error_type
+
+
 class NotInRunContext(SteplineError, RuntimeError):
     """A step or durable wait was used outside a running task."""
 

@@ -173,6 +173,16 @@ class RunState:
     def live(self) -> bool:
         return self.status in LIVE
 
+    def step_failures(self) -> dict[int, tuple[AttemptError, ...]]:
+        """The failed tries of each step in the current attempt, oldest first:
+        where a step with its own retry policy (`@step(retry=...)`) resumes
+        counting after its worker died."""
+        found: dict[int, tuple[AttemptError, ...]] = {}
+        for err in self.errors:
+            if err.attempt == self.attempt and err.step is not None:
+                found[err.step] = found.get(err.step, ()) + (err,)
+        return found
+
     @property
     def attempt_in_trigger(self) -> int:
         """1 for the first attempt since the run was (re)triggered."""

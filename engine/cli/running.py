@@ -208,16 +208,21 @@ def _source_pairs(entries: list[str], flag: str, shape: str, echo: bool) -> dict
     return pairs
 
 
-def _webhook_sources(webhook: list[str] | None, webhook_event: list[str] | None) -> dict[str, WebhookSource]:
+def _webhook_sources(
+    webhook: list[str] | None, webhook_event: list[str] | None, webhook_scheme: list[str] | None = None,
+) -> dict[str, WebhookSource]:
     from stepline.server import WebhookSource  # start-up: as in _serve_dev
 
     # Without --webhook flags, the option's callback filled in the setting.
     secrets = _source_pairs(webhook or [], "--webhook", "SOURCE=SECRET", echo=False)
     events = _source_pairs(webhook_event or [], "--webhook-event", "SOURCE=EVENT.NAME", echo=True)
-    unknown = sorted(set(events) - set(secrets))
-    if unknown:
-        raise CliError(f"--webhook-event for source(s) without a --webhook secret: {', '.join(unknown)}")
-    return {name: WebhookSource(name, secret, events.get(name)) for name, secret in secrets.items()}
+    schemes = _source_pairs(webhook_scheme or [], "--webhook-scheme", "SOURCE=SCHEME", echo=True)
+    for flag, named in (("--webhook-event", events), ("--webhook-scheme", schemes)):
+        unknown = sorted(set(named) - set(secrets))
+        if unknown:
+            raise CliError(f"{flag} for source(s) without a --webhook secret: {', '.join(unknown)}")
+    return {name: WebhookSource(name, secret, events.get(name), schemes.get(name, "stepline"))
+            for name, secret in secrets.items()}
 
 
 async def _serve_http(
@@ -232,7 +237,7 @@ async def _serve_http(
         loop.add_signal_handler(sig, stop.set)
 
     def announce(addresses: list[str]) -> None:
-        sources = ", ".join(f"{s.name} -> {s.event}" for s in config.webhooks.values()) or "none"
+        sources = ", ".join(f"{s.name} ({s.scheme}) -> {s.event}" for s in config.webhooks.values()) or "none"
         auth = "bearer token" if config.auth_required else "OFF (--no-auth)"
         err.print(f"stepline serve on {', '.join(addresses)} for {redact_text(log_url)}: auth {auth}; "
                   f"webhook sources: {sources}", highlight=False)
@@ -263,6 +268,11 @@ def serve(
         "--webhook-event", show_default=False,
         help="SOURCE=EVENT.NAME: publish SOURCE's deliveries as EVENT.NAME, not webhook.SOURCE (repeatable).",
     )] = None,
+    webhook_scheme: Annotated[list[str] | None, typer.Option(
+        "--webhook-scheme", show_default=False, callback=_setting("webhook_schemes"),
+        help=_setting_help("SOURCE=SCHEME: how SOURCE signs its deliveries: stepline (default), stripe, "
+                           "standard (Standard Webhooks) or github (repeatable).", "webhook_schemes"),
+    )] = None,
     max_body_bytes: Annotated[int, typer.Option(min=1, callback=_setting("max_body_bytes"), help=_setting_help(
         "Largest request body accepted.", "max_body_bytes"))] = DEFAULT_MAX_BODY_BYTES,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="Serve the API without a token (local use only).")] = False,
@@ -287,7 +297,7 @@ def serve(
               "or pass --api-token), or pass --no-auth for local development")
     registry = _load_app(app_module) if app_module else None
     try:
-        config = ServeConfig(api_token, _webhook_sources(webhook, webhook_event),
+        config = ServeConfig(api_token, _webhook_sources(webhook, webhook_event, webhook_scheme),
                              max_body_bytes=max_body_bytes, auth_required=not no_auth,
                              shadow_path=shadow_path)
         if shadow_path is not None and not os.path.isdir(shadow_path):

@@ -163,7 +163,7 @@ class Executor:
                          register_wait=self._register_wait, request=self._fence.request,
                          unregister_wait=self._unregister_wait, keys=self.keys,
                          patches=state.patch_answers(), step_scope=self._hooks.step,
-                         handover=self.handover)
+                         handover=self.handover, step_failures=state.step_failures())
         return ctx
 
     # --- event waits (consumers/waits.py) ----------------------------------

@@ -187,6 +187,7 @@ async def _child(fd: int) -> int:
         unregister_wait=functools.partial(link.call, "unregister_wait") if init.can_register_waits else None,
         request=functools.partial(link.call, "request") if init.can_request else None,
         patches=state.patch_answers(), step_scope=hooks.step, handover=link.handover,
+        step_failures=state.step_failures(),
     )
     if init.has_client:
         bind_client(_ParentClient(link))
