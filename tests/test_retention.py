@@ -160,6 +160,8 @@ async def test_a_prune_under_load_loses_no_live_run_and_a_rebuild_agrees(
         assert report.runs == len(old)  # every old run, from the middle of the partitions
     else:
         assert report.runs > 0  # the prefixes before the first live run
+        for p, start in report.starts.items():  # DeleteRecords moved the log start
+            assert await e.client.log.start_offset(e.topics.runs, p) == start > 0
     assert not (set(live) | set(load)) & report.run_ids
 
     # The worker's own state (folded before and during the prune) against a

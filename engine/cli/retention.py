@@ -17,8 +17,8 @@ import os
 import re
 import time
 import urllib.parse
-from datetime import UTC, datetime
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Annotated, TypeVar
 
 import typer

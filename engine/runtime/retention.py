@@ -39,12 +39,14 @@ archival").
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from stepline.core import codec
-from stepline.core.events import PartitionClaimed, PauseChanged
+from stepline.core.events import Event, PartitionClaimed, PauseChanged
+from stepline.core.ids import new_event_id
 from stepline.errors import SchemaError
 from stepline.log.base import Log, Record
 from stepline.log.topics import Topics
@@ -54,6 +56,8 @@ from stepline.runtime.snapshots import SnapshotStore
 __all__ = ["PartitionPlan", "Plan", "PruneReport", "RunRecords", "plan", "prune", "read_runs"]
 
 READ_BATCH = 2000
+# The "worker" named in the claim a Kafka prune appends (`_restate_epoch`).
+RESTATED_BY = "stepline-prune"
 
 # Why an ended run older than the cutoff is kept anyway (`Plan.held`).
 HELD_PARENT = "its parent run is live"
@@ -82,6 +86,8 @@ class PartitionPlan:
     runs: dict[str, RunRecords] = field(default_factory=dict)
     # Kafka: records below this offset go (a prefix); else `end`.
     below: int = 0
+    # The highest epoch any ownership claim of the partition carried.
+    epoch: int = 0
 
     @property
     def events(self) -> int:
@@ -196,6 +202,7 @@ async def plan(log: Log, topics: Topics, cutoff_ms: int, *, prefix: bool | None 
     result = Plan(cutoff_ms, prefix, [pp for pp, _ in scans])
     result.live = sum(1 for s in states.values() if s.status in LIVE)
     for pp, scan in scans:
+        pp.epoch = max((e for _, e in scan.claims), default=0)
         candidates = _candidates(scan, states, pp, cutoff_ms, result.held)
         if prefix:
             pp.below, kept = _prefix(scan, pp, candidates)
@@ -283,6 +290,23 @@ def _pauses_needed(pauses: list[tuple[int, str, tuple[str, str], bool]]) -> int:
     return min(needed, default=1 << 62)
 
 
+async def _restate_epoch(log: Log, topics: Topics, pp: PartitionPlan) -> None:
+    """Append a claim with the partition's highest epoch before its prefix goes.
+
+    The claim that set that epoch may lie inside the prefix. A replaced
+    owner that comes back after the prune (paused past its session) would
+    then write events that every fold from the log start accepts, while the
+    workers, holding the epoch in memory and in snapshots, drop them. A
+    claim with an epoch that is already the highest changes no fold, and no
+    owner sees it as a newer claim (`Partitions._claimed_elsewhere`).
+    """
+    if pp.epoch <= 0:
+        return
+    claim = Event(new_event_id(), PartitionClaimed.TYPE, "", "", 0, int(time.time() * 1000), pp.epoch,
+                  PartitionClaimed(pp.partition, RESTATED_BY))
+    await log.append(topics.runs, pp.partition, [(b"", codec.encode(claim))])
+
+
 @dataclass(slots=True)
 class PruneReport:
     runs: int
@@ -305,6 +329,7 @@ async def prune(log: Log, topics: Topics, the_plan: Plan) -> PruneReport:
         if not pp.runs:
             continue
         if the_plan.prefix:
+            await _restate_epoch(log, topics, pp)
             await log.delete_before(topics.runs, pp.partition, pp.below)
             report.starts[pp.partition] = pp.below
             removed.update(pp.runs)
