@@ -47,6 +47,11 @@ class LogWriteFailed(LogError):
     retriable = True
 
 
+class RetentionUnsupported(LogError):
+    """The log cannot remove records (memory://): `stepline prune` needs the
+    embedded sqlite log or Kafka."""
+
+
 class LogCorrupted(LogError):
     """The log's stored data is damaged: a torn or overwritten file.
 

@@ -202,12 +202,7 @@ class QueryProjector:
                     return
 
     async def _log_identity(self) -> str | None:
-        """The log's first runs record, hashed: None while the runs topic is empty."""
-        for p in range(self._runs_partitions):
-            first = await self.log.read(self.topics.runs, p, 0, 1)
-            if first and first[0].offset == 0:
-                return f"{p}:{hashlib.sha256(first[0].value).hexdigest()[:32]}"
-        return None
+        return await log_identity(self.log, self.topics.runs, self._runs_partitions)
 
     async def _join(self) -> None:
         self._membership = await self.log.join_group(
@@ -327,6 +322,19 @@ class QueryProjector:
 
 
 # --- rebuilding ---------------------------------------------------------------------
+
+
+async def log_identity(log_: Log, runs_topic: str, partitions: int) -> str | None:
+    """The log's first runs record, hashed: None while the runs topic is empty.
+
+    `stepline prune` may remove that record; it then stores the new identity
+    in the read models it prunes, which would otherwise start over.
+    """
+    for p in range(partitions):
+        first = await log_.read(runs_topic, p, 0, 1)
+        if first and first[0].offset == 0:
+            return f"{p}:{hashlib.sha256(first[0].value).hexdigest()[:32]}"
+    return None
 
 
 def _remove_db(path: str) -> None:

@@ -15,7 +15,7 @@ import typer
 from stepline.cli import events as cli_events
 from stepline.cli import history as cli_history
 from stepline.cli import ops as cli_ops
-from stepline.cli import reading, requesting, running
+from stepline.cli import reading, requesting, retention, running
 from stepline.cli import why as cli_why
 from stepline.cli.options import option_setting as option_setting
 
@@ -42,6 +42,8 @@ cli_history.register(app)
 cli_ops.register(app)
 # events: the engine's events as JSON lines (engine/cli/events.py).
 cli_events.register(app)
+# archive and prune: retention of ended runs (engine/cli/retention.py).
+retention.register(app)
 
 
 def main() -> None:
