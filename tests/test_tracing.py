@@ -151,17 +151,33 @@ async def test_a_run_is_one_trace_from_trigger_through_attempt_to_steps(engine_f
     for step in (reserve, charge):
         assert step.parent is not None and step.parent.span_id == span_id(run)
     assert {trace_id(s) for s in (trigger, run, reserve, charge)} == {trace_id(trigger)}
-    assert dict(trigger.attributes or {}) == {"stepline.run_id": handle.run_id, "stepline.task_id": "checkout"}
+    records = await e.client.history(handle.run_id)
+    history = [ev for _, ev in records]
+    trigger_offset, trigger_event = records[0]
+    # Where the RunTriggered crossed the log, as the messaging conventions say it.
+    system = e.client.log.url.partition(":")[0]
+    crossing = {
+        "messaging.system": "kafka" if system == "kafka" else f"stepline.{system}",
+        "messaging.destination.name": e.client.topics.runs,
+        "messaging.destination.partition.id": str(e.client.partition_of(handle.run_id)),
+        "messaging.message.id": trigger_event.event_id,
+        **({"messaging.kafka.offset": trigger_offset} if system == "kafka" else {}),
+    }
+    assert dict(trigger.attributes or {}) == {
+        "stepline.run_id": handle.run_id, "stepline.task_id": "checkout", **crossing,
+        "messaging.operation.type": "send", "messaging.operation.name": "trigger",
+    }
     assert dict(run.attributes or {}) == {
         "stepline.run_id": handle.run_id, "stepline.task_id": "checkout",
-        "stepline.attempt": 1, "stepline.outcome": "completed",
+        "stepline.attempt": 1, "stepline.outcome": "completed", **crossing,
+        "messaging.operation.type": "process", "messaging.operation.name": "run",
     }
     assert (reserve.attributes or {})["stepline.step"] == 0
     assert (charge.attributes or {})["stepline.step"] == 1
     assert run.status.status_code == StatusCode.UNSET
+    assert not run.links and not trigger.links  # a run triggered by code is a child, not a link
 
     # The trigger's context travels in RunTriggered; the attempt's in every event it wrote.
-    history = [ev for _, ev in await e.client.history(handle.run_id)]
     assert history[0].type == "RunTriggered" and history[0].traceparent == w3c(trigger)
     assert [ev.type for ev in history[1:]] == [
         "RunStarted", "StepStarted", "StepCompleted", "StepStarted", "StepCompleted", "RunCompleted"]
