@@ -149,6 +149,12 @@ def global_meter_provider() -> Any:
     return metrics.get_meter_provider() if provider is _MISSING else provider
 
 
+def current_tracer_provider() -> Any:
+    """The provider Stepline traces through: the one given to
+    `use_tracer_provider`, else the global one (None while none is set)."""
+    return _tracer_provider if _tracer_provider is not None else global_tracer_provider()
+
+
 _tracer_cache: tuple[object, Tracer] | None = None
 
 
@@ -530,6 +536,7 @@ __all__ = [
     "adopt_attempt",
     "attempt_failed",
     "current_ids",
+    "current_tracer_provider",
     "global_meter_provider",
     "global_tracer_provider",
     "sdk_disabled",
