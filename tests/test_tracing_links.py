@@ -24,8 +24,7 @@ from stepline.observability import tracing
 from stepline.sdk.interceptors import Interceptors
 
 from .conftest import eventually
-from .test_tracing import metric_points, named, span_id, trace_id
-from .test_tracing import metric_reader, spans  # noqa: F401  # fixtures
+from .test_tracing import metric_points, metric_reader, named, span_id, spans, trace_id  # noqa: F401  # fixtures
 
 pytestmark = pytest.mark.asyncio
 

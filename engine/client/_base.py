@@ -29,7 +29,13 @@ from stepline.log.appender import Appender
 from stepline.log.base import Log, partition_for
 from stepline.log.topics import Topics
 from stepline.sdk.context import now_ms
-from stepline.sdk.interceptors import Destination, Interceptor, Interceptors, default_interceptors, messaging_system
+from stepline.sdk.interceptors import (
+    Destination,
+    Interceptor,
+    Interceptors,
+    default_interceptors,
+    messaging_system,
+)
 from stepline.sdk.port import ClientPort, TaskRef
 from stepline.sdk.task import Registry, Task
 from stepline.security.keystore import KeyStore, default_keystore

@@ -38,9 +38,9 @@ import logging
 import os
 import time
 from collections import Counter as Tally
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol
 from weakref import WeakSet
@@ -58,8 +58,6 @@ from opentelemetry.trace import (
     TracerProvider,
 )
 
-from stepline.core.causes import Cause, current_cause
-from stepline.core.events import Event
 from stepline.observability import messaging
 from stepline.observability.messaging import Destination, Propagated
 
@@ -158,7 +156,7 @@ def current_tracer_provider() -> Any:
 _tracer_cache: tuple[object, Tracer] | None = None
 
 
-def _tracer() -> Tracer | None:
+def tracer() -> Tracer | None:
     """Stepline's tracer, or None when nothing would record a span."""
     global _tracer_cache
     provider = _tracer_provider if _tracer_provider is not None else global_tracer_provider()
@@ -266,88 +264,6 @@ def _observe_states(options: CallbackOptions) -> Iterable[Observation]:
     return [Observation(n, {STATE: s}) for s, n in sorted(total.items())]
 
 
-# --- publish, trigger, schedule ---------------------------------------------------------
-
-Append = Callable[[Event], Awaitable[int]]
-
-
-async def traced_publish(ev: Event, append: Append, where: Destination) -> int:
-    """Append a DomainEvent inside a `stepline.publish <name>` span, carrying its
-    context: the runs it starts link to this span. A child of the caller's context."""
-    tracer = _tracer()
-    if tracer is None:
-        return await append(ev)
-    name = getattr(ev.body, "name", ev.type)
-    attributes = where.attributes("send", "publish", ev.event_id)
-    with tracer.start_as_current_span(f"stepline.publish {name}", kind=SpanKind.PRODUCER,
-                                      attributes=attributes) as span:
-        traceparent, extra = messaging.inject(ev.extra)
-        offset = await append(replace(ev, traceparent=traceparent, extra=extra))
-        if where.system == "kafka":
-            span.set_attribute(messaging.KAFKA_OFFSET, offset)
-        return offset
-
-
-async def traced_trigger(ev: Event, append: Append, where: Destination) -> int:
-    """Append a RunTriggered inside a `stepline.trigger` span, carrying its context.
-
-    The span is a child of the caller's current context (a web request's
-    span, or the step of a parent run), except under a cause (the router,
-    a schedule): then it starts a trace of its own that links to the cause.
-    """
-    tracer = _tracer()
-    if tracer is None:
-        return await append(ev)
-    attributes: dict[str, Any] = {RUN_ID: ev.run_id, TASK_ID: ev.task_id,
-                                  **where.attributes("send", "trigger", ev.event_id)}
-    cause = current_cause()
-    link = None if cause is None else messaging.link_to(cause.traceparent, cause.tracestate,
-                                                         _cause_attributes(cause, where.system))
-    context = None if link is None else otel_context.Context()
-    with tracer.start_as_current_span("stepline.trigger", context=context, kind=SpanKind.PRODUCER,
-                                      attributes=attributes, links=() if link is None else (link,)) as span:
-        traceparent, extra = messaging.inject(ev.extra)
-        if link is not None and cause is not None:
-            extra[messaging.LINK_TRACEPARENT] = cause.traceparent
-            if cause.tracestate:
-                extra[messaging.LINK_TRACESTATE] = cause.tracestate
-        offset = await append(replace(ev, traceparent=traceparent, extra=extra))
-        if where.system == "kafka":
-            span.set_attribute(messaging.KAFKA_OFFSET, offset)
-        return offset
-
-
-def _cause_attributes(cause: Cause, system: str) -> dict[str, Any]:
-    out: dict[str, Any] = dict(cause.attributes)
-    if cause.topic is not None and cause.partition is not None and cause.message_id is not None:
-        out.update(Destination(system, cause.topic, cause.partition).attributes(
-            "process", "route", cause.message_id, cause.offset))
-    return out
-
-
-def tick_cause(task_id: str, schedule: str, tick_ms: int) -> Cause | None:
-    """A schedule's tick as a cause: a `stepline.schedule <task>` span (a root:
-    nothing published a tick) for the tick's run to link to. None untraced."""
-    tracer = _tracer()
-    if tracer is None:
-        return None
-    span = tracer.start_span(f"stepline.schedule {task_id}", context=otel_context.Context(),
-                             kind=SpanKind.PRODUCER,
-                             attributes={TASK_ID: task_id, SCHEDULE: schedule, SCHEDULED_AT: tick_ms})
-    try:
-        traceparent, extra = messaging.inject({}, trace.set_span_in_context(span))
-    finally:
-        span.end()
-    if traceparent is None:
-        return None
-    return Cause(traceparent, extra.get(messaging.TRACESTATE), attributes={SCHEDULE: schedule, SCHEDULED_AT: tick_ms})
-
-
-def trigger_context(ev: Event) -> Propagated | None:
-    """What a worker keeps of a RunTriggered to parent (and link) the run's attempts."""
-    return messaging.propagated(ev.traceparent, ev.extra)
-
-
 # --- attempts and steps --------------------------------------------------------------
 
 
@@ -440,11 +356,11 @@ class Trigger:
 def start_attempt(run_id: str, task_id: str, attempt: int, trigger: Trigger | None) -> Attempt:
     """Open the attempt's span, a child of the run's trigger (linked to its
     cause, if any), processing the trigger's record; make it current."""
-    tracer = _tracer()
+    spans = tracer()
     instruments = _instruments()
-    if tracer is None and instruments is None:
+    if spans is None and instruments is None:
         return NO_ATTEMPT
-    a = Attempt(tracer, instruments, task_id)
+    a = Attempt(spans, instruments, task_id)
     attributes: dict[str, Any] = {RUN_ID: run_id, TASK_ID: task_id, ATTEMPT: attempt}
     if trigger is not None:
         attributes.update(trigger.where.attributes("process", "run", trigger.event_id, trigger.offset))
@@ -454,13 +370,13 @@ def start_attempt(run_id: str, task_id: str, attempt: int, trigger: Trigger | No
 
 def tracing_on() -> bool:
     """Whether spans are recorded (a worker keeps trigger contexts only then)."""
-    return _tracer() is not None
+    return tracer() is not None
 
 
 def adopt_attempt(carrier: Mapping[str, str], task_id: str) -> Attempt:
     """The attempt of an isolated child: its parent's span is current, its
     steps are spans of this process's tracer (engine/observability/isolated.py)."""
-    a = Attempt(_tracer(), _instruments(), task_id)
+    a = Attempt(tracer(), _instruments(), task_id)
     a.adopt(carrier)
     return a
 
@@ -528,7 +444,6 @@ def current_ids() -> tuple[str, str] | None:
 
 
 __all__ = [
-    "Append",
     "Attempt",
     "DURATION_BUCKETS",
     "NO_ATTEMPT",
@@ -542,11 +457,8 @@ __all__ = [
     "sdk_disabled",
     "start_attempt",
     "step_scope",
-    "tick_cause",
-    "traced_publish",
-    "traced_trigger",
+    "tracer",
     "tracing_on",
-    "trigger_context",
     "unwatch_worker",
     "use_meter_provider",
     "use_tracer_provider",

@@ -41,7 +41,7 @@ from typing import Any, Protocol
 from stepline.core.events import Event, RunTriggered
 from stepline.log.base import Log
 from stepline.log.topics import Topics
-from stepline.observability import metrics, tracing
+from stepline.observability import metrics, sending, tracing
 from stepline.observability.messaging import Destination, messaging_system
 from stepline.observability.metrics import Watched
 from stepline.projections.runs import TERMINAL, RunState
@@ -137,10 +137,10 @@ class TracingInterceptor(Interceptor):
         self._topic = "runs"
 
     async def trigger(self, event: Event, append: Append, where: Destination) -> int:
-        return await tracing.traced_trigger(event, append, where)
+        return await sending.traced_trigger(event, append, where)
 
     async def publish(self, event: Event, append: Append, where: Destination) -> int:
-        return await tracing.traced_publish(event, append, where)
+        return await sending.traced_publish(event, append, where)
 
     def started(self, worker: WorkerView) -> None:
         self._system = messaging_system(worker.log.url)
@@ -157,7 +157,7 @@ class TracingInterceptor(Interceptor):
             if state.status not in TERMINAL and state.run_id not in self._parents and (
                     event.traceparent is not None or tracing.tracing_on()):
                 self._parents[state.run_id] = tracing.Trigger(
-                    tracing.trigger_context(event), event.event_id,
+                    sending.trigger_context(event), event.event_id,
                     Destination(self._system, self._topic, partition), offset)
         elif self._parents and state.status in TERMINAL:
             self._parents.pop(state.run_id, None)

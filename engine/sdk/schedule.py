@@ -28,7 +28,7 @@ from pydantic import BaseModel
 
 from stepline.core.causes import under_cause
 from stepline.errors import SteplineError, TaskDefinitionError
-from stepline.observability import tracing
+from stepline.observability import sending
 from stepline.sdk.port import ClientPort, TaskRef
 
 log = structlog.get_logger("stepline.schedule")
@@ -134,7 +134,7 @@ class Scheduler:
         # As JSON data, so a task may declare `ScheduleTick`, `dict` or nothing.
         payload = ScheduleTick(schedule=sched.describe(), scheduled_at=tick).model_dump(mode="json")
         # Nothing published a tick: its run links to a span of its own, the tick's.
-        cause = tracing.tick_cause(task.id, sched.describe(), int(tick.timestamp() * 1000))
+        cause = sending.tick_cause(task.id, sched.describe(), int(tick.timestamp() * 1000))
         try:
             await under_cause(cause, partial(self.client.trigger, task, payload, idempotency_key=tick_key(tick),
                                              tags=("schedule",)))
