@@ -42,6 +42,7 @@ __all__ = [
     "link_to",
     "messaging_system",
     "propagated",
+    "traceparent_of",
 ]
 
 # Attribute names of the messaging conventions (semantic conventions 1.27+).
@@ -86,6 +87,13 @@ class Destination:
         if offset is not None and self.system == "kafka":
             out[KAFKA_OFFSET] = offset
         return out
+
+
+def traceparent_of(ctx: otel_context.Context) -> str | None:
+    """The W3C traceparent of `ctx`'s span alone (what the events of an attempt carry)."""
+    carrier: dict[str, str] = {}
+    _W3C.inject(carrier, ctx)
+    return carrier.get("traceparent")
 
 
 def inject(extra: Mapping[str, str], ctx: otel_context.Context | None = None) -> tuple[str | None, dict[str, str]]:

@@ -295,7 +295,7 @@ class Attempt:
             self._span = self.tracer.start_span(name, context=base, kind=SpanKind.CONSUMER,
                                                 attributes=attributes, links=() if link is None else (link,))
             current = trace.set_span_in_context(self._span, base)
-            self.traceparent, _ = messaging.inject({}, current)
+            self.traceparent = messaging.traceparent_of(current)
             otel_token = otel_context.attach(current)
         self._tokens = (otel_token, _attempt.set(self))
 
