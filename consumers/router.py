@@ -21,6 +21,7 @@ which then fails on its own with the validation error.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ import structlog
 from stepline.consumers.patterns import Matcher, compile_name, compile_where
 from stepline.consumers.waits import SeenEvent, WaitEntry, WaitsTable, unregister
 from stepline.core import codec
+from stepline.core.causes import Cause, under_cause
 from stepline.core.events import DomainEvent, Payload
 from stepline.core.ids import fanout_key
 from stepline.errors import SchemaError, TaskDefinitionError
@@ -211,6 +213,9 @@ class Router(Generic[S]):
             log.error("event data is not JSON; skipped", event_id=ev.event_id, error=str(exc))
             return []
         seen.append(SeenEvent(ev.event_id, body.name, ev.time, data, body.data))
+        # The runs link to the span that published the event (a trace each).
+        cause = None if ev.traceparent is None else Cause(
+            ev.traceparent, ev.extra.get("tracestate"), ev.event_id, self.topic, p, offset)
         out: list[Awaitable[object]] = []
         for task_id, subs in subscribers:
             if not any(safe_match(s, task_id, body.name, data) for s in subs):
@@ -218,10 +223,10 @@ class Router(Generic[S]):
             self.triggered += 1
             # A backfill (stepline.backfill.fanout_trigger) triggers exactly
             # like this, so the two never start an event's run twice.
-            out.append(self.client.trigger(
-                task_id, data, idempotency_key=fanout_key(ev.event_id), validate=False,
+            out.append(under_cause(cause, functools.partial(
+                self.client.trigger, task_id, data, idempotency_key=fanout_key(ev.event_id), validate=False,
                 tags=(f"event:{body.name}",),
-            ))
+            )))
         return out
 
 

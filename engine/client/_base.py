@@ -29,7 +29,13 @@ from stepline.log.appender import Appender
 from stepline.log.base import Log, partition_for
 from stepline.log.topics import Topics
 from stepline.sdk.context import now_ms
-from stepline.sdk.interceptors import Interceptor, Interceptors, default_interceptors
+from stepline.sdk.interceptors import (
+    Destination,
+    Interceptor,
+    Interceptors,
+    default_interceptors,
+    messaging_system,
+)
 from stepline.sdk.port import ClientPort, TaskRef
 from stepline.sdk.task import Registry, Task
 from stepline.security.keystore import KeyStore, default_keystore
@@ -114,6 +120,7 @@ class ClientBase:
         self._owns_log = log is None
         self._keys = keys
         self.log: Log = log if log is not None else open_log(url or "")
+        self._system = messaging_system(self.log.url)  # what trace spans say the log is
         self.registry = registry
         self.topics = topics or Topics()
         self._appender: Appender | None = None
@@ -208,4 +215,5 @@ class ClientBase:
 
     async def _append_trigger(self, ev: Event) -> int:
         """Append a RunTriggered in a `stepline.trigger` span whose W3C context it carries."""
-        return await self.interceptors.trigger(ev, self._append)
+        where = Destination(self._system, self.topics.runs, self.partition_of(ev.run_id))
+        return await self.interceptors.trigger(ev, self._append, where)

@@ -40,6 +40,7 @@ from stepline.projections.runs import (
 from stepline.projections.why import Reason
 from stepline.sdk import port
 from stepline.sdk.debounce import Debounce
+from stepline.sdk.interceptors import Destination
 from stepline.sdk.port import RunHandle, TaskRef, bind_client, unbind_client
 from stepline.sdk.task import Task
 
@@ -221,9 +222,14 @@ class Client(Steering):
         partition_key = (key or event_id).encode()
         # Kafka's partitioner, not the runs topic's CRC-32: other services
         # publish to this topic with their own clients (docs/operations.md).
-        await append_event(self.log, self.topics.events,
-                           kafka_partition_for(partition_key, self._event_partitions),
-                           partition_key, ev)
+        partition = kafka_partition_for(partition_key, self._event_partitions)
+
+        async def append(event: Event) -> int:
+            return await append_event(self.log, self.topics.events, partition, partition_key, event)
+
+        # Through the interceptors: tracing writes its publish span's context
+        # into the envelope, for the runs this event starts to link to.
+        await self.interceptors.publish(ev, append, Destination(self._system, self.topics.events, partition))
         return event_id
 
     async def why(self, run_id: str) -> list[Reason]:

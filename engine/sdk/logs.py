@@ -30,7 +30,7 @@ from weakref import WeakKeyDictionary
 import structlog
 
 from stepline.core.events import LogRecorded
-from stepline.observability import tracing
+from stepline.observability import otel_env, tracing
 from stepline.sdk.context import RunContext, _step_position, current_run
 from stepline.sdk.sealing import scrub_line
 from stepline.security.sensitive import redact_secret_fields, redact_secrets
@@ -69,7 +69,7 @@ def configure_logging(json_logs: bool = True, level: int = logging.INFO) -> None
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    tracing.configure_from_env()
+    otel_env.configure_from_env()
 
 
 @dataclass(slots=True)
