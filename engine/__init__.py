@@ -35,6 +35,7 @@ from stepline.errors import (
     SteplineError,
     SubjectErased,
     TaskDefinitionError,
+    UnknownPool,
     UnknownRun,
     UnknownTask,
 )
@@ -110,6 +111,7 @@ __all__ = [
     "PayloadTooLarge",
     "TaskDefinitionError",
     "UnknownTask",
+    "UnknownPool",
     "UnknownRun",
     "InvalidRunState",
     "InvalidToken",
