@@ -16,6 +16,7 @@ import stepline as sl
 from stepline.core.events import RunStarted
 from stepline.log.topics import Topics
 from stepline.projections.query import QueryProjector, QueryStore, RunFilter
+from stepline.testing import TestEngine
 from tests.apps.pools_app import registry
 
 from .conftest import eventually
@@ -178,3 +179,11 @@ async def test_pool_workers_as_processes_each_run_their_pools_runs(
         # Worker ids are host-pid-random: which process ran which run.
         assert parent_worker.split("-")[-2] == default_pid, parent_worker
         assert child_worker.split("-")[-2] == gpu_pid, child_worker
+
+
+async def test_the_test_engine_runs_every_pool() -> None:
+    async with TestEngine(registry) as engine:
+        assert await engine.run("handle", 3) == 7
+        [child] = await engine.runs("render")
+        assert [ev.body.worker_id for ev in await engine.history(child.run_id)
+                if isinstance(ev.body, RunStarted)] == ["stepline-testing-gpu"]
