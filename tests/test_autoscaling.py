@@ -27,11 +27,13 @@ from .ops_http import APP, Scrape, free_port, read, scrape, stepline, until_stat
 
 SCALED_OBJECT = Path(__file__).parent.parent / "deploy" / "kubernetes" / "keda-scaledobject.yaml"
 RUNS = 250  # more than one worker's threshold: the scaler asks for more than minReplicaCount
-QUERY = re.compile(r"max\(sum by \(instance\) \((stepline_\w+) \+ (stepline_\w+)\)\)")
+QUERY = re.compile(r'max\(sum by \(instance\) \((stepline_\w+)(?:\{pool="(\w+)"\})? '
+                   r'\+ (stepline_\w+)(?:\{pool="(\w+)"\})?\)\)')
 
 
 def scaler() -> dict[str, Any]:
-    spec: dict[str, Any] = yaml.safe_load(SCALED_OBJECT.read_text())["spec"]
+    """The default pool's ScaledObject (the first document; one per worker pool follows)."""
+    spec: dict[str, Any] = next(yaml.safe_load_all(SCALED_OBJECT.read_text()))["spec"]
     return spec
 
 
@@ -40,15 +42,18 @@ def query_value(query: str, scrapes: dict[str, Scrape]) -> float | None:
 
     Only the shape the manifest uses is understood (the match fails loudly
     otherwise): `max(sum by (instance) (A + B))`, where `A + B` matches
-    series of the same labels, as Prometheus' vector matching does.
+    series of the same labels, as Prometheus' vector matching does; `{pool="x"}`
+    selects one worker pool's series.
     """
     m = QUERY.fullmatch(query.strip())
     assert m, f"the ScaledObject's query changed shape, teach this test to read it: {query}"
-    a, b = m.groups()
+    a, pool_a, b, pool_b = m.groups()
     per_instance = []
     for samples in scrapes.values():
-        left = {labels: v for (name, labels), v in samples.items() if name == a}
-        right = {labels: v for (name, labels), v in samples.items() if name == b}
+        left = {labels: v for (name, labels), v in samples.items()
+                if name == a and (pool_a is None or ("pool", pool_a) in labels)}
+        right = {labels: v for (name, labels), v in samples.items()
+                 if name == b and (pool_b is None or ("pool", pool_b) in labels)}
         matched = [left[k] + right[k] for k in left.keys() & right.keys()]
         if matched:
             per_instance.append(sum(matched))
