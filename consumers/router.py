@@ -96,7 +96,7 @@ class RouterClient(Protocol):
                       tags: Sequence[str] = (), validate: bool = True) -> object: ...
 
     async def resolve_wait(self, run_id: str, task_id: str, step: int, reason: str, source: str,
-                           output: Payload | None = None) -> object: ...
+                           output: Payload | None = None, *, pool: str | None = None) -> object: ...
 
 
 S = TypeVar("S", bound=Subscriber)
@@ -116,7 +116,9 @@ class Router(Generic[S]):
         self.client = client
         self._retroactive = retroactive
         self.topic = client.topics.events
-        self.group = f"{client.topics.namespace}.router"
+        # One router group per worker pool: each pool's workers route every
+        # domain event to their own pool's subscribed tasks and open waits.
+        self.group = client.topics.router_group
         self._read_batch = read_batch
         self._readers: dict[int, asyncio.Task[None]] = {}
         self._membership: Any = None
@@ -194,8 +196,9 @@ class Router(Generic[S]):
             await self.client.log.commit(self.group, self.topic, {p: offset})
 
     async def _resolve_wait(self, entry: WaitEntry, event: SeenEvent) -> None:
+        # The waits table is this pool's (topics.waits), so is the run.
         await self.client.resolve_wait(entry.run_id, entry.task_id, entry.step, "event",
-                                       event.event_id, output=event.raw)
+                                       event.event_id, output=event.raw, pool=self.client.topics.pool)
         await unregister(self.client.log, self.client.topics.waits, entry.run_id, entry.step)
 
     def _fan_out(

@@ -36,6 +36,7 @@ from stepline.errors import (
     StepRetriesExhausted,
     SubjectErased,
     TaskDefinitionError,
+    UnknownPool,
     UnknownRun,
     UnknownTask,
 )
@@ -114,6 +115,7 @@ __all__ = [
     "PayloadTooLarge",
     "TaskDefinitionError",
     "UnknownTask",
+    "UnknownPool",
     "UnknownRun",
     "InvalidRunState",
     "InvalidToken",

@@ -84,10 +84,22 @@ class TaskDefinitionError(SteplineError, TypeError):
 
 
 class UnknownTask(SteplineError, LookupError):
-    def __init__(self, task_id: str, known: list[str] | None = None) -> None:
+    def __init__(self, task_id: str, known: list[str] | None = None, *, reason: str | None = None) -> None:
         hint = f"; known tasks: {', '.join(sorted(known))}" if known else ""
-        super().__init__(f"unknown task id {task_id!r}{hint}")
+        super().__init__(reason or f"unknown task id {task_id!r}{hint}")
         self.task_id = task_id
+        self.reason = reason
+
+
+class UnknownPool(SteplineError, ValueError):
+    """A worker pool name that is not valid, or that no task of the app declares."""
+
+    def __init__(self, pool: str, known: list[str] | None = None, *, reason: str | None = None) -> None:
+        if reason is None:
+            hint = f" (the app's pools: {', '.join(sorted(known))})" if known else ""
+            reason = f"no task of the app declares pool {pool!r}{hint}"
+        super().__init__(reason)
+        self.pool = pool
 
 
 class UnknownRun(SteplineError, LookupError):

@@ -157,6 +157,13 @@ class Settings(BaseSettings):
                     "gives its partitions up (operations.md, \"Graceful shutdown\"); `0` cancels at once.",
         json_schema_extra=_kind("seconds ≥ 0"),
     )
+    pool: str = Field(
+        "default",
+        description="Worker pool a worker (`stepline worker --pool`) runs: only the tasks declared "
+                    "with that `pool=` (operations.md, \"Worker pools\"); a pool no task of the app "
+                    "declares is refused.",
+        json_schema_extra=_kind("pool name"),
+    )
     host: str = Field(
         "127.0.0.1",
         description="Interface `stepline serve` listens on (`0.0.0.0` in a container).",

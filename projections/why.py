@@ -114,7 +114,7 @@ def _queue_reasons(state: RunState, q: QueueState, now: int) -> list[Reason]:
 
 
 def explain(state: RunState, now: int, *, queue: QueueState | None = None,
-            pauses: dict[tuple[str, str], Pause] | None = None) -> list[Reason]:
+            pauses: dict[tuple[str, str], Pause] | None = None, pool: str = "default") -> list[Reason]:
     """The reasons `state`'s run is not executing at `now` (ms), most telling first."""
     status = state.status
     if status in (COMPLETED, FAILED, CANCELLED, EXPIRED):
@@ -155,7 +155,8 @@ def explain(state: RunState, now: int, *, queue: QueueState | None = None,
                 out.append(_wait_reason(s.step, s.name, s.condition, s.started_at, s.wake_at, now))
     if status == PENDING and not any(r.kind in ("paused", "delayed", "queue", "concurrency_key", "rate_limit")
                                      for r in out):
-        out.append(Reason("ready", "ready to start: it waits for a worker to pick it up", {}))
+        whose = "a worker" if pool == "default" else f"a worker of pool {pool!r} (`stepline worker --pool {pool}`)"
+        out.append(Reason("ready", f"ready to start: it waits for {whose} to pick it up", {"pool": pool}))
     if state.expires_at is not None and status == PENDING and state.started_at is None:
         out.append(Reason("ttl", f"unless it starts first, it expires {_in(state.expires_at, now)} (its TTL)",
                           {"expires_at": state.expires_at}))

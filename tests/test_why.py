@@ -71,6 +71,11 @@ async def waits(p: dict[str, str]) -> object:
     return None
 
 
+@sl.task(id="why-gpu", registry=registry, pool="gpu")
+async def on_gpu(p: dict[str, int]) -> int:
+    return p["n"]
+
+
 @sl.task(id="why-paused", registry=registry)
 async def paused(p: dict[str, int]) -> int:
     return p["n"]
@@ -184,7 +189,14 @@ async def test_stepline_runs_why_with_no_worker_says_it_is_ready_and_waits_for_o
     as_json = subprocess.run([sys.executable, "-m", "stepline.cli", "runs", "why", h.run_id, "--json"], cwd=REPO,
                              env=env, capture_output=True, text=True, timeout=120)
     assert json.loads(as_json.stdout)["reasons"] == [{"kind": "ready", "message": "ready to start: it waits for "
-                                                                                  "a worker to pick it up"}]
+                                                                                  "a worker to pick it up",
+                                                      "pool": "default"}]
+    async with sl.Client(backend_url, registry=registry) as client:
+        g = await on_gpu.trigger({"n": 1}, client=client)
+    gpu = subprocess.run([sys.executable, "-m", "stepline.cli", "runs", "why", g.run_id], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert gpu.stdout.splitlines()[1:] == [
+        "  - ready to start: it waits for a worker of pool 'gpu' (`stepline worker --pool gpu`) to pick it up"]
     missing = subprocess.run([sys.executable, "-m", "stepline.cli", "runs", "why", "run_nope"], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "run_nope" in missing.stderr and "Traceback" not in missing.stderr

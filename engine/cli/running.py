@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Coroutine
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -24,8 +24,9 @@ from stepline.cli.options import (
 )
 from stepline.cli.shutdown import Stop, drain, parse_grace, start_unless_stopped
 from stepline.client import Client
-from stepline.errors import SteplineError
+from stepline.errors import SteplineError, UnknownPool
 from stepline.log import DEFAULT_LOG_URL
+from stepline.log.topics import DEFAULT_POOL, Topics, check_pool
 from stepline.projections.query_store import DEFAULT_QUERY_DB
 from stepline.runtime.worker import Worker
 from stepline.sdk.logs import configure_logging
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 
 
 async def _serve_worker(registry: Registry, log_url: str, concurrency: int, grace: float,
-                        http: tuple[str, int] | None = None) -> None:
+                        http: tuple[str, int] | None = None, pool: str = DEFAULT_POOL) -> None:
     # The log's writer and reader threads hand results back to the event
     # loop; with CPython's default 5 ms switch interval each hand-off can
     # wait that long for the GIL while the loop is busy. This process is
@@ -48,16 +49,18 @@ async def _serve_worker(registry: Registry, log_url: str, concurrency: int, grac
     stop = Stop.on_signals()  # the first signal drains (engine/cli/shutdown.py), a second cancels
     # Bound before the log is opened: a port in use fails at once, and the
     # probes answer (alive, not ready) while the worker still joins.
-    async with _worker_http(http) as probes, Client(log_url, registry=registry) as client:
+    topics = Topics(pool=pool)
+    async with _worker_http(http) as probes, Client(log_url, registry=registry, topics=topics) as client:
         worker = Worker(registry, client.log, concurrency=concurrency, topics=client.topics, client=client)
         if probes is not None:
             probes.attach(worker)
         if not await start_unless_stopped(worker, stop):
             return
         try:
+            ids = [t.id for t in registry if t.pool == pool]
             err.print(
-                f"stepline worker [bold]{worker.worker_id}[/] on {redact_text(log_url)}: "
-                f"{len(registry)} task(s): {', '.join(registry.ids())}; partitions {sorted(worker.owned)}",
+                f"stepline worker [bold]{worker.worker_id}[/] on {redact_text(log_url)}, pool {pool}: "
+                f"{len(ids)} task(s): {', '.join(sorted(ids))}; partitions {sorted(worker.owned)}",
                 highlight=False,
             )
             await stop.requested.wait()
@@ -113,7 +116,7 @@ async def _serve_until(stop: asyncio.Event, serving: Coroutine[Any, Any, None], 
 
 
 async def _serve_dev(registry: Registry, log_url: str, concurrency: int, port: int, query_db: str,
-                     grace: float) -> None:
+                     grace: float, pools: list[str]) -> None:
     """A worker and the HTTP API with the dashboard (auth off, loopback only), in one process."""
     # Imported when the command runs: aiohttp is slow to import and only serve and dev need it (start-up).
     from stepline.server import ServeConfig, serve_api
@@ -126,22 +129,32 @@ async def _serve_dev(registry: Registry, log_url: str, concurrency: int, port: i
         base = addresses[0]
         err.print(f"dashboard: {base}/   API: {base}/v1/ (no auth: local development only)", highlight=False)
 
-    async with Client(log_url, registry=registry) as client:
-        worker = Worker(registry, client.log, concurrency=concurrency, topics=client.topics, client=client)
-        if not await start_unless_stopped(worker, stop):
-            return
+    async with Client(log_url, registry=registry) as client, AsyncExitStack() as clients:
+        # One worker per pool, each with a client of its pool on the one log
+        # (a dev process runs every pool unless --pool narrows it).
+        workers: list[Worker] = []
+        for pool in pools:
+            own = client if pool == client.topics.pool else await clients.enter_async_context(
+                Client(log=client.log, registry=registry, topics=client.topics.of_pool(pool)))
+            workers.append(Worker(registry, client.log, concurrency=concurrency, topics=own.topics, client=own))
+        started: list[Worker] = []
         try:
+            for worker in workers:
+                if not await start_unless_stopped(worker, stop):
+                    return
+                started.append(worker)
             err.print(
-                f"stepline dev: worker [bold]{worker.worker_id}[/] on {redact_text(log_url)}: "
-                f"{len(registry)} task(s): {', '.join(registry.ids())}",
+                f"stepline dev: worker(s) {', '.join(w.worker_id + ' (pool ' + w.pool + ')' for w in workers)} "
+                f"on {redact_text(log_url)}: {len(registry)} task(s): {', '.join(registry.ids())}",
                 highlight=False,
             )
             await _serve_until(stop.requested, serve_api(client, config, registry, "127.0.0.1", port,
                                                          query_db=query_db, on_listening=announce),
                                f"127.0.0.1:{port}", " (pick another with --port, or --port 0 for a free one)")
-            await drain(worker, grace, stop)
+            await asyncio.gather(*(drain(w, grace, stop) for w in started))
         finally:
-            await worker.close()
+            for worker in reversed(started):
+                await worker.close()
 
 
 def dev(
@@ -156,12 +169,17 @@ def dev(
         help=_setting_help("SQLite file of the query projection behind the dashboard's lists "
                            "(default: beside a SQLite log, else " + DEFAULT_QUERY_DB + ").", "query_db"),
     )] = None,
+    pool: Annotated[list[str] | None, typer.Option(
+        "--pool", show_default=False, metavar="POOL",
+        help="Run only this worker pool's tasks; repeat for several (default: every pool of the app).",
+    )] = None,
 ) -> None:
-    """Embedded log, a worker, and the HTTP API with the dashboard (no auth), in one process."""
+    """Embedded log, a worker per pool, and the HTTP API with the dashboard (no auth), in one process."""
     seconds = _grace(grace)
     configure_logging(json_logs=False)
     registry = _load_app(module)
-    _run(_serve_dev(registry, log, concurrency, port, query_db or _dev_query_db(log), seconds))
+    pools = sorted({_pool(registry, p) for p in pool}) if pool else registry.pools()
+    _run(_serve_dev(registry, log, concurrency, port, query_db or _dev_query_db(log), seconds, pools))
 
 
 def worker(
@@ -177,13 +195,29 @@ def worker(
     http_host: Annotated[str, typer.Option(
         "--http-host", callback=_setting("http_host"),
         help=_setting_help("Interface of the --http-port server.", "http_host"))] = "0.0.0.0",
+    pool: Annotated[str, typer.Option(
+        "--pool", metavar="POOL", callback=_setting("pool"),
+        help=_setting_help("Worker pool to run: only the tasks declared with this pool=.", "pool"))] = DEFAULT_POOL,
 ) -> None:
-    """Run a worker: owns partitions of the runs topic and executes their runs."""
+    """Run a worker of one pool: owns partitions of its runs topic and executes their runs."""
     seconds = _grace(grace)
     port = _http_port(http_port)
     configure_logging(json_logs=json_logs)
     registry = _load_app(module)
-    _run(_serve_worker(registry, log, concurrency, seconds, None if port is None else (http_host, port)))
+    _run(_serve_worker(registry, log, concurrency, seconds, None if port is None else (http_host, port),
+                       _pool(registry, pool)))
+
+
+def _pool(registry: Registry, name: str) -> str:
+    """--pool as a pool the app declares; anything else is one clear error."""
+    try:
+        check_pool(name)
+    except UnknownPool as exc:
+        _fail(f"--pool: {exc}")
+    if name not in registry.pools():
+        _fail(f"--pool {name!r}: no task of the app declares pool={name!r}; "
+              f"its pools: {', '.join(registry.pools())}")
+    return name
 
 
 def _grace(value: str | float) -> float:

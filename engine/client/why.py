@@ -15,6 +15,7 @@ from stepline.client._reading import Reading
 from stepline.core import codec
 from stepline.core.events import PauseChanged
 from stepline.log.base import partition_for
+from stepline.log.topics import Topics
 from stepline.projections.queues import QueuePartition, QueueState
 from stepline.projections.runs import LIVE
 from stepline.projections.why import Pause, Reason, explain
@@ -22,8 +23,8 @@ from stepline.projections.why import Pause, Reason, explain
 _BATCH = 5000
 
 
-async def _fold_queues(client: Reading, partition: int) -> tuple[QueuePartition, dict[tuple[str, str], Pause]]:
-    topic = client.topics.queues
+async def _fold_queues(client: Reading, topics: Topics, partition: int) -> tuple[QueuePartition, dict[tuple[str, str], Pause]]:
+    topic = topics.queues
     fold = QueuePartition(partition)
     pauses: dict[tuple[str, str], Pause] = {}
     end = await client.log.end_offset(topic, partition)
@@ -54,11 +55,14 @@ async def reasons(client: Reading, run_id: str) -> list[Reason]:
     now = client.clock()
     if state.status not in LIVE:
         return explain(state, now)
+    # A pool's runs are admitted by its own queues topic (engine/log/topics.py).
+    pool = await client.home(run_id)
+    topics = client.topics.of_pool(pool)
     queue_name = state.queue
-    partition = partition_for(queue_name.encode(), await client.log.partitions(client.topics.queues)) if queue_name else 0
-    fold, pauses = await _fold_queues(client, partition)
+    partition = partition_for(queue_name.encode(), await client.log.partitions(topics.queues)) if queue_name else 0
+    fold, pauses = await _fold_queues(client, topics, partition)
     queue: QueueState | None = fold.queues.get(queue_name) if queue_name else None
-    return explain(state, now, queue=queue, pauses=pauses)
+    return explain(state, now, queue=queue, pauses=pauses, pool=pool)
 
 
 __all__ = ["reasons"]

@@ -203,6 +203,11 @@ class Log(abc.ABC):
     async def partitions(self, topic: str) -> int:
         """Partition count; raises UnknownTopic for a topic never created."""
 
+    @abc.abstractmethod
+    async def topic_names(self, prefix: str = "") -> list[str]:
+        """The names of the topics that exist and start with `prefix`, sorted
+        (how readers find the runs topics of worker pools)."""
+
     # Whether appends keep `headers=` (Kafka). Writers build headers only
     # then, and pass them only then, so a Log written before headers
     # existed keeps working.

@@ -176,6 +176,10 @@ class KafkaLog(KafkaClients, Log):
     async def ensure_topics(self, specs: Sequence[TopicSpec]) -> None:
         await self._topics.ensure(specs)
 
+    async def topic_names(self, prefix: str = "") -> list[str]:
+        self._started()
+        return await self._topics.names(prefix)
+
     async def partitions(self, topic: str) -> int:
         self._started()
         return await self._topics.count(topic)

@@ -222,6 +222,10 @@ class SqliteLog(Log):
     async def partitions(self, topic: str) -> int:
         return (await self._topic(topic))[1]
 
+    async def topic_names(self, prefix: str = "") -> list[str]:
+        await self._load_topics()  # another process may have made some
+        return sorted(name for name in self._topics if name.startswith(prefix))
+
     # --- records ---
 
     async def append(

@@ -220,9 +220,9 @@ class _Calls:
         assert self._ctx.unregister_wait is not None  # offered with register_wait
         await self._ctx.unregister_wait(run_id, step)
 
-    async def request(self, run_id: str, task_id: str, body: Body) -> int:
+    async def request(self, run_id: str, task_id: str, body: Body, pool: str | None = None) -> int:
         assert self._ctx.request is not None
-        return await self._ctx.request(run_id, task_id, body)
+        return await self._ctx.request(run_id, task_id, body, pool)
 
     async def trigger(self, task_id: str, payload: Any, options: dict[str, Any]) -> tuple[str, int | None]:
         # The task object, not its id, so the trigger records its queue.

@@ -102,8 +102,9 @@ def now_ms() -> int:
 
 
 class Requester(Protocol):
-    def __call__(self, run_id: str, task_id: str, body: Body) -> asyncio.Future[int]:
-        """Append a request (unfenced) to another run, e.g. a child's result to its parent."""
+    def __call__(self, run_id: str, task_id: str, body: Body, pool: str | None = None) -> asyncio.Future[int]:
+        """Append a request (unfenced) to another run, e.g. a child's result to
+        its parent; `pool` names the run's worker pool when it is not this one's."""
         ...
 
 
