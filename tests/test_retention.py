@@ -160,8 +160,8 @@ async def test_a_prune_under_load_loses_no_live_run_and_a_rebuild_agrees(
         assert report.runs == len(old)  # every old run, from the middle of the partitions
     else:
         assert report.runs > 0  # the prefixes before the first live run
-        for p, start in report.starts.items():  # DeleteRecords moved the log start
-            assert await e.client.log.start_offset(e.topics.runs, p) == start > 0
+        for (topic, p), start in report.starts.items():  # DeleteRecords moved the log start
+            assert await e.client.log.start_offset(topic, p) == start > 0
     assert not (set(live) | set(load)) & report.run_ids
 
     # The worker's own state (folded before and during the prune) against a
@@ -294,3 +294,50 @@ async def test_bad_retention_input_is_one_line_and_removes_nothing(tmp_path: Pat
     assert not list(tmp_path.glob("*.avro")) and not list(tmp_path.glob(".*.tmp"))
     assert json.loads(_cli("prune", "--ended-before", "0s", "--dry-run", "--json", url=url).stdout)["runs"] == 2
     assert os.path.getsize(tmp_path / "stepline.db") >= size
+
+
+@pytest.mark.parametrize("backend_url", ["sqlite", "kafka"], indirect=True)
+async def test_archive_and_prune_cover_every_worker_pool(engine_factory: Any, backend_url: str,
+                                                         tmp_path: Path) -> None:
+    reg = _app()
+
+    @sl.task(id="quick-gpu", registry=reg, pool="gpu")
+    async def quick_gpu(payload: Any) -> int:
+        return int(payload["n"])
+
+    e = await engine_factory(reg)  # the default pool's worker; the gpu pool's below
+    gpu_topics = e.topics.of_pool("gpu")
+    gpu_client = sl.Client(backend_url, registry=reg, topics=gpu_topics)
+    await gpu_client.__aenter__()
+    gpu_log = sl.open_log(backend_url)
+    await gpu_log.start()
+    gpu = sl.Worker(reg, gpu_log, topics=gpu_topics, client=gpu_client)
+    await gpu.start()
+    try:
+        await _pooled_retention(e, backend_url, tmp_path)
+    finally:
+        await gpu.close()
+        await gpu_log.close()
+        await gpu_client.__aexit__(None, None, None)
+
+
+async def _pooled_retention(e: Engine, backend_url: str, tmp_path: Path) -> None:
+    done = [(await e.client.trigger("quick", {"n": 1})).run_id, (await e.client.trigger("quick-gpu", {"n": 2})).run_id]
+    await _finished(e, done)
+    live = [(await e.client.trigger("waiter", {"n": 7})).run_id]
+    await _suspended(e, live)
+    cutoff = _now_ms() + 1
+
+    found = await plan(e.client.log, e.topics, cutoff)
+    assert {pp.pool for pp in found.partitions if pp.runs} == {"default", "gpu"}
+    path = tmp_path / "pools.avro"
+    await write_archive(e.client.log, e.topics, found, str(path))
+    with open(path, "rb") as f:
+        assert {r["run_id"] for r in fastavro.reader(f)} == set(done)
+    if backend_url.startswith("sqlite"):  # single runs go; a Kafka prefix may stop before a run of them
+        report = await prune(e.client.log, e.topics, found)
+        assert report.run_ids == set(done)
+        for rid in done:
+            with pytest.raises(UnknownRun):
+                await e.client.get_run(rid)
+    assert (await e.client.get_run(live[0])).status == "suspended"

@@ -178,7 +178,7 @@ def prune_command(
     if as_json:
         _print_json({**found.as_dict(), "dry_run": False, "ended_before": _iso(cutoff), "pruned_runs": report.runs,
                      "pruned_events": report.events, "moved_on": report.moved_on, "read_model_runs": gone,
-                     "starts": report.starts or None})
+                     "starts": {f"{topic}:{p}": start for (topic, p), start in report.starts.items()} or None})
         return
     line = (f"pruned {report.runs} run(s), {report.events} event(s) that ended before {_iso(cutoff)}; "
             f"{found.live} live run(s) untouched{_held(found)}")

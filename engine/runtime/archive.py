@@ -68,7 +68,7 @@ async def write_archive(log: Log, topics: Topics, the_plan: Plan, path: str) -> 
         "stepline.runs": str(the_plan.runs),
         "stepline.events": str(the_plan.events),
         "stepline.schema_fingerprint": codec.fingerprint().hex(),
-        "stepline.topic": topics.runs,
+        "stepline.topic": ",".join(sorted({topics.of_pool(pp.pool).runs for pp in the_plan.partitions})),
     }
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp",
@@ -83,7 +83,7 @@ async def write_archive(log: Log, topics: Topics, the_plan: Plan, path: str) -> 
                 if not pp.runs:
                     continue
                 wanted = {o for r in pp.runs.values() for o in r.offsets}
-                for rec in await read_runs(log, topics.runs, pp.partition, pp.start, pp.end):
+                for rec in await read_runs(log, topics.of_pool(pp.pool).runs, pp.partition, pp.start, pp.end):
                     if rec.offset in wanted:
                         writer.write(_as_record(rec.value, schema))
                         events += 1

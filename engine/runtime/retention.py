@@ -49,7 +49,7 @@ from stepline.core.events import Event, PartitionClaimed, PauseChanged
 from stepline.core.ids import new_event_id
 from stepline.errors import SchemaError
 from stepline.log.base import Log, Record
-from stepline.log.topics import Topics
+from stepline.log.topics import DEFAULT_POOL, Topics
 from stepline.projections.runs import LIVE, TERMINAL, PartitionRuns, RunState
 from stepline.runtime.snapshots import SnapshotStore
 
@@ -88,6 +88,8 @@ class PartitionPlan:
     below: int = 0
     # The highest epoch any ownership claim of the partition carried.
     epoch: int = 0
+    # The worker pool whose runs topic this partition is (engine/log/topics.py).
+    pool: str = DEFAULT_POOL
 
     @property
     def events(self) -> int:
@@ -117,7 +119,7 @@ class Plan:
         return {
             "ended_before_ms": self.cutoff_ms, "runs": self.runs, "events": self.events, "live_runs": self.live,
             "held": dict(self.held),
-            "partitions": [{"partition": p.partition, "runs": len(p.runs), "events": p.events,
+            "partitions": [{"pool": p.pool, "partition": p.partition, "runs": len(p.runs), "events": p.events,
                             "below": p.below if self.prefix else None} for p in self.partitions],
         }
 
@@ -187,17 +189,23 @@ async def plan(log: Log, topics: Topics, cutoff_ms: int, *, prefix: bool | None 
     """
     if prefix is None:
         prefix = not log.removes_records
-    runs_topic = topics.runs
-    count = await log.partitions(runs_topic)
-    snapshots = SnapshotStore(log, topics.snapshots)
+    # Every pool's runs topic, in one plan: a run's parent may live in another pool.
+    pools = sorted({pool for name in await log.topic_names(topics.runs_prefix)
+                    if (pool := topics.pool_of(name)) is not None} | {topics.pool})
     scans: list[tuple[PartitionPlan, _Scan]] = []
-    for p in range(count):
-        end = await log.end_offset(runs_topic, p)
-        start = await log.start_offset(runs_topic, p)
-        snap = await _snapshot_offset(log, snapshots, topics, p)
-        scans.append((PartitionPlan(p, start, end, snap, below=end), await _scan(log, runs_topic, p, start, end)))
-        if progress is not None:
-            progress(p + 1, count)
+    for pool in pools:
+        pooled = topics.of_pool(pool)
+        runs_topic = pooled.runs
+        count = await log.partitions(runs_topic)
+        snapshots = SnapshotStore(log, pooled.snapshots)
+        for p in range(count):
+            end = await log.end_offset(runs_topic, p)
+            start = await log.start_offset(runs_topic, p)
+            snap = await _snapshot_offset(log, snapshots, pooled, p)
+            scans.append((PartitionPlan(p, start, end, snap, below=end, pool=pool),
+                          await _scan(log, runs_topic, p, start, end)))
+            if progress is not None:
+                progress(p + 1, count)
     states: dict[str, RunState] = {rid: s for _, scan in scans for rid, s in scan.part.runs.items()}
     result = Plan(cutoff_ms, prefix, [pp for pp, _ in scans])
     result.live = sum(1 for s in states.values() if s.status in LIVE)
@@ -312,8 +320,8 @@ class PruneReport:
     runs: int
     events: int
     run_ids: set[str]
-    # Kafka: the offsets each partition now starts at.
-    starts: dict[int, int] = field(default_factory=dict)
+    # Kafka: the offsets each (runs topic, partition) now starts at.
+    starts: dict[tuple[str, int], int] = field(default_factory=dict)
     # sqlite: runs left whole because they got a record after the plan.
     moved_on: int = 0
 
@@ -328,15 +336,16 @@ async def prune(log: Log, topics: Topics, the_plan: Plan) -> PruneReport:
     for pp in the_plan.partitions:
         if not pp.runs:
             continue
+        pooled = topics.of_pool(pp.pool)
         if the_plan.prefix:
-            await _restate_epoch(log, topics, pp)
-            await log.delete_before(topics.runs, pp.partition, pp.below)
-            report.starts[pp.partition] = pp.below
+            await _restate_epoch(log, pooled, pp)
+            await log.delete_before(pooled.runs, pp.partition, pp.below)
+            report.starts[(pooled.runs, pp.partition)] = pp.below
             removed.update(pp.runs)
             events += pp.events
             continue
         by_key = {r.key: list(r.offsets) for r in pp.runs.values()}
-        gone = set(await log.remove(topics.runs, pp.partition, by_key, pp.end))
+        gone = set(await log.remove(pooled.runs, pp.partition, by_key, pp.end))
         for r in pp.runs.values():
             if r.key in gone:
                 removed.add(r.run_id)
@@ -344,7 +353,7 @@ async def prune(log: Log, topics: Topics, the_plan: Plan) -> PruneReport:
             else:
                 report.moved_on += 1
         if gone:
-            end = await log.end_offset(topics.snapshots, pp.partition)
-            await log.delete_before(topics.snapshots, pp.partition, end)
+            end = await log.end_offset(pooled.snapshots, pp.partition)
+            await log.delete_before(pooled.snapshots, pp.partition, end)
     report.runs, report.events = len(removed), events
     return report
