@@ -245,8 +245,10 @@ class Routes:
                 app.router.add_route(route.method, route.path, wrapped)
 
 
-def _validating(route: Route, api: _Api | None, handler: Handler) -> Callable[[web.Request], Awaitable[
-        web.StreamResponse]]:
+RequestHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _validating(route: Route, api: _Api | None, handler: Handler) -> RequestHandler:
     async def handle(request: web.Request) -> web.StreamResponse:
         # The token first: a caller without one learns nothing, not even what input is valid.
         if route.auth in ("bearer", "bearer-or-query"):
@@ -325,13 +327,14 @@ def _dotted(loc: tuple[str | int, ...]) -> str:
 
 
 def _field_names(model: type[BaseModel], loc: tuple[str | int, ...]) -> list[str]:
-    """The field names (as sent) of the model at `loc` inside `model`."""
-    current: Any = model
+    """The field names (as sent) of the model found at `loc` inside `model`; [] when there is none."""
+    current = model
     for part in loc:
-        fields = {f.alias or n: f for n, f in current.model_fields.items()}
-        found = fields.get(str(part))
-        nested = [a for a in (found.annotation, *get_args(found.annotation)) if found is not None
-                  and isinstance(a, type) and issubclass(a, BaseModel)] if found is not None else []
+        found = {f.alias or n: f for n, f in current.model_fields.items()}.get(str(part))
+        if found is None:
+            return []
+        nested = [a for a in (found.annotation, *get_args(found.annotation))
+                  if isinstance(a, type) and issubclass(a, BaseModel)]
         if not nested:
             return []
         current = nested[0]
