@@ -16,10 +16,9 @@ import schemathesis
 from aiohttp import web
 
 import stepline as sl
-import stepline.server.app as server
 from stepline.projections.runs import LIVE, TERMINAL
-from stepline.server import ServeConfig, WebhookSource, create_app, openapi, query_api, sign_webhook
-from stepline.server.openapi import openapi_spec
+from stepline.server import ServeConfig, WebhookSource, create_app, models, query_api, sign_webhook
+from stepline.server.app import openapi_spec
 
 TOKEN = "spec-token-0123456789"
 SECRET = "whsec_spec"
@@ -111,18 +110,27 @@ def test_without_auth_no_operation_asks_for_a_token_but_webhooks_still_need_a_si
     assert all(op["security"] == [] and "401" not in op["responses"] for op in others)
 
 
-def test_the_limits_in_the_description_are_the_servers() -> None:
-    assert (openapi.PRIORITY_MIN, openapi.PRIORITY_MAX + 1) == (server._PRIORITY_RANGE.start,
-                                                               server._PRIORITY_RANGE.stop)
-    assert openapi.MAX_DELAY_S == server._MAX_DELAY_S
-    assert openapi.MAX_LIMIT == query_api.MAX_LIMIT
-    assert set(openapi.STATUSES) == LIVE | TERMINAL == query_api.STATUSES
+def test_the_statuses_and_limits_of_the_models_are_the_servers() -> None:
+    assert set(models.STATUSES) == LIVE | TERMINAL == query_api.STATUSES
+    assert models.MAX_LIMIT == query_api.MAX_LIMIT
+
+
+async def test_the_limits_in_the_description_are_the_limits_enforced(client: sl.Client, base: str) -> None:
+    trigger = openapi_spec()["components"]["schemas"]["TriggerRequest"]["properties"]
+    lo, hi = trigger["priority"]["minimum"], trigger["priority"]["maximum"]
+    longest = trigger["delay"]["anyOf"][0]["maximum"]
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+        for body, status in (({"priority": hi}, 202), ({"priority": lo}, 202), ({"priority": hi + 1}, 400),
+                             ({"priority": lo - 1}, 400), ({"delay": longest}, 202),
+                             ({"delay": longest + 1}, 400), ({"ttl": -0.5}, 400)):
+            async with http.post(base + "/v1/tasks/echo/trigger", json=body) as resp:
+                assert resp.status == status, (body, await resp.text())
 
 
 def test_the_event_name_pattern_is_check_event_name() -> None:
     from stepline.client import check_event_name
 
-    space = re.compile(f"[{openapi.SPACE}]")
+    space = re.compile(f"[{models.SPACE}]")
     assert [c for c in range(sys.maxunicode + 1) if chr(c).isspace() != bool(space.fullmatch(chr(c)))] == []
     pattern = re.compile(openapi_spec()["components"]["schemas"]["PublishRequest"]["properties"]["name"]["pattern"])
     for name in ("user.created", "a", "a..b", "", ".a", "a.", "a b", "a\x1db", "a\u3000", "ü.ö", "x\x00y"):

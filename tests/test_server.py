@@ -245,7 +245,8 @@ async def test_api_requests_are_refused_with_the_status_that_names_the_problem(e
             (trigger, {**good, "tags": "urgent"}, 400, "tags"),
             (trigger, {**good, "idempotencyKey": "k"}, 400, "unknown field(s) idempotencyKey"),
             ("/v1/events", {"name": "has space"}, 400, "event name"),
-            ("/v1/events", {"data": 1}, 400, "name must be a string"),
+            ("/v1/events", {"data": 1}, 400, "name: Field required"),
+            ("/v1/events", {"name": 5}, 400, "name: Input should be a valid string"),
         ]
         for path, body, expected, message in cases:
             status, answer = await call(http, "POST", base + path, body, headers=bearer())

@@ -1,6 +1,14 @@
 """What the route modules of the HTTP API share: errors answered as JSON,
-request bodies read within the limit, and the API object (client, config,
-registry, token check) their handlers use.
+request bodies read within the limit, the API object (client, config,
+registry, token check) their handlers use, and `Routes`, with which each
+module declares its routes beside their handlers.
+
+A declared route names its body, query and path models (pydantic, in
+models.py), its answers and their models (responses.py), and how it
+authenticates. Mounting it on the app wraps the handler so that the token is
+checked first and the input validated next, before the handler runs; the
+OpenAPI document (openapi.py) is generated from the same declarations, so
+the two cannot drift apart.
 
 app.py builds the application from the route modules (query_api, ops_api,
 history_api, backfill_api); they and app.py import from here, so imports run
@@ -11,11 +19,14 @@ from __future__ import annotations
 
 import hmac
 import json
+import types
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import structlog
 from aiohttp import web
+from pydantic import BaseModel, ValidationError
 
 from stepline.client import Client
 from stepline.errors import (
@@ -132,24 +143,6 @@ def _parse_json(raw: bytes) -> Any:
     return value
 
 
-def _json_object(raw: bytes, allowed: frozenset[str]) -> dict[str, Any]:
-    body = _parse_json(raw)
-    if not isinstance(body, dict):
-        raise _HttpError(400, "request body must be a JSON object")
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        # A misspelt option silently ignored would trigger the wrong thing.
-        raise _HttpError(400, f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
-    return body
-
-
-def _optional_str(body: dict[str, Any], name: str) -> str | None:
-    value = body.get(name)
-    if value is not None and (not isinstance(value, str) or not value):
-        raise _HttpError(400, f"{name} must be a non-empty string")
-    return value
-
-
 class _Api:
     """The server's client, configuration and (optional) registry, and the token check."""
 
@@ -174,3 +167,175 @@ class _Api:
         # Compared as bytes: compare_digest refuses non-ASCII str, and a header may hold any.
         if not hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), token.encode()):
             raise _unauthorized("the API token is not valid")
+
+
+# --- routes declared with their models --------------------------------------------------
+
+# bearer: the API token; bearer-or-query: also as ?token= (EventSource sends no
+# headers); none: public; signature: the handler checks a webhook signature.
+Auth = Literal["bearer", "bearer-or-query", "none", "signature"]
+Handler = Callable[..., Awaitable[web.StreamResponse]]
+H = TypeVar("H", bound=Handler)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One documented answer. `model` describes a JSON body (an error's is
+    the Error model); `media` names other content types, whose body is text."""
+
+    description: str
+    model: type[BaseModel] | None = None
+    media: tuple[str, ...] = ()
+    headers: Mapping[str, str] = field(default_factory=dict)  # name -> description
+    links_run: bool = False  # the body's run_id is a run to GET
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    operation_id: str
+    summary: str
+    replies: Mapping[int, Reply]
+    handler: Handler
+    body: type[BaseModel] | None = None
+    body_required: bool = True
+    query: type[BaseModel] | None = None
+    params: type[BaseModel] | None = None
+    auth: Auth = "bearer"
+    tags: tuple[str, ...] = ("runs",)
+    # A body of any JSON that the handler reads itself (a webhook's signature covers its bytes).
+    raw_body: bool = False
+
+
+class Routes:
+    """The routes of one module, declared on their handlers:
+
+        ROUTES = Routes()
+
+        class RunRoutes:
+            @ROUTES("POST", "/v1/runs/{run_id}/retry", "retryRun", "re-trigger a run",
+                    {202: Reply("re-triggered", Retried), 404: "no such run"},
+                    body=RetryRequest, body_required=False, params=RunPath)
+            async def retry(self, request: web.Request, body: RetryRequest) -> web.Response: ...
+
+    A handler gets `body=` and `query=` (validated models) for the models it
+    declares. An answer given as a string is an error answer with that description.
+    """
+
+    def __init__(self) -> None:
+        self.declared: list[Route] = []
+
+    def __call__(self, method: str, path: str, operation_id: str, summary: str,
+                 replies: Mapping[int, str | Reply], **options: Any) -> Callable[[H], H]:
+        def declare(handler: H) -> H:
+            answers = {status: Reply(r) if isinstance(r, str) else r for status, r in replies.items()}
+            self.declared.append(Route(method, path, operation_id, summary, answers, handler, **options))
+            return handler
+        return declare
+
+    def mount(self, app: web.Application, api: _Api | None, owner: object | None = None) -> None:
+        """Add the routes to `app`, their handlers bound to `owner` (None: plain functions)."""
+        for route in self.declared:
+            handler = route.handler if owner is None else types.MethodType(route.handler, owner)
+            wrapped = _validating(route, api, handler)
+            if route.method == "GET":
+                app.router.add_get(route.path, wrapped)  # and HEAD beside it
+            else:
+                app.router.add_route(route.method, route.path, wrapped)
+
+
+RequestHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _validating(route: Route, api: _Api | None, handler: Handler) -> RequestHandler:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        # The token first: a caller without one learns nothing, not even what input is valid.
+        if route.auth in ("bearer", "bearer-or-query"):
+            assert api is not None, f"{route.path} needs the API to authenticate"
+            api.authenticate(request, query_token=route.auth == "bearer-or-query")
+        if route.params is not None:
+            _validate(route.params, dict(request.match_info), "path parameter")
+        inputs: dict[str, BaseModel] = {}
+        if route.query is not None:
+            inputs["query"] = _validate(route.query, _query_dict(request, route.query), "query parameter")
+        if route.body is not None:
+            assert api is not None, f"{route.path} needs the API's body limit"
+            raw = await _read_body(request, api.config.max_body_bytes)
+            doc = _json_object(raw) if raw.strip() or route.body_required else {}
+            inputs["body"] = _validate(route.body, doc, "field")
+        return await handler(request, **inputs)
+    return handle
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    body = _parse_json(raw)
+    if not isinstance(body, dict):
+        raise _HttpError(400, "request body must be a JSON object")
+    return body
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _validate(model: type[M], doc: dict[str, Any], what: str) -> M:
+    try:
+        return model.model_validate(doc)
+    except ValidationError as exc:
+        raise _HttpError(400, invalid_input_message(model, exc, what)) from None
+
+
+def _query_dict(request: web.Request, model: type[BaseModel]) -> dict[str, Any]:
+    """The query string as the model's input: every value of a list field, the first of any other.
+
+    Unknown names are passed on too, for the model to refuse (extra="forbid")."""
+    lists = {f.alias or name for name, f in model.model_fields.items() if _is_list(f.annotation)}
+    return {key: request.query.getall(key) if key in lists else request.query[key] for key in request.query}
+
+
+def _is_list(annotation: Any) -> bool:
+    return get_origin(annotation) is list or any(get_origin(a) is list for a in get_args(annotation))
+
+
+def invalid_input_message(model: type[BaseModel], exc: ValidationError, what: str) -> str:
+    """One line naming every problem: unknown names with the known ones, then each bad value by its field.
+
+    Our own checks (error type "stepline") say what they mean in full and
+    name their field themselves; pydantic's messages get the field put in front."""
+    unknown: dict[tuple[str | int, ...], list[str]] = {}
+    problems: list[str] = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        if err["type"] == "extra_forbidden":
+            unknown.setdefault(loc[:-1], []).append(str(loc[-1]))
+        elif err["type"] == "stepline" or not loc:
+            problems.append(err["msg"])
+        else:
+            problems.append(f"{_dotted(loc)}: {err['msg']}")
+    for parent, names in unknown.items():
+        scope = f"{_dotted(parent)} " if parent else ""
+        known = ", ".join(_field_names(model, parent))
+        problems.insert(0, f"unknown {scope}{what}(s) {', '.join(sorted(names))}; known: {known}")
+    return "; ".join(problems)
+
+
+def _dotted(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else part
+    return out
+
+
+def _field_names(model: type[BaseModel], loc: tuple[str | int, ...]) -> list[str]:
+    """The field names (as sent) of the model found at `loc` inside `model`; [] when there is none."""
+    current = model
+    for part in loc:
+        found = {f.alias or n: f for n, f in current.model_fields.items()}.get(str(part))
+        if found is None:
+            return []
+        nested = [a for a in (found.annotation, *get_args(found.annotation))
+                  if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not nested:
+            return []
+        current = nested[0]
+    return sorted(f.alias or n for n, f in current.model_fields.items())

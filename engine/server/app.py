@@ -16,93 +16,60 @@ id) was already accepted within that window (a replay).
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from stepline.client import Client
-from stepline.core.ids import parse_token
-from stepline.errors import InvalidToken
 from stepline.observability import metrics
 from stepline.projections.query import QueryProjector, QueryStore
 from stepline.projections.views import state_dict
 from stepline.sdk.task import Registry, Task
 from stepline.security.sensitive import shown
+from stepline.server import backfill_api, dashboard, history_api, ops_api, query_api
 from stepline.server._http import (
+    Reply,
+    Route,
+    Routes,
     _Api,
     _HttpError,
     _json_errors,
-    _json_object,
-    _optional_str,
     _parse_json,
     _read_body,
     log,
 )
-from stepline.server.backfill_api import add_backfill_routes
 from stepline.server.backlog import Backlog
 from stepline.server.config import ServeConfig, WebhookSource
-from stepline.server.dashboard import add_dashboard_routes
-from stepline.server.history_api import add_history_routes
-from stepline.server.openapi import add_openapi_route
-from stepline.server.ops_api import add_ops_routes
-from stepline.server.query_api import add_query_routes
+from stepline.server.models import (
+    CompleteTokenRequest,
+    PublishRequest,
+    RunPath,
+    SourcePath,
+    TaskPath,
+    TokenPath,
+    TriggerRequest,
+)
+from stepline.server.openapi import LOG_DOWN, NO_RUN, SpecRoute, openapi_document
+from stepline.server.openapi import ROUTES as OPENAPI_ROUTES
+from stepline.server.responses import (
+    Cancelled,
+    Healthy,
+    Info,
+    Published,
+    Ready,
+    RunState,
+    TokenCompleted,
+    Triggered,
+)
 from stepline.server.webhook_schemes import SIGNATURE_HEADER, WebhookRejected, sign_webhook, verify_delivery
 from stepline.version import __version__
 
-# RunTriggered.priority is an Avro int.
-_PRIORITY_RANGE = range(-(2**31), 2**31)
-# Far beyond any sensible delay, and far inside the 64-bit millisecond
-# timestamp RunTriggered.not_before stores.
-_MAX_DELAY_S = 100 * 365 * 24 * 3600
-
-
-@dataclass(frozen=True)
-class _TriggerRequest:
-    payload: Any
-    idempotency_key: str | None
-    delay: float | None
-    priority: int
-    tags: tuple[str, ...]
-    concurrency_key: str | None = None
-    ttl: float | None = None
-
-
-_TRIGGER_FIELDS = frozenset({"payload", "idempotency_key", "delay", "priority", "tags", "concurrency_key", "ttl"})
-_EVENT_FIELDS = frozenset({"name", "data", "key"})
-_TOKEN_FIELDS = frozenset({"data"})
-
-
-def _trigger_request(raw: bytes) -> _TriggerRequest:
-    body = _json_object(raw, _TRIGGER_FIELDS)
-    delay = _seconds(body, "delay")
-    ttl = _seconds(body, "ttl")
-    priority = body.get("priority", 0)
-    if isinstance(priority, float) and priority.is_integer():
-        # JSON has one number type: 5.0 is the integer 5, to JSON Schema and so to us.
-        priority = int(priority)
-    if isinstance(priority, bool) or not isinstance(priority, int) or priority not in _PRIORITY_RANGE:
-        raise _HttpError(400, "priority must be a 32-bit integer")
-    tags = body.get("tags", [])
-    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-        raise _HttpError(400, "tags must be a list of strings")
-    return _TriggerRequest(body.get("payload"), _optional_str(body, "idempotency_key"), delay, priority,
-                           tuple(tags), _optional_str(body, "concurrency_key"), ttl)
-
-
-def _seconds(body: dict[str, Any], name: str) -> float | None:
-    value = body.get(name)
-    # bool is an int to Python, never a number of seconds to a caller.
-    if value is not None and (
-        isinstance(value, bool) or not isinstance(value, int | float)
-        or not math.isfinite(value) or not 0 <= value <= _MAX_DELAY_S
-    ):
-        raise _HttpError(400, f"{name} must be a number of seconds from 0 to {_MAX_DELAY_S}")
-    return value
+CORE = Routes()
+_META = ("meta",)
+_LOCATION = {"Location": "/v1/runs/{run_id}"}
 
 
 class _ReplayGuard:
@@ -138,9 +105,14 @@ class _CoreApi(_Api):
         super().__init__(client, config, registry)
         self.replays = _ReplayGuard(config.signature_tolerance_s)
 
+    @CORE("GET", "/healthz", "healthz", "the process is up", {200: Reply("always", Healthy)},
+          auth="none", tags=_META)
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
 
+    @CORE("GET", "/readyz", "readyz", "the log answers: ready for traffic", {
+        200: Reply("the log answered", Ready),
+        503: "the log did not answer in time, or failed (`error` says which)"}, auth="none", tags=_META)
     async def readyz(self, request: web.Request) -> web.Response:
         """Ready while the log answers a read of the runs topic's end within the bound."""
         bound = self.config.ready_bound_s
@@ -153,62 +125,69 @@ class _CoreApi(_Api):
             return web.json_response({"ready": False, "error": f"the log is not reachable: {exc}"}, status=503)
         return web.json_response({"ready": True})
 
+    @CORE("GET", "/metrics", "metrics", "Prometheus metrics (text format; docs/operations.md, \"Metrics\")", {
+        200: Reply("the Prometheus text exposition format", media=("text/plain",))}, auth="none", tags=_META)
     async def metrics(self, request: web.Request) -> web.Response:
         """Prometheus text: this process's counters, its workers' gauges (`stepline dev`), the backlog."""
         return web.Response(body=await metrics.exposition(), headers={"Content-Type": metrics.CONTENT_TYPE})
 
-    async def info(self, request: web.Request) -> web.Response:
-        """Unauthenticated: tells the dashboard whether to ask for a token."""
-        return web.json_response({"auth": self.config.auth_required, "version": __version__})
-
-    async def trigger(self, request: web.Request) -> web.Response:
-        self.authenticate(request)
+    @CORE("POST", "/v1/tasks/{task_id}/trigger", "triggerTask", "start a run of a task", {
+        202: Reply("the run is recorded (or was already, for a repeated idempotency key)", Triggered, headers=_LOCATION,
+                   links_run=True),
+        404: "no task with this id (when the server knows the app's tasks)",
+        422: "the payload does not fit the task's model", 503: LOG_DOWN},
+        body=TriggerRequest, params=TaskPath)
+    async def trigger(self, request: web.Request, body: TriggerRequest) -> web.Response:
         task_id = request.match_info["task_id"]
-        req = _trigger_request(await _read_body(request, self.config.max_body_bytes))
         task: Task[Any, Any] | str = self.registry.get(task_id) if self.registry is not None else task_id
         handle = await self.client.trigger(
-            task, req.payload, idempotency_key=req.idempotency_key, delay=req.delay,
-            priority=req.priority, tags=req.tags, concurrency_key=req.concurrency_key, ttl=req.ttl,
+            task, body.payload, idempotency_key=body.idempotency_key, delay=body.delay,
+            priority=body.priority, tags=body.tags, concurrency_key=body.concurrency_key, ttl=body.ttl,
         )
         return web.json_response(
             {"run_id": handle.run_id, "task_id": handle.task_id}, status=202,
             headers={"Location": f"/v1/runs/{handle.run_id}"},
         )
 
-    async def publish(self, request: web.Request) -> web.Response:
-        self.authenticate(request)
-        body = _json_object(await _read_body(request, self.config.max_body_bytes), _EVENT_FIELDS)
-        name = body.get("name")
-        if not isinstance(name, str):
-            raise _HttpError(400, "name must be a string, e.g. \"user.created\"")
-        event_id = await self.client.publish(name, body.get("data"), key=_optional_str(body, "key"), source="api")
+    @CORE("POST", "/v1/events", "publishEvent", "publish a domain event to its subscribers", {
+        202: Reply("the event is on the log", Published), 503: LOG_DOWN}, body=PublishRequest, tags=("events",))
+    async def publish(self, request: web.Request, body: PublishRequest) -> web.Response:
+        event_id = await self.client.publish(body.name, body.data, key=body.key, source="api")
         return web.json_response({"event_id": event_id}, status=202)
 
+    @CORE("GET", "/v1/runs/{run_id}", "getRun", "a run's state: steps, outputs, errors, retries, logs", {
+        200: Reply("the run", RunState), 404: NO_RUN, 503: LOG_DOWN}, params=RunPath)
     async def get_run(self, request: web.Request) -> web.Response:
-        self.authenticate(request)
         state = await self.client.get_run(request.match_info["run_id"])
         # Sensitive fields show as "[redacted]" or "[erased]", never decrypted.
         return web.json_response(await shown(state_dict(state), self.client.keys))
 
+    @CORE("POST", "/v1/tokens/{token}/complete", "completeToken", "resume a run waiting in wait_for_token", {
+        200: Reply("the run resumes", TokenCompleted),
+        400: "not a wait token, or the body is not a JSON object of the listed fields", 404: NO_RUN,
+        409: "the token was already completed or timed out, or its run has ended", 503: LOG_DOWN},
+        body=CompleteTokenRequest, params=TokenPath)
+    async def complete_token(self, request: web.Request, body: CompleteTokenRequest) -> web.Response:
+        """Resume a run waiting in `wait_for_token` with `{"data": ...}`."""
+        token = request.match_info["token"]
+        state = await self.client.complete_token(token, body.data)
+        return web.json_response({"token": token, "run_id": state.run_id, "completed": True})
+
+    @CORE("POST", "/v1/runs/{run_id}/cancel", "cancelRun", "stop a run; a running step is cancelled at once", {
+        202: Reply("the run is cancelled", Cancelled), 404: NO_RUN, 409: "the run has already ended",
+        503: LOG_DOWN}, params=RunPath)
     async def cancel(self, request: web.Request) -> web.Response:
         """Stop a run: a running step is cancelled at once, a waiting run never resumes."""
-        self.authenticate(request)
         run_id = request.match_info["run_id"]
         was = await self.client.cancel(run_id, "cancelled over the API")
         return web.json_response({"run_id": run_id, "cancelled": True, "was": was.status}, status=202)
 
-    async def complete_token(self, request: web.Request) -> web.Response:
-        """Resume a run waiting in `wait_for_token` with `{"data": ...}`."""
-        self.authenticate(request)
-        token = request.match_info["token"]
-        try:
-            parse_token(token)
-        except InvalidToken as exc:
-            raise _HttpError(400, str(exc)) from None
-        body = _json_object(await _read_body(request, self.config.max_body_bytes), _TOKEN_FIELDS)
-        state = await self.client.complete_token(token, body.get("data"))
-        return web.json_response({"token": token, "run_id": state.run_id, "completed": True})
-
+    @CORE("POST", "/v1/webhooks/{source}", "receiveWebhook",
+          "a signed delivery from a configured source, published as a domain event", {
+              202: Reply("published", Published), 400: "the (authentic) body is not JSON",
+              401: "missing, malformed, forged, stale or replayed signature",
+              404: "no webhook source of this name", 503: LOG_DOWN},
+          auth="signature", raw_body=True, params=SourcePath, tags=("webhooks",))
     async def webhook(self, request: web.Request) -> web.Response:
         name = request.match_info["source"]
         source = self.config.webhooks.get(name)
@@ -238,6 +217,13 @@ class _CoreApi(_Api):
             raise
         return web.json_response({"event_id": event_id}, status=202)
 
+    @CORE("GET", "/v1/info", "info", "whether the API wants a token, and the version", {
+        200: Reply("always", Info)}, auth="none", tags=_META)
+    async def info(self, request: web.Request) -> web.Response:
+        """Unauthenticated: tells the dashboard whether to ask for a token."""
+        return web.json_response({"auth": self.config.auth_required, "version": __version__})
+
+
 
 def create_app(
     client: Client, config: ServeConfig, registry: Registry | None = None, *, query: QueryStore | None = None,
@@ -253,25 +239,29 @@ def create_app(
     app = web.Application(middlewares=[_json_errors], client_max_size=config.max_body_bytes + 1)
     api = _CoreApi(client, config, registry)
     # First: /v1/runs/bulk/cancel must not be read as /v1/runs/{run_id}/cancel.
-    add_ops_routes(app, api, query)
-    app.router.add_get("/healthz", api.healthz)
-    app.router.add_get("/readyz", api.readyz)
-    app.router.add_get("/metrics", api.metrics)
+    ops_api.add_ops_routes(app, api, query)
+    CORE.mount(app, api, api)
     if query is not None:
         Backlog(query, registry).attach(app)  # pending work on /metrics, with or without workers
-    app.router.add_post("/v1/tasks/{task_id}/trigger", api.trigger)
-    app.router.add_post("/v1/events", api.publish)
-    app.router.add_get("/v1/runs/{run_id}", api.get_run)
-    app.router.add_post("/v1/tokens/{token}/complete", api.complete_token)
-    app.router.add_post("/v1/runs/{run_id}/cancel", api.cancel)
-    app.router.add_post("/v1/webhooks/{source}", api.webhook)
-    add_query_routes(app, api, query)
-    add_history_routes(app, api)
-    add_backfill_routes(app, api)
-    app.router.add_get("/v1/info", api.info)
-    add_openapi_route(app, auth_required=config.auth_required)
-    add_dashboard_routes(app)
+    query_api.add_query_routes(app, api, query)
+    history_api.add_history_routes(app, api)
+    backfill_api.add_backfill_routes(app, api)
+    OPENAPI_ROUTES.mount(app, api, SpecRoute(openapi_spec(auth_required=config.auth_required)))
+    dashboard.add_dashboard_routes(app)
     return app
+
+
+def declared_routes() -> list[Route]:
+    """Every route of `create_app`, in the order the OpenAPI document lists them."""
+    return [*CORE.declared, *query_api.ROUTES.declared, *history_api.ROUTES.declared,
+            *ops_api.ROUTES.declared, *backfill_api.ROUTES.declared, *OPENAPI_ROUTES.declared,
+            *dashboard.ROUTES.declared]
+
+
+def openapi_spec(*, auth_required: bool = True) -> dict[str, Any]:
+    """The OpenAPI document of `create_app`, generated from its declared routes and their models;
+    with `auth_required=False` (`stepline dev`) no operation needs a token."""
+    return openapi_document(declared_routes(), auth_required=auth_required)
 
 
 async def serve(
@@ -322,4 +312,5 @@ def _address(sockname: Any) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-__all__ = ["SIGNATURE_HEADER", "ServeConfig", "WebhookSource", "create_app", "serve", "serve_api", "sign_webhook"]
+__all__ = ["SIGNATURE_HEADER", "ServeConfig", "WebhookSource", "create_app", "declared_routes", "openapi_spec", "serve",
+           "serve_api", "sign_webhook"]

@@ -9,36 +9,43 @@ Needs the server to know the task's subscriptions (`stepline serve --app`).
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
 
 from stepline.client.backfill import backfill
 from stepline.errors import TaskDefinitionError
-from stepline.server._http import _Api, _HttpError, _json_object, _read_body
+from stepline.server._http import Reply, Routes, _Api, _HttpError
+from stepline.server.models import BackfillRequest, TaskPath
+from stepline.server.openapi import LOG_DOWN
+from stepline.server.responses import BackfillReport
 
-_FIELDS = frozenset({"since", "until", "dry_run"})
+ROUTES = Routes()
 
 
-def add_backfill_routes(app: web.Application, api: _Api) -> None:
-    async def handle(request: web.Request) -> web.Response:
-        api.authenticate(request)
+class BackfillRoutes:
+    def __init__(self, api: _Api) -> None:
+        self.api = api
+
+    @ROUTES("POST", "/v1/subscriptions/{task_id}/backfill", "backfillSubscription",
+            "start the runs a task's subscriptions would have started in a past window", {
+                200: Reply("what was found and started", BackfillReport),
+                400: "a bad time or window, a task without subscriptions, or a body that does not fit",
+                404: "no task with this id", 409: "this server has no app (`stepline serve --app`)",
+                503: LOG_DOWN}, body=BackfillRequest, params=TaskPath, tags=("events",))
+    async def backfill(self, request: web.Request, body: BackfillRequest) -> web.Response:
         task_id = request.match_info["task_id"]
-        if api.registry is None:
+        if self.api.registry is None:
             raise _HttpError(409, "this server has no app: start it with --app to backfill subscriptions")
-        task = api.registry.get(task_id)  # UnknownTask -> 404
-        body: dict[str, Any] = _json_object(await _read_body(request, api.config.max_body_bytes), _FIELDS)
-        since, until, dry_run = body.get("since"), body.get("until"), body.get("dry_run", False)
-        if not isinstance(since, str) or not since:
-            raise _HttpError(400, 'since is required: a duration such as "30d" or an ISO 8601 time')
-        if until is not None and not isinstance(until, str):
-            raise _HttpError(400, "until must be a duration or an ISO 8601 time, as a string")
-        if not isinstance(dry_run, bool):
-            raise _HttpError(400, "dry_run must be true or false")
+        task = self.api.registry.get(task_id)  # UnknownTask -> 404
         try:
-            report = await backfill(task, since=since, until=until, dry_run=dry_run, client=api.client)
+            report = await backfill(task, since=body.since, until=body.until, dry_run=body.dry_run,
+                                    client=self.api.client)
         except (ValueError, TaskDefinitionError) as exc:  # a bad time, a task with no subscription
             raise _HttpError(400, str(exc)) from None
         return web.json_response(report.as_dict())
 
-    app.router.add_post("/v1/subscriptions/{task_id}/backfill", handle)
+
+def add_backfill_routes(app: web.Application, api: _Api) -> None:
+    ROUTES.mount(app, api, BackfillRoutes(api))
+
+
+__all__ = ["ROUTES", "BackfillRoutes", "add_backfill_routes"]

@@ -19,46 +19,46 @@ its steps; steps answer from the journal). Which code:
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
 
 from stepline.errors import InvalidFork, TaskDefinitionError
 from stepline.history.shadow import shadow_run
 from stepline.history.shadow_code import load_code_under
 from stepline.sdk.task import Registry
-from stepline.server._http import _Api, _HttpError, _json_object, _optional_str, _read_body
+from stepline.server._http import Reply, Routes, _Api, _HttpError
+from stepline.server.models import ForkRequest, RunPath, ShadowQuery, ShadowRequest
+from stepline.server.openapi import BAD_BODY, LOG_DOWN, NO_RUN
+from stepline.server.responses import Forked, ShadowDiff
 
-_FORK_FIELDS = frozenset({"at_step", "payload", "step_outputs", "idempotency_key"})
-_SHADOW_FIELDS = frozenset({"module"})
-
-
-def _step_outputs(value: Any) -> dict[int, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict) or not all(isinstance(k, str) and k.isascii() and k.isdigit() for k in value):
-        raise _HttpError(400, 'step_outputs must be an object from step positions to outputs, e.g. {"2": 10}')
-    return {int(k): v for k, v in value.items()}
+ROUTES = Routes()
+_SHADOW = ("replay a run against code (the server's app, or ?module= under --shadow-path) "
+           "and show where it diverges")
+_SHADOW_REPLIES: dict[int, str | Reply] = {
+    200: Reply("the shadow diff", ShadowDiff), 400: "the module cannot be loaded, or " + BAD_BODY,
+    403: "modules are refused: the server runs without a token or without --shadow-path",
+    404: NO_RUN, 409: "the server has no app code", 503: LOG_DOWN}
 
 
 class HistoryRoutes:
     def __init__(self, api: _Api) -> None:
         self.api = api
 
-    async def fork(self, request: web.Request) -> web.Response:
-        self.api.authenticate(request)
+    @ROUTES("POST", "/v1/runs/{run_id}/fork", "forkRun",
+            "a new run replaying this one's journal up to a step, then running live", {
+                202: Reply("the fork is triggered", Forked, headers={"Location": "/v1/runs/{run_id}"},
+                           links_run=True),
+                400: "at_step or step_outputs do not fit the run's journal, or " + BAD_BODY,
+                404: NO_RUN, 409: "the run cannot be forked in its state",
+                422: "the new payload does not fit the task's model", 503: LOG_DOWN},
+            body=ForkRequest, params=RunPath)
+    async def fork(self, request: web.Request, body: ForkRequest) -> web.Response:
         run_id = request.match_info["run_id"]
-        body = _json_object(await _read_body(request, self.api.config.max_body_bytes), _FORK_FIELDS)
-        at_step = body.get("at_step")
-        if isinstance(at_step, float) and at_step.is_integer():
-            at_step = int(at_step)  # JSON has one number type: 3.0 is the integer 3
-        if isinstance(at_step, bool) or not isinstance(at_step, int):
-            raise _HttpError(400, "at_step must be an integer: the first journal position to run live")
+        at_step = body.at_step
         try:
             handle = await self.api.client.fork(
-                run_id, at_step, payload=body.get("payload"), new_payload="payload" in body,
-                step_outputs=_step_outputs(body.get("step_outputs")),
-                idempotency_key=_optional_str(body, "idempotency_key"),
+                run_id, at_step, payload=body.payload, new_payload="payload" in body.model_fields_set,
+                step_outputs={int(k): v for k, v in (body.step_outputs or {}).items()},
+                idempotency_key=body.idempotency_key,
             )
         except InvalidFork as exc:
             raise _HttpError(400, str(exc)) from None
@@ -85,14 +85,14 @@ class HistoryRoutes:
         except TaskDefinitionError as exc:
             raise _HttpError(400, str(exc)) from None
 
-    async def shadow(self, request: web.Request) -> web.Response:
-        self.api.authenticate(request)
+    @ROUTES("GET", "/v1/runs/{run_id}/shadow", "shadowRunGet", _SHADOW, _SHADOW_REPLIES,
+            params=RunPath, query=ShadowQuery)
+    @ROUTES("POST", "/v1/runs/{run_id}/shadow", "shadowRunPost", _SHADOW, _SHADOW_REPLIES,
+            params=RunPath, query=ShadowQuery, body=ShadowRequest, body_required=False)
+    async def shadow(self, request: web.Request, query: ShadowQuery,
+                     body: ShadowRequest | None = None) -> web.Response:
         run_id = request.match_info["run_id"]
-        module = request.query.get("module") or None
-        if request.method == "POST":
-            raw = await _read_body(request, self.api.config.max_body_bytes)
-            if raw.strip():
-                module = _optional_str(_json_object(raw, _SHADOW_FIELDS), "module") or module
+        module = (body.module if body is not None else None) or query.module
         state = await self.api.client.get_run(run_id)  # UnknownRun: 404
         registry, code = self._code(module)
         result = await shadow_run(registry.find(state.task_id), state, keys=self.api.client.keys)
@@ -101,10 +101,8 @@ class HistoryRoutes:
 
 def add_history_routes(app: web.Application, api: _Api) -> HistoryRoutes:
     routes = HistoryRoutes(api)
-    app.router.add_post("/v1/runs/{run_id}/fork", routes.fork)
-    app.router.add_get("/v1/runs/{run_id}/shadow", routes.shadow)
-    app.router.add_post("/v1/runs/{run_id}/shadow", routes.shadow)
+    ROUTES.mount(app, api, routes)
     return routes
 
 
-__all__ = ["HistoryRoutes", "add_history_routes"]
+__all__ = ["ROUTES", "HistoryRoutes", "add_history_routes"]

@@ -20,6 +20,7 @@ without). The bulk routes are registered before `/v1/runs/{run_id}/...`, so
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -29,11 +30,14 @@ from stepline.client.bulk import ACTIONS, InvalidBulkRequest, bulk_action
 from stepline.client.pause import InvalidPause, pauses, set_paused
 from stepline.core.events import PAUSE_QUEUE, PAUSE_TASK
 from stepline.projections.query_store import QueryStore, RunFilter
-from stepline.server._http import _Api, _HttpError, _json_object, _read_body
+from stepline.server._http import H, Reply, Routes, _Api, _HttpError
+from stepline.server.models import BulkRequest, PauseRequest, QueuePath, TaskPath
+from stepline.server.openapi import LOG_DOWN
 from stepline.server.query_api import STATUSES
+from stepline.server.responses import BulkReport, PauseList, PauseState
 
-_PAUSE_FIELDS = frozenset({"reason"})
-_BULK_FIELDS = frozenset({"filter", "dry_run", "request_id"})
+ROUTES = Routes()
+# Kept for the command line, whose filter is a dict; over HTTP BulkFilter refuses unknown fields first.
 _FILTER_FIELDS = frozenset({"task", "status", "tag", "from", "to", "since", "until", "q", "dead_letter",
                             "parent", "error_type"})
 _MAX_MS = 2**63 - 1
@@ -114,43 +118,61 @@ def parse_filter(doc: Any, now: int) -> RunFilter:
     )
 
 
+def _pause_replies(kind: str) -> dict[int, str | Reply]:
+    return {200: Reply("recorded on every partition", PauseState),
+            404: f"no {kind} of this name (when the server knows the app's tasks)", 503: LOG_DOWN}
+
+
+def _bulk(action: str) -> Callable[[H], H]:
+    assert action in ACTIONS
+    return ROUTES("POST", f"/v1/runs/bulk/{action}", f"bulk{action.capitalize()}",
+                  f"{action} every run a filter selects, or count them (dry_run)", {
+                      200: Reply("what was (or would be) done", BulkReport),
+                      503: "this server keeps no query projection, or the log cannot be written"},
+                  body=BulkRequest, body_required=False)
+
+
 class OpsRoutes:
     def __init__(self, api: _Api, store: QueryStore | None) -> None:
         self.api = api
         self.store = store
 
-    async def _body(self, request: web.Request, allowed: frozenset[str]) -> dict[str, Any]:
-        raw = await _read_body(request, self.api.config.max_body_bytes)
-        return _json_object(raw, allowed) if raw.strip() else {}
-
-    async def _pause(self, request: web.Request, scope: str, name: str, paused: bool) -> web.Response:
-        self.api.authenticate(request)
-        # A resume takes no body: there is nothing to say about it.
-        body = await self._body(request, _PAUSE_FIELDS) if paused else {}
-        reason = body.get("reason", "")
-        if not isinstance(reason, str):
-            raise _HttpError(400, "reason must be a string")
+    async def _pause(self, scope: str, name: str, paused: bool, reason: str = "") -> web.Response:
         try:
             await set_paused(self.api.client, scope, name, paused, reason=reason, requested_by="api")
         except InvalidPause as exc:
             raise _HttpError(404, str(exc)) from None  # a blank or unknown name names nothing
         return web.json_response({"scope": scope, "name": name, "paused": paused, "reason": reason})
 
-    async def pause_task(self, request: web.Request) -> web.Response:
-        return await self._pause(request, PAUSE_TASK, request.match_info["task_id"], True)
+    # A resume takes no body: there is nothing to say about it.
+    @ROUTES("POST", "/v1/tasks/{task_id}/pause", "pauseTask",
+            "pause a task: its runs stay queued, attempts under way finish", _pause_replies("task"),
+            body=PauseRequest, body_required=False, params=TaskPath, tags=("queues",))
+    async def pause_task(self, request: web.Request, body: PauseRequest) -> web.Response:
+        return await self._pause(PAUSE_TASK, request.match_info["task_id"], True, body.reason)
 
+    @ROUTES("POST", "/v1/tasks/{task_id}/resume", "resumeTask",
+            "resume a task: its held runs start in their usual order", _pause_replies("task"),
+            params=TaskPath, tags=("queues",))
     async def resume_task(self, request: web.Request) -> web.Response:
-        return await self._pause(request, PAUSE_TASK, request.match_info["task_id"], False)
+        return await self._pause(PAUSE_TASK, request.match_info["task_id"], False)
 
-    async def pause_queue(self, request: web.Request) -> web.Response:
-        return await self._pause(request, PAUSE_QUEUE, request.match_info["name"], True)
+    @ROUTES("POST", "/v1/queues/{name}/pause", "pauseQueue",
+            "pause a queue: its runs stay queued, attempts under way finish", _pause_replies("queue"),
+            body=PauseRequest, body_required=False, params=QueuePath, tags=("queues",))
+    async def pause_queue(self, request: web.Request, body: PauseRequest) -> web.Response:
+        return await self._pause(PAUSE_QUEUE, request.match_info["name"], True, body.reason)
 
+    @ROUTES("POST", "/v1/queues/{name}/resume", "resumeQueue",
+            "resume a queue: its held runs start in their usual order", _pause_replies("queue"),
+            params=QueuePath, tags=("queues",))
     async def resume_queue(self, request: web.Request) -> web.Response:
-        return await self._pause(request, PAUSE_QUEUE, request.match_info["name"], False)
+        return await self._pause(PAUSE_QUEUE, request.match_info["name"], False)
 
+    @ROUTES("GET", "/v1/pauses", "listPauses", "paused tasks and queues", {200: Reply("what is paused", PauseList)},
+            tags=("queues",))
     async def list_pauses(self, request: web.Request) -> web.Response:
         """From the query projection when the server keeps one, else read from the log."""
-        self.api.authenticate(request)
         if self.store is not None:
             found = await self.store.pauses()
             out = [{k: p[k] for k in ("scope", "name", "since", "reason", "requested_by")} for p in found]
@@ -159,23 +181,19 @@ class OpsRoutes:
                     "requested_by": b.requested_by} for b in (await pauses(self.api.client)).values()]
         return web.json_response({"pauses": out})
 
-    async def bulk(self, request: web.Request) -> web.Response:
-        self.api.authenticate(request)
+    @_bulk("replay")
+    @_bulk("retry")
+    @_bulk("cancel")
+    async def bulk(self, request: web.Request, body: BulkRequest) -> web.Response:
         action = request.path.rsplit("/", 1)[-1]
-        body = await self._body(request, _BULK_FIELDS)
-        dry_run = body.get("dry_run", False)
-        if not isinstance(dry_run, bool):
-            raise _HttpError(400, "dry_run must be true or false")
-        request_id = body.get("request_id")
-        if request_id is not None and not isinstance(request_id, str):
-            raise _HttpError(400, "request_id must be a string")
         if self.store is None:
             raise _HttpError(503, "bulk actions select runs from the query projection, and this server has "
                                   "none: `stepline serve` keeps one (--query-db)")
         try:
-            where = parse_filter(body.get("filter"), self.api.client.clock())
-            report = await bulk_action(self.api.client, self.store, action, where, dry_run=dry_run,
-                                       request_id=request_id, requested_by="api")
+            doc = None if body.filter is None else body.filter.model_dump(by_alias=True, exclude_unset=True)
+            where = parse_filter(doc, self.api.client.clock())
+            report = await bulk_action(self.api.client, self.store, action, where, dry_run=body.dry_run,
+                                       request_id=body.request_id, requested_by="api")
         except InvalidBulkRequest as exc:
             raise _HttpError(400, str(exc)) from None
         return web.json_response(report.as_dict())
@@ -183,14 +201,8 @@ class OpsRoutes:
 
 def add_ops_routes(app: web.Application, api: _Api, store: QueryStore | None) -> OpsRoutes:
     routes = OpsRoutes(api, store)
-    for action in ACTIONS:
-        app.router.add_post(f"/v1/runs/bulk/{action}", routes.bulk)
-    app.router.add_post("/v1/tasks/{task_id}/pause", routes.pause_task)
-    app.router.add_post("/v1/tasks/{task_id}/resume", routes.resume_task)
-    app.router.add_post("/v1/queues/{name}/pause", routes.pause_queue)
-    app.router.add_post("/v1/queues/{name}/resume", routes.resume_queue)
-    app.router.add_get("/v1/pauses", routes.list_pauses)
+    ROUTES.mount(app, api, routes)
     return routes
 
 
-__all__ = ["OpsRoutes", "add_ops_routes", "parse_filter"]
+__all__ = ["ROUTES", "OpsRoutes", "add_ops_routes", "parse_filter"]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,82 +28,40 @@ from aiohttp import web
 
 from stepline.errors import UnknownRun
 from stepline.projections.query_store import InvalidCursor, Page, QueryStore, RunFilter, SubscriptionClosed
-from stepline.projections.runs import LIVE, TERMINAL
 from stepline.projections.views import event_dict
 from stepline.sdk.schedule import tick_key
 from stepline.security.sensitive import shown
-from stepline.server._http import _Api, _HttpError, _json_object, _read_body
+from stepline.server import models
+from stepline.server._http import Reply, Routes, _Api, _HttpError
+from stepline.server.models import EventQuery, PageQuery, RetryRequest, RunPath, RunQuery, SubjectPath
+from stepline.server.openapi import LOG_DOWN, NO_QUERY, NO_RUN
+from stepline.server.responses import Erased, EventPage, QueueList, Retried, RunHistory, RunPage, ScheduleList
 
-STATUSES = frozenset(LIVE | TERMINAL)
-DEFAULT_LIMIT = 50
-MAX_LIMIT = 500
+STATUSES = frozenset(models.STATUSES)
+DEFAULT_LIMIT = models.DEFAULT_LIMIT
+MAX_LIMIT = models.MAX_LIMIT
 KEEPALIVE_S = 15.0
 # A run changing many times in a burst is sent at most once per this window.
 COALESCE_S = 0.1
-_RETRY_FIELDS = frozenset({"payload"})
-# Far more digits than any bound here, and far fewer than int()'s 4300-digit limit.
-_INTEGER = re.compile(r"-?[0-9]{1,40}")
-_PAGE_PARAMS = frozenset({"limit", "cursor"})
-_RUN_PARAMS = _PAGE_PARAMS | {"task", "status", "tag", "from", "to", "q", "dead_letter", "parent", "error_type"}
 # "stepline/tick/": the idempotency keys of schedule ticks, from their one definition.
 _TICK_PREFIX = tick_key(datetime.fromtimestamp(0, UTC)).removesuffix("0")
+_BAD_PAGE = "a query parameter is unknown or out of range, or the cursor is not one this API gave"
+
+ROUTES = Routes()
 
 
-def _int(request: web.Request, name: str, default: int | None, lo: int, hi: int) -> int | None:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    # ASCII digits only: int() also takes " 7", "1_000" and "٣", which no client means.
-    value = int(raw) if _INTEGER.fullmatch(raw) else lo - 1
-    if not lo <= value <= hi:
-        raise _HttpError(400, f"{name} must be an integer from {lo} to {hi}, got {raw!r}")
-    return value
-
-
-def _bool(request: web.Request, name: str) -> bool | None:
-    raw = request.query.get(name)
-    if raw is None:
-        return None
-    if raw.lower() in ("true", "1", "yes"):
-        return True
-    if raw.lower() in ("false", "0", "no"):
-        return False
-    raise _HttpError(400, f"{name} must be true or false, got {raw!r}")
-
-
-def _known_params(request: web.Request, known: frozenset[str]) -> None:
-    # A misspelt filter (?stauts=failed) silently ignored would list everything.
-    unknown = sorted(set(request.query) - known)
-    if unknown:
-        raise _HttpError(400, f"unknown query parameter(s) {', '.join(unknown)}; "
-                              f"known: {', '.join(sorted(known))}")
-
-
-def _statuses(request: web.Request) -> tuple[str, ...]:
-    # An empty value is no filter; inside a list, every item must be a status.
-    given = [s for raw in request.query.getall("status", []) if raw for s in raw.split(",")]
-    unknown = sorted(set(given) - STATUSES)
-    if unknown:
-        raise _HttpError(400, f"unknown status {', '.join(map(repr, unknown))}; "
-                              f"one of {', '.join(sorted(STATUSES))}")
-    return tuple(dict.fromkeys(given))
-
-
-def run_filter(request: web.Request) -> RunFilter:
-    """The filter of `GET /v1/runs` from its query string."""
-    _known_params(request, _RUN_PARAMS)
-    q = request.query
-    ms = 2**63 - 1
+def run_filter(query: RunQuery) -> RunFilter:
+    """The filter of `GET /v1/runs` from its validated query string."""
     return RunFilter(
-        task=q.get("task") or None,
-        statuses=_statuses(request),
-        tags=tuple(dict.fromkeys(t for t in q.getall("tag", []) if t)),
-        created_from=_int(request, "from", None, 0, ms),
-        created_to=_int(request, "to", None, 0, ms),
-        text=q.get("q") or None,
-        dead_letter=_bool(request, "dead_letter"),
-        parent=q.get("parent") or None,
-        error_type=q.get("error_type") or None,
+        task=query.task,
+        statuses=tuple(query.status),
+        tags=tuple(query.tag),
+        created_from=query.from_,
+        created_to=query.to,
+        text=query.q,
+        dead_letter=query.dead_letter,
+        parent=query.parent,
+        error_type=query.error_type,
     )
 
 
@@ -128,11 +85,6 @@ class QueryRoutes:
                                   "create_app(..., query=QueryStore(...)) with a QueryProjector")
         return self.store
 
-    def _limit(self, request: web.Request) -> int:
-        value = _int(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
-        assert value is not None
-        return value
-
     async def _page(self, coro: Any) -> Page:
         try:
             page: Page = await coro
@@ -140,23 +92,18 @@ class QueryRoutes:
             raise _HttpError(400, str(exc)) from None
         return page
 
-    async def list_runs(self, request: web.Request) -> web.Response:
-        self.api.authenticate(request)
+    @ROUTES("GET", "/v1/runs", "listRuns", "runs, newest first, filtered, a page at a time", {
+        200: Reply("runs, newest first", RunPage),
+        400: "a filter is unknown, malformed or out of range, or the cursor is not one this API gave",
+        503: NO_QUERY}, query=RunQuery)
+    async def list_runs(self, request: web.Request, query: RunQuery) -> web.Response:
         store = self._store()
-        where = run_filter(request)
-        page = await self._page(store.list_runs(where, self._limit(request), request.query.get("cursor")))
+        page = await self._page(store.list_runs(run_filter(query), query.limit, query.cursor))
         return web.json_response(_page_json(page, "runs"))
 
-    async def children(self, request: web.Request) -> web.Response:
-        self.api.authenticate(request)
-        store = self._store()
-        _known_params(request, _PAGE_PARAMS)
-        where = RunFilter(parent=request.match_info["run_id"])
-        page = await self._page(store.list_runs(where, self._limit(request), request.query.get("cursor")))
-        return web.json_response(_page_json(page, "runs"))
-
+    @ROUTES("GET", "/v1/runs/{run_id}/history", "getRunHistory", "every event of a run, in order", {
+        200: Reply("the run's events", RunHistory), 404: NO_RUN, 503: LOG_DOWN}, params=RunPath)
     async def history(self, request: web.Request) -> web.Response:
-        self.api.authenticate(request)
         run_id = request.match_info["run_id"]
         events = await self.api.client.history(run_id)
         if not events:
@@ -164,33 +111,49 @@ class QueryRoutes:
         rows = await shown([event_dict(off, ev) for off, ev in events], self.api.client.keys)
         return web.json_response({"run_id": run_id, "events": rows}, dumps=_dumps)
 
-    async def retry(self, request: web.Request) -> web.Response:
-        """Re-trigger a failed (dead-lettered) or cancelled run; `{"payload": ...}` replaces its payload."""
-        self.api.authenticate(request)
-        run_id = request.match_info["run_id"]
-        raw = await _read_body(request, self.api.config.max_body_bytes)
-        body = _json_object(raw, _RETRY_FIELDS) if raw.strip() else {}
-        was = await self.api.client.retry(run_id, body.get("payload"), new_payload="payload" in body)
-        return web.json_response({"run_id": run_id, "retriggered": True, "was": was.status,
-                                  "new_payload": "payload" in body}, status=202)
+    @ROUTES("GET", "/v1/runs/{run_id}/children", "listChildRuns", "runs the run started", {
+        200: Reply("runs, newest first", RunPage), 400: _BAD_PAGE, 503: NO_QUERY}, params=RunPath, query=PageQuery)
+    async def children(self, request: web.Request, query: PageQuery) -> web.Response:
+        store = self._store()
+        where = RunFilter(parent=request.match_info["run_id"])
+        page = await self._page(store.list_runs(where, query.limit, query.cursor))
+        return web.json_response(_page_json(page, "runs"))
 
+    @ROUTES("POST", "/v1/runs/{run_id}/retry", "retryRun",
+            "re-trigger a failed or cancelled run from its last completed step", {
+                202: Reply("the run is re-triggered", Retried), 404: NO_RUN,
+                409: "the run is neither failed nor cancelled",
+                422: "the new payload does not fit the task's model", 503: LOG_DOWN},
+            body=RetryRequest, body_required=False, params=RunPath)
+    async def retry(self, request: web.Request, body: RetryRequest) -> web.Response:
+        """Re-trigger a failed (dead-lettered) or cancelled run; `{"payload": ...}` replaces its payload."""
+        run_id = request.match_info["run_id"]
+        new_payload = "payload" in body.model_fields_set
+        was = await self.api.client.retry(run_id, body.payload, new_payload=new_payload)
+        return web.json_response({"run_id": run_id, "retriggered": True, "was": was.status,
+                                  "new_payload": new_payload}, status=202)
+
+    @ROUTES("DELETE", "/v1/subjects/{subject}", "forgetSubject",
+            "erase a subject: its sensitive fields become unreadable everywhere", {
+                200: Reply("the subject's keys are deleted", Erased),
+                503: "no key store is configured, or it cannot be reached"}, params=SubjectPath)
     async def forget(self, request: web.Request) -> web.Response:
         """Erase a subject (GDPR): delete its key, so its sensitive fields read as "[erased]"."""
-        self.api.authenticate(request)
         subject = request.match_info["subject"]
         kids = await self.api.client.forget(subject)
         return web.json_response({"subject": subject, "erased": bool(kids), "keys_deleted": len(kids)})
 
-    async def events(self, request: web.Request) -> web.Response:
-        self.api.authenticate(request)
+    @ROUTES("GET", "/v1/events", "listEvents", "domain events, newest first, with the runs each started", {
+        200: Reply("a page of events", EventPage), 400: _BAD_PAGE, 503: NO_QUERY}, query=EventQuery,
+        tags=("events",))
+    async def events(self, request: web.Request, query: EventQuery) -> web.Response:
         store = self._store()
-        _known_params(request, _PAGE_PARAMS | {"name"})
-        name = request.query.get("name") or None
-        page = await self._page(store.list_events(name, self._limit(request), request.query.get("cursor")))
+        page = await self._page(store.list_events(query.name, query.limit, query.cursor))
         return web.json_response(_page_json(page, "events"))
 
+    @ROUTES("GET", "/v1/queues", "listQueues", "live runs per queue, with the queue's limits", {
+        200: Reply("the queues", QueueList), 503: NO_QUERY}, tags=("queues",))
     async def queues(self, request: web.Request) -> web.Response:
-        self.api.authenticate(request)
         counts = await self._store().queue_counts()
         paused = {p["name"] for p in await self._store().pauses() if p["scope"] == "queue"}
         limits: dict[str, Any] = {}
@@ -212,8 +175,9 @@ class QueryRoutes:
             })
         return web.json_response({"queues": out})
 
+    @ROUTES("GET", "/v1/schedules", "listSchedules", "scheduled tasks and their next tick", {
+        200: Reply("the schedules", ScheduleList)}, tags=("queues",))
     async def schedules(self, request: web.Request) -> web.Response:
-        self.api.authenticate(request)
         now = datetime.now(UTC)
         out = []
         for t in sorted(self.api.registry or (), key=lambda t: t.id):
@@ -231,11 +195,14 @@ class QueryRoutes:
             out.append(entry)
         return web.json_response({"schedules": out})
 
+    @ROUTES("GET", "/v1/stream", "streamRuns", "Server-Sent Events: `event: run` with a RunSummary per "
+            "changed run, `event: resync` when too much changed to send", {
+                200: Reply("an endless event stream", media=("text/event-stream",)), 503: NO_QUERY},
+            auth="bearer-or-query")
     async def stream(self, request: web.Request) -> web.StreamResponse:
         """`event: run` + a run summary per changed run; `event: resync` when
         too much changed at once to send (reload the list); a keepalive
         comment every 15 s."""
-        self.api.authenticate(request, query_token=True)
         store = self._store()
         resp = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
@@ -276,17 +243,9 @@ def _dumps(value: Any) -> str:
 
 def add_query_routes(app: web.Application, api: _Api, store: QueryStore | None) -> QueryRoutes:
     routes = QueryRoutes(api, store)
-    app.router.add_get("/v1/runs", routes.list_runs)
-    app.router.add_get("/v1/runs/{run_id}/history", routes.history)
-    app.router.add_get("/v1/runs/{run_id}/children", routes.children)
-    app.router.add_post("/v1/runs/{run_id}/retry", routes.retry)
-    app.router.add_get("/v1/events", routes.events)
-    app.router.add_get("/v1/queues", routes.queues)
-    app.router.add_get("/v1/schedules", routes.schedules)
-    app.router.add_get("/v1/stream", routes.stream)
-    app.router.add_delete("/v1/subjects/{subject}", routes.forget)
+    ROUTES.mount(app, api, routes)
     app.on_shutdown.append(routes.on_shutdown)
     return routes
 
 
-__all__ = ["QueryRoutes", "add_query_routes", "run_filter"]
+__all__ = ["ROUTES", "QueryRoutes", "add_query_routes", "run_filter"]

@@ -13,6 +13,9 @@ from importlib import resources
 
 from aiohttp import web
 
+from stepline.server._http import Reply, Routes
+from stepline.server.models import FilePath
+
 # A flat folder of our own files: a name is letters, digits, '-' or '_' and
 # one known extension, so no request can reach outside `static/`.
 _STATIC_NAME = re.compile(r"[A-Za-z0-9_-]+\.(css|js|svg)")
@@ -31,6 +34,11 @@ def _read(*parts: str) -> bytes:
     return resources.files(__name__).joinpath(*parts).read_bytes()
 
 
+ROUTES = Routes()
+
+
+@ROUTES("GET", "/", "dashboard", "the dashboard page", {200: Reply("HTML", media=("text/html",))},
+        auth="none", tags=("dashboard",))
 async def _index(request: web.Request) -> web.Response:
     return web.Response(
         body=_read("index.html"), content_type="text/html", charset="utf-8",
@@ -38,6 +46,9 @@ async def _index(request: web.Request) -> web.Response:
     )
 
 
+@ROUTES("GET", "/static/{name}", "dashboardFile", "a file of the dashboard", {
+    200: Reply("the file", media=tuple(_CONTENT_TYPES.values())), 404: "no such file"},
+    auth="none", params=FilePath, tags=("dashboard",))
 async def _static(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     match = _STATIC_NAME.fullmatch(name)
@@ -64,8 +75,7 @@ def add_dashboard_routes(app: web.Application) -> None:
     The page calls the `/v1/` API of the same app; nothing here is
     authenticated, since the files hold no data.
     """
-    app.router.add_get("/", _index)
-    app.router.add_get("/static/{name}", _static)
+    ROUTES.mount(app, None)
 
 
-__all__ = ["add_dashboard_routes"]
+__all__ = ["ROUTES", "add_dashboard_routes"]
