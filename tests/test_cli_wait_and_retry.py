@@ -1,0 +1,71 @@
+"""The CLI's --wait that runs out of time, and `dlq retry` after a failed run,
+run as real processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.test_cli import APP, run_json, stepline, wait_for
+
+# `stepline trigger/fork --wait --timeout` when the run has not ended in time
+# (documented in the commands' help and docs/cli.md).
+STILL_PENDING = 124
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/stepline.db"
+
+
+@pytest.fixture
+def worker(url: str) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stepline.cli", "worker", APP, "--log", url],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    yield proc
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_trigger_wait_with_no_worker_says_the_run_is_still_pending(url):
+    proc = stepline("trigger", "times-ten", "--app", APP, "--payload", '{"n": 1}', "--wait",
+                    "--timeout", "0.5", url=url, check=False)
+    assert proc.returncode == STILL_PENDING, proc.stderr
+    [run] = run_json("runs", "ls", url=url)
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert "Traceback" not in proc.stderr
+    assert any(run["run_id"] in line and "still pending" in line for line in lines), lines
+    assert run["status"] == "pending"
+
+
+def test_trigger_wait_with_no_worker_prints_json_under_json(url):
+    proc = stepline("trigger", "times-ten", "--app", APP, "--payload", '{"n": 1}', "--wait",
+                    "--timeout", "0.5", "--json", url=url, check=False)
+    assert proc.returncode == STILL_PENDING, proc.stderr
+    res = json.loads(proc.stdout)
+    [run] = run_json("runs", "ls", url=url)
+    assert res["run_id"] == run["run_id"] and res["status"] == "pending" and res["timed_out"] is True
+
+
+def test_fork_wait_with_no_worker_says_the_fork_is_still_pending(url, worker):
+    done = run_json("trigger", "times-ten", "--app", APP, "--payload", '{"n": 2}', "--wait",
+                    "--timeout", "30", url=url)
+    assert done["status"] == "completed"
+    worker.terminate()
+    worker.wait(10)
+    proc = stepline("fork", done["run_id"], "--at-step", "1", "--app", APP, "--wait", "--timeout", "0.5",
+                    "--json", url=url, check=False)
+    assert proc.returncode == STILL_PENDING, proc.stderr
+    res = json.loads(proc.stdout)
+    assert res["forked_from"] == done["run_id"] and res["status"] == "pending" and res["timed_out"] is True
+    plain = stepline("fork", done["run_id"], "--at-step", "1", "--app", APP, "--wait", "--timeout", "0.5",
+                     url=url, check=False)
+    assert plain.returncode == STILL_PENDING and "Traceback" not in plain.stderr
+    assert "still pending" in plain.stdout + plain.stderr
