@@ -69,3 +69,37 @@ def test_fork_wait_with_no_worker_says_the_fork_is_still_pending(url, worker):
                      url=url, check=False)
     assert plain.returncode == STILL_PENDING and "Traceback" not in plain.stderr
     assert "still pending" in plain.stdout + plain.stderr
+
+
+def cancelled_run(url: str) -> str:
+    """A run that `dlq retry` may retrigger, made without a worker."""
+    run_id = run_json("trigger", "times-ten", "--app", APP, "--payload", '{"n": 1}', url=url)["run_id"]
+    run_json("cancel", run_id, url=url)
+    return run_id
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--payload", '{"n": 5}'], "stepline dlq retry --payload needs the app module"),
+        (["--app", APP, "--payload", '{"order_id": 5}'], "n: Field required"),
+        (["--app", APP, "--payload", '{"n": "many"}'], "n: Input should be a valid integer"),
+    ],
+)
+def test_dlq_retry_refuses_a_payload_it_cannot_validate_and_appends_nothing(url, args, message):
+    run_id = cancelled_run(url)
+    before = run_json("history", run_id, url=url)
+    proc = stepline("dlq", "retry", run_id, *args, url=url, check=False)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert run_json("history", run_id, url=url) == before
+    assert run_json("runs", "show", run_id, url=url)["status"] == "cancelled"
+
+
+def test_dlq_retry_with_the_app_appends_a_valid_payload(url):
+    run_id = cancelled_run(url)
+    res = run_json("dlq", "retry", run_id, "--app", APP, "--payload", '{"n": 5}', url=url)
+    assert res["retriggered"] is True and res["new_payload"] is True
+    last = run_json("history", run_id, url=url)[-1]
+    assert last["type"] == "RunRetriggered"
