@@ -103,3 +103,17 @@ def test_dlq_retry_with_the_app_appends_a_valid_payload(url):
     assert res["retriggered"] is True and res["new_payload"] is True
     last = run_json("history", run_id, url=url)[-1]
     assert last["type"] == "RunRetriggered"
+
+
+def test_after_dlq_retry_runs_show_ls_history_and_steps_say_the_same_attempt(url, worker):
+    proc = stepline("trigger", "times-ten", "--app", APP, "--payload", '{"n": 0}', "--wait",
+                    "--timeout", "30", "--json", url=url, check=False)
+    run_id = json.loads(proc.stdout)["run_id"]
+    wait_for(lambda: run_json("dlq", "ls", url=url))  # failed attempts 1 and 2
+    run_json("dlq", "retry", run_id, "--app", APP, "--payload", '{"n": 3}', url=url)
+    shown = wait_for(lambda: (s := run_json("runs", "show", run_id, url=url))["status"] == "completed" and s)
+    started = [h["body"]["attempt"] for h in run_json("history", run_id, url=url) if h["type"] == "RunStarted"]
+    assert started == [1, 2, 3]
+    assert shown["attempt"] == 3 == shown["steps"][-1]["attempt"]
+    assert [r["attempt"] for r in run_json("runs", "ls", url=url)] == [3]
+    assert "attempt 3" in stepline("runs", "show", run_id, url=url).stdout

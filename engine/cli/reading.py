@@ -47,7 +47,7 @@ def _runs_table(runs: list[RunState], title: str) -> Table:
     for r in runs:
         status = r.status + (" (dead letter)" if r.dead_lettered else "")
         error = f"{r.error.type}: {r.error.message}" if r.error and r.status == FAILED else ""
-        table.add_row(r.run_id, r.task_id, status, str(r.attempt_in_trigger), _time(r.created_at), error[:80])
+        table.add_row(r.run_id, r.task_id, status, str(r.attempt), _time(r.created_at), error[:80])
     return table
 
 
@@ -112,7 +112,7 @@ def runs_show(
         out.print(f"as of offset {at.offset} ({iso_ms(at.time)}): event {at.events} of {at.total}, "
                   f"{at.type}", highlight=False, markup=False)
     out.print(f"[bold]{state.run_id}[/]  task {state.task_id}  [bold]{state.status}[/]"
-              f"{' (dead letter)' if state.dead_lettered else ''}  attempt {state.attempt_in_trigger}",
+              f"{' (dead letter)' if state.dead_lettered else ''}  attempt {state.attempt}",
               highlight=False)
     if state.status == "suspended" and state.wake_at is not None:
         out.print(f"wakes at {iso_ms(state.wake_at)}", highlight=False, markup=False)

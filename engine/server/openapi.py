@@ -159,7 +159,7 @@ _RUN_STATE = _obj(
      "tags", "payload", "steps", "errors", "retries", "logs"],
     run_id={"type": "string"}, task_id={"type": "string"}, status=_ref("RunStatus"),
     dead_lettered={"type": "boolean"},
-    attempt={"type": "integer", "description": "1 for the first attempt since the run was (re)triggered"},
+    attempt={"type": "integer", "description": "the latest attempt, counted over the run's whole life as on its events and steps: a retriggered dead letter goes on from its last attempt"},
     created_at=_MS, updated_at=_MS, ended_at=_nullable(_MS), priority={"type": "integer"},
     tags={"type": "array", "items": {"type": "string"}}, idempotency_key=_nullable({"type": "string"}),
     payload=_ANY, output=_ANY, error={"oneOf": [_ERROR_INFO, {"type": "null"}]},
