@@ -71,7 +71,8 @@ _SCHEMAS_REQUEST: dict[str, Schema] = {
     "TriggerRequest": {"properties": {
         "payload": {**_ANY, "description": "the task's input; checked against its model (422)"},
         "idempotency_key": {**_nullable({"type": "string", "minLength": 1}),
-                            "description": "a repeated trigger with the same key is the same run"},
+                            "description": "a repeated trigger with the same key and payload is the same run; "
+                                           "the key with another payload is refused (409)"},
         "delay": {**_nullable({"type": "number", "minimum": 0, "maximum": MAX_DELAY_S}),
                   "description": "seconds before the run may start"},
         "ttl": {**_nullable({"type": "number", "minimum": 0, "maximum": MAX_DELAY_S}),
@@ -334,6 +335,8 @@ def _run_paths() -> dict[str, dict[str, Schema]]:
                                                    "description": "/v1/runs/{run_id}"}},
                              links=_get_run_link()),
                 "404": _error("no task with this id (when the server knows the app's tasks)"),
+                "409": _error("the idempotency key already started a run with another payload; "
+                              "nothing was recorded"),
                 "422": _error("the payload does not fit the task's model"),
                 "503": _LOG_DOWN},
             body=("TriggerRequest", True), params=[_path("task_id", "the task's id", examples=["charge"])])},
