@@ -112,6 +112,23 @@ class InvalidRunState(SteplineError):
     """The run is not in a state that allows the requested operation."""
 
 
+class IdempotencyKeyReused(InvalidRunState):
+    """A trigger's idempotency key already started a run with another
+    payload (HTTP 409, as Stripe answers a reused key whose parameters
+    differ). Nothing was appended; the key's run is `run_id`."""
+
+    def __init__(self, key: str, run_id: str, task_id: str) -> None:
+        super().__init__(
+            f"idempotency key {key!r} already started run {run_id} of task {task_id!r} with another "
+            "payload; repeat the same payload to get that run, or use a new key for a new one")
+        self.key = key
+        self.run_id = run_id
+        self.task_id = task_id
+
+    def __reduce__(self) -> tuple[type[IdempotencyKeyReused], tuple[str, str, str]]:
+        return (type(self), (self.key, self.run_id, self.task_id))
+
+
 class InvalidFork(InvalidRunState):
     """A fork asked for what the original run's history cannot give: a fork
     point past its journal, a step before it that never completed, or an

@@ -24,8 +24,9 @@ from stepline.projections.snapshot import run_to_json
 DEFAULT_QUERY_DB = ".stepline/query.db"
 
 # Bump when the tables change: an older file is dropped and rebuilt from the
-# log (it is derived data), never migrated.
-SCHEMA_VERSION = 1
+# log (it is derived data), never migrated. 2: `attempt` is the run's count
+# over its life, as on its events (it restarted at 1 on a retrigger).
+SCHEMA_VERSION = 2
 
 MAX_LIMIT = 500
 
@@ -180,7 +181,7 @@ def run_values(s: RunState) -> tuple[Any, ...]:
     err = s.error
     return (
         s.run_id, s.task_id, s.status, int(s.dead_lettered), s.priority, _dumps(s.tags),
-        s.created_at, s.updated_at, s.started_at, s.ended_at, s.attempt_in_trigger, s.queue,
+        s.created_at, s.updated_at, s.started_at, s.ended_at, s.attempt, s.queue,
         s.concurrency_key, s.parent_run_id, s.idempotency_key,
         None if err is None else err.type, None if err is None else err.message,
         f"{_payload_text(s.payload)}\n{_payload_text(s.output)}",

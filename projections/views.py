@@ -17,7 +17,7 @@ def state_dict(s: RunState) -> dict[str, Any]:
         "task_id": s.task_id,
         "status": s.status,
         "dead_lettered": s.dead_lettered,
-        "attempt": s.attempt_in_trigger,
+        "attempt": s.attempt,
         "created_at": s.created_at,
         "updated_at": s.updated_at,
         "ended_at": s.ended_at,

@@ -72,6 +72,17 @@ async def test_a_projection_from_offset_0_sees_every_run_the_engine_recorded(eng
     assert only == ["StepCompleted"] * 12
 
 
+
+async def test_iterating_a_stream_without_async_with_opens_and_reads_the_log(engine_factory, backend_url):
+    e = await engine_factory(app())
+    run_ids = await run_some(e, 0, 3)
+    # A URL: the stream opens the log itself for the loop, and closes it after.
+    by_url = [d.event.run_id async for d in consume(backend_url, ["runs"], types=[RunCompleted])]
+    assert sorted(by_url) == sorted(run_ids)
+    # An open Log: read as it is.
+    by_log = [d.event.run_id async for d in consume(e.client.log, ["runs"], types=[RunCompleted])]
+    assert sorted(by_log) == sorted(run_ids)
+
 async def test_a_committed_position_resumes_after_the_last_delivery(engine_factory):
     e = await engine_factory(app())
     await run_some(e, 0, 5)

@@ -37,6 +37,7 @@ from stepline.core.events import (
     StepFailed,
     StepStarted,
 )
+from stepline.projections.query_sql import SUMMARY_COLUMNS, run_values
 from stepline.projections.runs import (
     CANCELLED,
     COMPLETED,
@@ -50,6 +51,7 @@ from stepline.projections.runs import (
     RunState,
     fold_run,
 )
+from stepline.projections.views import state_dict
 
 RUN_ID = "run_01HZZZZZZZZZZZZZZZZZZZZZZZ"
 TASK_ID = "process-order"
@@ -380,6 +382,21 @@ def test_retriggering_a_failed_run_makes_it_pending_again_with_the_new_payload()
     assert not state.dead_lettered
     assert state.error is None and state.ended_at is None
 
+
+
+def test_a_retriggered_run_shows_the_attempt_its_events_and_steps_carry() -> None:
+    # One meaning of "attempt": the run's count over its whole life, as on
+    # RunStarted and StepStarted. `runs show`, the API and the dashboard's
+    # lists must not restart it at 1 after `dlq retry`.
+    h = failed_history().add(RunRetriggered(None), RunStarted(3, WORKER),
+                             StepStarted(1, "charge", 3, payload("in")))
+    state = folded(h.events)
+    view = state_dict(state)
+    [step] = view["steps"]
+
+    assert view["attempt"] == step["attempt"] == 3
+    assert view["attempt"] == max(e.body.attempt for e in h.events if isinstance(e.body, RunStarted))
+    assert dict(zip(SUMMARY_COLUMNS, run_values(state), strict=False))["attempt"] == 3
 
 def test_retriggering_without_a_payload_keeps_the_old_one() -> None:
     h = failed_history().add(RunRetriggered(None))

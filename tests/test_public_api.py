@@ -31,7 +31,7 @@ EXPECTED_PUBLIC_NAMES = frozenset({
     # errors
     "SteplineError", "FatalError", "RetryAfter", "RunFailedError", "NonDeterminismError",
     "PayloadValidationError", "TaskDefinitionError", "UnknownTask", "UnknownRun",
-    "InvalidRunState", "NoClient", "NotInRunContext", "LogError", "LogUnavailable",
+    "InvalidRunState", "IdempotencyKeyReused", "NoClient", "NotInRunContext", "LogError", "LogUnavailable",
     "SchemaError", "StepRetriesExhausted",  # docs/concepts.md, "A step's own retries"
     "__version__",
 })

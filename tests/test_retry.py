@@ -160,6 +160,16 @@ def test_a_retry_after_error_sets_the_delay() -> None:
     assert Retry.fixed_delay(1, 5).next_delay(1, err, rng()) == 42
 
 
+
+def test_a_retry_after_hint_is_capped_by_max_timeout() -> None:
+    # A server asking for an hour must not park the run past the policy's own ceiling.
+    hour = RetryAfter("rate limited", retry_after=3600)
+    assert Retry.exponential(5, max_timeout=30).next_delay(1, hour, rng()) == 30
+    assert Retry.exponential(5, max_timeout=30).next_delay(1, HTTPError(429, retry_after=3600), rng()) == 30
+    assert Retry.exponential(5, max_timeout=30).next_delay(1, RetryAfter("soon", 12), rng()) == 12
+    # A fixed delay longer than max_timeout is the policy's ceiling there: never cut below it.
+    assert Retry.fixed_delay(120, 5).next_delay(1, hour, rng()) == 120
+
 def test_a_numeric_retry_after_attribute_on_any_exception_is_honoured() -> None:
     assert Retry.exponential(5).next_delay(1, HTTPError(503, retry_after=7), rng()) == 7.0
     assert Retry.exponential(5).next_delay(1, HTTPError(503, retry_after=7.5), rng()) == 7.5

@@ -78,6 +78,24 @@ async def test_a_run_shadowed_against_unchanged_code_is_the_same_at_every_step(e
     assert (result.recorded_version, result.shadow_version, result.version_changed) == ("1", "1", False)
 
 
+
+@pytest.mark.parametrize("edit", [{"payload": {"sku": "pear", "qty": 4}, "new_payload": True},
+                                  {"step_outputs": {0: 7}}], ids=["new-payload", "edited-output"])
+async def test_a_fork_shadowed_against_unchanged_code_is_the_same_at_every_step(engine_factory, edit):
+    # A fork's copied positions keep the inputs of the run they were copied
+    # from: with another payload or an edited output the code now calls them
+    # with other arguments, which is the fork, not a change of code.
+    eng = await engine_factory(v1.registry)
+    run = await v1.quote.trigger({"sku": "pear", "qty": 3}, client=eng.client)
+    await run.result(timeout=30)
+    fork = await eng.client.fork(run.run_id, 2, **edit)
+    await fork.result(timeout=30)
+    [result] = await shadow_runs(eng.client, v1.registry, [fork.run_id])
+    assert result.first_divergence() is None and not result.diverged
+    assert [(s.step, s.verdict) for s in result.steps] == [(0, SAME), (1, SAME), (2, SAME)]
+    # The step that ran live in the fork is still compared: its input is the fork's.
+    assert result.steps[2].recorded_input == result.steps[2].shadow_input
+
 async def test_a_shadow_runs_no_step_body_and_appends_nothing(engine_factory):
     eng = await engine_factory(v1.registry)
     done = await v1.quote.trigger({"sku": "apple", "qty": 12}, client=eng.client)

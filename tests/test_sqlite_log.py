@@ -214,6 +214,61 @@ async def test_a_reader_sees_appends_made_by_another_process(log: SqliteLog, db:
     assert [r.value for r in records] == [b"triggered from a CLI"]
 
 
+# Long-lived openers, so the rounds cost no interpreter start: each line on
+# stdin names a log to open, append one record to and close.
+OPENER = """
+    import asyncio, sys
+    from stepline.errors import LogError
+    from stepline.log import TopicSpec
+    from stepline.log.sqlite import SqliteLog
+
+    async def main(name):
+        while path := (await asyncio.to_thread(sys.stdin.readline)).strip():
+            try:
+                async with SqliteLog(path) as log:
+                    await log.ensure_topics([TopicSpec("events", 1)])
+                    await log.append("events", 0, [(name.encode(), b"opened")])
+                print("ok", flush=True)
+            except LogError as exc:
+                print(exc, flush=True)
+
+    asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def test_processes_opening_one_log_at_the_same_moment_all_open_it(tmp_path: Path) -> None:
+    # The race (two openers switching a fresh file to WAL) lost about one
+    # round in twenty before the fix: 100 rounds make a pass meaningful.
+    # Odd rounds reopen the previous round's file: an existing log, too.
+    rounds, openers = 100, 4
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", textwrap.dedent(OPENER), f"p{i}",
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        )
+        for i in range(openers)
+    ]
+    try:
+        for round_ in range(rounds):
+            db = tmp_path / f"round-{round_ - round_ % 2}" / "log.db"
+            for proc in procs:  # all at once: one write each, then drain
+                proc.stdin.write(f"{db}\n".encode())  # type: ignore[union-attr]
+            for proc in procs:
+                await proc.stdin.drain()  # type: ignore[union-attr]
+            said = [(await asyncio.wait_for(p.stdout.readline(), 60)).decode().strip()  # type: ignore[union-attr]
+                    for p in procs]
+            assert said == ["ok"] * openers, f"round {round_}: {said}"
+            if round_ % 2:
+                async with SqliteLog(db) as log:
+                    records = await log.read("events", 0, 0, max_records=100)
+                assert sorted(r.key for r in records) == sorted(2 * [f"p{i}".encode() for i in range(openers)])
+    finally:
+        for proc in procs:
+            proc.stdin.close()  # type: ignore[union-attr]
+        for proc in procs:
+            await asyncio.wait_for(proc.wait(), 30)
+
+
 GROUP_HOLDER = """
     import asyncio, sys
     from stepline.log import open_log

@@ -14,6 +14,7 @@ import pytest
 
 import stepline as sl
 from stepline.core.ids import wait_token
+from stepline.events import LogRecorded, RunStarted
 
 from .conftest import eventually
 
@@ -155,6 +156,38 @@ async def test_stepline_complete_token_resumes_a_human_approval(engine_factory, 
         await e.client.complete_token(token, {"approved": False})
     assert calls["notify"] == 1
 
+
+
+async def test_a_log_line_is_recorded_once_however_often_the_run_resumes(engine_factory):
+    reg = sl.Registry()
+
+    @sl.step
+    async def note(token: str) -> str:
+        sl.logger.info("in the step")
+        return token
+
+    @sl.task(id="chatty", registry=reg)
+    async def chatty(p: dict) -> str:
+        sl.logger.info("before the token")
+        token = sl.create_token()
+        await note(token.id)
+        await sl.wait_for_token(token, timeout=60)
+        sl.logger.info("between the waits")
+        await sl.wait_for_event("never.published", timeout=0.2)  # resumes by timing out
+        sl.logger.info("after the waits")
+        return "done"
+
+    e = await engine_factory(reg)
+    h = await e.client.trigger("chatty", {})
+    await eventually(lambda: waiting(e, h.run_id, "token"), timeout=20, what="the run to wait on its token")
+    await e.client.complete_token(wait_token(h.run_id, 0), "go")
+    assert await h.result(timeout=30) == "done"
+    history = await e.client.history(h.run_id)
+    started = [ev.body.attempt for _, ev in history if isinstance(ev.body, RunStarted)]
+    assert len(started) == 3, "the body ran three times: first, after the token, after the timeout"
+    lines = [(ev.body.message, ev.body.step) for _, ev in history if isinstance(ev.body, LogRecorded)]
+    assert lines == [("before the token", None), ("in the step", 1), ("between the waits", None),
+                     ("after the waits", None)]
 
 async def test_bad_tokens_are_refused_with_the_reason(engine_factory):
     e = await engine_factory(approval_app())

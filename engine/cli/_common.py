@@ -124,18 +124,38 @@ def _dev_query_db(log_url: str) -> str:
     return DEFAULT_QUERY_DB
 
 
+# The exit status of `--wait --timeout` when the run had not ended in time (the
+# run goes on; GNU timeout(1) uses the same number). 1 means the run ended
+# other than completed.
+EXIT_STILL_PENDING = 124
+WAIT_HELP = (f"Wait for the run to end: exit 0 when it completed, 1 when it failed or was cancelled, "
+             f"{EXIT_STILL_PENDING} when --timeout ran out first (the run goes on).")
+TIMEOUT_HELP = f"Seconds to wait with --wait; past them, exit {EXIT_STILL_PENDING}."
+
+
 async def _await_outcome(client: Client, run_id: str, offset: int | None, timeout: float | None,
                          result: dict[str, Any]) -> None:
-    """--wait: the run's end into `result` (status, output, error)."""
-    state = await client.wait(run_id, timeout=timeout, from_offset=offset)
+    """--wait: the run's end into `result` (status, output, error), or its
+    status now and `timed_out` when it did not end within `timeout`."""
+    try:
+        state = await client.wait(run_id, timeout=timeout, from_offset=offset)
+    except TimeoutError:
+        state = await client.get_run(run_id)
+        result.update(status=state.status, timed_out=True, timeout=timeout)
+        return
     result.update(status=state.status, output=payload_json(state.output),
                   error=None if state.error is None else f"{state.error.type}: {state.error.message}")
 
 
 def _print_started(res: dict[str, Any], headline: str, wait: bool, as_json: bool) -> None:
-    """A started run (and with --wait its end); exit 1 when it waited and did not complete."""
+    """A started run (and with --wait its end); exit 1 when it waited and did
+    not complete, EXIT_STILL_PENDING when the wait ran out first."""
     if as_json:
         _print_json(res)
+    elif res.get("timed_out"):
+        out.print(headline, highlight=False)
+        out.print(f"run {res['run_id']} is still {res['status']} after {res['timeout']:g} s; it goes on "
+                  f"(see `stepline runs show {res['run_id']}`)", highlight=False, markup=False)
     else:
         out.print(headline, highlight=False)
         if wait:
@@ -145,6 +165,8 @@ def _print_started(res: dict[str, Any], headline: str, wait: bool, as_json: bool
             if res.get("error"):
                 # markup=False: the message is the task's, and "[...]" in it is not Rich markup.
                 out.print(f"error: {res['error']}", highlight=False, markup=False)
+    if res.get("timed_out"):
+        raise typer.Exit(EXIT_STILL_PENDING)
     if wait and res.get("status") != "completed":
         raise typer.Exit(1)
 

@@ -13,6 +13,8 @@ import typer
 from rich.table import Table
 
 from stepline.cli._common import (
+    TIMEOUT_HELP,
+    WAIT_HELP,
     CliError,
     _await_outcome,
     _fail,
@@ -55,8 +57,8 @@ def fork(
     idempotency_key: Annotated[str | None, typer.Option(help="Makes a repeated fork a no-op.")] = None,
     app_module: AppOpt = None,
     log: LogOpt = DEFAULT_LOG_URL,
-    wait: Annotated[bool, typer.Option("--wait", help="Wait for the fork to end.")] = False,
-    timeout: Annotated[float | None, typer.Option(help="Seconds to wait with --wait.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help=WAIT_HELP)] = False,
+    timeout: Annotated[float | None, typer.Option(help=TIMEOUT_HELP)] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Start a new run from RUN's history up to --at-step, then live (with edits)."""

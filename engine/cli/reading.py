@@ -17,6 +17,7 @@ from stepline.cli._common import (
     _parse_json,
     _print_json,
     _progress,
+    _registry,
     _run,
     _shown,
     _time,
@@ -32,7 +33,7 @@ from stepline.projections.query import rebuild
 from stepline.projections.query_store import DEFAULT_QUERY_DB
 from stepline.projections.runs import FAILED, RunState
 from stepline.projections.views import event_dict, state_dict
-from stepline.sdk.task import load_app
+from stepline.sdk.task import Registry, load_app
 from stepline.security.keystore import default_keystore, open_keystore
 
 
@@ -46,7 +47,7 @@ def _runs_table(runs: list[RunState], title: str) -> Table:
     for r in runs:
         status = r.status + (" (dead letter)" if r.dead_lettered else "")
         error = f"{r.error.type}: {r.error.message}" if r.error and r.status == FAILED else ""
-        table.add_row(r.run_id, r.task_id, status, str(r.attempt_in_trigger), _time(r.created_at), error[:80])
+        table.add_row(r.run_id, r.task_id, status, str(r.attempt), _time(r.created_at), error[:80])
     return table
 
 
@@ -111,7 +112,7 @@ def runs_show(
         out.print(f"as of offset {at.offset} ({iso_ms(at.time)}): event {at.events} of {at.total}, "
                   f"{at.type}", highlight=False, markup=False)
     out.print(f"[bold]{state.run_id}[/]  task {state.task_id}  [bold]{state.status}[/]"
-              f"{' (dead letter)' if state.dead_lettered else ''}  attempt {state.attempt_in_trigger}",
+              f"{' (dead letter)' if state.dead_lettered else ''}  attempt {state.attempt}",
               highlight=False)
     if state.status == "suspended" and state.wake_at is not None:
         out.print(f"wakes at {iso_ms(state.wake_at)}", highlight=False, markup=False)
@@ -214,7 +215,8 @@ def dlq_ls(log: LogOpt = DEFAULT_LOG_URL, as_json: JsonOpt = False) -> None:
 
 def dlq_retry(
     run_id: Annotated[str, typer.Argument(help="Run id.")],
-    payload: Annotated[str | None, typer.Option(help="Replacement payload as JSON.")] = None,
+    payload: Annotated[str | None, typer.Option(
+        help="Replacement payload as JSON, validated against the task's model (needs --app).")] = None,
     app_module: AppOpt = None,
     log: LogOpt = DEFAULT_LOG_URL,
     as_json: JsonOpt = False,
@@ -222,7 +224,12 @@ def dlq_retry(
     """Re-trigger a dead letter; it resumes from its last completed step."""
 
     async def go() -> RunState:
-        registry = load_app(app_module) if app_module else None
+        # A new payload nobody validated would only fail the run again, with
+        # PayloadValidationError: as `trigger`, it needs the task's model.
+        if payload is not None:
+            registry: Registry | None = _registry(app_module, "stepline dlq retry --payload")
+        else:
+            registry = load_app(app_module) if app_module else None
         new_value = _parse_json(payload, "--payload") if payload is not None else None
         async with Client(log, registry=registry) as client:
             return await client.retry(run_id, new_value, new_payload=payload is not None)

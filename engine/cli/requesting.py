@@ -8,6 +8,8 @@ from typing import Annotated, Any
 import typer
 
 from stepline.cli._common import (
+    TIMEOUT_HELP,
+    WAIT_HELP,
     CliError,
     _await_outcome,
     _parse_json,
@@ -38,8 +40,8 @@ def trigger(
     tag: Annotated[list[str] | None, typer.Option(help="Tag (repeatable).")] = None,
     concurrency_key: Annotated[str | None, typer.Option(help="Key the queue's key_limit applies to.")] = None,
     ttl: Annotated[float | None, typer.Option(help="Seconds the run may wait to start before it expires.")] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="Wait for the run to end.")] = False,
-    timeout: Annotated[float | None, typer.Option(help="Seconds to wait with --wait.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help=WAIT_HELP)] = False,
+    timeout: Annotated[float | None, typer.Option(help=TIMEOUT_HELP)] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Trigger a run of TASK."""

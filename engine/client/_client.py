@@ -24,8 +24,9 @@ from stepline.core.events import (
     RunTriggered,
 )
 from stepline.core.ids import idempotent_run_id, new_event_id, new_run_id
-from stepline.core.payloads import ANY
+from stepline.core.payloads import ANY, payload_json
 from stepline.errors import (
+    IdempotencyKeyReused,
     InvalidEventName,
     NoClient,
     PayloadTooLarge,
@@ -78,6 +79,19 @@ def _ms(duration: timedelta | float) -> int:
     return int(secs * 1000)
 
 
+def _same_payload(run: RunState, t: Task[Any, Any] | None, clear: Payload, key: str) -> None:
+    """Refuse a reused idempotency key whose payload differs from its run's.
+
+    Compared as JSON values (key order does not count). A task with
+    sensitive fields is not compared: its recorded payload is sealed with a
+    fresh nonce each time, and opening it would need the subject's key.
+    """
+    if t is not None and t.sensitive is not None:
+        return
+    if payload_json(run.payload) != payload_json(clear):
+        raise IdempotencyKeyReused(key, run.run_id, run.task_id)
+
+
 class Client(Steering):
     """Talks to a Stepline log. An async context manager."""
 
@@ -120,23 +134,37 @@ class Client(Steering):
         it, a key means one run forever).
         `validate=False` (the event router) records the payload as given; a
         payload that does not fit then fails its run, not the caller.
+
+        A key that already started a run returns that run when the payload
+        is the same, and raises IdempotencyKeyReused, appending nothing,
+        when it is another. Telling costs a read of the run's partition, as
+        a key with a TTL does; triggers whose keys derive from facts (a
+        child run's, the event router's with `validate=False`) skip it.
         """
         task_id, t = self._task(task)
         where = f"payload for task {task_id!r}"
-        data = (t.payload_codec if t and validate else ANY).check_and_dump(payload, where)
-        data = await self._seal(t, data, where, strict=validate)
+        clear = (t.payload_codec if t and validate else ANY).check_and_dump(payload, where)
+        data = await self._seal(t, clear, where, strict=validate)
         self._check_size(data, where)
         now = self.clock()
         debounce = getattr(t, "debounce", None) if t is not None else None
         if t is not None and debounce is not None and idempotency_key is None:
             return await self._debounced(t, debounce, payload, data, now, priority=priority, tags=tags,
                                          concurrency_key=concurrency_key, ttl=ttl)
+        check_key = validate and parent_run_id is None
         if idempotency_key and idempotency_key_ttl is not None:
             run_id, existing = await self._keyed_run(task_id, idempotency_key, _ms(idempotency_key_ttl), now)
-            if existing:
+            if existing is not None:
+                if check_key:
+                    _same_payload(existing, t, clear, idempotency_key)
                 return RunHandle(run_id, task_id, self, t.output_codec if t else ANY, None)
         elif idempotency_key:
             run_id = idempotent_run_id(task_id, idempotency_key)
+            if check_key:
+                try:
+                    _same_payload(await self.get_run(run_id), t, clear, idempotency_key)
+                except UnknownRun:
+                    pass
         else:
             run_id = new_run_id(now)
         not_before = now + _ms(delay) if delay is not None else None
@@ -197,8 +225,8 @@ class Client(Steering):
         before = part.runs.get(run_id)
         return before is None or (before.status == PENDING and before.started_at is None)
 
-    async def _keyed_run(self, task_id: str, key: str, ttl_ms: int, now: int) -> tuple[str, bool]:
-        """The run an idempotency key maps to under a TTL: (run id, exists).
+    async def _keyed_run(self, task_id: str, key: str, ttl_ms: int, now: int) -> tuple[str, RunState | None]:
+        """The run an idempotency key maps to under a TTL: (run id, its state if it exists).
 
         Generation n of a key is the run id of `key` (n = 0) or `key#n`; a
         key whose run outlived the TTL moves on to the next generation. Each
@@ -211,9 +239,9 @@ class Client(Steering):
             try:
                 state = await self.get_run(run_id)
             except UnknownRun:
-                return run_id, False
+                return run_id, None
             if now - state.created_at < ttl_ms:
-                return run_id, True
+                return run_id, state
             generation += 1
 
     async def publish(

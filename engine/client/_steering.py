@@ -45,8 +45,8 @@ class Steering(Reading):
         """Re-trigger a failed (dead-lettered) or cancelled run.
 
         It resumes from its last completed step; with `new_payload=True` the
-        given payload replaces the original (validated against the task when
-        the client knows it).
+        given payload replaces the original, validated against the task when
+        the client has a registry (which must then declare the task).
         """
         state = await self.get_run(run_id)
         if state.status not in (FAILED, CANCELLED):
@@ -56,7 +56,7 @@ class Steering(Reading):
         replacement: Payload | None = None
         if new_payload:
             t: Task[Any, Any] | None = None
-            if self.registry is not None and state.task_id in self.registry:
+            if self.registry is not None:
                 t = self.registry.get(state.task_id)
             pcodec = t.payload_codec if t else ANY
             replacement = pcodec.check_and_dump(payload, f"payload for task {state.task_id!r}")

@@ -8,7 +8,9 @@ outside world through steps:
 
 1. Each step, sleep and wait asks the context for its position. A position
    the history completed answers with the recorded output; the step body
-   never runs. The step's arguments are compared with the recorded input.
+   never runs. The step's arguments are compared with the recorded input
+   (except at a fork's copied positions, whose inputs are the original
+   run's).
 2. A position the history does not have (new code calls a step the old
    code never reached), or holds under another name, is not executed: the
    shadow stops there and reports the divergence. A position the history
@@ -303,7 +305,11 @@ def _diff(state: RunState, ctx: _ShadowContext) -> list[StepDiff]:
         name, shown = got
         # Inputs are compared when both sides have them: a history written
         # before inputs were recorded, or a wait (no arguments), has none.
-        changed = rec.input is not None and shown is not None and recorded[2] != shown
+        # Nor are a fork's copied positions (attempt 0): they keep the
+        # inputs of the run they were copied from, which the fork's payload
+        # or edited outputs change without any change of code.
+        copied = state.forked_from is not None and rec.attempt == 0
+        changed = not copied and rec.input is not None and shown is not None and recorded[2] != shown
         out.append(StepDiff(pos, INPUT_CHANGED if changed else SAME, *recorded, name, shown))
     return out
 

@@ -61,7 +61,9 @@ class EventStream:
     """An async iterator of `Delivery`, and the position to commit.
 
     Built by `consume`; use it as `async with`, which opens the log when
-    given a URL and closes it again.
+    given a URL and closes it again. A bare `async for` over the stream
+    does the same around the loop (the log closes when the loop ends, or
+    when the abandoned iterator is collected).
     """
 
     def __init__(
@@ -94,16 +96,23 @@ class EventStream:
         self._epochs: dict[tuple[str, int], int] = {}
         self._ends: dict[tuple[str, int], int] = {}
         self.skipped = 0  # undecodable records passed over (the engine quarantines them)
+        self._entered = False
 
     async def __aenter__(self) -> Self:
         if self._owns_log:
             await self._log.start()
-        await self._position()
+        self._entered = True
+        try:
+            await self._position()
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None,
     ) -> None:
+        self._entered = False
         if self._owns_log:
             await self._log.close()
 
@@ -142,7 +151,14 @@ class EventStream:
             await self._log.commit(self._group, self._full(topic), offsets)
 
     def __aiter__(self) -> AsyncIterator[Delivery]:
-        return self._iterate()
+        return self._iterate() if self._entered else self._opened_for_the_loop()
+
+    async def _opened_for_the_loop(self) -> AsyncIterator[Delivery]:
+        # Without `async with` nothing is positioned yet, and the loop would
+        # end at once with nothing read: open (and later close) around it.
+        async with self:
+            async for d in self._iterate():
+                yield d
 
     async def _iterate(self) -> AsyncIterator[Delivery]:
         while True:

@@ -137,8 +137,17 @@ def _check_file(path: str) -> None:
         return  # created, never written: SQLite starts it afresh
     conn = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True, isolation_level=None)
     try:
+        # Sizes are taken inside one read transaction: while it is open no
+        # other process can delete or restart the write-ahead log (a last
+        # connection closing checkpoints it away), so a file that a
+        # checkpoint is still growing is not mistaken for one cut short.
+        conn.execute("BEGIN")
         page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
         pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
+        size = os.stat(path).st_size
+        wal = f"{path}-wal"
+        wal_holds_pages = os.path.exists(wal) and os.stat(wal).st_size > 32
+        conn.execute("COMMIT")
     except sqlite3.DatabaseError as exc:
         if _corrupt(exc):
             raise LogCorrupted(f"the sqlite log at {path} is damaged: {exc}; {_RESTORE}") from exc
@@ -149,8 +158,6 @@ def _check_file(path: str) -> None:
         raise LogCorrupted(
             f"the sqlite log at {path} is damaged: it ends in the middle of a page ({size:,} bytes, "
             f"pages of {page_size:,}), as a torn write leaves it; {_RESTORE}")
-    wal = f"{path}-wal"
-    wal_holds_pages = os.path.exists(wal) and os.stat(wal).st_size > 32
     if size < pages * page_size and not wal_holds_pages:
         raise LogCorrupted(
             f"the sqlite log at {path} is damaged: its header counts {pages:,} pages but the file "

@@ -144,12 +144,22 @@ class _Writer:
 
     def _run(self, ready: concurrent.futures.Future[None]) -> None:
         try:
-            _check_file(self.path)
-            self._conn = self._open()
             self._turnstile = _Turnstile(self.path, self._busy_timeout_ms / 1000)
+            # Opening takes a turn as a write does. Two processes switching a
+            # fresh file to WAL at once deadlock inside SQLite, which then
+            # fails one at once with "database is locked" instead of calling
+            # the busy handler; in turn, the second finds the switch made.
+            self._turnstile.enter()
+            try:
+                _check_file(self.path)
+                self._conn = self._open()
+            finally:
+                self._turnstile.leave()
         except BaseException as exc:
             if self._conn is not None:
                 self._conn.close()
+            if self._turnstile is not None:
+                self._turnstile.close()
             ready.set_exception(_unavailable(self.path, exc))
             return
         ready.set_result(None)

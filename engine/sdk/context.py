@@ -108,6 +108,11 @@ class Requester(Protocol):
         ...
 
 
+# Journal positions an attempt went past without failing: done, or a wait
+# the run suspended on.
+_PASSED = DONE_STEPS | {"waiting"}
+
+
 @dataclass(eq=False)
 class RunContext:
     run_id: str
@@ -163,6 +168,14 @@ class RunContext:
         if rec is not None and rec.name != name:
             raise NonDeterminismError(self.run_id, pos, rec.name, name)
         return pos, rec
+
+    def resuming(self) -> bool:
+        """Whether the body is running again code that an earlier attempt
+        ran and left behind as history: the journal holds a position at or
+        after the next one that is done or was waited on, so this attempt
+        resumes the run (after a wait) rather than retrying it (after a
+        failed or lost step, whose code runs again for real)."""
+        return any(pos >= self._next and rec.status in _PASSED for pos, rec in self.journal.items())
 
     def observe_step(self, name: str, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
         """Called with a step's arguments just before it takes its position.

@@ -8,6 +8,15 @@ Inside a run, `sl.logger.info("charged", amount=990)` does two things:
 2. records a LogRecorded event on the run (level, message, fields as JSON,
    attempt, step), so the line is part of the run's history on any worker.
 
+A line is recorded once per journal position. A run resumed after a wait
+(a sleep, an event, a token, a child) runs its body again from the top,
+through the positions its journal holds; lines the body logs on the way
+(outside steps, which do not run again) were recorded by the attempt that
+first ran that code, so they go to structlog only, marked `replayed=True`.
+A retry after a failure is different: the code leading to the failed step
+and the step itself run again for real, and their lines are recorded again,
+with the new attempt's number.
+
 What is written to the log is bounded, since one chatty loop must not
 flood the run's partition: at most MAX_RECORDS_PER_ATTEMPT LogRecorded
 events per attempt, the last of them (when lines were dropped) saying how
@@ -178,7 +187,10 @@ class RunLogger:
             ids = tracing.current_ids()
             if ids is not None:
                 bound["trace_id"], bound["span_id"] = ids
-            _record(ctx, level, message, fields, step)
+            if step is None and ctx.resuming():
+                bound["replayed"] = True
+            else:
+                _record(ctx, level, message, fields, step)
         # A fresh lazy proxy per line, so the configuration in force now applies
         # (and a test's capture_logs sees it), whatever was cached before.
         getattr(structlog.get_logger(self.name), level)(message, **bound)

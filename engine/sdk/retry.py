@@ -107,7 +107,9 @@ class Retry:
     Exponential by default, as Trigger.dev does it: the n-th retry waits
     min_timeout * factor**(n-1), capped at max_timeout, with jitter (a
     random factor in [1, 2)) unless `randomize=False`. `max_attempts`
-    counts every attempt, the first one included.
+    counts every attempt, the first one included. A `Retry-After` hint
+    (`honor_retry_after`) replaces the computed delay, capped at
+    max_timeout too (or at the fixed delay, when that is longer).
     """
 
     max_attempts: int = 3
@@ -188,7 +190,11 @@ class Retry:
         if self.honor_retry_after:
             hinted = retry_after_of(error)
             if hinted is not None:
-                return max(0.0, hinted)
+                # The server's hint, within the policy's ceiling: a hint of a
+                # day must not park the run past what the task allows. A
+                # fixed delay above max_timeout is that policy's ceiling.
+                ceiling = max(_secs(self.max_timeout), _secs(self.fixed) if self.fixed is not None else 0.0)
+                return min(max(0.0, hinted), ceiling)
         if self.fixed is not None:
             return _secs(self.fixed)
         base = _secs(self.min_timeout) * (self.factor ** (attempt - 1))

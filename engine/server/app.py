@@ -135,6 +135,7 @@ class _CoreApi(_Api):
         202: Reply("the run is recorded (or was already, for a repeated idempotency key)", Triggered, headers=_LOCATION,
                    links_run=True),
         404: "no task with this id (when the server knows the app's tasks)",
+        409: "the idempotency key already started a run with another payload; nothing was recorded",
         422: "the payload does not fit the task's model", 503: LOG_DOWN},
         body=TriggerRequest, params=TaskPath)
     async def trigger(self, request: web.Request, body: TriggerRequest) -> web.Response:

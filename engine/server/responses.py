@@ -106,7 +106,8 @@ class RunState(BaseModel):
     task_id: str
     status: RunStatus
     dead_lettered: bool
-    attempt: int = Field(description="1 for the first attempt since the run was (re)triggered")
+    attempt: int = Field(description="the latest attempt, counted over the run's whole life as on its events "
+                                     "and steps: a retriggered dead letter goes on from its last attempt")
     created_at: Millis
     updated_at: Millis
     ended_at: Millis | None
