@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Annotated, Any
 
+import structlog
 import typer
 
 from stepline.cli._common import CliError, _dev_query_db, _fail, _load_app, _run, err
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 
 
 async def _serve_worker(registry: Registry, log_url: str, concurrency: int, grace: float,
-                        http: tuple[str, int] | None = None) -> None:
+                        http: tuple[str, int] | None = None, json_logs: bool = False) -> None:
     # The log's writer and reader threads hand results back to the event
     # loop; with CPython's default 5 ms switch interval each hand-off can
     # wait that long for the GIL while the loop is busy. This process is
@@ -48,17 +49,18 @@ async def _serve_worker(registry: Registry, log_url: str, concurrency: int, grac
     stop = Stop.on_signals()  # the first signal drains (engine/cli/shutdown.py), a second cancels
     # Bound before the log is opened: a port in use fails at once, and the
     # probes answer (alive, not ready) while the worker still joins.
-    async with _worker_http(http) as probes, Client(log_url, registry=registry) as client:
+    async with _worker_http(http, json_logs) as probes, Client(log_url, registry=registry) as client:
         worker = Worker(registry, client.log, concurrency=concurrency, topics=client.topics, client=client)
         if probes is not None:
             probes.attach(worker)
         if not await start_unless_stopped(worker, stop):
             return
         try:
-            err.print(
-                f"stepline worker [bold]{worker.worker_id}[/] on {redact_text(log_url)}: "
+            _announce(
+                f"stepline worker {worker.worker_id} on {redact_text(log_url)}: "
                 f"{len(registry)} task(s): {', '.join(registry.ids())}; partitions {sorted(worker.owned)}",
-                highlight=False,
+                json_logs, worker_id=worker.worker_id, log=redact_text(log_url), tasks=registry.ids(),
+                partitions=sorted(worker.owned),
             )
             await stop.requested.wait()
             await drain(worker, grace, stop)
@@ -66,8 +68,18 @@ async def _serve_worker(registry: Registry, log_url: str, concurrency: int, grac
             await worker.close()
 
 
+def _announce(text: str, json_logs: bool, **fields: Any) -> None:
+    """A long-running command's banner on stderr: a line for people, or under
+    --json-logs one JSON log line among the others (the same text as its
+    event, and its parts as fields)."""
+    if json_logs:
+        structlog.get_logger("stepline.cli").info(text, **fields)
+    else:
+        err.print(text, highlight=False, markup=False)
+
+
 @asynccontextmanager
-async def _worker_http(http: tuple[str, int] | None) -> AsyncIterator[WorkerProbes | None]:
+async def _worker_http(http: tuple[str, int] | None, json_logs: bool = False) -> AsyncIterator[WorkerProbes | None]:
     """The worker's /healthz, /readyz and /metrics (engine/server/probes.py), when asked for."""
     if http is None:
         yield None
@@ -81,7 +93,8 @@ async def _worker_http(http: tuple[str, int] | None) -> AsyncIterator[WorkerProb
         raise CliError(f"cannot listen on {host}:{port} (--http-port): {exc.strerror or exc}; "
                        "pick another port, or 0 for a free one") from None
     async with probes:
-        err.print(f"stepline worker: /healthz, /readyz and /metrics on {probes.address}", highlight=False)
+        _announce(f"stepline worker: /healthz, /readyz and /metrics on {probes.address}", json_logs,
+                  address=probes.address)
         yield probes
 
 
@@ -132,9 +145,9 @@ async def _serve_dev(registry: Registry, log_url: str, concurrency: int, port: i
             return
         try:
             err.print(
-                f"stepline dev: worker [bold]{worker.worker_id}[/] on {redact_text(log_url)}: "
+                f"stepline dev: worker {worker.worker_id} on {redact_text(log_url)}: "
                 f"{len(registry)} task(s): {', '.join(registry.ids())}",
-                highlight=False,
+                highlight=False, markup=False,
             )
             await _serve_until(stop.requested, serve_api(client, config, registry, "127.0.0.1", port,
                                                          query_db=query_db, on_listening=announce),
@@ -182,8 +195,9 @@ def worker(
     seconds = _grace(grace)
     port = _http_port(http_port)
     configure_logging(json_logs=json_logs)
-    registry = _load_app(module)
-    _run(_serve_worker(registry, log, concurrency, seconds, None if port is None else (http_host, port)))
+    registry = _load_app(module, json_logs)
+    _run(_serve_worker(registry, log, concurrency, seconds, None if port is None else (http_host, port),
+                       json_logs), json_logs)
 
 
 def _grace(value: str | float) -> float:
@@ -222,7 +236,7 @@ def _webhook_sources(webhook: list[str] | None, webhook_event: list[str] | None)
 
 async def _serve_http(
     config: ServeConfig, registry: Registry | None, log_url: str, host: str, port: int,
-    query_db: str | None = None,
+    query_db: str | None = None, json_logs: bool = False,
 ) -> None:
     from stepline.server import serve_api  # start-up: as in _serve_dev
 
@@ -234,8 +248,9 @@ async def _serve_http(
     def announce(addresses: list[str]) -> None:
         sources = ", ".join(f"{s.name} -> {s.event}" for s in config.webhooks.values()) or "none"
         auth = "bearer token" if config.auth_required else "OFF (--no-auth)"
-        err.print(f"stepline serve on {', '.join(addresses)} for {redact_text(log_url)}: auth {auth}; "
-                  f"webhook sources: {sources}", highlight=False)
+        _announce(f"stepline serve on {', '.join(addresses)} for {redact_text(log_url)}: auth {auth}; "
+                  f"webhook sources: {sources}", json_logs, addresses=addresses, log=redact_text(log_url),
+                  auth=config.auth_required, webhook_sources=sorted(config.webhooks))
 
     async with Client(log_url, registry=registry) as client:
         await _serve_until(stop, serve_api(client, config, registry, host, port, query_db=query_db,
@@ -284,8 +299,8 @@ def serve(
     configure_logging(json_logs=json_logs)
     if not api_token and not no_auth:
         _fail("stepline serve needs an API token: set STEPLINE_API_TOKEN (or api_token in stepline.toml, "
-              "or pass --api-token), or pass --no-auth for local development")
-    registry = _load_app(app_module) if app_module else None
+              "or pass --api-token), or pass --no-auth for local development", json_logs)
+    registry = _load_app(app_module, json_logs) if app_module else None
     try:
         config = ServeConfig(api_token, _webhook_sources(webhook, webhook_event),
                              max_body_bytes=max_body_bytes, auth_required=not no_auth,
@@ -293,9 +308,9 @@ def serve(
         if shadow_path is not None and not os.path.isdir(shadow_path):
             raise CliError(f"--shadow-path {shadow_path!r} is not a folder")
     except (SteplineError, CliError) as exc:
-        _fail(str(exc))
+        _fail(str(exc), json_logs)
         raise
-    _run(_serve_http(config, registry, log, host, port, query_db or None))
+    _run(_serve_http(config, registry, log, host, port, query_db or None, json_logs), json_logs)
 
 
 def register(app: typer.Typer) -> None:
