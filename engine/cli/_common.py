@@ -57,6 +57,17 @@ def _fail(message: str, json_logs: bool = False) -> None:
     raise typer.Exit(1)
 
 
+def _say(text: str, json_logs: bool, **fields: Any) -> None:
+    """What a long-running command tells its operator on stderr (its banner,
+    that it is stopping): a line for people, or under --json-logs one JSON log
+    line among the others (the same text as its event, and its parts as
+    fields)."""
+    if json_logs:
+        structlog.get_logger("stepline.cli").info(text, **fields)
+    else:
+        err.print(text, highlight=False, markup=False)
+
+
 def _run(coro: Coroutine[Any, Any, T], json_logs: bool = False) -> T:
     try:
         return asyncio.run(coro)

@@ -10,10 +10,9 @@ from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Annotated, Any
 
-import structlog
 import typer
 
-from stepline.cli._common import CliError, _dev_query_db, _fail, _load_app, _run, err
+from stepline.cli._common import CliError, _dev_query_db, _fail, _load_app, _run, _say, err
 from stepline.cli.options import (
     AppOpt,
     ConcurrencyOpt,
@@ -46,7 +45,7 @@ async def _serve_worker(registry: Registry, log_url: str, concurrency: int, grac
     # wait that long for the GIL while the loop is busy. This process is
     # ours, so shorten it (a library embedded in an app leaves it alone).
     sys.setswitchinterval(0.0005)
-    stop = Stop.on_signals()  # the first signal drains (engine/cli/shutdown.py), a second cancels
+    stop = Stop.on_signals(json_logs)  # the first signal drains (engine/cli/shutdown.py), a second cancels
     # Bound before the log is opened: a port in use fails at once, and the
     # probes answer (alive, not ready) while the worker still joins.
     async with _worker_http(http, json_logs) as probes, Client(log_url, registry=registry) as client:
@@ -56,7 +55,7 @@ async def _serve_worker(registry: Registry, log_url: str, concurrency: int, grac
         if not await start_unless_stopped(worker, stop):
             return
         try:
-            _announce(
+            _say(
                 f"stepline worker {worker.worker_id} on {redact_text(log_url)}: "
                 f"{len(registry)} task(s): {', '.join(registry.ids())}; partitions {sorted(worker.owned)}",
                 json_logs, worker_id=worker.worker_id, log=redact_text(log_url), tasks=registry.ids(),
@@ -66,16 +65,6 @@ async def _serve_worker(registry: Registry, log_url: str, concurrency: int, grac
             await drain(worker, grace, stop)
         finally:
             await worker.close()
-
-
-def _announce(text: str, json_logs: bool, **fields: Any) -> None:
-    """A long-running command's banner on stderr: a line for people, or under
-    --json-logs one JSON log line among the others (the same text as its
-    event, and its parts as fields)."""
-    if json_logs:
-        structlog.get_logger("stepline.cli").info(text, **fields)
-    else:
-        err.print(text, highlight=False, markup=False)
 
 
 @asynccontextmanager
@@ -93,7 +82,7 @@ async def _worker_http(http: tuple[str, int] | None, json_logs: bool = False) ->
         raise CliError(f"cannot listen on {host}:{port} (--http-port): {exc.strerror or exc}; "
                        "pick another port, or 0 for a free one") from None
     async with probes:
-        _announce(f"stepline worker: /healthz, /readyz and /metrics on {probes.address}", json_logs,
+        _say(f"stepline worker: /healthz, /readyz and /metrics on {probes.address}", json_logs,
                   address=probes.address)
         yield probes
 
@@ -248,9 +237,9 @@ async def _serve_http(
     def announce(addresses: list[str]) -> None:
         sources = ", ".join(f"{s.name} -> {s.event}" for s in config.webhooks.values()) or "none"
         auth = "bearer token" if config.auth_required else "OFF (--no-auth)"
-        _announce(f"stepline serve on {', '.join(addresses)} for {redact_text(log_url)}: auth {auth}; "
-                  f"webhook sources: {sources}", json_logs, addresses=addresses, log=redact_text(log_url),
-                  auth=config.auth_required, webhook_sources=sorted(config.webhooks))
+        _say(f"stepline serve on {', '.join(addresses)} for {redact_text(log_url)}: auth {auth}; "
+             f"webhook sources: {sources}", json_logs, addresses=addresses, log=redact_text(log_url),
+             auth=config.auth_required, webhook_sources=sorted(config.webhooks))
 
     async with Client(log_url, registry=registry) as client:
         await _serve_until(stop, serve_api(client, config, registry, host, port, query_db=query_db,

@@ -91,21 +91,28 @@ def _bridge_stdlib_logging(shared: list[structlog.typing.Processor], renderer: s
     last: list[structlog.typing.Processor] = [structlog.stdlib.ProcessorFormatter.remove_processors_meta]
     if json_logs:
         last.append(structlog.processors.format_exc_info)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setLevel(level)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
         processors=[*last, renderer],
     ))
-    setattr(handler, _BRIDGE, True)
     root = logging.getLogger()
-    for old in [h for h in root.handlers if getattr(h, _BRIDGE, False)]:
+    for old in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
         root.removeHandler(old)
     root.addHandler(handler)
 
 
-# Marks the handler configure_logging installed on the root logger.
-_BRIDGE = "_stepline_bridge"
+class _StderrHandler(logging.Handler):
+    """Writes to whatever sys.stderr is when a record comes (a test's capture
+    may have replaced and closed the one there was at configuration)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:
+            self.handleError(record)
 
 
 @dataclass(slots=True)
