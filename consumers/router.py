@@ -21,6 +21,7 @@ which then fails on its own with the validation error.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ import structlog
 from stepline.consumers.patterns import Matcher, compile_name, compile_where
 from stepline.consumers.waits import SeenEvent, WaitEntry, WaitsTable, unregister
 from stepline.core import codec
+from stepline.core.causes import Cause, under_cause
 from stepline.core.events import DomainEvent, Payload
 from stepline.core.ids import fanout_key
 from stepline.errors import SchemaError, TaskDefinitionError
@@ -94,7 +96,7 @@ class RouterClient(Protocol):
                       tags: Sequence[str] = (), validate: bool = True) -> object: ...
 
     async def resolve_wait(self, run_id: str, task_id: str, step: int, reason: str, source: str,
-                           output: Payload | None = None) -> object: ...
+                           output: Payload | None = None, *, pool: str | None = None) -> object: ...
 
 
 S = TypeVar("S", bound=Subscriber)
@@ -114,7 +116,9 @@ class Router(Generic[S]):
         self.client = client
         self._retroactive = retroactive
         self.topic = client.topics.events
-        self.group = f"{client.topics.namespace}.router"
+        # One router group per worker pool: each pool's workers route every
+        # domain event to their own pool's subscribed tasks and open waits.
+        self.group = client.topics.router_group
         self._read_batch = read_batch
         self._readers: dict[int, asyncio.Task[None]] = {}
         self._membership: Any = None
@@ -192,8 +196,9 @@ class Router(Generic[S]):
             await self.client.log.commit(self.group, self.topic, {p: offset})
 
     async def _resolve_wait(self, entry: WaitEntry, event: SeenEvent) -> None:
+        # The waits table is this pool's (topics.waits), so is the run.
         await self.client.resolve_wait(entry.run_id, entry.task_id, entry.step, "event",
-                                       event.event_id, output=event.raw)
+                                       event.event_id, output=event.raw, pool=self.client.topics.pool)
         await unregister(self.client.log, self.client.topics.waits, entry.run_id, entry.step)
 
     def _fan_out(
@@ -211,6 +216,9 @@ class Router(Generic[S]):
             log.error("event data is not JSON; skipped", event_id=ev.event_id, error=str(exc))
             return []
         seen.append(SeenEvent(ev.event_id, body.name, ev.time, data, body.data))
+        # The runs link to the span that published the event (a trace each).
+        cause = None if ev.traceparent is None else Cause(
+            ev.traceparent, ev.extra.get("tracestate"), ev.event_id, self.topic, p, offset)
         out: list[Awaitable[object]] = []
         for task_id, subs in subscribers:
             if not any(safe_match(s, task_id, body.name, data) for s in subs):
@@ -218,10 +226,10 @@ class Router(Generic[S]):
             self.triggered += 1
             # A backfill (stepline.backfill.fanout_trigger) triggers exactly
             # like this, so the two never start an event's run twice.
-            out.append(self.client.trigger(
-                task_id, data, idempotency_key=fanout_key(ev.event_id), validate=False,
+            out.append(under_cause(cause, functools.partial(
+                self.client.trigger, task_id, data, idempotency_key=fanout_key(ev.event_id), validate=False,
                 tags=(f"event:{body.name}",),
-            ))
+            )))
         return out
 
 

@@ -9,7 +9,7 @@ Everything a user needs is importable from here; the modules behind it are
 implementation and may move.
 """
 
-from stepline.client import Client, RunHandle, publish
+from stepline.client import Client, RunHandle, SyncClient, SyncRunHandle, publish
 from stepline.client.backfill import BackfillReport, backfill
 from stepline.consumers.router import Subscription
 from stepline.consumers.topic_subscription import KafkaTopic
@@ -33,8 +33,10 @@ from stepline.errors import (
     RunFailedError,
     SchemaError,
     SteplineError,
+    StepRetriesExhausted,
     SubjectErased,
     TaskDefinitionError,
+    UnknownPool,
     UnknownRun,
     UnknownTask,
 )
@@ -89,6 +91,8 @@ __all__ = [
     "load_app",
     # triggering and inspecting runs
     "Client",
+    "SyncClient",
+    "SyncRunHandle",
     "publish",
     "backfill",
     "BackfillReport",
@@ -105,11 +109,13 @@ __all__ = [
     "FatalError",
     "RetryAfter",
     "RunFailedError",
+    "StepRetriesExhausted",
     "NonDeterminismError",
     "PayloadValidationError",
     "PayloadTooLarge",
     "TaskDefinitionError",
     "UnknownTask",
+    "UnknownPool",
     "UnknownRun",
     "InvalidRunState",
     "InvalidToken",

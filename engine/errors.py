@@ -47,6 +47,11 @@ class LogWriteFailed(LogError):
     retriable = True
 
 
+class RetentionUnsupported(LogError):
+    """The log cannot remove records (memory://): `stepline prune` needs the
+    embedded sqlite log or Kafka."""
+
+
 class LogCorrupted(LogError):
     """The log's stored data is damaged: a torn or overwritten file.
 
@@ -79,10 +84,22 @@ class TaskDefinitionError(SteplineError, TypeError):
 
 
 class UnknownTask(SteplineError, LookupError):
-    def __init__(self, task_id: str, known: list[str] | None = None) -> None:
+    def __init__(self, task_id: str, known: list[str] | None = None, *, reason: str | None = None) -> None:
         hint = f"; known tasks: {', '.join(sorted(known))}" if known else ""
-        super().__init__(f"unknown task id {task_id!r}{hint}")
+        super().__init__(reason or f"unknown task id {task_id!r}{hint}")
         self.task_id = task_id
+        self.reason = reason
+
+
+class UnknownPool(SteplineError, ValueError):
+    """A worker pool name that is not valid, or that no task of the app declares."""
+
+    def __init__(self, pool: str, known: list[str] | None = None, *, reason: str | None = None) -> None:
+        if reason is None:
+            hint = f" (the app's pools: {', '.join(sorted(known))})" if known else ""
+            reason = f"no task of the app declares pool {pool!r}{hint}"
+        super().__init__(reason)
+        self.pool = pool
 
 
 class UnknownRun(SteplineError, LookupError):
@@ -155,6 +172,20 @@ class RunFailedError(SteplineError):
         self.status = status
         self.error_type = error_type
         self.message = message
+
+
+class StepRetriesExhausted(SteplineError):
+    """A step with its own retry policy had already given up when its run
+    was resumed (its worker died before recording the attempt's end): the
+    step is not run again, and this takes its last error's place under the
+    task's retry policy."""
+
+    def __init__(self, run_id: str, step: int, name: str, tries: int, error_type: str, message: str) -> None:
+        super().__init__(f"step {step} ({name}) of run {run_id} gave up after {tries} tr"
+                         f"{'ies' if tries != 1 else 'y'}: {error_type}: {message}")
+        self.run_id = run_id
+        self.step = step
+        self.error_type = error_type
 
 
 class NotInRunContext(SteplineError, RuntimeError):

@@ -69,6 +69,24 @@ def _kind(text: str) -> dict[str, Any]:
     return {"kind": text}
 
 
+def _source_pairs(value: Any, what: str, echo: bool) -> Any:
+    """`SOURCE=VALUE,...` from a variable as a dict; a table from the file as it is."""
+    if not isinstance(value, str):
+        return value
+    pairs: dict[str, str] = {}
+    entries = [e.strip() for e in value.split(",") if e.strip()]
+    for n, entry in enumerate(entries, 1):
+        source, sep, found = entry.partition("=")
+        if not sep or not source or not found:
+            # Without echo, the entry's number, not its text: it holds a secret.
+            shown = repr(entry) if echo else f"#{n}"
+            raise ValueError(f"entry {shown} is not SOURCE={what}")
+        if source in pairs:
+            raise ValueError(f"source {source!r} is named twice")
+        pairs[source] = found
+    return pairs
+
+
 class Settings(BaseSettings):
     """Every Stepline setting, typed. Build it with `load_settings()`."""
 
@@ -107,6 +125,15 @@ class Settings(BaseSettings):
                     "file: a `[webhooks]` table of `SOURCE = \"SECRET\"`.",
         json_schema_extra=_kind("SOURCE=SECRET pairs (secret)"),
     )
+    webhook_schemes: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description="How each webhook source signs its deliveries: `stepline` (the default: "
+                    "`Stepline-Signature`), `stripe` (`Stripe-Signature`), `standard` (Standard Webhooks: "
+                    "`webhook-id`, `webhook-timestamp`, `webhook-signature`) or `github` "
+                    "(`X-Hub-Signature-256`). Variable: `SOURCE=SCHEME,...`; file: a `[webhook_schemes]` "
+                    "table of `SOURCE = \"SCHEME\"`.",
+        json_schema_extra=_kind("SOURCE=SCHEME pairs"),
+    )
     max_payload_bytes: int = Field(
         DEFAULT_MAX_PAYLOAD_BYTES, ge=1,
         description="Largest encoded payload or event data a `Client` appends; larger ones are "
@@ -129,6 +156,13 @@ class Settings(BaseSettings):
                     "gives its running steps to finish and checkpoint before it cancels what is left and "
                     "gives its partitions up (operations.md, \"Graceful shutdown\"); `0` cancels at once.",
         json_schema_extra=_kind("seconds ≥ 0"),
+    )
+    pool: str = Field(
+        "default",
+        description="Worker pool a worker (`stepline worker --pool`) runs: only the tasks declared "
+                    "with that `pool=` (operations.md, \"Worker pools\"); a pool no task of the app "
+                    "declares is refused.",
+        json_schema_extra=_kind("pool name"),
     )
     host: str = Field(
         "127.0.0.1",
@@ -182,19 +216,12 @@ class Settings(BaseSettings):
     @field_validator("webhooks", mode="before")
     @classmethod
     def _webhook_pairs(cls, value: Any) -> Any:
-        if not isinstance(value, str):
-            return value
-        pairs: dict[str, str] = {}
-        entries = [e.strip() for e in value.split(",") if e.strip()]
-        for n, entry in enumerate(entries, 1):
-            source, sep, secret = entry.partition("=")
-            if not sep or not source or not secret:
-                # The entry's number, not its text: it holds a secret.
-                raise ValueError(f"entry #{n} is not SOURCE=SECRET")
-            if source in pairs:
-                raise ValueError(f"source {source!r} is named twice")
-            pairs[source] = secret
-        return pairs
+        return _source_pairs(value, "SECRET", echo=False)
+
+    @field_validator("webhook_schemes", mode="before")
+    @classmethod
+    def _webhook_scheme_pairs(cls, value: Any) -> Any:
+        return _source_pairs(value, "SCHEME", echo=True)
 
     @classmethod
     def settings_customise_sources(

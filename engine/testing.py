@@ -252,6 +252,9 @@ class TestEngine:
         self.client = Client(log=self._client_log, registry=self.registry, topics=self.topics)
         self.client.clock = self.clock
         self._worker: Worker | None = None
+        # The workers of the other pools the registry declares (the main
+        # worker runs the default pool), each with a client of its pool.
+        self._pools: list[tuple[Client, Worker]] = []
         self._advancer: asyncio.Task[None] | None = None
         self._news = asyncio.Event()
         self._holds = 0
@@ -276,7 +279,8 @@ class TestEngine:
         # The worker builds a wall-clock scheduler when the registry has
         # scheduled tasks; ticks must follow the virtual clock instead.
         if getattr(worker, "_scheduler", None) is not None:
-            worker._scheduler = _VirtualScheduler(self.registry, self.client, self.clock)
+            worker._scheduler = _VirtualScheduler(
+                Registry(t for t in self.registry if t.pool == self.topics.pool), self.client, self.clock)
         try:
             await worker.start()
         except BaseException:
@@ -287,10 +291,33 @@ class TestEngine:
             await self._close()
             raise
         self._worker = worker
+        try:
+            for pool in self.registry.pools():
+                if pool != self.topics.pool:
+                    await self._start_pool(pool)
+        except BaseException:
+            await self._close()
+            raise
         self._unsubscribe = self.clock.subscribe(self._news.set)
         if self.auto_advance:
             self._advancer = asyncio.create_task(self._auto_advance(), name="stepline-testing-clock")
         return self
+
+    async def _start_pool(self, pool: str) -> None:
+        client = Client(log=self._client_log, registry=self.registry, topics=self.topics.of_pool(pool))
+        client.clock = self.clock
+        await client.start()
+        worker = Worker(self.registry, self._worker_log, topics=client.topics, concurrency=self.concurrency,
+                        worker_id=f"stepline-testing-{pool}", clock=self.clock, client=client)
+        if getattr(worker, "_scheduler", None) is not None:
+            worker._scheduler = _VirtualScheduler(
+                Registry(t for t in self.registry if t.pool == pool), client, self.clock)
+        self._pools.append((client, worker))
+        await worker.start()
+
+    @property
+    def _active(self) -> int:
+        return self.worker.active + sum(w.active for _, w in self._pools)
 
     async def __aexit__(self, *exc: object) -> None:
         await self._close()
@@ -306,6 +333,11 @@ class TestEngine:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        for client, worker in reversed(self._pools):
+            with contextlib.suppress(Exception):
+                await worker.close()
+            await client.close()
+        self._pools.clear()
         if self._worker is not None:
             await self._worker.close()
             self._worker = None
@@ -345,7 +377,7 @@ class TestEngine:
         """Wait until nothing changes for a while at the current time."""
         quiet, last = 0, None
         while quiet < _QUIET_ITERATIONS:
-            busy = self.worker.active > 0
+            busy = self._active > 0
             seen = self._activity()
             if seen == last and not busy:
                 quiet += 1
@@ -368,7 +400,7 @@ class TestEngine:
     def _activity(self) -> tuple[int, int, int]:
         with self._store.lock:
             records = sum(len(p.records) for t in self._store.topics.values() for p in t.partitions)
-        return records, self.worker.active, self.clock.version
+        return records, self._active, self.clock.version
 
     def _auto_due(self) -> int | None:
         """The timer auto-advance would jump to next (None: none, or held)."""
@@ -410,12 +442,12 @@ class TestEngine:
 
     async def runs(self, task: Task[Any, Any] | str | None = None) -> list[RunState]:
         """Every run (of `task`, if given), oldest first; same-time runs in log order."""
-        parts: dict[int, PartitionRuns] = {}
+        parts: dict[tuple[str, int], PartitionRuns] = {}
         first: dict[str, tuple[int, int]] = {}
-        async for p, offset, ev in self.client.events():
-            part = parts.get(p)
+        async for pool, p, offset, ev in self.client.pool_events():
+            part = parts.get((pool, p))
             if part is None:
-                part = parts[p] = PartitionRuns(p)
+                part = parts[(pool, p)] = PartitionRuns(p)
             part.apply(ev, offset)
             if ev.run_id:
                 first.setdefault(ev.run_id, (p, offset))

@@ -38,7 +38,7 @@ from stepline.core.events import Event, PauseChanged
 from stepline.errors import SchemaError, UnknownTopic
 from stepline.log import open_log
 from stepline.log.base import Assignment, Log, Membership, Record, skip_unreadable
-from stepline.log.topics import DEFAULT_NAMESPACE, Topics
+from stepline.log.topics import DEFAULT_NAMESPACE, DEFAULT_POOL, Topics
 from stepline.projections.query_store import (
     DEFAULT_QUERY_DB,
     Page,
@@ -59,6 +59,9 @@ Progress = Callable[[int, int], None]
 DEFAULT_CACHE_RUNS = 50_000
 # After a follower fails (the log went away), wait this long before retrying.
 RETRY_DELAY_S = 1.0
+# How often a following projector looks for the runs topic of a worker pool
+# that appeared after it started (a pool's first trigger creates it).
+POOL_SCAN_S = 5.0
 
 
 class _RunsPartition:
@@ -133,7 +136,10 @@ class QueryProjector:
         self.applied = 0
         self._tasks: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._joiner: asyncio.Task[None] | None = None
-        self._membership: Membership | None = None
+        # One group membership per worker pool's runs topic (the Log port
+        # joins a group to one topic), by topic.
+        self._memberships: dict[str, Membership] = {}
+        self._runs_topics: list[str] = [self.topics.runs]
         self._runs_partitions = 1
 
     @property
@@ -161,20 +167,30 @@ class QueryProjector:
         if not self.store.db_id:
             raise QueryProjectionError("open the QueryStore before starting its projector")
         await self.log.ensure_topics(self.topics.specs())
-        self._runs_partitions = await self.log.partitions(self.topics.runs)
+        await self._find_runs_topics()
         await self._forget_if_log_replaced()
         for p in range(await self.log.partitions(self.topics.events)):
             self._spawn(self.topics.events, p)
         self._joiner = asyncio.create_task(self._supervise(self._join), name="stepline-query-join")
+
+    async def _find_runs_topics(self) -> list[str]:
+        """Every worker pool's runs topic on the log (the default pool's first);
+        returns those not known before."""
+        found = [name for name in await self.log.topic_names(self.topics.runs_prefix)
+                 if self.topics.pool_of(name) is not None]
+        new = [name for name in found if name not in self._runs_topics]
+        self._runs_topics += new
+        self._runs_partitions = sum([await self.log.partitions(t) for t in self._runs_topics])
+        return new
 
     async def close(self) -> None:
         if self._joiner is not None:
             self._joiner.cancel()
             await asyncio.gather(self._joiner, return_exceptions=True)
             self._joiner = None
-        if self._membership is not None:
-            await self._membership.leave()
-            self._membership = None
+        for membership in self._memberships.values():
+            await membership.leave()
+        self._memberships.clear()
         await self._stop(list(self._tasks))
 
     async def _forget_if_log_replaced(self) -> None:
@@ -189,7 +205,7 @@ class QueryProjector:
             await self.store.set_meta("log_identity", identity)
             if known is not None:
                 return
-        for topic in (self.topics.runs, self.topics.events):
+        for topic in (*self._runs_topics, self.topics.events):
             for p, (offset, _) in (await self.store.offsets(topic)).items():
                 try:
                     end = await self.log.end_offset(topic, p)
@@ -202,23 +218,32 @@ class QueryProjector:
                     return
 
     async def _log_identity(self) -> str | None:
-        """The log's first runs record, hashed: None while the runs topic is empty."""
-        for p in range(self._runs_partitions):
-            first = await self.log.read(self.topics.runs, p, 0, 1)
-            if first and first[0].offset == 0:
-                return f"{p}:{hashlib.sha256(first[0].value).hexdigest()[:32]}"
-        return None
+        """The log's first default-pool runs record, hashed: None while that topic is empty."""
+        return await log_identity(self.log, self.topics.runs, await self.log.partitions(self.topics.runs))
 
     async def _join(self) -> None:
-        self._membership = await self.log.join_group(
-            self.group, self.topics.runs, self._on_assign, self._on_revoke)
+        """Join each pool's runs topic's group, and look for new pools now and then."""
+        for topic in list(self._runs_topics):
+            await self._join_topic(topic)
+        while True:
+            await asyncio.sleep(POOL_SCAN_S)
+            for topic in await self._find_runs_topics():
+                await self._join_topic(topic)
 
-    async def _on_assign(self, assignment: Assignment) -> None:
-        for p in sorted(assignment.partitions):
-            self._spawn(self.topics.runs, p)
+    async def _join_topic(self, topic: str) -> None:
+        if topic in self._memberships:
+            return
+        pool = self.topics.pool_of(topic)
+        group = self.group if pool == DEFAULT_POOL else f"{self.group}.{pool}"
 
-    async def _on_revoke(self, partitions: frozenset[int]) -> None:
-        await self._stop([(self.topics.runs, p) for p in partitions])
+        async def on_assign(assignment: Assignment) -> None:
+            for p in sorted(assignment.partitions):
+                self._spawn(topic, p)
+
+        async def on_revoke(partitions: frozenset[int]) -> None:
+            await self._stop([(topic, p) for p in partitions])
+
+        self._memberships[topic] = await self.log.join_group(group, topic, on_assign, on_revoke)
 
     async def _stop(self, keys: list[tuple[str, int]]) -> None:
         tasks = [t for k in keys if (t := self._tasks.pop(k, None)) is not None]
@@ -251,7 +276,7 @@ class QueryProjector:
     async def follow(self, topic: str, p: int, until: int | None = None) -> None:
         """Project one partition from the store's offset on; up to `until` (exclusive), or forever."""
         offset, epoch = (await self.store.offsets(topic)).get(p, (0, 0))
-        runs = topic == self.topics.runs
+        runs = topic in self._runs_topics
         fold = _RunsPartition(p, offset, epoch, self.cache_runs // max(1, self._runs_partitions)) if runs else None
         while until is None or offset < until:
             raw = await self.log.read(topic, p, offset, self.batch, timeout=1.0)
@@ -292,21 +317,22 @@ class QueryProjector:
         reads on from wherever the store then is.
         """
         await self.log.ensure_topics(self.topics.specs())
-        self._runs_partitions = await self.log.partitions(self.topics.runs)
+        await self._find_runs_topics()
         await self._forget_if_log_replaced()
-        for p in range(self._runs_partitions):
-            end = await self.log.end_offset(self.topics.runs, p)
-            while True:
-                try:
-                    await self.follow(self.topics.runs, p, until=end)
-                    break
-                except StaleOffsets:
-                    continue
+        for topic in self._runs_topics:
+            for p in range(await self.log.partitions(topic)):
+                end = await self.log.end_offset(topic, p)
+                while True:
+                    try:
+                        await self.follow(topic, p, until=end)
+                        break
+                    except StaleOffsets:
+                        continue
 
     async def lag(self) -> int:
         """Records on the log not yet in the store (both topics)."""
         behind = 0
-        for topic in (self.topics.runs, self.topics.events):
+        for topic in (*self._runs_topics, self.topics.events):
             stored = await self.store.offsets(topic)
             for p in range(await self.log.partitions(topic)):
                 behind += max(0, await self.log.end_offset(topic, p) - stored.get(p, (0, 0))[0])
@@ -315,18 +341,32 @@ class QueryProjector:
     async def wait_caught_up(self, timeout: float = 30.0) -> None:
         """Wait until the store holds everything on the log as of the call."""
         targets: dict[tuple[str, int], int] = {}
-        for topic in (self.topics.runs, self.topics.events):
+        await self._find_runs_topics()
+        for topic in (*self._runs_topics, self.topics.events):
             for p in range(await self.log.partitions(topic)):
                 targets[(topic, p)] = await self.log.end_offset(topic, p)
         async with asyncio.timeout(timeout):
             while True:
-                stored = {t: await self.store.offsets(t) for t in (self.topics.runs, self.topics.events)}
+                stored = {t: await self.store.offsets(t) for t in (*self._runs_topics, self.topics.events)}
                 if all(stored[t].get(p, (0, 0))[0] >= end for (t, p), end in targets.items()):
                     return
                 await asyncio.sleep(0.02)
 
 
 # --- rebuilding ---------------------------------------------------------------------
+
+
+async def log_identity(log_: Log, runs_topic: str, partitions: int) -> str | None:
+    """The log's first runs record, hashed: None while the runs topic is empty.
+
+    `stepline prune` may remove that record; it then stores the new identity
+    in the read models it prunes, which would otherwise start over.
+    """
+    for p in range(partitions):
+        first = await log_.read(runs_topic, p, 0, 1)
+        if first and first[0].offset == 0:
+            return f"{p}:{hashlib.sha256(first[0].value).hexdigest()[:32]}"
+    return None
 
 
 def _remove_db(path: str) -> None:
@@ -337,7 +377,8 @@ def _remove_db(path: str) -> None:
 
 async def _ends(log_: Log, topics: Topics) -> dict[tuple[str, int], int]:
     ends: dict[tuple[str, int], int] = {}
-    for topic in (topics.runs, topics.events):
+    runs = [name for name in await log_.topic_names(topics.runs_prefix) if topics.pool_of(name) is not None]
+    for topic in (*runs, topics.events):
         try:
             count = await log_.partitions(topic)
         except UnknownTopic:
@@ -378,7 +419,8 @@ async def rebuild(
 
         async with QueryStore(tmp, bulk=True) as store:
             projector = QueryProjector(log_, store, topics=topics, batch=5000, on_applied=advance)
-            projector._runs_partitions = sum(1 for t, _ in ends if t == topics.runs) or 1
+            projector._runs_topics = sorted({t for t, _ in ends if topics.pool_of(t) is not None})
+            projector._runs_partitions = sum(1 for t, _ in ends if topics.pool_of(t) is not None) or 1
             await asyncio.gather(*(projector.follow(t, p, until=end) for (t, p), end in ends.items() if end))
             await store.finish_bulk()
     _remove_db(target)

@@ -287,6 +287,33 @@ class QueryStore:
             conn.execute("ROLLBACK")
             raise
 
+    async def delete_runs(self, run_ids: Iterable[str]) -> int:
+        """Remove runs from the read model (`stepline prune`); returns how many
+        it held. Offsets stay: the log keeps its offsets when runs leave it."""
+        ids = sorted(set(run_ids))
+
+        def delete() -> int:
+            conn = self._conn_or_fail()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                gone = 0
+                for i in range(0, len(ids), 500):
+                    chunk = ids[i : i + 500]
+                    marks = ", ".join("?" * len(chunk))
+                    if self.text_index:  # an external-content index: told what leaves
+                        conn.execute("INSERT INTO run_text (run_text, rowid, search_text) SELECT 'delete', rowid,"
+                                     f" search_text FROM runs WHERE run_id IN ({marks})", chunk)
+                    conn.execute(f"DELETE FROM run_tags WHERE run_id IN ({marks})", chunk)
+                    gone += conn.execute(f"DELETE FROM runs WHERE run_id IN ({marks})", chunk).rowcount
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return gone
+
+        found: int = await self._write(delete)
+        return found
+
     async def set_meta(self, key: str, value: str) -> None:
         def put() -> None:
             self._conn_or_fail().execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))

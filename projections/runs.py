@@ -168,10 +168,23 @@ class RunState:
     # late copy of a retrigger would otherwise restart a run that failed
     # again since, and a late copy of a cancel would stop its retry.
     requests: tuple[str, ...] = ()
+    # The worker pool of the parent run (`extra["parent_pool"]` on the
+    # trigger), where the child's answer goes; None for the default pool.
+    parent_pool: str | None = None
 
     @property
     def live(self) -> bool:
         return self.status in LIVE
+
+    def step_failures(self) -> dict[int, tuple[AttemptError, ...]]:
+        """The failed tries of each step in the current attempt, oldest first:
+        where a step with its own retry policy (`@step(retry=...)`) resumes
+        counting after its worker died."""
+        found: dict[int, tuple[AttemptError, ...]] = {}
+        for err in self.errors:
+            if err.attempt == self.attempt and err.step is not None:
+                found[err.step] = found.get(err.step, ()) + (err,)
+        return found
 
     @property
     def attempt_in_trigger(self) -> int:
@@ -258,6 +271,7 @@ def fold_run(state: RunState | None, event: Event) -> RunState | None:
             idempotency_key=body.idempotency_key,
             parent_run_id=body.parent_run_id,
             parent_step=body.parent_step,
+            parent_pool=event.extra.get(PARENT_POOL) if event.extra else None,
             queue=body.queue,
             concurrency_key=body.concurrency_key,
             not_before=body.not_before,
@@ -291,6 +305,10 @@ def fold_run(state: RunState | None, event: Event) -> RunState | None:
 # Requests whose copies the fold recognises by event id. WaitCompleted is
 # not among them: a wait takes the first resolution of its journal position
 # and ignores the rest, which covers copies too.
+# The envelope's `extra` entry naming a child run's parent's pool (set only
+# when that is not the default pool). Never rename it: logs carry it.
+PARENT_POOL = "parent_pool"
+
 _REMEMBERED = frozenset({RunTriggered.TYPE, RunCancelled.TYPE, RunRetriggered.TYPE, SlotGranted.TYPE})
 
 

@@ -102,6 +102,8 @@ def _run(r: RunState) -> dict[str, Any]:
         d["task_version"] = r.task_version
     if r.patches:
         d["patches"] = [[x.patch, x.applied, x.step] for x in r.patches]
+    if r.parent_pool is not None:  # worker pools: absent when unset, still format 5
+        d["parent_pool"] = r.parent_pool
     return d
 
 
@@ -126,6 +128,7 @@ def _unrun(d: dict[str, Any]) -> RunState:
         forked_at_step=d["forked"][1] if "forked" in d else None,
         task_version=d.get("task_version"),
         patches=tuple(PatchRecorded(x[0], x[1], x[2]) for x in d.get("patches", ())),
+        parent_pool=d.get("parent_pool"),
     )
 
 

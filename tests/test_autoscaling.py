@@ -27,11 +27,13 @@ from .ops_http import APP, Scrape, free_port, read, scrape, stepline, until_stat
 
 SCALED_OBJECT = Path(__file__).parent.parent / "deploy" / "kubernetes" / "keda-scaledobject.yaml"
 RUNS = 250  # more than one worker's threshold: the scaler asks for more than minReplicaCount
-QUERY = re.compile(r"max\(sum by \(instance\) \((stepline_\w+) \+ (stepline_\w+)\)\)")
+QUERY = re.compile(r'max\(sum by \(instance\) \((stepline_\w+)(?:\{pool="(\w+)"\})? '
+                   r'\+ (stepline_\w+)(?:\{pool="(\w+)"\})?\)\)')
 
 
 def scaler() -> dict[str, Any]:
-    spec: dict[str, Any] = yaml.safe_load(SCALED_OBJECT.read_text())["spec"]
+    """The default pool's ScaledObject (the first document; one per worker pool follows)."""
+    spec: dict[str, Any] = next(yaml.safe_load_all(SCALED_OBJECT.read_text()))["spec"]
     return spec
 
 
@@ -40,15 +42,18 @@ def query_value(query: str, scrapes: dict[str, Scrape]) -> float | None:
 
     Only the shape the manifest uses is understood (the match fails loudly
     otherwise): `max(sum by (instance) (A + B))`, where `A + B` matches
-    series of the same labels, as Prometheus' vector matching does.
+    series of the same labels, as Prometheus' vector matching does; `{pool="x"}`
+    selects one worker pool's series.
     """
     m = QUERY.fullmatch(query.strip())
     assert m, f"the ScaledObject's query changed shape, teach this test to read it: {query}"
-    a, b = m.groups()
+    a, pool_a, b, pool_b = m.groups()
     per_instance = []
     for samples in scrapes.values():
-        left = {labels: v for (name, labels), v in samples.items() if name == a}
-        right = {labels: v for (name, labels), v in samples.items() if name == b}
+        left = {labels: v for (name, labels), v in samples.items()
+                if name == a and (pool_a is None or ("pool", pool_a) in labels)}
+        right = {labels: v for (name, labels), v in samples.items()
+                 if name == b and (pool_b is None or ("pool", pool_b) in labels)}
         matched = [left[k] + right[k] for k in left.keys() & right.keys()]
         if matched:
             per_instance.append(sum(matched))
@@ -95,7 +100,7 @@ async def test_the_backlog_drives_keda_up_from_no_worker_and_back_down(
     metric, samples = await reading()
     assert metric == 0, metric
     assert desired_replicas(0, spec) == spec["minReplicaCount"]
-    assert value(samples, "stepline_runs_ready", task="gated", queue="task/gated") == 0
+    assert value(samples, "stepline_runs_ready", task="gated", queue="task/gated", pool="default") == 0
 
     # No worker runs: the runs are pending all the same, and the scaler sees them.
     (tmp_path / "gate").touch()
@@ -113,9 +118,9 @@ async def test_the_backlog_drives_keda_up_from_no_worker_and_back_down(
 
         await eventually(everything_ready, timeout=60, what=f"the API to count {RUNS} ready runs")
         metric, samples = await reading()
-        assert value(samples, "stepline_runs_ready", task="gated", queue="task/gated") == RUNS
-        assert value(samples, "stepline_runs_running", task="gated", queue="task/gated") == 0
-        assert value(samples, "stepline_runs_delayed", task="gated", queue="task/gated") == 1
+        assert value(samples, "stepline_runs_ready", task="gated", queue="task/gated", pool="default") == RUNS
+        assert value(samples, "stepline_runs_running", task="gated", queue="task/gated", pool="default") == 0
+        assert value(samples, "stepline_runs_delayed", task="gated", queue="task/gated", pool="default") == 1
         assert value(samples, "stepline_runs_triggered_total", task="gated") == 5
         threshold = float(spec["triggers"][0]["metadata"]["threshold"])
         assert desired_replicas(RUNS, spec) == max(spec["minReplicaCount"], math.ceil(RUNS / threshold))
@@ -126,11 +131,11 @@ async def test_the_backlog_drives_keda_up_from_no_worker_and_back_down(
 
         async def two_running() -> bool:
             samples = (await reading())[1]
-            return value(samples, "stepline_runs_running", task="gated", queue="task/gated") == 2
+            return value(samples, "stepline_runs_running", task="gated", queue="task/gated", pool="default") == 2
 
         await eventually(two_running, timeout=60, what="two runs to be running")
         metric, samples = await reading()
-        assert value(samples, "stepline_runs_ready", task="gated", queue="task/gated") == RUNS - 2
+        assert value(samples, "stepline_runs_ready", task="gated", queue="task/gated", pool="default") == RUNS - 2
         assert metric == RUNS
 
         # The gate opens, the work drains: the scaler goes back to the floor.
@@ -142,7 +147,7 @@ async def test_the_backlog_drives_keda_up_from_no_worker_and_back_down(
         await eventually(drained, timeout=120, what="the backlog to drain")
         metric, samples = await reading()
         assert desired_replicas(0, spec) == spec["minReplicaCount"]
-        assert value(samples, "stepline_runs_delayed", task="gated", queue="task/gated") == 1
+        assert value(samples, "stepline_runs_delayed", task="gated", queue="task/gated", pool="default") == 1
 
 
 async def test_paused_work_is_not_pending(tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
@@ -159,9 +164,9 @@ async def test_paused_work_is_not_pending(tmp_path: Path, procs: list[subprocess
 
         async def held() -> bool:
             samples = await scrape(f"{api}/metrics")
-            return value(samples, "stepline_runs_paused", task="ok", queue="task/ok") == 3
+            return value(samples, "stepline_runs_paused", task="ok", queue="task/ok", pool="default") == 3
 
         await eventually(held, timeout=30, what="three paused runs")
         samples = await scrape(f"{api}/metrics")
-        assert value(samples, "stepline_runs_ready", task="ok", queue="task/ok") == 0
+        assert value(samples, "stepline_runs_ready", task="ok", queue="task/ok", pool="default") == 0
         assert query_value(scaler()["triggers"][0]["metadata"]["query"], {api: samples}) == 0

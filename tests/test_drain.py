@@ -143,6 +143,27 @@ async def test_steps_running_side_by_side_both_finish_before_the_handover(pair: 
 
 
 @pytest.mark.parametrize("backend_url", ["memory"], indirect=True)
+async def test_a_draining_worker_says_it_is_not_ready(pair: Pair, tmp_path: Path) -> None:
+    from stepline.server.probes import WorkerProbes
+
+    first = await pair.worker("worker-a")
+    probes = WorkerProbes("127.0.0.1", 0)
+    probes.attach(first)
+    try:
+        assert (await probes.readiness())[0] == 200
+        handle = await pair.client.trigger("drain", {"n": 1})
+        await eventually(lambda: executions(tmp_path, handle.run_id, "slow"), timeout=30, what="the slow step")
+        drain = asyncio.create_task(first.drain(30))
+        await asyncio.sleep(0)
+        status, body = await probes.readiness()
+        assert (status, body["error"]) == (503, "the worker is draining for a graceful stop")
+        assert await drain == 0
+        assert (await probes.readiness())[0] == 503  # drained, not yet closed: still out of rotation
+    finally:
+        await probes.close()
+
+
+@pytest.mark.parametrize("backend_url", ["memory"], indirect=True)
 async def test_the_end_of_the_grace_cancels_the_step_and_it_runs_again(
     pair: Pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -75,6 +75,9 @@ class DuplicatingLog(Log):
     async def partitions(self, topic: str) -> int:
         return await self.inner.partitions(topic)
 
+    async def topic_names(self, prefix: str = "") -> list[str]:
+        return await self.inner.topic_names(prefix)
+
     async def append(self, topic: str, partition: int, records: Sequence[tuple[bytes, bytes]]) -> list[int]:
         if topic not in self._topics or not records:
             return await self.inner.append(topic, partition, records)

@@ -25,13 +25,14 @@ EXPECTED_PUBLIC_NAMES = frozenset({
     "emit", "EmitUnsupported",  # docs/emit.md
     # triggering and inspecting runs
     "Client", "RunHandle", "RunState", "StepState",
+    "SyncClient", "SyncRunHandle",  # docs/sync-client.md
     # running
     "Worker", "open_log", "DEFAULT_LOG_URL",
     # errors
     "SteplineError", "FatalError", "RetryAfter", "RunFailedError", "NonDeterminismError",
     "PayloadValidationError", "TaskDefinitionError", "UnknownTask", "UnknownRun",
     "InvalidRunState", "NoClient", "NotInRunContext", "LogError", "LogUnavailable",
-    "SchemaError",
+    "SchemaError", "StepRetriesExhausted",  # docs/concepts.md, "A step's own retries"
     "__version__",
 })
 

@@ -124,8 +124,11 @@ def test_a_cli_flag_beats_the_variable_which_beats_the_file(monkeypatch: pytest.
     _toml(clean / "stepline.toml", 'log = "memory://file"\nconcurrency = 3\njson_logs = false\nhttp_port = 9191\n')
     assert _params("worker", "app.py") == {
         "module": "app.py", "log": "memory://file", "concurrency": 3, "grace": "30", "json_logs": False,
-        "http_port": 9191, "http_host": "0.0.0.0",
+        "http_port": 9191, "http_host": "0.0.0.0", "pool": "default",
     }
+    monkeypatch.setenv("STEPLINE_POOL", "gpu")
+    assert _params("worker", "app.py")["pool"] == "gpu"
+    assert _params("worker", "app.py", "--pool", "web")["pool"] == "web"
     monkeypatch.setenv("STEPLINE_LOG", "memory://env")
     monkeypatch.setenv("STEPLINE_CONCURRENCY", "2")
     params = _params("worker", "app.py")

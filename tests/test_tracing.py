@@ -151,17 +151,33 @@ async def test_a_run_is_one_trace_from_trigger_through_attempt_to_steps(engine_f
     for step in (reserve, charge):
         assert step.parent is not None and step.parent.span_id == span_id(run)
     assert {trace_id(s) for s in (trigger, run, reserve, charge)} == {trace_id(trigger)}
-    assert dict(trigger.attributes or {}) == {"stepline.run_id": handle.run_id, "stepline.task_id": "checkout"}
+    records = await e.client.history(handle.run_id)
+    history = [ev for _, ev in records]
+    trigger_offset, trigger_event = records[0]
+    # Where the RunTriggered crossed the log, as the messaging conventions say it.
+    system = e.client.log.url.partition(":")[0]
+    crossing = {
+        "messaging.system": "kafka" if system == "kafka" else f"stepline.{system}",
+        "messaging.destination.name": e.client.topics.runs,
+        "messaging.destination.partition.id": str(e.client.partition_of(handle.run_id)),
+        "messaging.message.id": trigger_event.event_id,
+        **({"messaging.kafka.offset": trigger_offset} if system == "kafka" else {}),
+    }
+    assert dict(trigger.attributes or {}) == {
+        "stepline.run_id": handle.run_id, "stepline.task_id": "checkout", **crossing,
+        "messaging.operation.type": "send", "messaging.operation.name": "trigger",
+    }
     assert dict(run.attributes or {}) == {
         "stepline.run_id": handle.run_id, "stepline.task_id": "checkout",
-        "stepline.attempt": 1, "stepline.outcome": "completed",
+        "stepline.attempt": 1, "stepline.outcome": "completed", **crossing,
+        "messaging.operation.type": "process", "messaging.operation.name": "run",
     }
     assert (reserve.attributes or {})["stepline.step"] == 0
     assert (charge.attributes or {})["stepline.step"] == 1
     assert run.status.status_code == StatusCode.UNSET
+    assert not run.links and not trigger.links  # a run triggered by code is a child, not a link
 
     # The trigger's context travels in RunTriggered; the attempt's in every event it wrote.
-    history = [ev for _, ev in await e.client.history(handle.run_id)]
     assert history[0].type == "RunTriggered" and history[0].traceparent == w3c(trigger)
     assert [ev.type for ev in history[1:]] == [
         "RunStarted", "StepStarted", "StepCompleted", "StepStarted", "StepCompleted", "RunCompleted"]
@@ -220,7 +236,7 @@ async def test_the_trigger_span_is_a_child_of_the_callers_span_and_child_runs_jo
         return await child.trigger_and_wait(p) * 2
 
     await memory_engine(reg)
-    provider = tracing._tracer_provider  # the test's: the caller's span comes from the same SDK
+    provider = tracing.current_tracer_provider()  # the test's: the caller's span comes from the same SDK
     assert provider is not None
     request_tracer = provider.get_tracer("web")
     with request_tracer.start_as_current_span("POST /orders") as request:
@@ -238,7 +254,7 @@ async def test_the_trigger_span_is_a_child_of_the_callers_span_and_child_runs_jo
 
 async def test_without_a_tracer_provider_nothing_is_traced(memory_engine):
     # The suite never installs a global provider (tests use use_tracer_provider).
-    assert tracing._tracer() is None, "a global tracer provider leaked into the test process"
+    assert not tracing.tracing_on(), "a global tracer provider leaked into the test process"
     reg, checkout = two_step_app()
     e = await memory_engine(reg)
 
@@ -482,7 +498,8 @@ asyncio.run(main())
     ({"OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "shop"},
      ["PROVIDER TracerProvider", '"name": "stepline.trigger"', '"service.name": "shop"']),
     ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}, ["PROVIDER"]),
-], ids=["no-variables", "console", "otlp-endpoint"])
+    ({"OTEL_TRACES_EXPORTER": "console", "OTEL_SDK_DISABLED": "true"}, ["PROVIDER ProxyTracerProvider"]),
+], ids=["no-variables", "console", "otlp-endpoint", "sdk-disabled"])
 async def test_the_cli_set_up_installs_exporters_only_when_otel_variables_ask(env, expect_out):
     clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     proc = await asyncio.to_thread(
@@ -492,6 +509,8 @@ async def test_the_cli_set_up_installs_exporters_only_when_otel_variables_ask(en
     assert proc.returncode == 0, proc.stderr[-2000:]
     for text in expect_out:
         assert text in proc.stdout
+    if env.get("OTEL_SDK_DISABLED"):
+        assert "stepline.trigger" not in proc.stdout  # nothing exported, to the console or anywhere
     if "OTEL_EXPORTER_OTLP_ENDPOINT" in env:
         try:
             import opentelemetry.exporter.otlp.proto.http  # noqa: F401

@@ -1,4 +1,4 @@
-"""`stepline fork` and `stepline shadow`: the history as something to branch from.
+"""`stepline fork`, `shadow`, `diff` and `debug`: the history as something to branch from, compare and step through.
 
 Registered on the CLI's app by `engine/cli/main.py` (`register(app)`), over
 the helpers of engine/cli/_common.py.
@@ -23,14 +23,17 @@ from stepline.cli._common import (
     _progress,
     _require_log,
     _run,
+    err,
     out,
 )
 from stepline.cli.options import AppOpt, JsonOpt, LogOpt
 from stepline.client import Client
+from stepline.history.debug import DebugSession, debug_run
 from stepline.history.replay import iso_ms, parse_point
 from stepline.history.shadow import ShadowResult, ShadowSummary, shadow_runs, shadow_task
 from stepline.history.shadow_code import load_code
 from stepline.log import DEFAULT_LOG_URL
+from stepline.projections.diff import RunDiff, diff_runs
 from stepline.sdk.task import load_app
 
 
@@ -191,9 +194,124 @@ def _print_summary(summary: Any, as_json: bool) -> None:
         out.print(f"  {r.run_id} ({r.status}): {first['message'] if first else '?'}", highlight=False, markup=False)
 
 
+def diff(
+    run_a: Annotated[str, typer.Argument(help="The first run (e.g. the original, or yesterday's good run).")],
+    run_b: Annotated[str, typer.Argument(help="The second run (e.g. its fork, or today's failed run).")],
+    log: LogOpt = DEFAULT_LOG_URL,
+    as_json: JsonOpt = False,
+) -> None:
+    """Two runs step by step: names, inputs, outputs, errors, durations and versions side
+    by side, the first divergence marked. Exits 1 when they differ."""
+    async def go() -> RunDiff:
+        async with Client(log) as client:
+            return diff_runs(await client.get_run(run_a), await client.get_run(run_b))
+
+    found = _run(go())
+    if as_json:
+        _print_json(found.to_dict())
+    else:
+        _print_diff(found)
+    if not found.same:
+        raise typer.Exit(1)
+
+
+def _duration(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return f"{ms} ms" if ms < 10_000 else f"{ms / 1000:.1f} s"
+
+
+def _print_diff(d: RunDiff) -> None:
+    a, b = d.a, d.b
+    verdict = "[bold green]same[/]" if d.same else "[bold red]differ[/]"
+    out.print(f"[bold]A[/] {a['run_id']} ({a['task_id']}, {a['status']})  [bold]B[/] {b['run_id']} "
+              f"({b['task_id']}, {b['status']}): {verdict}", highlight=False)
+    for key in ("task_id", "payload", "task_version", "status", "output", "error"):
+        if key in d.run_differs:
+            out.print(f"{key}: {_short(a[key], 100)} → {_short(b[key], 100)}", highlight=False, markup=False)
+    table = Table(show_edge=False)
+    for col in ("", "#", "A step", "B step", "differs", "A (input → output / error)",
+                "B (input → output / error)", "A time", "B time"):
+        table.add_column(col)
+
+    def side(s: dict[str, Any] | None) -> str:
+        if s is None:
+            return "-"
+        result = s["error"] if s["error"] is not None else _short(s["output"], 30)
+        return f"{_short(s['input'], 25)} → {result}"
+
+    for p in d.steps:
+        mark = "▶" if p.step == d.first_divergence else ("≠" if p.differs else " ")
+        table.add_row(mark, str(p.step), p.a["name"] if p.a else "-", p.b["name"] if p.b else "-",
+                      ",".join(p.differs) or "", side(p.a), side(p.b),
+                      _duration(p.a["duration_ms"]) if p.a else "", _duration(p.b["duration_ms"]) if p.b else "")
+    _print_table(table)
+    out.print(f"run time: A {_duration(a['duration_ms'])}, B {_duration(b['duration_ms'])}",
+              highlight=False, markup=False)
+    first = d.first_divergence
+    if first is None:
+        out.print("no divergence: same steps, inputs, outputs and errors", highlight=False, markup=False)
+    elif isinstance(first, int):
+        pair = next(p for p in d.steps if p.step == first)
+        out.print(f"first divergence: step {first} ({', '.join(pair.differs)})", highlight=False, markup=False)
+    else:
+        out.print(f"first divergence: the run's {first}", highlight=False, markup=False)
+
+
+def debug(
+    run_id: Annotated[str, typer.Argument(help="The recorded run to debug.")],
+    module: Annotated[str, typer.Option("--module", help="The code: a file or dotted module declaring the task.")] = "",
+    break_at: Annotated[str | None, typer.Option(
+        "--break-at", help="Stop at this step: a journal position or a step name (default: the failed step).")] = None,
+    live_from: Annotated[int | None, typer.Option(
+        "--live-from", help="Run the steps from this position for real instead of answering them (needs --yes).")] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Accept that --live-from runs step bodies (side effects).")] = False,
+    log: LogOpt = DEFAULT_LOG_URL,
+) -> None:
+    """Re-execute RUN's task body in this process with its completed steps answered from
+    the journal (nothing appended), and stop in the debugger (pdb, or PYTHONBREAKPOINT's)
+    at the step that failed or at --break-at. Exits 1 when the body raises."""
+    if not module:
+        _fail("stepline debug needs --module CODE (a .py file or a dotted module name declaring the task)")
+    if live_from is not None and live_from < 0:
+        _fail(f"--live-from must be a journal position (0 or more), got {live_from}")
+    if live_from is not None and not yes:
+        _fail(f"--live-from {live_from} runs the bodies of steps {live_from} and after for real, side effects "
+              "and all (nothing is appended to the log): add --yes to do that")
+
+    async def go() -> DebugSession:
+        registry = load_code(module)
+        async with Client(log) as client:
+            state = await client.get_run(run_id)
+            task = registry.find(state.task_id)
+            if task is None:
+                raise CliError(f"{module} declares no task {state.task_id!r}, the task of {run_id}")
+            if break_at is None and state.status != "failed" and live_from is None:
+                raise CliError(f"{run_id} is {state.status}, not failed: name the step to stop at with --break-at")
+            return await debug_run(task, state, break_at=break_at, live_from=live_from, keys=client.keys)
+
+    session = _run(go())
+    if session.break_at is None and break_at is not None:
+        err.print(f"stepline debug: the body never reached step {break_at!r}", highlight=False, markup=False)
+    if session.inputs_differ:
+        err.print("stepline debug: the inputs this code made differ from the recorded ones at position(s) "
+                  + ", ".join(map(str, session.inputs_differ)), highlight=False, markup=False)
+    if session.stopped is not None:
+        err.print(f"stepline debug: {session.stopped}", highlight=False, markup=False)
+    ending = session.ending
+    if ending is not None and ending.raised is not None:
+        err.print(f"stepline debug: the body raised {type(ending.raised).__qualname__}: {ending.raised}",
+                  highlight=False, markup=False)
+        raise typer.Exit(1)
+    if ending is not None and session.stopped is None and ending.suspended is None:
+        err.print(f"stepline debug: the body returned {_short(ending.returned, 200)}", highlight=False, markup=False)
+
+
 def register(app: typer.Typer) -> None:
     app.command("fork")(fork)
     app.command("shadow")(shadow)
+    app.command("diff")(diff)
+    app.command("debug")(debug)
 
 
 __all__ = ["parse_since", "register"]

@@ -4,7 +4,7 @@ Every command that prints data takes `--json`. Errors are one line on
 stderr and a non-zero exit code; a command that fails appends nothing.
 
 The commands live in modules of their own (running, requesting, reading,
-history, ops, events), over the helpers of `_common`; this module makes the
+why, history, ops, events), over the helpers of `_common`; this module makes the
 app and registers them, in the order `stepline --help` lists them.
 """
 
@@ -18,7 +18,8 @@ import typer
 from stepline.cli import events as cli_events
 from stepline.cli import history as cli_history
 from stepline.cli import ops as cli_ops
-from stepline.cli import reading, requesting, running
+from stepline.cli import reading, requesting, retention, running
+from stepline.cli import why as cli_why
 from stepline.cli._help import App
 from stepline.cli.options import option_setting as option_setting
 from stepline.version import __version__
@@ -53,12 +54,16 @@ running.register(app)
 requesting.register(app)
 # runs ls|show, history, dlq ls|retry, forget, replay (engine/cli/reading.py).
 reading.register(app, runs_app, dlq_app)
-# fork and shadow (engine/cli/history.py).
+# runs why (engine/cli/why.py).
+cli_why.register(runs_app)
+# fork, shadow, diff and debug (engine/cli/history.py).
 cli_history.register(app)
 # pause, resume and the bulk runs commands (engine/cli/ops.py).
 cli_ops.register(app)
 # events: the engine's events as JSON lines (engine/cli/events.py).
 cli_events.register(app)
+# archive and prune: retention of ended runs (engine/cli/retention.py).
+retention.register(app)
 
 
 def main() -> None:

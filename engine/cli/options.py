@@ -40,6 +40,8 @@ def _setting(name: str) -> Callable[[typer.Context, typer.CallbackParam, Any], A
             return found.get_secret_value()
         if name == "webhooks":  # the --webhook flag's shape
             return [f"{src}={secret.get_secret_value()}" for src, secret in found.items()]
+        if name == "webhook_schemes":  # the --webhook-scheme flag's shape
+            return [f"{src}={scheme}" for src, scheme in found.items()]
         return found
 
     _SETTING_CALLBACKS[resolve] = name

@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Coroutine
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -24,8 +24,9 @@ from stepline.cli.options import (
 )
 from stepline.cli.shutdown import Stop, drain, parse_grace, start_unless_stopped
 from stepline.client import Client
-from stepline.errors import SteplineError
+from stepline.errors import SteplineError, UnknownPool
 from stepline.log import DEFAULT_LOG_URL
+from stepline.log.topics import DEFAULT_POOL, Topics, check_pool
 from stepline.projections.query_store import DEFAULT_QUERY_DB
 from stepline.runtime.worker import Worker
 from stepline.sdk.logs import configure_logging
@@ -39,7 +40,8 @@ if TYPE_CHECKING:
 
 
 async def _serve_worker(registry: Registry, log_url: str, concurrency: int, grace: float,
-                        http: tuple[str, int] | None = None, json_logs: bool = False) -> None:
+                        http: tuple[str, int] | None = None, pool: str = DEFAULT_POOL,
+                        json_logs: bool = False) -> None:
     # The log's writer and reader threads hand results back to the event
     # loop; with CPython's default 5 ms switch interval each hand-off can
     # wait that long for the GIL while the loop is busy. This process is
@@ -48,17 +50,19 @@ async def _serve_worker(registry: Registry, log_url: str, concurrency: int, grac
     stop = Stop.on_signals(json_logs)  # the first signal drains (engine/cli/shutdown.py), a second cancels
     # Bound before the log is opened: a port in use fails at once, and the
     # probes answer (alive, not ready) while the worker still joins.
-    async with _worker_http(http, json_logs) as probes, Client(log_url, registry=registry) as client:
+    topics = Topics(pool=pool)
+    async with _worker_http(http, json_logs) as probes, Client(log_url, registry=registry, topics=topics) as client:
         worker = Worker(registry, client.log, concurrency=concurrency, topics=client.topics, client=client)
         if probes is not None:
             probes.attach(worker)
         if not await start_unless_stopped(worker, stop):
             return
         try:
+            ids = sorted(t.id for t in registry if t.pool == pool)
             _say(
-                f"stepline worker {worker.worker_id} on {redact_text(log_url)}: "
-                f"{len(registry)} task(s): {', '.join(registry.ids())}; partitions {sorted(worker.owned)}",
-                json_logs, worker_id=worker.worker_id, log=redact_text(log_url), tasks=registry.ids(),
+                f"stepline worker {worker.worker_id} on {redact_text(log_url)}, pool {pool}: "
+                f"{len(ids)} task(s): {', '.join(ids)}; partitions {sorted(worker.owned)}",
+                json_logs, worker_id=worker.worker_id, log=redact_text(log_url), pool=pool, tasks=ids,
                 partitions=sorted(worker.owned),
             )
             await stop.requested.wait()
@@ -115,7 +119,7 @@ async def _serve_until(stop: asyncio.Event, serving: Coroutine[Any, Any, None], 
 
 
 async def _serve_dev(registry: Registry, log_url: str, concurrency: int, port: int, query_db: str,
-                     grace: float) -> None:
+                     grace: float, pools: list[str]) -> None:
     """A worker and the HTTP API with the dashboard (auth off, loopback only), in one process."""
     # Imported when the command runs: aiohttp is slow to import and only serve and dev need it (start-up).
     from stepline.server import ServeConfig, serve_api
@@ -128,22 +132,32 @@ async def _serve_dev(registry: Registry, log_url: str, concurrency: int, port: i
         base = addresses[0]
         err.print(f"dashboard: {base}/   API: {base}/v1/ (no auth: local development only)", highlight=False)
 
-    async with Client(log_url, registry=registry) as client:
-        worker = Worker(registry, client.log, concurrency=concurrency, topics=client.topics, client=client)
-        if not await start_unless_stopped(worker, stop):
-            return
+    async with Client(log_url, registry=registry) as client, AsyncExitStack() as clients:
+        # One worker per pool, each with a client of its pool on the one log
+        # (a dev process runs every pool unless --pool narrows it).
+        workers: list[Worker] = []
+        for pool in pools:
+            own = client if pool == client.topics.pool else await clients.enter_async_context(
+                Client(log=client.log, registry=registry, topics=client.topics.of_pool(pool)))
+            workers.append(Worker(registry, client.log, concurrency=concurrency, topics=own.topics, client=own))
+        started: list[Worker] = []
         try:
+            for worker in workers:
+                if not await start_unless_stopped(worker, stop):
+                    return
+                started.append(worker)
             err.print(
-                f"stepline dev: worker {worker.worker_id} on {redact_text(log_url)}: "
-                f"{len(registry)} task(s): {', '.join(registry.ids())}",
+                f"stepline dev: worker(s) {', '.join(w.worker_id + ' (pool ' + w.pool + ')' for w in workers)} "
+                f"on {redact_text(log_url)}: {len(registry)} task(s): {', '.join(registry.ids())}",
                 highlight=False, markup=False,
             )
             await _serve_until(stop.requested, serve_api(client, config, registry, "127.0.0.1", port,
                                                          query_db=query_db, on_listening=announce),
                                f"127.0.0.1:{port}", " (pick another with --port, or --port 0 for a free one)")
-            await drain(worker, grace, stop)
+            await asyncio.gather(*(drain(w, grace, stop) for w in started))
         finally:
-            await worker.close()
+            for worker in reversed(started):
+                await worker.close()
 
 
 def dev(
@@ -158,12 +172,17 @@ def dev(
         help=_setting_help("SQLite file of the query projection behind the dashboard's lists "
                            "(default: beside a SQLite log, else " + DEFAULT_QUERY_DB + ").", "query_db"),
     )] = None,
+    pool: Annotated[list[str] | None, typer.Option(
+        "--pool", show_default=False, metavar="POOL",
+        help="Run only this worker pool's tasks; repeat for several (default: every pool of the app).",
+    )] = None,
 ) -> None:
-    """Embedded log, a worker, and the HTTP API with the dashboard (no auth), in one process."""
+    """Embedded log, a worker per pool, and the HTTP API with the dashboard (no auth), in one process."""
     seconds = _grace(grace)
     configure_logging(json_logs=False)
     registry = _load_app(module)
-    _run(_serve_dev(registry, log, concurrency, port, query_db or _dev_query_db(log), seconds))
+    pools = sorted({_pool(registry, p) for p in pool}) if pool else registry.pools()
+    _run(_serve_dev(registry, log, concurrency, port, query_db or _dev_query_db(log), seconds, pools))
 
 
 def worker(
@@ -179,14 +198,29 @@ def worker(
     http_host: Annotated[str, typer.Option(
         "--http-host", callback=_setting("http_host"),
         help=_setting_help("Interface of the --http-port server.", "http_host"))] = "0.0.0.0",
+    pool: Annotated[str, typer.Option(
+        "--pool", metavar="POOL", callback=_setting("pool"),
+        help=_setting_help("Worker pool to run: only the tasks declared with this pool=.", "pool"))] = DEFAULT_POOL,
 ) -> None:
-    """Run a worker: owns partitions of the runs topic and executes their runs."""
+    """Run a worker of one pool: owns partitions of its runs topic and executes their runs."""
     seconds = _grace(grace)
     port = _http_port(http_port)
     configure_logging(json_logs=json_logs)
     registry = _load_app(module, json_logs)
     _run(_serve_worker(registry, log, concurrency, seconds, None if port is None else (http_host, port),
-                       json_logs), json_logs)
+                       _pool(registry, pool), json_logs), json_logs)
+
+
+def _pool(registry: Registry, name: str) -> str:
+    """--pool as a pool the app declares; anything else is one clear error."""
+    try:
+        check_pool(name)
+    except UnknownPool as exc:
+        _fail(f"--pool: {exc}")
+    if name not in registry.pools():
+        _fail(f"--pool {name!r}: no task of the app declares pool={name!r}; "
+              f"its pools: {', '.join(registry.pools())}")
+    return name
 
 
 def _grace(value: str | float) -> float:
@@ -211,16 +245,21 @@ def _source_pairs(entries: list[str], flag: str, shape: str, echo: bool) -> dict
     return pairs
 
 
-def _webhook_sources(webhook: list[str] | None, webhook_event: list[str] | None) -> dict[str, WebhookSource]:
+def _webhook_sources(
+    webhook: list[str] | None, webhook_event: list[str] | None, webhook_scheme: list[str] | None = None,
+) -> dict[str, WebhookSource]:
     from stepline.server import WebhookSource  # start-up: as in _serve_dev
 
     # Without --webhook flags, the option's callback filled in the setting.
     secrets = _source_pairs(webhook or [], "--webhook", "SOURCE=SECRET", echo=False)
     events = _source_pairs(webhook_event or [], "--webhook-event", "SOURCE=EVENT.NAME", echo=True)
-    unknown = sorted(set(events) - set(secrets))
-    if unknown:
-        raise CliError(f"--webhook-event for source(s) without a --webhook secret: {', '.join(unknown)}")
-    return {name: WebhookSource(name, secret, events.get(name)) for name, secret in secrets.items()}
+    schemes = _source_pairs(webhook_scheme or [], "--webhook-scheme", "SOURCE=SCHEME", echo=True)
+    for flag, named in (("--webhook-event", events), ("--webhook-scheme", schemes)):
+        unknown = sorted(set(named) - set(secrets))
+        if unknown:
+            raise CliError(f"{flag} for source(s) without a --webhook secret: {', '.join(unknown)}")
+    return {name: WebhookSource(name, secret, events.get(name), schemes.get(name, "stepline"))
+            for name, secret in secrets.items()}
 
 
 async def _serve_http(
@@ -235,7 +274,7 @@ async def _serve_http(
         loop.add_signal_handler(sig, stop.set)
 
     def announce(addresses: list[str]) -> None:
-        sources = ", ".join(f"{s.name} -> {s.event}" for s in config.webhooks.values()) or "none"
+        sources = ", ".join(f"{s.name} ({s.scheme}) -> {s.event}" for s in config.webhooks.values()) or "none"
         auth = "bearer token" if config.auth_required else "OFF (--no-auth)"
         _say(f"stepline serve on {', '.join(addresses)} for {redact_text(log_url)}: auth {auth}; "
              f"webhook sources: {sources}", json_logs, addresses=addresses, log=redact_text(log_url),
@@ -267,6 +306,11 @@ def serve(
         "--webhook-event", show_default=False,
         help="SOURCE=EVENT.NAME: publish SOURCE's deliveries as EVENT.NAME, not webhook.SOURCE (repeatable).",
     )] = None,
+    webhook_scheme: Annotated[list[str] | None, typer.Option(
+        "--webhook-scheme", show_default=False, callback=_setting("webhook_schemes"),
+        help=_setting_help("SOURCE=SCHEME: how SOURCE signs its deliveries: stepline (default), stripe, "
+                           "standard (Standard Webhooks) or github (repeatable).", "webhook_schemes"),
+    )] = None,
     max_body_bytes: Annotated[int, typer.Option(min=1, callback=_setting("max_body_bytes"), help=_setting_help(
         "Largest request body accepted.", "max_body_bytes"))] = DEFAULT_MAX_BODY_BYTES,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="Serve the API without a token (local use only).")] = False,
@@ -291,7 +335,7 @@ def serve(
               "or pass --api-token), or pass --no-auth for local development", json_logs)
     registry = _load_app(app_module, json_logs) if app_module else None
     try:
-        config = ServeConfig(api_token, _webhook_sources(webhook, webhook_event),
+        config = ServeConfig(api_token, _webhook_sources(webhook, webhook_event, webhook_scheme),
                              max_body_bytes=max_body_bytes, auth_required=not no_auth,
                              shadow_path=shadow_path)
         if shadow_path is not None and not os.path.isdir(shadow_path):

@@ -11,5 +11,6 @@ from stepline.client._client import (
     current_client,
     publish,
 )
+from stepline.client.sync import SyncClient, SyncRunHandle
 
-__all__ = ["Client", "RunHandle", "check_event_name", "current_client", "publish"]
+__all__ = ["Client", "RunHandle", "SyncClient", "SyncRunHandle", "check_event_name", "current_client", "publish"]

@@ -9,12 +9,14 @@ the partition owner's to write.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, TypeVar
 
 from stepline.client._steering import Steering
 from stepline.client.fork import copied_bytes, fork_trigger
+from stepline.client.why import reasons
 from stepline.core.events import (
     DomainEvent,
     Event,
@@ -31,13 +33,17 @@ from stepline.errors import (
 )
 from stepline.log.base import kafka_partition_for
 from stepline.log.headers import append_event
+from stepline.log.topics import DEFAULT_POOL
 from stepline.projections.runs import (
+    PARENT_POOL,
     PENDING,
     PartitionRuns,
     RunState,
 )
+from stepline.projections.why import Reason
 from stepline.sdk import port
 from stepline.sdk.debounce import Debounce
+from stepline.sdk.interceptors import Destination
 from stepline.sdk.port import RunHandle, TaskRef, bind_client, unbind_client
 from stepline.sdk.task import Task
 
@@ -139,7 +145,14 @@ class Client(Steering):
             data, idempotency_key, not_before, priority, tuple(tags),
             t.queue.name if t else None, concurrency_key, parent_run_id, parent_step, expires_at,
         )
-        offset = await self._append_trigger(Event(new_event_id(), body.TYPE, run_id, task_id, 1, now, 0, body))
+        ev = Event(new_event_id(), body.TYPE, run_id, task_id, 1, now, 0, body)
+        if parent_run_id is not None:
+            # A child answers its parent on the parent's pool's runs topic: a
+            # parent triggers through its worker's client, of the parent's pool.
+            parent_pool = self._homes.get(parent_run_id, self.topics.pool)
+            if parent_pool != DEFAULT_POOL:
+                ev = replace(ev, extra={PARENT_POOL: parent_pool})
+        offset = await self._append_trigger(ev, self.task_pool(task_id, t))
         # With an idempotency key the run may predate this trigger: watch from 0.
         return RunHandle(run_id, task_id, self, t.output_codec if t else ANY,
                          None if idempotency_key else offset)
@@ -168,14 +181,15 @@ class Client(Steering):
             start = now + debounce.period_ms
             body = RunTriggered(data, key, start, priority, tuple(tags), t.queue.name, concurrency_key,
                                 expires_at=None if ttl is None else start + _ms(ttl))
-            offset = await self._append_trigger(Event(new_event_id(), body.TYPE, run_id, t.id, 1, now, 0, body))
+            offset = await self._append_trigger(Event(new_event_id(), body.TYPE, run_id, t.id, 1, now, 0, body),
+                                                t.pool)
             if await self._took(run_id, offset):
                 return RunHandle(run_id, t.id, self, t.output_codec, None)
             generation += 1
 
     async def _took(self, run_id: str, offset: int) -> bool:
         """Whether the trigger at `offset` found the run pending and unstarted (or new)."""
-        part = PartitionRuns(self.partition_of(run_id))
+        part = PartitionRuns(0)  # the number is not read: one run is folded
         for off, ev in await self.history(run_id):
             if off >= offset:
                 break
@@ -219,10 +233,20 @@ class Client(Steering):
         partition_key = (key or event_id).encode()
         # Kafka's partitioner, not the runs topic's CRC-32: other services
         # publish to this topic with their own clients (docs/operations.md).
-        await append_event(self.log, self.topics.events,
-                           kafka_partition_for(partition_key, self._event_partitions),
-                           partition_key, ev)
+        partition = kafka_partition_for(partition_key, self._event_partitions)
+
+        async def append(event: Event) -> int:
+            return await append_event(self.log, self.topics.events, partition, partition_key, event)
+
+        # Through the interceptors: tracing writes its publish span's context
+        # into the envelope, for the runs this event starts to link to.
+        await self.interceptors.publish(ev, append, Destination(self._system, self.topics.events, partition))
         return event_id
+
+    async def why(self, run_id: str) -> list[Reason]:
+        """Why `run_id` is not executing now: each reason a kind, a sentence
+        and its facts (engine/client/why.py). UnknownRun for no such run."""
+        return await reasons(self, run_id)
 
     async def fork(
         self,
@@ -264,7 +288,7 @@ class Client(Steering):
         now = self.clock()
         new_id = idempotent_run_id(state.task_id, idempotency_key) if idempotency_key else new_run_id(now)
         ev = Event(new_event_id(), body.TYPE, new_id, state.task_id, 1, now, 0, body)
-        offset = await self._append_trigger(ev)
+        offset = await self._append_trigger(ev, t.pool if t else await self.home(run_id))
         return RunHandle(new_id, state.task_id, self, t.output_codec if t else ANY,
                          None if idempotency_key else offset)
 

@@ -15,6 +15,7 @@ from stepline.core.events import (
 from stepline.errors import (
     UnknownRun,
 )
+from stepline.log.base import partition_for
 from stepline.projections.runs import (
     TERMINAL,
     PartitionRuns,
@@ -35,13 +36,15 @@ class Reading(ClientBase):
         so that a fold of the result fences a replaced owner's late events
         exactly as the worker's own fold does.
         """
-        p = self.partition_of(run_id)
         key = run_id.encode()
         out: list[tuple[int, Event]] = []
-        end = await self.log.end_offset(self.topics.runs, p)
+        pool = await self.home(run_id)
+        p = partition_for(key, await self.open_pool(pool))
+        topic = self.runs_topic(pool)
+        end = await self.log.end_offset(topic, p)
         offset = 0
         while offset < end:
-            recs = await self.log.read(self.topics.runs, p, offset, 5000)
+            recs = await self.log.read(topic, p, offset, 5000)
             for r in recs:
                 if r.key == key or (claims and r.key == b"" and codec.peek_type(r.value) == b"PartitionClaimed"):
                     out.append((r.offset, codec.decode(r.value)))
@@ -51,7 +54,7 @@ class Reading(ClientBase):
         return out
 
     async def get_run(self, run_id: str) -> RunState:
-        part = PartitionRuns(self.partition_of(run_id))
+        part = PartitionRuns(0)  # the number is not read: one run is folded
         for off, ev in await self.history(run_id, claims=True):
             part.apply(ev, off)
         state = part.runs.get(run_id)
@@ -62,18 +65,30 @@ class Reading(ClientBase):
     async def events(
         self, progress: Progress | None = None
     ) -> AsyncIterator[tuple[int, int, Event]]:
-        """Every event on the runs topic as (partition, offset, event), in log
-        order within each partition, up to the ends as of the call."""
-        ends = {p: await self.log.end_offset(self.topics.runs, p) for p in range(self._nparts)}
+        """Every event on the runs topics of every pool as (partition, offset,
+        event), in log order within each partition, up to the ends as of the call."""
+        async for _, p, offset, ev in self.pool_events(progress):
+            yield p, offset, ev
+
+    async def pool_events(
+        self, progress: Progress | None = None
+    ) -> AsyncIterator[tuple[str, int, int, Event]]:
+        """`events`, with the pool of each: (pool, partition, offset, event)."""
+        ends: dict[tuple[str, int], int] = {}
+        for pool in await self.pools():
+            topic = self.runs_topic(pool)
+            for p in range(await self.open_pool(pool)):
+                ends[(pool, p)] = await self.log.end_offset(topic, p)
         total, done = sum(ends.values()), 0
-        for p, end in ends.items():
+        for (pool, p), end in ends.items():
+            topic = self.runs_topic(pool)
             offset = 0
             while offset < end:
-                recs = await self.log.read(self.topics.runs, p, offset, 5000)
+                recs = await self.log.read(topic, p, offset, 5000)
                 for r in recs:
                     if r.offset >= end:
                         break
-                    yield p, r.offset, codec.decode(r.value)
+                    yield pool, p, r.offset, codec.decode(r.value)
                 step = (recs[-1].offset + 1 - offset) if recs else end - offset
                 offset += step
                 done += step
@@ -81,12 +96,12 @@ class Reading(ClientBase):
                     progress(min(done, total), total)
 
     async def list_runs(self, progress: Progress | None = None) -> list[RunState]:
-        """All runs, folded from the log (newest first)."""
-        parts: dict[int, PartitionRuns] = {}
-        async for p, offset, ev in self.events(progress):
-            part = parts.get(p)
+        """All runs of every pool, folded from the log (newest first)."""
+        parts: dict[tuple[str, int], PartitionRuns] = {}
+        async for pool, p, offset, ev in self.pool_events(progress):
+            part = parts.get((pool, p))
             if part is None:
-                part = parts[p] = PartitionRuns(p)
+                part = parts[(pool, p)] = PartitionRuns(p)
             part.apply(ev, offset)
         runs = [r for part in parts.values() for r in part.runs.values()]
         runs.sort(key=lambda r: (r.created_at, r.run_id), reverse=True)
@@ -94,13 +109,15 @@ class Reading(ClientBase):
 
     async def wait(self, run_id: str, timeout: float | None = None, from_offset: int | None = None) -> RunState:
         """Wait until the run is completed, failed or cancelled; its state then."""
-        p = self.partition_of(run_id)
+        pool = await self.home(run_id)
+        p = partition_for(run_id.encode(), await self.open_pool(pool))
         fut: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
-        w = self._watchers.get(p)
+        w = self._watchers.get((pool, p))
         covered = w is not None and from_offset is not None and from_offset >= w.start
         if w is None:
-            start = from_offset if from_offset is not None else await self.log.end_offset(self.topics.runs, p)
-            w = self._watchers[p] = _Watcher(self, p, start)
+            start = (from_offset if from_offset is not None
+                     else await self.log.end_offset(self.runs_topic(pool), p))
+            w = self._watchers[(pool, p)] = _Watcher(self, pool, p, start)
             covered = from_offset is not None
         w.waiters.setdefault(run_id, []).append(fut)
         if run_id in w.recent:

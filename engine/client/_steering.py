@@ -85,11 +85,12 @@ class Steering(Reading):
 
     async def resolve_wait(
         self, run_id: str, task_id: str, step: int, reason: str, source: str,
-        output: Payload | None = None, error: ErrorInfo | None = None,
+        output: Payload | None = None, error: ErrorInfo | None = None, *, pool: str | None = None,
     ) -> int:
-        """Append WaitCompleted: the first resolution of a wait wins, repeats are no-ops."""
+        """Append WaitCompleted: the first resolution of a wait wins, repeats are no-ops.
+        `pool`: the run's worker pool when the caller knows it (else it is looked up)."""
         body = WaitCompleted(step, reason, source, output, error)
-        return await self._append(Event(new_event_id(), body.TYPE, run_id, task_id, 0, self.clock(), 0, body))
+        return await self._append(Event(new_event_id(), body.TYPE, run_id, task_id, 0, self.clock(), 0, body), pool)
 
     async def complete_token(self, token: str, data: Any = None) -> RunState:
         """Resume the run waiting on `token` (`wait_for_token`) with `data`.

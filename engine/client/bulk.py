@@ -196,8 +196,11 @@ async def _replay(client: Client, store: QueryStore, runs: Sequence[dict[str, An
         key = replay_key(request_id, state.run_id)
         body = fork_trigger(state, 0, idempotency_key=key)
         new_id = idempotent_run_id(state.task_id, key)
+        pool = (client.registry.pool_of(state.task_id) if client.registry is not None else None) \
+            or await client.home(state.run_id)
         appends.append(client._append_trigger(Event(
-            bulk_event_id(request_id, REPLAY, state.run_id), body.TYPE, new_id, state.task_id, 1, now, 0, body)))
+            bulk_event_id(request_id, REPLAY, state.run_id), body.TYPE, new_id, state.task_id, 1, now, 0, body),
+            pool))
         new_ids.append(new_id)
     await asyncio.gather(*appends)
     return new_ids

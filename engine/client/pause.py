@@ -52,6 +52,10 @@ class Connection(Protocol):
     registry: Registry | None
     clock: Callable[[], int]
 
+    async def pools(self) -> list[str]: ...
+
+    async def open_pool(self, pool: str) -> int: ...
+
 SCOPES = (PAUSE_TASK, PAUSE_QUEUE)
 
 
@@ -91,7 +95,8 @@ def _check_known(client: Connection, scope: str, name: str) -> None:
 
 async def set_paused(client: Connection, scope: str, name: str, paused: bool, *, reason: str = "",
                      requested_by: str = "api") -> PauseChanged:
-    """Append PauseChanged to every partition of the runs and queues topics.
+    """Append PauseChanged to every partition of the runs and queues topics
+    of every worker pool (a queue's runs may live in several pools).
 
     Returns once every copy is durable, so every partition's owner, present
     or future, folds it. A failure part-way leaves some partitions paused:
@@ -103,7 +108,13 @@ async def set_paused(client: Connection, scope: str, name: str, paused: bool, *,
     event = Event(new_event_id(), body.TYPE, "", "", 0, client.clock(), 0, body)
     codec.encode(event)  # a bad event fails here, before any partition gets it
     appends = []
-    for topic in (client.topics.runs, client.topics.queues):
+    names = await client.pools()
+    for pool in names:
+        # A pool the app declares may have no worker yet, nor topics: made
+        # now, so its first worker folds the pause like every other.
+        await client.open_pool(pool)
+    pools = [client.topics.of_pool(pool) for pool in names]
+    for topic in [name for t in pools for name in (t.runs, t.queues)]:
         for p in range(await client.log.partitions(topic)):
             appends.append(append_event(client.log, topic, p, b"", event))
     results = await asyncio.gather(*appends, return_exceptions=True)

@@ -28,6 +28,12 @@ Semantics, shared by all backends:
   per record) where the backend keeps them (`record_headers`: Kafka, so
   other tools can filter without decoding); the others accept and drop
   them, and a record's key and value are the same either way.
+* Retention (`stepline prune`): `remove` takes chosen records out of a
+  partition (sqlite), `delete_before` a partition's prefix (Kafka's
+  DeleteRecords). Offsets never move: the records left keep theirs, a read
+  from a removed offset returns the next record kept, and `end_offset`
+  never goes back, so offsets stored elsewhere (snapshots, the query
+  projection, consumer groups) stay valid.
 * Atomic appends (`append_atomic`, what `sl.emit` rides on) exist only where
   the backend has transactions (`transactional`): the Kafka log. A
   partition's owner calls `fence` when it claims the partition; from then on
@@ -39,12 +45,12 @@ from __future__ import annotations
 import abc
 import struct
 import zlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
-from ..errors import EmitUnsupported
+from ..errors import EmitUnsupported, RetentionUnsupported
 
 _WORDS = struct.Struct("<I")
 
@@ -197,6 +203,11 @@ class Log(abc.ABC):
     async def partitions(self, topic: str) -> int:
         """Partition count; raises UnknownTopic for a topic never created."""
 
+    @abc.abstractmethod
+    async def topic_names(self, prefix: str = "") -> list[str]:
+        """The names of the topics that exist and start with `prefix`, sorted
+        (how readers find the runs topics of worker pools)."""
+
     # Whether appends keep `headers=` (Kafka). Writers build headers only
     # then, and pass them only then, so a Log written before headers
     # existed keeps working.
@@ -247,6 +258,32 @@ class Log(abc.ABC):
             else:
                 hi = mid
         return lo
+
+    # --- retention: what `stepline prune` removes ---
+
+    # Whether `remove` can take single records out of a partition (sqlite);
+    # Kafka deletes whole prefixes (`delete_before`) only.
+    removes_records: bool = False
+
+    async def start_offset(self, topic: str, partition: int) -> int:
+        """The lowest offset a record may still be kept at (Kafka's log start
+        offset; 0 where records are removed one by one)."""
+        return 0
+
+    async def remove(self, topic: str, partition: int, records: Mapping[bytes, Sequence[int]],
+                     below: int) -> list[bytes]:
+        """Remove records chosen by offset, grouped by key, in one atomic step;
+        return the keys whose records were removed.
+
+        A key with any record at or after `below` (the end offset the caller
+        planned against) is left whole: something was appended for it since,
+        such as a retry of a run being pruned. Offsets are not renumbered.
+        """
+        raise RetentionUnsupported(f"{self.url} cannot remove records; prune works on sqlite:// and kafka://")
+
+    async def delete_before(self, topic: str, partition: int, offset: int) -> None:
+        """Remove every record of the partition below `offset`."""
+        raise RetentionUnsupported(f"{self.url} cannot delete records; prune works on sqlite:// and kafka://")
 
     # --- transactions: only a backend that sets `transactional` has them ---
 

@@ -3,8 +3,10 @@
 Generic consumers, Kafka's own tools and tracing agents read headers without
 decoding Avro, so every engine event appended to a log that keeps headers
 (`Log.record_headers`) says what it is there: its type, its run, the schema
-that wrote it and, when traced, its W3C trace context. The record's key and
-value are the same with or without them.
+that wrote it and, when traced, its W3C trace context and what the
+application's propagators wrote besides (OTEL_PROPAGATORS: `baggage`, B3's
+`b3`...; kept in the envelope's `extra` as `propagation.<header>`). The
+record's key and value are the same with or without them.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from stepline.core.events import Event
 
 from .base import Headers, Log
 
-__all__ = ["RUN_ID", "SCHEMA", "TRACEPARENT", "TRACESTATE", "TYPE", "append_event", "event_headers"]
+__all__ = ["PROPAGATION", "RUN_ID", "SCHEMA", "TRACEPARENT", "TRACESTATE", "TYPE", "append_event", "event_headers"]
 
 # Never rename these: consumers outside Stepline filter by them.
 TYPE = "stepline.type"  # the body's record name, e.g. RunTriggered
@@ -24,6 +26,9 @@ RUN_ID = "stepline.run_id"  # absent for events of no run (DomainEvent, PauseCha
 SCHEMA = "stepline.schema"  # the writer schema's fingerprint: bytes 2-9 of the value, as hex
 TRACEPARENT = "traceparent"  # W3C Trace Context, as OpenTelemetry's Kafka instrumentations name it
 TRACESTATE = "tracestate"
+# Envelope `extra` keys under this prefix are propagation fields, sent as the
+# header named by the rest (engine/observability/messaging.py writes them).
+PROPAGATION = "propagation."
 
 
 @functools.cache
@@ -43,6 +48,8 @@ def event_headers(event: Event) -> Headers:
         state = event.extra.get("tracestate")
         if state:
             out += ((TRACESTATE, state.encode()),)
+        out += tuple((k[len(PROPAGATION):], v.encode()) for k, v in event.extra.items()
+                     if k.startswith(PROPAGATION))
     return out
 
 

@@ -63,7 +63,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 from aiokafka.errors import KafkaError
 
 from ..errors import InvalidLogUrl, LogError, UnknownTopic
@@ -176,6 +176,10 @@ class KafkaLog(KafkaClients, Log):
     async def ensure_topics(self, specs: Sequence[TopicSpec]) -> None:
         await self._topics.ensure(specs)
 
+    async def topic_names(self, prefix: str = "") -> list[str]:
+        self._started()
+        return await self._topics.names(prefix)
+
     async def partitions(self, topic: str) -> int:
         self._started()
         return await self._topics.count(topic)
@@ -283,6 +287,27 @@ class KafkaLog(KafkaClients, Log):
             make_record(topic, partition, r.offset, r.key or b"", r.value or b"", r.timestamp)
             for r in found
         ]
+
+    # --- retention ---
+
+    async def start_offset(self, topic: str, partition: int) -> int:
+        _, _, meta = self._started()
+        tp = await self._topics.where(topic, partition)
+        try:
+            return int((await meta.beginning_offsets([tp]))[tp])
+        except KafkaError as exc:
+            raise LogError(f"cannot read the start offset of {tp.topic}[{partition}]: {exc}") from exc
+
+    async def delete_before(self, topic: str, partition: int, offset: int) -> None:
+        """DeleteRecords: the broker moves the partition's log start offset up
+        to `offset`; readers below it are moved up to it (`kafka_cursors`)."""
+        admin, _, _ = self._started()
+        tp = await self._topics.where(topic, partition)
+        try:
+            await self._topics.retrying(lambda: admin.delete_records({tp: RecordsToDelete(offset)}))
+        except KafkaError as exc:
+            raise LogError(f"cannot delete the records of {tp.topic}[{partition}] below offset {offset}: "
+                           f"{exc}") from exc
 
     # --- groups ---
 

@@ -96,6 +96,17 @@ class KafkaTopics:
                 counts[name] = None
         return counts
 
+    async def names(self, prefix: str) -> list[str]:
+        """This log's topics whose (log-side) names start with `prefix`."""
+        admin = self._admin()
+        try:
+            found = await self.retrying(admin.list_topics)
+        except KafkaError as exc:
+            raise LogError(f"cannot list topics on Kafka: {exc}") from exc
+        own = self._clients.topic_name("")
+        return sorted(name[len(own):] for name in found
+                      if name.startswith(own) and name[len(own):].startswith(prefix))
+
     async def count(self, topic: str) -> int:
         name = self._clients.topic_name(topic)
         count = self.counts.get(name)

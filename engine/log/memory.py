@@ -170,6 +170,10 @@ class MemoryLog(Log):
         with self.store.lock:
             return len(self.store.topic(topic).partitions)
 
+    async def topic_names(self, prefix: str = "") -> list[str]:
+        with self.store.lock:
+            return sorted(name for name in self.store.topics if name.startswith(prefix))
+
     async def append(
         self,
         topic: str,

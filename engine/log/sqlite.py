@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 from ..errors import LogCorrupted, LogError, UnknownTopic
@@ -38,6 +38,7 @@ from .base import AssignCallback, Headers, Log, Membership, Record, RevokeCallba
 from .sqlite_file import (
     _COMMIT,
     _COMMITTED,
+    _KEEP_END,
     _MAX_OFFSET,
     _NEXT_GENERATION,
     _SELECT,
@@ -60,8 +61,17 @@ def _set_if_pending(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+def _keep_end(conn: sqlite3.Connection, tid: int, part: int) -> None:
+    """Record the partition's end before records go, so that it never moves back."""
+    top = conn.execute(_MAX_OFFSET, (tid, part)).fetchone()[0]
+    if top is not None:
+        conn.execute(_KEEP_END, (tid, part, int(top) + 1))
+
+
 class SqliteLog(Log):
     """A `Log` in one SQLite file; see the module docstring for how it works."""
+
+    removes_records = True
 
     def __init__(
         self,
@@ -212,6 +222,10 @@ class SqliteLog(Log):
     async def partitions(self, topic: str) -> int:
         return (await self._topic(topic))[1]
 
+    async def topic_names(self, prefix: str = "") -> list[str]:
+        await self._load_topics()  # another process may have made some
+        return sorted(name for name in self._topics if name.startswith(prefix))
+
     # --- records ---
 
     async def append(
@@ -317,6 +331,42 @@ class SqliteLog(Log):
         where = await self._where(topic, partition)
         top = await readers.run(lambda c: c.execute(_MAX_OFFSET, where).fetchone()[0])
         return 0 if top is None else int(top) + 1
+
+    # --- retention ---
+
+    async def remove(self, topic: str, partition: int, records: Mapping[bytes, Sequence[int]],
+                     below: int) -> list[bytes]:
+        where = await self._where(topic, partition)
+        tid, part = where
+
+        def remove(conn: sqlite3.Connection) -> list[bytes]:
+            # Inside the writer's transaction (BEGIN IMMEDIATE): no append
+            # can land between the check and the delete.
+            _keep_end(conn, tid, part)
+            since = {bytes(k) for (k,) in conn.execute(
+                "SELECT DISTINCT key FROM records WHERE topic_id = ? AND partition = ? AND offset >= ?",
+                (tid, part, below))}
+            gone = [key for key in records if key not in since]
+            conn.executemany(
+                "DELETE FROM records WHERE topic_id = ? AND partition = ? AND offset = ? AND key = ?",
+                [(tid, part, o, key) for key in gone for o in records[key] if o < below])
+            return gone
+
+        removed = await self._write(remove)
+        self._recent.pop(where, None)  # it may hold removed records
+        return removed
+
+    async def delete_before(self, topic: str, partition: int, offset: int) -> None:
+        where = await self._where(topic, partition)
+        tid, part = where
+
+        def delete(conn: sqlite3.Connection) -> None:
+            _keep_end(conn, tid, part)
+            conn.execute("DELETE FROM records WHERE topic_id = ? AND partition = ? AND offset < ?",
+                         (tid, part, offset))
+
+        await self._write(delete)
+        self._recent.pop(where, None)
 
     # --- groups ---
 

@@ -53,7 +53,22 @@ _SELECT = (
     "SELECT offset, key, value, timestamp_ms FROM records"
     " WHERE topic_id = ? AND partition = ? AND offset >= ? ORDER BY offset LIMIT ?"
 )
-_MAX_OFFSET = "SELECT MAX(offset) FROM records WHERE topic_id = ? AND partition = ?"
+# The group name under which `stepline prune` keeps a partition's end: once
+# records are removed (engine/log/sqlite.py, `remove`), the highest offset
+# left may be below the end, and the next append must not reuse an offset
+# that snapshots or a query projection already recorded. The engine's
+# groups are `<namespace>.<name>`: none starts with "!".
+END_MARK = "!stepline:end"
+# The last offset taken: the highest record, or the end `prune` kept.
+_MAX_OFFSET = (
+    "SELECT MAX(o) FROM (SELECT MAX(offset) AS o FROM records WHERE topic_id = ?1 AND partition = ?2"
+    f" UNION ALL SELECT offset - 1 FROM group_offsets WHERE grp = '{END_MARK}' AND topic_id = ?1"
+    " AND partition = ?2)"
+)
+_KEEP_END = (
+    f"INSERT INTO group_offsets VALUES ('{END_MARK}', ?, ?, ?) ON CONFLICT (grp, topic_id, partition)"
+    " DO UPDATE SET offset = MAX(offset, excluded.offset)"
+)
 _COMMIT = (
     "INSERT INTO group_offsets VALUES (?, ?, ?, ?) ON CONFLICT"
     " (grp, topic_id, partition) DO UPDATE SET offset = excluded.offset"

@@ -224,16 +224,16 @@ GAUGES: dict[str, Gauge] = {g.name: g for g in (
     Gauge("stepline_partitions_owned", "Partitions of the runs topic this process's workers own", ()),
     Gauge("stepline_attempts_running", "Attempts executing now on this process's workers", ()),
     Gauge("stepline_worker_concurrency", "Attempts this process's workers may run at once", ()),
-    Gauge("stepline_runs_ready", "Runs ready to start or resume now and not started, by task and queue "
-          "(the API's read model: all workers, or none)", ("task", "queue")),
-    Gauge("stepline_runs_running", "Runs in an attempt now, by task and queue (the API's read model)",
-          ("task", "queue")),
-    Gauge("stepline_runs_delayed", "Runs due later: delayed, backing off or sleeping, by task and queue "
-          "(the API's read model)", ("task", "queue")),
+    Gauge("stepline_runs_ready", "Runs ready to start or resume now and not started, by task, queue and pool "
+          "(the API's read model: all workers, or none)", ("task", "queue", "pool")),
+    Gauge("stepline_runs_running", "Runs in an attempt now, by task, queue and pool (the API's read model)",
+          ("task", "queue", "pool")),
+    Gauge("stepline_runs_delayed", "Runs due later: delayed, backing off or sleeping, by task, queue and pool "
+          "(the API's read model)", ("task", "queue", "pool")),
     Gauge("stepline_runs_waiting", "Runs waiting without a deadline for an event, token or child, "
-          "by task and queue (the API's read model)", ("task", "queue")),
-    Gauge("stepline_runs_paused", "Runs ready but held by a paused task or queue, by task and queue "
-          "(the API's read model)", ("task", "queue")),
+          "by task, queue and pool (the API's read model)", ("task", "queue", "pool")),
+    Gauge("stepline_runs_paused", "Runs ready but held by a paused task or queue, by task, queue and pool "
+          "(the API's read model)", ("task", "queue", "pool")),
 )}
 
 Source = Callable[[], Awaitable[Reading]]

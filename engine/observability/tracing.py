@@ -6,20 +6,28 @@ Spans of a run:
     └─ stepline.run <task>      CONSUMER  one per attempt, on the worker
        └─ stepline.step <name>  INTERNAL  one per step executed (replayed steps have none)
 
+and, where a run has a cause outside it, `stepline.publish <event>`
+(PRODUCER, where a domain event was published) or `stepline.schedule <task>`
+(PRODUCER, a schedule's tick): a run the router or a schedule starts is a
+trace of its own whose trigger and attempt spans link to that span
+(engine/core/causes.py). Spans that cross the log carry the messaging
+attributes of engine/observability/messaging.py.
+
 The trigger span's W3C context travels in the RunTriggered envelope
 (`traceparent`, and `tracestate` in `extra`), so an attempt on another
 process, hours later, joins the trace of the request that triggered it.
 Every event an attempt writes carries the attempt span's `traceparent`.
 
 Metrics: `stepline.runs` (attempts by outcome and task),
-`stepline.step.duration` (ms, by task and step), and two gauges read from
+`stepline.step.duration` (seconds, by task and step), and two gauges read from
 the workers of this process: `stepline.queue.depth` (runs ready to start, by
 queue) and `stepline.partition.runs` (runs of owned partitions, by state).
 
 Stepline only uses the OpenTelemetry API: it never installs a provider on
 import. Without one (the API's default no-op) every hook here returns at
-once. `stepline worker`/`serve`/`dev` install exporters from the standard
-OTEL_* variables (`configure_from_env`); tests and embedding applications
+once, and so does everything under OTEL_SDK_DISABLED=true. `stepline
+worker`/`serve`/`dev` install exporters from the standard OTEL_* variables
+(engine/observability/otel_env.py); tests and embedding applications
 point Stepline at a provider of their own with `use_tracer_provider` and
 `use_meter_provider`, which leaves the process-global providers alone.
 """
@@ -30,9 +38,9 @@ import logging
 import os
 import time
 from collections import Counter as Tally
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
-from dataclasses import replace
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol
 from weakref import WeakSet
@@ -49,9 +57,9 @@ from opentelemetry.trace import (
     Tracer,
     TracerProvider,
 )
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from stepline.core.events import Event
+from stepline.observability import messaging
+from stepline.observability.messaging import Destination, Propagated
 
 try:  # where the API keeps the proxy it hands out before a provider is set
     from opentelemetry.metrics._internal import _ProxyMeterProvider
@@ -59,10 +67,6 @@ except ImportError:  # pragma: no cover - the API moved it; then only NoOp count
     _ProxyMeterProvider = NoOpMeterProvider  # type: ignore[misc,assignment]  # same role
 
 SCOPE = "stepline"
-
-# The envelope carries W3C trace context whatever propagators the
-# application installed globally: the field is named for it.
-_W3C = TraceContextTextMapPropagator()
 
 _log = logging.getLogger(__name__)
 
@@ -75,6 +79,8 @@ STEP = "stepline.step"
 STEP_NAME = "stepline.step_name"
 QUEUE = "stepline.queue"
 STATE = "stepline.state"
+SCHEDULE = "stepline.schedule"
+SCHEDULED_AT = "stepline.scheduled_at"
 
 # Outcomes that make an attempt span an error.
 _ERROR_OUTCOMES = frozenset({"failed", "retrying", "error"})
@@ -85,7 +91,13 @@ _ERROR_OUTCOMES = frozenset({"failed", "retrying", "error"})
 _tracer_provider: TracerProvider | None = None
 _meter_provider: MeterProvider | None = None
 _settled = False
+_disabled = False
 _MISSING = object()
+
+
+def sdk_disabled() -> bool:
+    """OTEL_SDK_DISABLED=true, as the SDK reads it (case-insensitive "true")."""
+    return os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
 
 
 def use_tracer_provider(provider: TracerProvider | None) -> None:
@@ -94,25 +106,29 @@ def use_tracer_provider(provider: TracerProvider | None) -> None:
     For tests and applications that keep several providers; the global one
     can be set only once per process.
     """
-    global _tracer_provider
+    global _tracer_provider, _disabled
     _tracer_provider = provider
+    _disabled = sdk_disabled()
 
 
 def use_meter_provider(provider: MeterProvider | None) -> None:
     """Record Stepline's metrics through `provider` rather than the global one (None: the global)."""
-    global _meter_provider
+    global _meter_provider, _disabled
     _meter_provider = provider
+    _disabled = sdk_disabled()
 
 
 def _settle() -> None:
     """Let the API load providers named by OTEL_PYTHON_*_PROVIDER, once."""
-    global _settled
+    global _settled, _disabled
     _settled = True
+    _disabled = sdk_disabled()
     trace.get_tracer_provider()
     metrics.get_meter_provider()
 
 
-def _global_tracer_provider() -> Any:
+def global_tracer_provider() -> Any:
+    """The process-global tracer provider, None while none is set."""
     # trace.get_tracer_provider() consults os.environ on every call while no
     # provider is set (about 4 µs, an exception inside the mapping): too slow
     # for every attempt. Once settled, read the value it reads.
@@ -122,7 +138,8 @@ def _global_tracer_provider() -> Any:
     return trace.get_tracer_provider() if provider is _MISSING else provider
 
 
-def _global_meter_provider() -> Any:
+def global_meter_provider() -> Any:
+    """The process-global meter provider, None while none is set."""
     if not _settled:
         _settle()
     internal = getattr(metrics, "_internal", None)
@@ -130,14 +147,20 @@ def _global_meter_provider() -> Any:
     return metrics.get_meter_provider() if provider is _MISSING else provider
 
 
+def current_tracer_provider() -> Any:
+    """The provider Stepline traces through: the one given to
+    `use_tracer_provider`, else the global one (None while none is set)."""
+    return _tracer_provider if _tracer_provider is not None else global_tracer_provider()
+
+
 _tracer_cache: tuple[object, Tracer] | None = None
 
 
-def _tracer() -> Tracer | None:
+def tracer() -> Tracer | None:
     """Stepline's tracer, or None when nothing would record a span."""
     global _tracer_cache
-    provider = _tracer_provider if _tracer_provider is not None else _global_tracer_provider()
-    if provider is None or isinstance(provider, (ProxyTracerProvider, NoOpTracerProvider)):
+    provider = _tracer_provider if _tracer_provider is not None else global_tracer_provider()
+    if _disabled or provider is None or isinstance(provider, (ProxyTracerProvider, NoOpTracerProvider)):
         return None
     cached = _tracer_cache
     if cached is not None and cached[0] is provider:
@@ -158,11 +181,9 @@ class _Instruments:
         meter = provider.get_meter(SCOPE, __version__)
         self.runs = meter.create_counter(
             "stepline.runs", unit="{attempt}",
-            description="Attempts ended, by outcome (completed, failed, suspended, retrying, cancelled)",
+            description="Attempts ended, by outcome (completed, failed, suspended, retrying, cancelled, handed_over)",
         )
-        self.step_duration = meter.create_histogram(
-            "stepline.step.duration", unit="ms", description="Time a step took, checkpoint included",
-        )
+        self.step_duration = _histogram(meter, "stepline.step.duration", "Time a step took, checkpoint included")
         meter.create_observable_gauge(
             "stepline.queue.depth", [_observe_queues], unit="{run}",
             description="Runs ready to start in this process's workers, by queue",
@@ -173,13 +194,27 @@ class _Instruments:
         )
 
 
+# Seconds, as the conventions want durations; the SDK's default buckets
+# (0..10,000) are made for milliseconds and would put every step in the first few.
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    300.0, 900.0, 3600.0)
+
+
+def _histogram(meter: metrics.Meter, name: str, description: str) -> metrics.Histogram:
+    try:
+        return meter.create_histogram(name, unit="s", description=description,
+                                      explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
+    except TypeError:  # an API from before the advisory (< 1.30): the SDK's default buckets
+        return meter.create_histogram(name, unit="s", description=description)
+
+
 _instruments_cache: tuple[object, _Instruments] | None = None
 
 
 def _instruments() -> _Instruments | None:
     global _instruments_cache
-    provider = _meter_provider if _meter_provider is not None else _global_meter_provider()
-    if provider is None or isinstance(provider, (_ProxyMeterProvider, NoOpMeterProvider)):
+    provider = _meter_provider if _meter_provider is not None else global_meter_provider()
+    if _disabled or provider is None or isinstance(provider, (_ProxyMeterProvider, NoOpMeterProvider)):
         return None
     cached = _instruments_cache
     if cached is not None and cached[0] is provider:
@@ -229,39 +264,6 @@ def _observe_states(options: CallbackOptions) -> Iterable[Observation]:
     return [Observation(n, {STATE: s}) for s, n in sorted(total.items())]
 
 
-# --- trigger -----------------------------------------------------------------------
-
-
-async def traced_trigger(ev: Event, append: Callable[[Event], Awaitable[int]]) -> int:
-    """Append a RunTriggered inside a `stepline.trigger` span, carrying its context.
-
-    The span is a child of the caller's current context: a web request's
-    span, or the step of a parent run.
-    """
-    tracer = _tracer()
-    if tracer is None:
-        return await append(ev)
-    with tracer.start_as_current_span(
-        "stepline.trigger", kind=SpanKind.PRODUCER, attributes={RUN_ID: ev.run_id, TASK_ID: ev.task_id},
-    ):
-        carrier: dict[str, str] = {}
-        _W3C.inject(carrier)
-        extra = ev.extra
-        if "tracestate" in carrier:
-            extra = {**extra, "tracestate": carrier["tracestate"]}
-        return await append(replace(ev, traceparent=carrier.get("traceparent"), extra=extra))
-
-
-TraceParent = tuple[str, str | None]
-
-
-def trigger_context(ev: Event) -> TraceParent | None:
-    """What a worker keeps of a RunTriggered to parent the run's attempts."""
-    if ev.traceparent is None:
-        return None
-    return ev.traceparent, ev.extra.get("tracestate")
-
-
 # --- attempts and steps --------------------------------------------------------------
 
 
@@ -283,25 +285,27 @@ class Attempt:
         self._tokens: tuple[object, object] | None = None
         self._ended = False
 
-    def _open(self, name: str, parent: TraceParent | None, attributes: dict[str, Any]) -> None:
+    def _open(self, name: str, parent: Propagated | None, attributes: dict[str, Any]) -> None:
         otel_token: object = None
         if self.tracer is not None:
             # Never the worker's own context: without a trigger context the
             # attempt is the root of a trace of its own.
-            base = otel_context.Context()
-            if parent is not None:
-                carrier = {"traceparent": parent[0]}
-                if parent[1]:
-                    carrier["tracestate"] = parent[1]
-                base = _W3C.extract(carrier, base)
+            base = messaging.context_of(parent)
+            link = None if parent is None or parent.link is None else messaging.link_to(*parent.link)
             self._span = self.tracer.start_span(name, context=base, kind=SpanKind.CONSUMER,
-                                                attributes=attributes)
+                                                attributes=attributes, links=() if link is None else (link,))
             current = trace.set_span_in_context(self._span, base)
-            out: dict[str, str] = {}
-            _W3C.inject(out, current)
-            self.traceparent = out.get("traceparent")
+            self.traceparent = messaging.traceparent_of(current)
             otel_token = otel_context.attach(current)
         self._tokens = (otel_token, _attempt.set(self))
+
+    def adopt(self, carrier: Mapping[str, str]) -> None:
+        """Continue, in an isolated attempt's child process, the attempt whose
+        span the parent opened: steps here are children of that span."""
+        base = messaging.context_of(messaging.propagated(carrier.get("traceparent"), carrier))
+        self.traceparent = carrier.get("traceparent")
+        self._tokens = (otel_context.attach(base), _attempt.set(self))
+        self._ended = True  # the parent's span has the outcome
 
     def record_failure(self, exc: BaseException) -> None:
         if self._span is not None:
@@ -339,14 +343,41 @@ NO_ATTEMPT = Attempt(None, None, "")
 _attempt: ContextVar[Attempt | None] = ContextVar("stepline_attempt", default=None)
 
 
-def start_attempt(run_id: str, task_id: str, attempt: int, parent: TraceParent | None) -> Attempt:
-    """Open the attempt's span, a child of the run's trigger; make it current."""
-    tracer = _tracer()
+@dataclass(frozen=True, slots=True)
+class Trigger:
+    """What a worker keeps of a live run's RunTriggered for its attempts' spans."""
+
+    context: Propagated | None
+    event_id: str
+    where: Destination
+    offset: int
+
+
+def start_attempt(run_id: str, task_id: str, attempt: int, trigger: Trigger | None) -> Attempt:
+    """Open the attempt's span, a child of the run's trigger (linked to its
+    cause, if any), processing the trigger's record; make it current."""
+    spans = tracer()
     instruments = _instruments()
-    if tracer is None and instruments is None:
+    if spans is None and instruments is None:
         return NO_ATTEMPT
-    a = Attempt(tracer, instruments, task_id)
-    a._open(f"stepline.run {task_id}", parent, {RUN_ID: run_id, TASK_ID: task_id, ATTEMPT: attempt})
+    a = Attempt(spans, instruments, task_id)
+    attributes: dict[str, Any] = {RUN_ID: run_id, TASK_ID: task_id, ATTEMPT: attempt}
+    if trigger is not None:
+        attributes.update(trigger.where.attributes("process", "run", trigger.event_id, trigger.offset))
+    a._open(f"stepline.run {task_id}", None if trigger is None else trigger.context, attributes)
+    return a
+
+
+def tracing_on() -> bool:
+    """Whether spans are recorded (a worker keeps trigger contexts only then)."""
+    return tracer() is not None
+
+
+def adopt_attempt(carrier: Mapping[str, str], task_id: str) -> Attempt:
+    """The attempt of an isolated child: its parent's span is current, its
+    steps are spans of this process's tracer (engine/observability/isolated.py)."""
+    a = Attempt(tracer(), _instruments(), task_id)
+    a.adopt(carrier)
     return a
 
 
@@ -382,7 +413,7 @@ class _Step:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        elapsed_ms = (time.perf_counter() - self._start) * 1000.0
+        elapsed = time.perf_counter() - self._start
         span = self._span
         if span is not None:
             if isinstance(exc, Exception):
@@ -392,7 +423,7 @@ class _Step:
             otel_context.detach(self._token)  # type: ignore[arg-type]  # the token attach() gave
         instruments = self._attempt.instruments
         if instruments is not None:
-            instruments.step_duration.record(elapsed_ms, {TASK_ID: self._attempt.task_id, STEP_NAME: self._name})
+            instruments.step_duration.record(elapsed, {TASK_ID: self._attempt.task_id, STEP_NAME: self._name})
 
 
 def step_scope(name: str, position: int) -> _Step | None:
@@ -412,105 +443,22 @@ def current_ids() -> tuple[str, str] | None:
     return trace.format_trace_id(ctx.trace_id), trace.format_span_id(ctx.span_id)
 
 
-# --- exporters for the CLI ------------------------------------------------------------
-
-
-def configure_from_env(service_name: str = "stepline") -> None:
-    """Install exporters from the standard OTEL_* variables, for `stepline` commands.
-
-    Nothing happens unless OTEL_EXPORTER_OTLP_ENDPOINT (or the per-signal
-    `..._TRACES_ENDPOINT` / `..._METRICS_ENDPOINT`), OTEL_TRACES_EXPORTER or
-    OTEL_METRICS_EXPORTER is set, nor for a signal whose global provider the
-    process already has. Exporters: `otlp` (needs the package
-    opentelemetry-exporter-otlp-proto-http, or -grpc with
-    OTEL_EXPORTER_OTLP_PROTOCOL=grpc), `console`, `none`.
-    """
-    env = os.environ
-    endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-    traces = _exporter_choice("TRACES", endpoint)
-    meters = _exporter_choice("METRICS", endpoint)
-    if traces is None and meters is None:
-        return
-    from opentelemetry.sdk.resources import Resource
-
-    named = "OTEL_SERVICE_NAME" in env or "service.name=" in env.get("OTEL_RESOURCE_ATTRIBUTES", "")
-    resource = Resource.create({} if named else {"service.name": service_name})
-    if traces is not None and _global_tracer_provider() is None:
-        _install_tracing(traces, resource)
-    if meters is not None and _global_meter_provider() is None:
-        _install_metrics(meters, resource)
-
-
-def _exporter_choice(signal: str, endpoint: str | None) -> str | None:
-    chosen = os.environ.get(f"OTEL_{signal}_EXPORTER", "").strip().lower()
-    if not chosen:
-        chosen = "otlp" if endpoint or os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT") else ""
-    if chosen in ("", "none"):
-        return None
-    if chosen not in ("otlp", "console"):
-        _log.warning("OTEL_%s_EXPORTER=%s is not supported by stepline (otlp, console, none)", signal, chosen)
-        return None
-    return chosen
-
-
-def _otlp(kind: str) -> Any:
-    """The OTLP exporter class for `kind` ("trace" or "metric"), or None if not installed."""
-    grpc = os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "").strip().lower() == "grpc"
-    module_name = f"opentelemetry.exporter.otlp.proto.{'grpc' if grpc else 'http'}.{kind}_exporter"
-    cls_name = "OTLPSpanExporter" if kind == "trace" else "OTLPMetricExporter"
-    try:
-        import importlib
-
-        return getattr(importlib.import_module(module_name), cls_name)
-    except ImportError:
-        package = f"opentelemetry-exporter-otlp-proto-{'grpc' if grpc else 'http'}"
-        _log.warning("OTLP export is configured but %s is not installed: no %ss are exported "
-                     "(pip install %s)", package, kind, package)
-        return None
-
-
-def _install_tracing(choice: str, resource: Any) -> None:
-    from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
-
-    if choice == "console":
-        exporter: Any = ConsoleSpanExporter()
-    else:
-        cls = _otlp("trace")
-        if cls is None:
-            return
-        exporter = cls()  # endpoint, headers, timeout from the OTEL_EXPORTER_OTLP_* variables
-    provider = SdkTracerProvider(resource=resource)  # shut down (flushed) at exit
-    provider.add_span_processor(BatchSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)
-
-
-def _install_metrics(choice: str, resource: Any) -> None:
-    from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
-    from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
-
-    if choice == "console":
-        exporter: Any = ConsoleMetricExporter()
-    else:
-        cls = _otlp("metric")
-        if cls is None:
-            return
-        exporter = cls()
-    # OTEL_METRIC_EXPORT_INTERVAL (default 60 s) sets the reader's period.
-    metrics.set_meter_provider(SdkMeterProvider(resource=resource,
-                                                metric_readers=[PeriodicExportingMetricReader(exporter)]))
-
-
 __all__ = [
     "Attempt",
+    "DURATION_BUCKETS",
     "NO_ATTEMPT",
+    "Trigger",
+    "adopt_attempt",
     "attempt_failed",
-    "configure_from_env",
     "current_ids",
+    "current_tracer_provider",
+    "global_meter_provider",
+    "global_tracer_provider",
+    "sdk_disabled",
     "start_attempt",
     "step_scope",
-    "traced_trigger",
-    "trigger_context",
+    "tracer",
+    "tracing_on",
     "unwatch_worker",
     "use_meter_provider",
     "use_tracer_provider",

@@ -47,7 +47,7 @@ class Admission:
                  worker_id: str) -> None:
         self.log = log_
         self.topic = topics.queues
-        self.group = f"{topics.namespace}.queues"
+        self.group = topics.queues_group
         self._notify = notify
         self._clock = clock
         self.worker_id = worker_id

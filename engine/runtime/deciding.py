@@ -27,6 +27,7 @@ from stepline.core.events import (
     RunResumed,
     WaitCompleted,
 )
+from stepline.log.topics import DEFAULT_POOL
 from stepline.projections.runs import (
     CANCELLED,
     EXPIRED,
@@ -109,7 +110,7 @@ class Decider:
             self._fence.request(state.parent_run_id, "", WaitCompleted(
                 state.parent_step, "child", rid,
                 error=ErrorInfo("Cancelled", "the child run was cancelled", "", False),
-            ))
+            ), state.parent_pool or DEFAULT_POOL)
         if rid in self._active:
             if status == CANCELLED:
                 self._cancel_requested.add(rid)

@@ -120,13 +120,19 @@ class Executor:
         try:
             try:
                 task = self.registry.get(state.task_id)
+                if task.pool != self.topics.pool:
+                    # Recorded on this pool's topic by a client that did not
+                    # know the task's pool: this pool's workers never run it.
+                    raise UnknownTask(state.task_id, reason=(
+                        f"task {state.task_id!r} runs in pool {task.pool!r}, but this run was recorded "
+                        f"for pool {self.topics.pool!r}: trigger it with a client that knows the app"))
             except UnknownTask as exc:
                 info = error_info(exc, retriable=False)
                 span.failed(exc)
                 self._fence.emit(state, RunFailed(info, state.attempt), tp)
                 offset = await self._fence.emit(
-                    state, RunDeadLettered(f"task {state.task_id!r} is not registered on this worker"), tp
-                )
+                    state, RunDeadLettered(exc.reason or f"task {state.task_id!r} is not registered on this worker"),
+                    tp)
                 span.ended("failed", "UnknownTask")
                 return Ended(offset)
             outcome = await execute_attempt(task, state, self._context(state, tp), self.worker_id, self._rng,
@@ -163,7 +169,7 @@ class Executor:
                          register_wait=self._register_wait, request=self._fence.request,
                          unregister_wait=self._unregister_wait, keys=self.keys,
                          patches=state.patch_answers(), step_scope=self._hooks.step,
-                         handover=self.handover)
+                         handover=self.handover, step_failures=state.step_failures())
         return ctx
 
     # --- event waits (consumers/waits.py) ----------------------------------

@@ -26,6 +26,7 @@ from stepline.core.events import Body, Event, StepCompleted
 from stepline.core.ids import new_event_id
 from stepline.log.appender import Appender
 from stepline.log.base import Outgoing
+from stepline.log.topics import DEFAULT_POOL
 from stepline.projections.runs import RunState
 from stepline.runtime.owned import Owned
 from stepline.runtime.slots import Slots
@@ -42,10 +43,17 @@ def _copy_result(src: asyncio.Future[int], dst: asyncio.Future[int]) -> None:
         dst.set_result(src.result())
 
 
+# Appends a request to a run of another worker pool (on that pool's runs topic).
+Foreign = Callable[[Event, str], "asyncio.Future[int]"]
+
+
 class Fence:
-    def __init__(self, owned: Owned, appender: Appender, slots: Slots, clock: Callable[[], int]) -> None:
+    def __init__(self, owned: Owned, appender: Appender, slots: Slots, clock: Callable[[], int],
+                 pool: str = DEFAULT_POOL, foreign: Foreign | None = None) -> None:
         self._owned = owned
         self._appender = appender
+        self.pool = pool
+        self._foreign = foreign
         self._slots = slots
         self._clock = clock
         # The last sequence number written per live run (the fold's may lag).
@@ -97,9 +105,13 @@ class Fence:
         appended.add_done_callback(landed)
         return out
 
-    def request(self, run_id: str, task_id: str, body: Body) -> asyncio.Future[int]:
-        """Append a request (epoch 0, unfenced) to any run, owned here or not."""
+    def request(self, run_id: str, task_id: str, body: Body, pool: str | None = None) -> asyncio.Future[int]:
+        """Append a request (epoch 0, unfenced) to any run, owned here or not,
+        of this worker's pool or of `pool` (a child answering its parent)."""
         ev = Event(new_event_id(), body.TYPE, run_id, task_id, 0, self._clock(), 0, body)
+        if pool is not None and pool != self.pool:
+            assert self._foreign is not None, "requests to other pools need the worker's foreign appends"
+            return self._foreign(ev, pool)
         return self._appender.submit(ev, run_id.encode(), self._owned.partition_of(run_id))
 
     def forget(self, run_id: str) -> None:

@@ -21,6 +21,8 @@ the worker, over a socket pair:
    log's), and answers `("reply", id, ok, value)` when done: an emit's reply
    is its offset once durable, so a step still returns only after its
    checkpoint is on the log.
+   `("spans", [span, ...])` as its spans end (engine/observability/isolated.py):
+   the parent hands them to its own span processors, in the attempt's trace.
 4. child → parent `("outcome", Outcome)`: its outcome events are already
    durable, and the parent returns it as is. `("raised", exc)`: recording
    failed (the log is down) and the parent raises it, as inline would.
@@ -62,6 +64,7 @@ from stepline.core.events import (
     RunSuspended,
 )
 from stepline.errors import ChildProcessDied, IsolationError, MaxDurationExceeded
+from stepline.observability import isolated
 from stepline.projections.runs import RunState
 from stepline.runtime import isolation_wire as wire
 from stepline.runtime.runner import Outcome, record_failure
@@ -141,6 +144,7 @@ def _init(
         can_register_waits=ctx.register_wait is not None and ctx.unregister_wait is not None,
         can_request=ctx.request is not None,
         has_client=client is not None,
+        trace=isolated.parent_carrier(),
     )
 
 
@@ -216,9 +220,9 @@ class _Calls:
         assert self._ctx.unregister_wait is not None  # offered with register_wait
         await self._ctx.unregister_wait(run_id, step)
 
-    async def request(self, run_id: str, task_id: str, body: Body) -> int:
+    async def request(self, run_id: str, task_id: str, body: Body, pool: str | None = None) -> int:
         assert self._ctx.request is not None
-        return await self._ctx.request(run_id, task_id, body)
+        return await self._ctx.request(run_id, task_id, body, pool)
 
     async def trigger(self, task_id: str, payload: Any, options: dict[str, Any]) -> tuple[str, int | None]:
         # The task object, not its id, so the trigger records its queue.
@@ -323,6 +327,9 @@ class _Child:
                 return ("died",)
             except Exception as exc:  # a message that does not unpickle here
                 return ("unavailable", f"unreadable message from the child: {exc!r}")
+            if msg[0] == "spans":
+                isolated.replay(msg[1])
+                continue
             if msg[0] != "call":
                 return msg
             self._answer(msg[1], msg[2], msg[3])

@@ -18,6 +18,7 @@ import random
 import signal
 import socket
 import sys
+import threading
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 from stepline.core.events import Body
 from stepline.core.payloads import ANY
 from stepline.errors import IsolationError, NoClient
+from stepline.observability import isolated
 from stepline.projections.runs import RunState
 from stepline.runtime import isolation_wire as wire
 from stepline.runtime.runner import run_body
@@ -187,17 +189,37 @@ async def _child(fd: int) -> int:
         unregister_wait=functools.partial(link.call, "unregister_wait") if init.can_register_waits else None,
         request=functools.partial(link.call, "request") if init.can_request else None,
         patches=state.patch_answers(), step_scope=hooks.step, handover=link.handover,
+        step_failures=state.step_failures(),
     )
     if init.has_client:
         bind_client(_ParentClient(link))
+    spans = None if init.trace is None else isolated.ChildSpans(init.trace, task.id, _span_sender(link))
     try:
         outcome = await run_body(task, state, ctx, random.Random(init.seed), None, hooks)
     except Exception as exc:
         link.send(("raised", wire.portable_error(exc)))
     else:
         link.send(("outcome", outcome))
+    finally:
+        if spans is not None:
+            spans.close()
     await link.close()
     return 0
+
+
+def _span_sender(link: _Link) -> Callable[[list[isolated.PortableSpan]], None]:
+    """Send finished spans to the parent: at once from the loop's thread, so
+    a step's spans precede the outcome; via the loop from other threads."""
+    loop = asyncio.get_running_loop()
+    loop_thread = threading.get_ident()
+
+    def send(batch: list[isolated.PortableSpan]) -> None:
+        if threading.get_ident() == loop_thread:
+            link.send(("spans", batch))
+        else:
+            loop.call_soon_threadsafe(link.send, ("spans", batch))
+
+    return send
 
 
 def _die_with_parent(parent_pid: int) -> None:

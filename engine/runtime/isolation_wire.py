@@ -33,6 +33,9 @@ class Init:
     can_register_waits: bool
     can_request: bool
     has_client: bool
+    # The attempt span's context (traceparent, tracestate, propagation
+    # fields); None when the worker does not trace.
+    trace: dict[str, str] | None = None
 
 
 def frame(msg: Any) -> bytes:

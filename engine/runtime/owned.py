@@ -60,7 +60,7 @@ class Owned:
         """Fold one event, and show it to the interceptors."""
         st = part.apply(ev, offset)
         if st is not None:
-            self._hooks.folded(ev, st)
+            self._hooks.folded(ev, st, part.partition, offset)
         return st
 
     def forget(self, partitions: frozenset[int]) -> None:

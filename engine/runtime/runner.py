@@ -38,6 +38,7 @@ from stepline.errors import (
     NonDeterminismError,
     PayloadValidationError,
 )
+from stepline.log.topics import DEFAULT_POOL
 from stepline.projections.runs import RunState
 from stepline.sdk.context import Handover, RunContext, Suspend, enter_run, error_info, exit_run
 from stepline.sdk.interceptors import Interceptors
@@ -124,7 +125,7 @@ async def _tell_parent(
     if ctx.request is None or state.parent_run_id is None or state.parent_step is None:
         return
     body = WaitCompleted(state.parent_step, "child", state.run_id, output, error)
-    await ctx.request(state.parent_run_id, "", body)
+    await ctx.request(state.parent_run_id, "", body, state.parent_pool or DEFAULT_POOL)
 
 
 async def record_failure(

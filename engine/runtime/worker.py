@@ -37,9 +37,9 @@ from stepline.client import Client
 from stepline.client.backfill import backfill_new_subscriptions
 from stepline.consumers.external import ExternalTopics
 from stepline.consumers.router import Router
-from stepline.core.events import Body
+from stepline.core.events import Body, Event
 from stepline.log.appender import Appender
-from stepline.log.base import Log, Membership
+from stepline.log.base import Log, Membership, partition_for
 from stepline.log.topics import Topics
 from stepline.projections.runs import PartitionRuns, RunState
 from stepline.runtime.admission import Admission
@@ -82,24 +82,35 @@ class Worker:
     ) -> None:
         self.log = log_
         self.topics = topics = topics or Topics()
+        # The worker pool this worker runs (topics.pool): it owns that pool's
+        # runs topic and starts only that pool's tasks; its router, schedules
+        # and topic readers serve that pool's tasks alone, so each pool's
+        # fleet does its own share whichever pools are running.
+        self.pool = topics.pool
+        if client is not None and client.topics.pool != self.pool:
+            raise ValueError(f"the worker of pool {self.pool!r} needs a client of the same pool "
+                             f"(Client(topics=...) with pool={self.pool!r}), not {client.topics.pool!r}")
+        mine = Registry(t for t in registry if t.pool == self.pool)
         self.worker_id = worker_id = worker_id or default_worker_id()
         self.clock = clock
         self._read_batch = read_batch
         # Route domain events to subscribed tasks and waiting runs (needs a
         # client to append with).
         self._router: Router[Task[Any, Any]] | None = (
-            Router(registry, client, retroactive=functools.partial(backfill_new_subscriptions, client))
+            Router(mine, client, retroactive=functools.partial(backfill_new_subscriptions, client))
             if route_events and client is not None else None
         )
         # Records of Kafka topics other services write, to tasks subscribed with sl.KafkaTopic.
         self._external: ExternalTopics[Task[Any, Any]] | None = (
-            ExternalTopics(registry, client)
-            if route_events and client is not None and any(t.topic_subscriptions for t in registry) else None
+            ExternalTopics(mine, client)
+            if route_events and client is not None and any(t.topic_subscriptions for t in mine) else None
         )
         self._scheduler: Scheduler | None = (
-            Scheduler(registry, client) if client is not None
-            and any(t.schedule is not None for t in registry) else None
+            Scheduler(mine, client) if client is not None
+            and any(t.schedule is not None for t in mine) else None
         )
+        # Appends to runs of other pools (a child's answer to its parent).
+        self._foreign: dict[str, tuple[Appender, int]] = {}
         # Tasks that trigger other tasks use this client.
         self.client = client
         # Subject keys to open sensitive payload fields with: the client's, unless given.
@@ -117,7 +128,7 @@ class Worker:
         self._admission = Admission(log_, topics, self._request, clock, worker_id)
         self._slots = slots = Slots(self._admission)
         self._appender = appender = Appender(log_, topics.runs, owned.on_appended, timed=hooks.appended)
-        self._fence = fence = Fence(owned, appender, slots, clock)
+        self._fence = fence = Fence(owned, appender, slots, clock, self.pool, self._request_foreign)
         self._executor = executor = Executor(
             registry, log_, topics, owned, fence, slots, background,
             worker_id=worker_id, clock=clock, client=client, keys=self.keys, hooks=hooks,
@@ -193,6 +204,11 @@ class Worker:
         self.interceptors.started(self)
         self.started.set()
 
+    @property
+    def draining(self) -> bool:
+        """True from the start of a drain (or close): no attempt starts any more."""
+        return self._decider.draining or self._decider.stopping
+
     async def drain(self, grace: float) -> int:
         """The first half of a graceful stop (`close(grace=...)`, or SIGTERM
         to `stepline worker`): start no attempt any more, and give the
@@ -224,11 +240,28 @@ class Worker:
         await self._decider.timers.stop()
         await self._background.wait()
         await self._appender.drain()
+        for foreign, _ in self._foreign.values():
+            await foreign.drain()
 
     def _request(self, run_id: str, task_id: str, body: Body) -> asyncio.Future[int]:
         """Admission's notices of grants: requests to runs, owned here or not.
         (A method: the fence is built after admission, whose slots it gates.)"""
         return self._fence.request(run_id, task_id, body)
+
+    def _request_foreign(self, ev: Event, pool: str) -> asyncio.Future[int]:
+        return asyncio.ensure_future(self._append_foreign(ev, pool))
+
+    async def _append_foreign(self, ev: Event, pool: str) -> int:
+        """A request to a run of another pool, on that pool's runs topic
+        (unfenced, like every request: that pool's owner folds it)."""
+        found = self._foreign.get(pool)
+        if found is None:
+            topics = self.topics.of_pool(pool)
+            await self.log.ensure_topics(topics.pool_specs())
+            found = self._foreign[pool] = (Appender(self.log, topics.runs), await self.log.partitions(topics.runs))
+        appender, nparts = found
+        key = ev.run_id.encode()
+        return await appender.submit(ev, key, partition_for(key, nparts))
 
     # --- introspection (tests, CLI, gauges, benchmarks) ------------------
 

@@ -19,14 +19,15 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, NoReturn, ParamSpec, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, Protocol, TypeVar, overload
 
 from stepline.consumers.waits import WaitEntry
 from stepline.core.events import Body, ErrorInfo, PatchRecorded, StepCompleted, StepFailed, StepStarted
 from stepline.core.ids import step_idempotency_key
 from stepline.core.payloads import Codec, annotations_of, describe_args
-from stepline.errors import NonDeterminismError, NotInRunContext
-from stepline.projections.runs import DONE_STEPS, StepState
+from stepline.errors import NonDeterminismError, NotInRunContext, StepRetriesExhausted
+from stepline.projections.runs import DONE_STEPS, AttemptError, StepState
+from stepline.sdk.retry import Retry
 
 if TYPE_CHECKING:
     from stepline.log.base import Log, Outgoing
@@ -41,6 +42,13 @@ SLEEP = "sleep"
 class Emitter(Protocol):
     def __call__(self, body: Body) -> asyncio.Future[int]:
         """Queue an event for this run; the future resolves once it is durable."""
+        ...
+
+
+class StepCaller(Protocol):
+    def __call__(self, pos: int, name: str, fn: Callable[..., Awaitable[Any]],
+                 args: tuple[object, ...], kwargs: dict[str, object]) -> Awaitable[Any]:
+        """Run step `pos` (`name`): `fn(*args, **kwargs)`, awaited, with something around it."""
         ...
 
 
@@ -94,8 +102,9 @@ def now_ms() -> int:
 
 
 class Requester(Protocol):
-    def __call__(self, run_id: str, task_id: str, body: Body) -> asyncio.Future[int]:
-        """Append a request (unfenced) to another run, e.g. a child's result to its parent."""
+    def __call__(self, run_id: str, task_id: str, body: Body, pool: str | None = None) -> asyncio.Future[int]:
+        """Append a request (unfenced) to another run, e.g. a child's result to
+        its parent; `pool` names the run's worker pool when it is not this one's."""
         ...
 
 
@@ -128,6 +137,12 @@ class RunContext:
     # Set when the worker drains: no step starts any more, and the attempt
     # ends with Handover at the next step boundary. None outside a worker.
     handover: asyncio.Event | None = None
+    # Runs each executed step's body in place of a plain call: `stepline
+    # debug` (engine/history/debug.py) opens the debugger there. None in a worker.
+    call_step: StepCaller | None = None
+    # The failed tries of each step in this attempt (RunState.step_failures):
+    # where a step with its own retry policy resumes counting.
+    step_failures: Mapping[int, tuple[AttemptError, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Records emitted by each executing step, until its checkpoint.
@@ -268,7 +283,7 @@ _step_position: contextvars.ContextVar[int | None] = contextvars.ContextVar(
 )
 
 
-def _step_wrapper(fn: Callable[P, Awaitable[R]], name: str) -> Callable[P, Awaitable[R]]:
+def _step_wrapper(fn: Callable[P, Awaitable[R]], name: str, retry: Retry | None = None) -> Callable[P, Awaitable[R]]:
     _, ret = annotations_of(fn)
     codec = Codec(ret)
 
@@ -287,31 +302,110 @@ def _step_wrapper(fn: Callable[P, Awaitable[R]], name: str) -> Callable[P, Await
             # step called inside another: that one is under way, and waiting
             # for it to quiesce would wait for ourselves.)
             await ctx.hand_over(pos, name)
+        nested = _step_position.get() is not None
         ctx.step_started()
         token = _step_position.set(pos)
+        active = True
         try:
-            # The step's span and duration (a no-op unless the attempt is traced or metered).
-            with ctx.step_scope(name, pos):
-                ctx.emit(StepStarted(pos, name, ctx.attempt, describe_args(args, kwargs)))
+            if retry is None:
+                return await _try_step(ctx, fn, args, kwargs, pos, name, codec, None)
+            tries = await _resume_tries(ctx, retry, pos, name)
+            while True:
                 try:
-                    result = await fn(*args, **kwargs)
-                except (asyncio.CancelledError, Suspend):
-                    raise
-                except Exception as exc:
-                    ctx.recorded_failure = exc
-                    await ctx.emit(StepFailed(ctx.attempt, error_info(exc), pos, name))
-                    raise
-                output = codec.dump(result, f"output of step {pos} ({name})")
-                # Durable first, then hand the result on: a step whose checkpoint
-                # is not on the log has not completed, and may run again.
-                await ctx.complete_step(StepCompleted(pos, name, ctx.attempt, output))
-                return result
+                    return await _try_step(ctx, fn, args, kwargs, pos, name, codec, (retry, tries + 1))
+                except _TryAgain as again:
+                    tries += 1
+                    if await _backoff(ctx, again.delay) and not nested:
+                        active = False
+                        ctx.step_ended()
+                        await ctx.hand_over(pos, name)
         finally:
             _step_position.reset(token)
-            ctx.outbox.pop(pos, None)  # a failed step's records are dropped
-            ctx.step_ended()
+            if active:
+                ctx.step_ended()
 
     return run_step
+
+
+class _TryAgain(Exception):
+    """A try of a step with its own policy failed and was recorded; the policy says wait `delay` s."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+
+async def _try_step(
+    ctx: RunContext, fn: Callable[..., Awaitable[R]], args: tuple[object, ...], kwargs: dict[str, object],
+    pos: int, name: str, codec: Codec, own: tuple[Retry, int] | None,
+) -> R:
+    """One execution of a step: StepStarted, the call, StepCompleted or StepFailed.
+
+    `own` is the step's own policy and the number of this try, or None when
+    the step has none: then a failure is the attempt's, for the task's
+    policy. With one, a failure the policy retries is recorded as retriable
+    and raised as _TryAgain; the last is recorded as not retriable and
+    raised as it is, for the task's policy.
+    """
+    try:
+        # The step's span and duration (a no-op unless the attempt is traced or metered).
+        with ctx.step_scope(name, pos):
+            ctx.emit(StepStarted(pos, name, ctx.attempt, describe_args(args, kwargs)))
+            try:
+                if ctx.call_step is None:
+                    result = await fn(*args, **kwargs)
+                else:
+                    result = await ctx.call_step(pos, name, fn, args, kwargs)
+            except (asyncio.CancelledError, Suspend):
+                raise
+            except Exception as exc:
+                delay = own[0].next_delay(own[1], exc) if own is not None else None
+                ctx.recorded_failure = exc
+                retriable = own is None or delay is not None
+                await ctx.emit(StepFailed(ctx.attempt, error_info(exc, retriable), pos, name))
+                if delay is not None:
+                    raise _TryAgain(delay) from exc
+                raise
+            output = codec.dump(result, f"output of step {pos} ({name})")
+            # Durable first, then hand the result on: a step whose checkpoint
+            # is not on the log has not completed, and may run again.
+            await ctx.complete_step(StepCompleted(pos, name, ctx.attempt, output))
+            return result
+    finally:
+        ctx.outbox.pop(pos, None)  # a failed try's records are dropped
+
+
+async def _resume_tries(ctx: RunContext, retry: Retry, pos: int, name: str) -> int:
+    """How many tries of this step already failed in this attempt (recorded
+    before its worker died), after waiting what is left of the backoff; or
+    StepRetriesExhausted when the last of them had given up."""
+    failed = ctx.step_failures.get(pos, ())
+    if not failed:
+        return 0
+    last = failed[-1]
+    if not last.error.retriable or len(failed) >= retry.max_attempts:
+        raise StepRetriesExhausted(ctx.run_id, pos, name, len(failed), last.error.type, last.error.message)
+    # The recorded error is text, not the exception: rules by type cannot
+    # match it, so the policy's own delay stands in, less the time gone by.
+    delay = retry.next_delay(len(failed), _RecordedFailure(last.error.message)) or 0.0
+    await _backoff(ctx, max(0.0, delay - (ctx.clock() - last.time) / 1000))
+    return len(failed)
+
+
+class _RecordedFailure(Exception):
+    """A failure known only from its record (a resumed step's last try)."""
+
+
+async def _backoff(ctx: RunContext, delay: float) -> bool:
+    """Wait `delay` s between tries of a step; True when the worker began to
+    drain meanwhile (the next owner makes the next try)."""
+    if ctx.handover is None:
+        await asyncio.sleep(delay)
+        return False
+    try:
+        await asyncio.wait_for(ctx.handover.wait(), delay)
+    except TimeoutError:
+        return False
+    return True
 
 
 @overload
@@ -319,21 +413,30 @@ def step(fn: Callable[P, Awaitable[R]], /) -> Callable[P, Awaitable[R]]: ...
 
 
 @overload
-def step(*, name: str | None = None) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]: ...
+def step(
+    *, name: str | None = None, retry: Retry | None = None,
+) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]: ...
 
 
 def step(
-    fn: Callable[P, Awaitable[R]] | None = None, /, *, name: str | None = None
+    fn: Callable[P, Awaitable[R]] | None = None, /, *, name: str | None = None, retry: Retry | None = None,
 ) -> Callable[P, Awaitable[R]] | Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
     """Make an async function a checkpointed step.
 
     Awaiting it inside a task records StepStarted, runs it, and records
     StepCompleted with its output; later attempts get the recorded output
     back without running it. Outside a task it is a plain call.
+
+    `retry=Retry(...)`: the step's own policy. A failed try is recorded
+    (StepFailed) and the step runs again in place, within the same attempt,
+    after the policy's delay; only when the policy gives up does the error
+    reach the task body (and, uncaught, the task's policy). The tries are
+    counted on the log, so a worker that dies between them is followed by
+    one that makes only the tries left (docs/concepts.md, "Retries").
     """
 
     def wrap(f: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-        return _step_wrapper(f, name or f.__qualname__)
+        return _step_wrapper(f, name or f.__qualname__, retry)
 
     return wrap(fn) if fn is not None else wrap
 

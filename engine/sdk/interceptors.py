@@ -10,11 +10,13 @@ calls each interceptor in order and skips the work when none has anything to do.
 The points, in the order a run meets them:
 
 1. `trigger` (client): around the append of a RunTriggered; may replace the
-   event (tracing writes its span's context into the envelope).
+   event (tracing writes its span's context into the envelope). `publish`
+   (client): the same around the append of a DomainEvent. Both are told
+   where the record goes (`Destination`: the log's system, topic, partition).
 2. `started` / `stopped` (worker): the worker's lifetime (tracing reports its
    queues and runs in the metrics' gauges meanwhile).
    `folded` / `released` (worker): each event of a run the worker owns, after
-   the fold; then the partitions it gives up (tracing keeps each live run's
+   the fold, with its partition and offset; then the partitions it gives up (tracing keeps each live run's
    trigger context, to parent its attempts).
    `appended` (worker): each batch of the worker's run events the log took,
    with the time the append took (the log-append latency histogram).
@@ -37,7 +39,10 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
 
 from stepline.core.events import Event, RunTriggered
-from stepline.observability import metrics, tracing
+from stepline.log.base import Log
+from stepline.log.topics import Topics
+from stepline.observability import metrics, sending, tracing
+from stepline.observability.messaging import Destination, messaging_system
 from stepline.observability.metrics import Watched
 from stepline.projections.runs import TERMINAL, RunState
 from stepline.sdk.context import RunContext
@@ -65,7 +70,10 @@ class AttemptScope(Protocol):
 
 class WorkerView(Watched, Protocol):
     """What a worker shows its interceptors of itself (read on its event loop):
-    what the metrics watch, and its runs counted by state."""
+    what the metrics watch, its runs counted by state, and its log and topics."""
+
+    log: Log
+    topics: Topics
 
     def run_counts(self) -> dict[str, int]: ...
 
@@ -73,7 +81,10 @@ class WorkerView(Watched, Protocol):
 class Interceptor:
     """Hooks around a run's lifecycle; each one does nothing unless overridden."""
 
-    async def trigger(self, event: Event, append: Append) -> int:
+    async def trigger(self, event: Event, append: Append, where: Destination) -> int:
+        return await append(event)
+
+    async def publish(self, event: Event, append: Append, where: Destination) -> int:
         return await append(event)
 
     def started(self, worker: WorkerView) -> None:
@@ -82,7 +93,7 @@ class Interceptor:
     def stopped(self, worker: WorkerView) -> None:
         return None
 
-    def folded(self, event: Event, state: RunState) -> None:
+    def folded(self, event: Event, state: RunState, partition: int, offset: int) -> None:
         return None
 
     def released(self, partitions: frozenset[int], partition_of: Callable[[str], int]) -> None:
@@ -116,26 +127,38 @@ class TracingInterceptor(Interceptor):
     """
 
     def __init__(self) -> None:
-        # W3C context of each live run's RunTriggered: its attempts' spans
-        # are children of the trigger's, so a run is one trace wherever it
-        # executes. (Runs whose trigger precedes the snapshot their
-        # partition was rebuilt from have none: their attempts start traces.)
-        self._parents: dict[str, tracing.TraceParent] = {}
+        # Each live run's RunTriggered (its trace context, record and place):
+        # its attempts' spans are children of the trigger's, so a run is one
+        # trace wherever it executes. (Runs whose trigger precedes the
+        # snapshot their partition was rebuilt from have none: their
+        # attempts start traces.)
+        self._parents: dict[str, tracing.Trigger] = {}
+        self._system = "stepline"
+        self._topic = "runs"
 
-    async def trigger(self, event: Event, append: Append) -> int:
-        return await tracing.traced_trigger(event, append)
+    async def trigger(self, event: Event, append: Append, where: Destination) -> int:
+        return await sending.traced_trigger(event, append, where)
+
+    async def publish(self, event: Event, append: Append, where: Destination) -> int:
+        return await sending.traced_publish(event, append, where)
 
     def started(self, worker: WorkerView) -> None:
+        self._system = messaging_system(worker.log.url)
+        self._topic = worker.topics.runs
         tracing.watch_worker(worker)
 
     def stopped(self, worker: WorkerView) -> None:
         tracing.unwatch_worker(worker)
 
-    def folded(self, event: Event, state: RunState) -> None:
-        if event.traceparent is not None and type(event.body) is RunTriggered:
-            parent = tracing.trigger_context(event)
-            if parent is not None and state.status not in TERMINAL:
-                self._parents.setdefault(state.run_id, parent)
+    def folded(self, event: Event, state: RunState, partition: int, offset: int) -> None:
+        if type(event.body) is RunTriggered:
+            # Untraced triggers are kept only while spans are recorded: then
+            # the attempt still says which record it processes.
+            if state.status not in TERMINAL and state.run_id not in self._parents and (
+                    event.traceparent is not None or tracing.tracing_on()):
+                self._parents[state.run_id] = tracing.Trigger(
+                    sending.trigger_context(event), event.event_id,
+                    Destination(self._system, self._topic, partition), offset)
         elif self._parents and state.status in TERMINAL:
             self._parents.pop(state.run_id, None)
 
@@ -195,7 +218,7 @@ class MetricsInterceptor(Interceptor):
     It keeps nothing per run: one instance may serve any number of workers.
     """
 
-    async def trigger(self, event: Event, append: Append) -> int:
+    async def trigger(self, event: Event, append: Append, where: Destination) -> int:
         offset = await append(event)
         metrics.triggered(event.task_id)  # counted once the log has it
         return offset
@@ -206,7 +229,7 @@ class MetricsInterceptor(Interceptor):
     def stopped(self, worker: WorkerView) -> None:
         metrics.unwatch(worker)
 
-    def folded(self, event: Event, state: RunState) -> None:
+    def folded(self, event: Event, state: RunState, partition: int, offset: int) -> None:
         metrics.folded(event)
 
     def appended(self, seconds: float, records: int) -> None:
@@ -274,10 +297,16 @@ class Interceptors:
     def __init__(self, items: Sequence[Interceptor] = ()) -> None:
         self.items = tuple(items)
 
-    async def trigger(self, event: Event, append: Append) -> int:
+    async def trigger(self, event: Event, append: Append, where: Destination) -> int:
         call = append
         for i in reversed(self.items):
-            call = _bound_trigger(i, call)
+            call = _bound(i.trigger, call, where)
+        return await call(event)
+
+    async def publish(self, event: Event, append: Append, where: Destination) -> int:
+        call = append
+        for i in reversed(self.items):
+            call = _bound(i.publish, call, where)
         return await call(event)
 
     def started(self, worker: WorkerView) -> None:
@@ -288,9 +317,9 @@ class Interceptors:
         for i in self.items:
             i.stopped(worker)
 
-    def folded(self, event: Event, state: RunState) -> None:
+    def folded(self, event: Event, state: RunState, partition: int, offset: int) -> None:
         for i in self.items:
-            i.folded(event, state)
+            i.folded(event, state, partition, offset)
 
     def released(self, partitions: frozenset[int], partition_of: Callable[[str], int]) -> None:
         for i in self.items:
@@ -364,15 +393,17 @@ class _Steps:
 _NO_STEP = nullcontext()
 
 
-def _bound_trigger(interceptor: Interceptor, append: Append) -> Append:
+def _bound(hook: Callable[[Event, Append, Destination], Awaitable[int]], append: Append,
+           where: Destination) -> Append:
     async def call(event: Event) -> int:
-        return await interceptor.trigger(event, append)
+        return await hook(event, append, where)
 
     return call
 
 
 __all__ = [
     "AttemptScope",
+    "Destination",
     "Interceptor",
     "Interceptors",
     "MetricsInterceptor",
@@ -381,4 +412,5 @@ __all__ = [
     "TracingInterceptor",
     "WorkerView",
     "default_interceptors",
+    "messaging_system",
 ]

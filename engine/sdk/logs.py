@@ -30,7 +30,7 @@ from weakref import WeakKeyDictionary
 import structlog
 
 from stepline.core.events import LogRecorded
-from stepline.observability import tracing
+from stepline.observability import otel_env, tracing
 from stepline.sdk.context import RunContext, _step_position, current_run
 from stepline.sdk.sealing import scrub_line
 from stepline.security.sensitive import redact_secret_fields, redact_secrets
@@ -76,7 +76,7 @@ def configure_logging(json_logs: bool = True, level: int = logging.INFO) -> None
         cache_logger_on_first_use=True,
     )
     _bridge_stdlib_logging(shared, renderer, json_logs, max(level, logging.WARNING))
-    tracing.configure_from_env()
+    otel_env.configure_from_env()
 
 
 def _bridge_stdlib_logging(shared: list[structlog.typing.Processor], renderer: structlog.typing.Processor,

@@ -26,7 +26,9 @@ import structlog
 from croniter import CroniterError, croniter
 from pydantic import BaseModel
 
+from stepline.core.causes import under_cause
 from stepline.errors import SteplineError, TaskDefinitionError
+from stepline.observability import sending
 from stepline.sdk.port import ClientPort, TaskRef
 
 log = structlog.get_logger("stepline.schedule")
@@ -131,8 +133,11 @@ class Scheduler:
     async def _fire(self, task: Scheduled, sched: Schedule, tick: datetime) -> None:
         # As JSON data, so a task may declare `ScheduleTick`, `dict` or nothing.
         payload = ScheduleTick(schedule=sched.describe(), scheduled_at=tick).model_dump(mode="json")
+        # Nothing published a tick: its run links to a span of its own, the tick's.
+        cause = sending.tick_cause(task.id, sched.describe(), int(tick.timestamp() * 1000))
         try:
-            await self.client.trigger(task, payload, idempotency_key=tick_key(tick), tags=("schedule",))
+            await under_cause(cause, partial(self.client.trigger, task, payload, idempotency_key=tick_key(tick),
+                                             tags=("schedule",)))
             self.fired += 1
         except SteplineError as exc:  # the log is down: the next tick tries again
             log.error("could not fire a schedule tick", task=task.id, tick=tick.isoformat(), error=str(exc))

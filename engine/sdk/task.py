@@ -18,7 +18,8 @@ from stepline.consumers.router import Subscription
 from stepline.consumers.topic_subscription import KafkaTopic, check_topic_subscriptions
 from stepline.core.payloads import Codec, annotations_of
 from stepline.core.versions import task_version
-from stepline.errors import TaskDefinitionError, UnknownTask
+from stepline.errors import TaskDefinitionError, UnknownPool, UnknownTask
+from stepline.log.topics import DEFAULT_POOL, check_pool
 from stepline.sdk.debounce import Debounce
 from stepline.sdk.port import ClientPort, RunHandle, current_client
 from stepline.sdk.retry import DEFAULT_RETRY, Retry
@@ -165,6 +166,7 @@ class Task(Generic[PayloadT, ResultT]):
         version: str | None = None,
         sensitive: Sequence[str] | None = None,
         subject: str | None = None,
+        pool: str = DEFAULT_POOL,
     ) -> None:
         if not inspect.iscoroutinefunction(fn):
             raise TaskDefinitionError(f"task {id!r}: {fn.__qualname__} must be an `async def`")
@@ -174,6 +176,12 @@ class Task(Generic[PayloadT, ResultT]):
             )
         self.id = id
         self.fn = fn
+        # The worker pool that runs it (`stepline worker --pool`); its runs
+        # live on that pool's runs topic (engine/log/topics.py).
+        try:
+            self.pool = check_pool(pool)
+        except UnknownPool as exc:
+            raise TaskDefinitionError(f"task {id!r}: {exc}") from None
         self.retry = retry or DEFAULT_RETRY
         self.queue = queue or Queue(f"task/{id}")
         self.subscriptions, self.topic_subscriptions = _subscriptions(id, on)
@@ -305,6 +313,15 @@ class Registry:
     def ids(self) -> list[str]:
         return sorted(self._tasks)
 
+    def pools(self) -> list[str]:
+        """The worker pools the tasks declare (the default pool always among them)."""
+        return sorted({DEFAULT_POOL, *(t.pool for t in self._tasks.values())})
+
+    def pool_of(self, task_id: str) -> str | None:
+        """The pool of a known task, else None."""
+        t = self._tasks.get(task_id)
+        return t.pool if t is not None else None
+
 
 def _origin(fn: Callable[..., Any]) -> str:
     return f"{fn.__module__}.{fn.__qualname__}"
@@ -333,6 +350,7 @@ def task(
     version: str | None = None,
     sensitive: Sequence[str] | None = None,
     subject: str | None = None,
+    pool: str = DEFAULT_POOL,
 ) -> Callable[[TaskFn[PayloadT, ResultT]], Task[PayloadT, ResultT]]: ...
 
 
@@ -353,6 +371,7 @@ def task(
     version: str | None = None,
     sensitive: Sequence[str] | None = None,
     subject: str | None = None,
+    pool: str = DEFAULT_POOL,
 ) -> Task[PayloadT, ResultT] | Callable[[TaskFn[PayloadT, ResultT]], Task[PayloadT, ResultT]]:
     """Declare a durable task: `@task(id="process-order", retry=Retry(...))`.
 
@@ -368,13 +387,15 @@ def task(
     `subject="user_id"` with fields marked `Annotated[str, Sensitive]` (or
     `sensitive=["email"]`) encrypts them on the log under that subject's key,
     erasable by forgetting the subject (docs/sensitive-data.md).
+    `pool="gpu"` runs it only on workers started with `--pool gpu`
+    (docs/operations.md, "Worker pools").
     """
 
     def wrap(f: TaskFn[PayloadT, ResultT]) -> Task[PayloadT, ResultT]:
         t = Task(f, id=id or f.__name__.replace("_", "-"), retry=retry, queue=queue, on=on,
                  schedule=schedule, max_duration=max_duration, isolation=isolation,
                  memory_limit_mb=memory_limit_mb, debounce=debounce, version=version,
-                 sensitive=sensitive, subject=subject)
+                 sensitive=sensitive, subject=subject, pool=pool)
         (registry if registry is not None else default_registry).add(t)
         return t
 

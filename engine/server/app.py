@@ -2,23 +2,21 @@
 
 JSON in, JSON out; every error is `{"error": "..."}` with its status. The
 `/v1/` API takes a bearer token. Webhook deliveries authenticate by their
-signature instead, the scheme Stripe uses:
+signature instead, in their source's scheme (engine/server/webhook_schemes.py:
+Stepline's own, Stripe's, Standard Webhooks, GitHub's). Stepline's:
 
     Stepline-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, f"{t}." + body)>
 
 Several `v1=` entries may be sent while a secret is rotated. A delivery is
 rejected, with nothing appended, when its signature does not match, its
-timestamp is outside the tolerance window, or the same signature was already
-accepted within that window (a replay).
+timestamp is outside the tolerance window, or the same signature (or message
+id) was already accepted within that window (a replay).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import math
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -53,29 +51,14 @@ from stepline.server.history_api import add_history_routes
 from stepline.server.openapi import add_openapi_route
 from stepline.server.ops_api import add_ops_routes
 from stepline.server.query_api import add_query_routes
+from stepline.server.webhook_schemes import SIGNATURE_HEADER, WebhookRejected, sign_webhook, verify_delivery
 from stepline.version import __version__
-
-SIGNATURE_HEADER = "Stepline-Signature"
-
-_TIMESTAMP = re.compile(r"[0-9]{1,15}")
-_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
-_MALFORMED = f"malformed {SIGNATURE_HEADER} header: expected t=<unix seconds>,v1=<hex HMAC-SHA256>"
 
 # RunTriggered.priority is an Avro int.
 _PRIORITY_RANGE = range(-(2**31), 2**31)
 # Far beyond any sensible delay, and far inside the 64-bit millisecond
 # timestamp RunTriggered.not_before stores.
 _MAX_DELAY_S = 100 * 365 * 24 * 3600
-
-
-def sign_webhook(secret: str, body: bytes, timestamp: int | None = None) -> str:
-    """The `Stepline-Signature` header value for `body`, signed now unless `timestamp` is given."""
-    t = int(time.time()) if timestamp is None else timestamp
-    return f"t={t},v1={_digest(secret, t, body)}"
-
-
-def _digest(secret: str, timestamp: int, body: bytes) -> str:
-    return hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -120,29 +103,6 @@ def _seconds(body: dict[str, Any], name: str) -> float | None:
     ):
         raise _HttpError(400, f"{name} must be a number of seconds from 0 to {_MAX_DELAY_S}")
     return value
-
-
-def _parse_signature(header: str | None) -> tuple[int, list[str]]:
-    """(timestamp, v1 signatures) of a signature header; entries of other schemes are ignored."""
-    if header is None:
-        raise _HttpError(401, f"missing {SIGNATURE_HEADER} header")
-    timestamp: int | None = None
-    signatures: list[str] = []
-    for item in header.split(","):
-        key, sep, value = item.strip().partition("=")
-        if not sep:
-            raise _HttpError(401, _MALFORMED)
-        if key == "t":
-            if timestamp is not None or not _TIMESTAMP.fullmatch(value):
-                raise _HttpError(401, _MALFORMED)
-            timestamp = int(value)
-        elif key == "v1":
-            if not _HEX_DIGEST.fullmatch(value.lower()):
-                raise _HttpError(401, _MALFORMED)
-            signatures.append(value.lower())
-    if timestamp is None or not signatures:
-        raise _HttpError(401, _MALFORMED)
-    return timestamp, signatures
 
 
 class _ReplayGuard:
@@ -256,35 +216,27 @@ class _CoreApi(_Api):
             raise _HttpError(404, f"no webhook source named {name!r}")
         raw = await _read_body(request, self.config.max_body_bytes)
         try:
-            signature = self.verify(source, request.headers.get(SIGNATURE_HEADER), raw)
+            try:
+                accepted = verify_delivery(source.scheme, name, source.secret, request.headers, raw,
+                                           self.config.signature_tolerance_s)
+            except WebhookRejected as exc:
+                raise _HttpError(exc.status, exc.reason) from None
             data = _parse_json(raw)
-            if not self.replays.claim(name, signature, time.time()):
-                raise _HttpError(401, "this signature was already accepted: a replayed delivery is refused")
+            replay_key = accepted.replay_key
+            if replay_key is not None and not self.replays.claim(name, replay_key, time.time()):
+                raise _HttpError(401, f"this {accepted.what} was already accepted: a replayed delivery is refused")
         except _HttpError as exc:
-            log.warning("webhook rejected", source=name, reason=exc.message, remote=request.remote)
+            log.warning("webhook rejected", source=name, scheme=source.scheme, reason=exc.message,
+                        remote=request.remote)
             raise
         try:
             event_id = await self.client.publish(source.event, data, source=f"webhook:{name}")
         except BaseException:
             # Not recorded, so the sender's retry of this very delivery must get through.
-            self.replays.release(name, signature)
+            if replay_key is not None:
+                self.replays.release(name, replay_key)
             raise
         return web.json_response({"event_id": event_id}, status=202)
-
-    def verify(self, source: WebhookSource, header: str | None, raw: bytes) -> str:
-        """The matching signature of an authentic, timely delivery; 401 otherwise.
-
-        The signature is checked before the timestamp, so that a caller
-        without the secret learns nothing beyond "no match".
-        """
-        timestamp, given = _parse_signature(header)
-        expected = _digest(source.secret, timestamp, raw)
-        if not any(hmac.compare_digest(expected, sig) for sig in given):
-            raise _HttpError(401, f"{SIGNATURE_HEADER} does not match the body for source {source.name!r}")
-        tolerance = self.config.signature_tolerance_s
-        if abs(time.time() - timestamp) > tolerance:
-            raise _HttpError(401, f"signature timestamp is outside the {tolerance} s tolerance window")
-        return expected
 
 
 def create_app(

@@ -5,12 +5,14 @@ running (KEDA scaled the Deployment to zero) nobody would know that runs are
 waiting. The API process keeps a read model of the whole log (its query
 projection, projections/query_store.py), so it is the one that counts:
 `stepline_runs_ready`, `_running`, `_delayed`, `_waiting` and `_paused`, by
-task and queue, read from that model on each scrape (at most once per
+task, queue and worker pool, read from that model on each scrape (at most once per
 `max_age` seconds, as scrapers of several replicas may come at once).
 
 Every (task, queue) the API has seen, or knows from `--app`, is reported,
 with 0 when it has nothing: a scaler's query then finds series to add up
-instead of an empty result.
+instead of an empty result. The `pool` label is the task's pool as `--app`
+declares it (each pool's workers scale on their own series); a task the API
+does not know is counted under the default pool.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from stepline.log.topics import DEFAULT_POOL
 from stepline.observability import metrics
 from stepline.projections.query import QueryStore
 from stepline.sdk.task import Registry
@@ -34,6 +37,7 @@ class Backlog:
         self.max_age = max_age
         self.clock = clock
         self._queues = {t.id: t.queue.name for t in registry} if registry is not None else {}
+        self._pools = {t.id: t.pool for t in registry} if registry is not None else {}
         self._known: set[tuple[str, str]] = set(self._queues.items())
         self._cached: tuple[float, metrics.Reading] | None = None
 
@@ -54,7 +58,8 @@ class Backlog:
             counts[(*pair, kind)] = counts.get((*pair, kind), 0.0) + n
         reading: metrics.Reading = {
             f"stepline_runs_{kind}": {
-                metrics.labels(task=task, queue=queue): counts.get((task, queue, kind), 0.0)
+                metrics.labels(task=task, queue=queue, pool=self._pools.get(task, DEFAULT_POOL)):
+                    counts.get((task, queue, kind), 0.0)
                 for task, queue in self._known
             }
             for kind in KINDS

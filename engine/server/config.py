@@ -12,13 +12,14 @@ from dataclasses import dataclass
 
 from stepline.client import check_event_name
 from stepline.errors import InvalidEventName, ServeConfigError
+from stepline.server.webhook_schemes import check_scheme
 
 _SOURCE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 @dataclass(frozen=True)
 class WebhookSource:
-    """A sender of webhooks, e.g. a payment provider, and the secret it signs with.
+    """A sender of webhooks, e.g. a payment provider, the secret it signs with, and how it signs.
 
     Deliveries are published as domain events named `event_name`
     (`webhook.<name>` by default), for tasks to subscribe to.
@@ -27,6 +28,9 @@ class WebhookSource:
     name: str
     secret: str
     event_name: str | None = None
+    # How its deliveries are signed: stepline | stripe | standard | github
+    # (engine/server/webhook_schemes.py).
+    scheme: str = "stepline"
 
     def __post_init__(self) -> None:
         if not _SOURCE_NAME.fullmatch(self.name):
@@ -36,6 +40,10 @@ class WebhookSource:
             )
         if not self.secret:
             raise ServeConfigError(f"webhook source {self.name!r} needs a non-empty secret")
+        try:
+            check_scheme(self.scheme, self.secret)
+        except ValueError as exc:
+            raise ServeConfigError(f"webhook source {self.name!r}: {exc}") from None
         try:
             check_event_name(self.event)
         except InvalidEventName as exc:

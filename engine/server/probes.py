@@ -10,7 +10,9 @@ Every check is therefore a question put to the loop with a bound:
   none while others hold them all) and the log answers a read of the runs
   topic's end offset within `bound` (200); else 503 with the reason. A
   worker still waiting to join (a standby behind the SQLite file lock, a
-  Kafka group forming) is alive but not ready.
+  Kafka group forming) is alive but not ready, and so is a worker draining
+  for a graceful stop: it starts nothing more, so a load balancer or an
+  autoscaler counting ready workers should count it out.
 * `/metrics`: the Prometheus text of engine/observability/metrics.py, read
   on the loop.
 
@@ -89,6 +91,8 @@ class WorkerProbes:
         if worker is None or not worker.started.is_set():
             return 503, {"ready": False, "error": "the worker has not joined its group yet "
                                                   "(starting, or a standby waiting for its turn)"}
+        if worker.draining:
+            return 503, {"ready": False, "error": "the worker is draining for a graceful stop"}
         try:
             await asyncio.wait_for(worker.log.end_offset(worker.topics.runs, 0), self.bound)
         except TimeoutError:

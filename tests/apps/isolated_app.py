@@ -104,3 +104,17 @@ async def iso_await_event(payload: dict) -> dict:
     """Registers its wait with the router through the worker, then suspends."""
     data = await sl.wait_for_event("isolated.ping", match={"key": payload["key"]}, timeout=60)
     return {"got": data}
+
+
+@sl.step(name="traced-inner")
+async def traced_inner(n: int) -> int:
+    from opentelemetry import trace
+
+    # A span of the task's own, through the global API, inside the step's.
+    with trace.get_tracer("isolated-app").start_as_current_span("inner work"):
+        return n * 2
+
+
+@sl.task(id="iso-traced", registry=registry, isolation="process")
+async def iso_traced(n: int) -> int:
+    return await traced_inner(n) + await traced_inner(n)
