@@ -29,9 +29,9 @@ WORKDIR /app
 # Wheels for an offline build, when scripts/images.sh put them there; the
 # glob lets the build go on without them (pyproject.toml always matches).
 COPY pyproject.toml build/docker-wheel[s] /wheels/
-# pyproject.toml names README.md as the long description; the glob keeps the
-# build going if it is absent.
-COPY pyproject.toml README.m[d] ./
+# pyproject.toml names README.md as the long description (the glob keeps the
+# build going if it is absent) and LICENSE as the license file.
+COPY pyproject.toml README.m[d] LICENSE ./
 COPY engine/ engine/
 COPY schemas/ schemas/
 COPY projections/ projections/

@@ -7,6 +7,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.stamp
+# The runtime alone (no test or bench extras): what `quickstart` needs.
+RUN_STAMP := $(VENV)/.stamp-run
 
 # Extra arguments for pytest, e.g. `make test PYTEST_ARGS='-k sqlite -x'`.
 PYTEST_ARGS ?=
@@ -18,12 +20,20 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip 'setuptools>=68' wheel
+	$(PY) -m pip install --quiet --upgrade pip 'setuptools>=77' wheel
 	$(PY) -m pip install --quiet -e '.[test,bench]'
+	@touch $@ $(RUN_STAMP)
+
+# The runtime install: stepline editable, its dependencies only (skipped after `setup`, which has it all).
+$(RUN_STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip 'setuptools>=77' wheel
+	$(PY) -m pip install --quiet -e .
 	@touch $@
 
-# quickstart: run the example: embedded worker, trigger an order, print the result.
-quickstart: setup
+# quickstart: run the example: embedded worker, trigger an order, print the result
+# (installs the runtime only, not the test and bench extras).
+quickstart: $(RUN_STAMP)
 	$(PY) examples/process_order.py
 
 # lint: ruff, mypy --strict on the package as it installs (scripts/typecheck.sh), then the layering

@@ -27,8 +27,10 @@ As a pytest plugin (`pytest_plugins = ["stepline.testing"]` in the root
 conftest.py) it adds the fixtures `stepline_engine` (a started TestEngine on
 `stepline_registry`, which is `sl.default_registry` unless overridden) and
 the marker `@pytest.mark.stepline(auto_advance=False, ...)`, whose keywords
-go to TestEngine. The fixtures need pytest-asyncio; without pytest this
-module still gives TestEngine and VirtualClock.
+go to TestEngine. The fixtures need pytest-asyncio (`pip install
+'stepline[testing]'`), and unmarked `async def` tests its
+`asyncio_mode = "auto"`; without pytest this module still gives TestEngine
+and VirtualClock.
 
 For tests against a real Kafka broker the plugin also has `stepline_kafka_url`:
 a `kafka://` URL with a namespace of its own per test, on one single-node

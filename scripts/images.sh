@@ -159,7 +159,7 @@ build_stepline() {
   rm -rf "$wheels"
   mkdir -p "$wheels"
   log "$STEPLINE_IMAGE: fetching wheels with $py -m pip (log $BUILD/wheels.log)"
-  run_logged wheels "$py" -m pip wheel --quiet --wheel-dir "$wheels" "$ROOT[otlp]" 'setuptools>=68' wheel
+  run_logged wheels "$py" -m pip wheel --quiet --wheel-dir "$wheels" "$ROOT[otlp]" 'setuptools>=77' wheel
   rm -f "$wheels"/stepline-*.whl
   log "$STEPLINE_IMAGE: docker build on $DEBIAN_IMAGE (log $BUILD/stepline-build.log)"
   local previous

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -11,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from stepline.log import open_log
 
 APP = str(Path(__file__).parent / "apps" / "cli_app.py")
 
@@ -104,6 +107,14 @@ def test_cancel_ends_a_sleeping_run(url, worker):
     assert again.returncode == 1 and "already cancelled" in again.stderr
 
 
+def create_log(url: str) -> None:
+    async def go() -> None:
+        async with open_log(url):
+            pass
+
+    asyncio.run(go())
+
+
 def end_offsets(url: str) -> int:
     return sum(1 for _ in run_json("runs", "ls", url=url))
 
@@ -121,6 +132,7 @@ def end_offsets(url: str) -> int:
     ],
 )
 def test_bad_input_is_one_clear_line_a_nonzero_exit_and_nothing_appended(url, args, message):
+    create_log(url)  # the reads that count the runs refuse a log that does not exist
     before = end_offsets(url)
     proc = stepline(*args, url=url, check=False)
     assert proc.returncode != 0

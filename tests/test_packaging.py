@@ -21,11 +21,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import sysconfig
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -137,3 +139,30 @@ def test_editable_install_imports_all_four_packages_from_the_source_folders(tmp_
     assert probe["history_schemas"], "history/*.avsc is not reachable through the editable install"
     assert probe["generic_importable"] == [], "editable install exposes generic top-level modules"
     _assert_console_script_works(venv, tmp_path / "elsewhere")
+
+
+def test_the_wheel_builds_without_warnings_and_carries_license_version_and_data(tmp_path: Path) -> None:
+    """What `pip wheel .` makes: no setuptools warning (data folders are
+    packages, the license is an SPDX expression), the LICENSE file, the
+    version of engine/version.py, the dashboard's files and the old schemas."""
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=IGNORED)
+    out = tmp_path / "wheel"
+    proc = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                 "--check-build-dependencies", str(src), "-w", str(out)], cwd=tmp_path)
+    said = proc.stdout + proc.stderr
+    assert "Warning" not in said and "deprecated" not in said, said
+    (wheel,) = out.glob("stepline-*.whl")
+    version = re.search(r'__version__ = "([^"]+)"', (REPO / "engine" / "version.py").read_text())
+    assert version is not None
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert f"\nVersion: {version.group(1)}\n" in metadata
+    assert "\nLicense-Expression: Apache-2.0\n" in metadata
+    assert "\nProvides-Extra: testing\n" in metadata
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), names
+    for js in (REPO / "engine" / "server" / "dashboard" / "static").iterdir():
+        assert f"stepline/server/dashboard/static/{js.name}" in names
+    for avsc in (REPO / "schemas" / "history").glob("*.avsc"):
+        assert f"stepline/schemas/history/{avsc.name}" in names

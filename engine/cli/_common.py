@@ -16,13 +16,18 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import structlog
 import typer
 from rich.console import Console
+from rich.measure import Measurement
 from rich.progress import Progress as RichProgress
+from rich.table import Table
+from rich.text import Text
 
 from stepline.client import Client
 from stepline.core.payloads import payload_json
 from stepline.errors import SteplineError
+from stepline.log import absent_file, redact_url
 from stepline.projections.query_store import DEFAULT_QUERY_DB
 from stepline.sdk.task import Registry, load_app
 from stepline.security.keystore import default_keystore
@@ -41,19 +46,68 @@ class CliError(Exception):
     pass
 
 
-def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+def _fail(message: str, json_logs: bool = False) -> None:
+    """One error line on stderr, and exit 1; under --json-logs a JSON log line
+    like every other line of the process."""
+    if json_logs:
+        structlog.get_logger("stepline.cli").error(message)
+    else:
+        # markup=False: messages quote paths, values and URLs, and "[...]" in them is not Rich markup.
+        err.print(Text.assemble(("error:", "bold red"), f" {message}"), highlight=False)
     raise typer.Exit(1)
 
 
-def _run(coro: Coroutine[Any, Any, T]) -> T:
+def _say(text: str, json_logs: bool, **fields: Any) -> None:
+    """What a long-running command tells its operator on stderr (its banner,
+    that it is stopping): a line for people, or under --json-logs one JSON log
+    line among the others (the same text as its event, and its parts as
+    fields)."""
+    if json_logs:
+        structlog.get_logger("stepline.cli").info(text, **fields)
+    else:
+        err.print(text, highlight=False, markup=False)
+
+
+def _run(coro: Coroutine[Any, Any, T], json_logs: bool = False) -> T:
     try:
         return asyncio.run(coro)
     except (SteplineError, CliError) as exc:
-        _fail(str(exc))
+        _fail(str(exc), json_logs)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     raise AssertionError("unreachable")
+
+
+def _print_table(table: Table) -> None:
+    """A table on stdout; whole when stdout is a pipe or a file.
+
+    Rich fits a table into the terminal's width, and takes 80 columns for
+    anything else, squeezing columns down to one letter ("c…"). Without a
+    terminal there is nothing to fit: the table gets the width it needs.
+    """
+    if out.is_terminal:
+        out.print(table)
+        return
+    width = Measurement.get(out, out.options.update_width(_UNBOUNDED), table).maximum
+    Console(file=out.file, width=width, soft_wrap=True).print(table)
+
+
+# Wider than any table: the width a table is measured in when nothing bounds it.
+_UNBOUNDED = 1_000_000
+
+
+def _require_log(url: str) -> None:
+    """For commands that only read: a log that does not exist is an error, not
+    an empty list, and reading it must not create it (opening an embedded
+    log creates its file and folders)."""
+    try:
+        missing = absent_file(url)
+    except SteplineError as exc:
+        _fail(str(exc))
+        return
+    if missing is not None:
+        _fail(f"no log at {redact_url(url)}: {missing} does not exist (check --log or STEPLINE_LOG; "
+              "commands that write, such as trigger, worker and dev, create it)")
 
 
 def _parse_json(text: str, what: str) -> Any:
@@ -104,11 +158,11 @@ def _registry(app_module: str | None, needed_for: str) -> Registry:
     return load_app(app_module)
 
 
-def _load_app(module: str) -> Registry:
+def _load_app(module: str, json_logs: bool = False) -> Registry:
     try:
         return load_app(module)
     except SteplineError as exc:
-        _fail(str(exc))
+        _fail(str(exc), json_logs)
         raise
 
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from stepline.cli._common import _fail, _run
+from stepline.cli._common import _fail, _require_log, _run
 from stepline.cli.options import LogOpt
 from stepline.core import events as ev_mod
 from stepline.log import DEFAULT_LOG_URL
@@ -50,6 +50,7 @@ def events(
 
     Sensitive payload fields print as "\\[redacted]" (or "\\[erased]"), as everywhere else.
     """
+    _require_log(log)
     known = {name: cls for name, cls in vars(ev_mod).items()
              if isinstance(cls, type) and isinstance(getattr(cls, "TYPE", None), str)}
     unknown = sorted(set(types or ()) - set(known))

@@ -21,7 +21,9 @@ from stepline.cli._common import (
     _parse_json,
     _print_json,
     _print_started,
+    _print_table,
     _progress,
+    _require_log,
     _run,
     err,
     out,
@@ -115,6 +117,7 @@ def shadow(
         _fail("stepline shadow needs --module NEW_CODE (a .py file or a dotted module name)")
     if bool(run_ids) == (task is not None):
         _fail("pass run ids, or --task ID (with --since), not both and not neither")
+    _require_log(log)
 
     async def go() -> list[ShadowResult] | ShadowSummary:
         registry = load_code(module)
@@ -167,7 +170,7 @@ def _print_result(r: Any) -> None:
             inputs = f"{_short(s.recorded_input, 30)} → {_short(s.shadow_input, 30)}"
         table.add_row(_MARK.get(s.verdict, "?"), str(s.step), s.recorded_name or "-", s.shadow_name or "-",
                       s.verdict, inputs, _short(s.output, 40) if s.recorded_name else "")
-    out.print(table, markup=False)
+    _print_table(table)
     if r.recorded_output is not None or r.shadow_output is not None:
         out.print(f"output: {_short(r.recorded_output, 200)} → {_short(r.shadow_output, 200)}",
                   highlight=False, markup=False)
@@ -244,7 +247,7 @@ def _print_diff(d: RunDiff) -> None:
         table.add_row(mark, str(p.step), p.a["name"] if p.a else "-", p.b["name"] if p.b else "-",
                       ",".join(p.differs) or "", side(p.a), side(p.b),
                       _duration(p.a["duration_ms"]) if p.a else "", _duration(p.b["duration_ms"]) if p.b else "")
-    out.print(table, markup=False)
+    _print_table(table)
     out.print(f"run time: A {_duration(a['duration_ms'])}, B {_duration(b['duration_ms'])}",
               highlight=False, markup=False)
     first = d.first_divergence

@@ -15,7 +15,8 @@ from typing import Annotated, Any
 
 import typer
 
-from stepline.cli._common import _dev_query_db, _print_json, _run, err, out
+from stepline.cli._common import _dev_query_db, _print_json, _require_log, _run, err, out
+from stepline.cli._help import App
 from stepline.cli.options import AppOpt, JsonOpt, LogOpt, _setting, _setting_help
 from stepline.client import Client
 from stepline.client.bulk import BulkReport, bulk_action
@@ -25,8 +26,8 @@ from stepline.projections.query import QueryProjector
 from stepline.projections.query_store import QueryStore
 from stepline.sdk.task import load_app
 
-pause_app = typer.Typer(no_args_is_help=True, help="Hold a task's or a queue's runs: they stay queued until resumed.")
-resume_app = typer.Typer(no_args_is_help=True, help="Resume a paused task or queue.")
+pause_app = App(no_args_is_help=True, help="Hold a task's or a queue's runs: they stay queued until resumed.")
+resume_app = App(no_args_is_help=True, help="Resume a paused task or queue.")
 
 
 def _set(scope: str, name: str, paused: bool, reason: str, app_module: str | None, log: str,
@@ -69,6 +70,7 @@ def pause_queue(
 @pause_app.command("ls")
 def pause_ls(log: LogOpt = DEFAULT_LOG_URL, as_json: JsonOpt = False) -> None:
     """What is paused."""
+    _require_log(log)
     async def go() -> dict[tuple[str, str], str]:
         async with Client(log) as client:
             return await client.paused()
@@ -135,7 +137,9 @@ def _bulk_command(action: str) -> Any:
         until: Annotated[str | None, typer.Option(help="Created before (default: now); as --since.")] = None,
         error_type: Annotated[str | None, typer.Option("--error-type", help="Only runs whose last error has this "
                                                                             "type, e.g. TimeoutError.")] = None,
-        text: Annotated[str | None, typer.Option("--q", help="Only runs with this text in payload or output.")] = None,
+        text: Annotated[str | None, typer.Option("--text", help="Only runs with this text in payload or output.")] = None,
+        # The name before --text, kept for scripts that use it (the API's query parameter is `q`).
+        text_q: Annotated[str | None, typer.Option("--q", hidden=True)] = None,
         dead_letter: Annotated[bool | None, typer.Option("--dead-letter/--not-dead-letter", show_default=False,
                                                          help="Only dead letters, or only other runs.")] = None,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count what would be done.")] = False,
@@ -149,8 +153,10 @@ def _bulk_command(action: str) -> Any:
         log: LogOpt = DEFAULT_LOG_URL,
         as_json: JsonOpt = False,
     ) -> None:
+        _require_log(log)
         filt: dict[str, Any] = {"task": task, "status": status or None, "tag": tag or None, "since": since,
-                                "until": until, "error_type": error_type, "q": text, "dead_letter": dead_letter}
+                                "until": until, "error_type": error_type, "q": text if text is not None else text_q,
+                                "dead_letter": dead_letter}
         db = query_db or _dev_query_db(log)
 
         async def go(dry: bool, rid: str | None) -> BulkReport:

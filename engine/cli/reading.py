@@ -16,8 +16,10 @@ from stepline.cli._common import (
     _load_app,
     _parse_json,
     _print_json,
+    _print_table,
     _progress,
     _registry,
+    _require_log,
     _run,
     _shown,
     _time,
@@ -25,13 +27,14 @@ from stepline.cli._common import (
 )
 from stepline.cli.options import AppOpt, JsonOpt, LogOpt, _setting, _setting_help
 from stepline.client import Client
+from stepline.client.backfill import parse_time
 from stepline.core.events import Event
 from stepline.errors import SteplineError, UnknownRun
 from stepline.history.replay import StateAt, check_runs, iso_ms, parse_point, state_at
 from stepline.log import DEFAULT_LOG_URL
 from stepline.projections.query import rebuild
 from stepline.projections.query_store import DEFAULT_QUERY_DB
-from stepline.projections.runs import FAILED, RunState
+from stepline.projections.runs import FAILED, LIVE, TERMINAL, RunState
 from stepline.projections.views import event_dict, state_dict
 from stepline.sdk.task import Registry, load_app
 from stepline.security.keystore import default_keystore, open_keystore
@@ -57,21 +60,53 @@ async def _list(log: str) -> list[RunState]:
             return await client.list_runs(progress)
 
 
+def _statuses(given: list[str] | None) -> set[str]:
+    """--status values (repeatable, or comma-separated), each one a run status."""
+    wanted = {s for v in given or () for s in v.split(",") if s}
+    known = LIVE | TERMINAL
+    unknown = sorted(wanted - known)
+    if unknown:
+        # The words of `runs cancel --status` (engine/server/ops_api.py), for the same mistake.
+        _fail(f"unknown status {', '.join(map(repr, unknown))}; one of {', '.join(sorted(known))}")
+    return wanted
+
+
+def _when(value: str | None, flag: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_time(value, int(time.time() * 1000), flag)
+    except ValueError as exc:
+        _fail(str(exc))
+        raise
+
+
 def runs_ls(
     log: LogOpt = DEFAULT_LOG_URL,
-    status: Annotated[str | None, typer.Option(help="Only runs with this status.")] = None,
+    status: Annotated[list[str] | None, typer.Option(
+        help="Only runs in this state (repeatable): " + ", ".join(sorted(LIVE | TERMINAL)) + ".")] = None,
     task: Annotated[str | None, typer.Option(help="Only runs of this task.")] = None,
+    tag: Annotated[list[str] | None, typer.Option(help="Only runs with this tag (repeatable: all of them).")] = None,
+    since: Annotated[str | None, typer.Option(help="Created at or after: a duration back (24h, 7d) or an "
+                                                    "ISO 8601 time.")] = None,
+    until: Annotated[str | None, typer.Option(help="Created before; as --since.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
     as_json: JsonOpt = False,
 ) -> None:
     """List runs, newest first."""
-    runs = _run(_list(log))
-    runs = [r for r in runs if (status is None or r.status == status) and (task is None or r.task_id == task)]
+    statuses = _statuses(status)
+    start, end = _when(since, "--since"), _when(until, "--until")
+    tags = set(tag or ())
+    _require_log(log)
+    runs = [r for r in _run(_list(log))
+            if (not statuses or r.status in statuses) and (task is None or r.task_id == task)
+            and tags <= set(r.tags) and (start is None or r.created_at >= start)
+            and (end is None or r.created_at < end)]
     runs = runs[:limit]
     if as_json:
         _print_json(_shown([state_dict(r) for r in runs], log))
     else:
-        out.print(_runs_table(runs, f"{len(runs)} run(s)"))
+        _print_table(_runs_table(runs, f"{len(runs)} run(s)"))
 
 
 def runs_show(
@@ -85,6 +120,7 @@ def runs_show(
     as_json: JsonOpt = False,
 ) -> None:
     """A run's state: status, steps with inputs and outputs, retries, errors."""
+    _require_log(log)
     async def go() -> RunState | StateAt:
         async with Client(log) as client:
             if as_of is None:
@@ -133,7 +169,7 @@ def runs_show(
         ms = "" if st["ended_at"] is None or st["started_at"] is None else str(st["ended_at"] - st["started_at"])
         table.add_row(str(st["step"]), st["name"], st["status"], str(st["attempt"]), ms,
                       (st["error"] or json.dumps(st["output"]))[:100])
-    out.print(table)
+    _print_table(table)
     for r in d["retries"]:
         out.print(f"retry → attempt {r['attempt']} after {r['delay_ms']} ms: {r['reason']}", highlight=False)
     if state.output is not None:
@@ -179,6 +215,7 @@ def history(
     as_json: JsonOpt = False,
 ) -> None:
     """Every event of a run, in log order: offset, time (UTC), type and body."""
+    _require_log(log)
     async def go() -> list[tuple[int, Event]]:
         async with Client(log) as client:
             with _progress("reading history") as progress:
@@ -206,11 +243,12 @@ def history(
 
 def dlq_ls(log: LogOpt = DEFAULT_LOG_URL, as_json: JsonOpt = False) -> None:
     """Runs that failed for good, with their last error."""
+    _require_log(log)
     runs = [r for r in _run(_list(log)) if r.dead_lettered]
     if as_json:
         _print_json(_shown([state_dict(r) for r in runs], log))
     else:
-        out.print(_runs_table(runs, f"{len(runs)} dead letter(s)"))
+        _print_table(_runs_table(runs, f"{len(runs)} dead letter(s)"))
 
 
 def dlq_retry(
@@ -238,8 +276,9 @@ def dlq_retry(
     if as_json:
         _print_json({"run_id": run_id, "retriggered": True, "new_payload": payload is not None})
     else:
-        out.print(f"retriggered {run_id} ({state.task_id}); it resumes after step "
-                  f"{state.completed_steps() - 1 if state.completed_steps() else '-'}", highlight=False)
+        done = state.completed_steps()
+        where = f"it resumes after step {done - 1}" if done else "no step had completed: it starts from the beginning"
+        out.print(f"retriggered {run_id} ({state.task_id}); {where}", highlight=False, markup=False)
 
 
 def forget(
@@ -291,6 +330,7 @@ def replay(
     """Replay the log: check recorded runs against new code, or rebuild a projection."""
     if (check is None) == (projection is None):
         _fail("pass exactly one of --check MODULE or --projection query")
+    _require_log(log)
     if projection is not None:
         _replay_projection(projection, query_db, log, as_json)
         return

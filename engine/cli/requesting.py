@@ -34,9 +34,10 @@ def trigger(
     payload: Annotated[str, typer.Option(help="Payload as JSON.")] = "null",
     app_module: AppOpt = None,
     log: LogOpt = DEFAULT_LOG_URL,
-    idempotency_key: Annotated[str | None, typer.Option()] = None,
+    idempotency_key: Annotated[str | None, typer.Option(
+        help="Trigger at most once per key: a repeat returns the run the key started.")] = None,
     delay: Annotated[float | None, typer.Option(help="Seconds before the run may start.")] = None,
-    priority: Annotated[int, typer.Option()] = 0,
+    priority: Annotated[int, typer.Option(help="Ready runs with a higher priority start first.")] = 0,
     tag: Annotated[list[str] | None, typer.Option(help="Tag (repeatable).")] = None,
     concurrency_key: Annotated[str | None, typer.Option(help="Key the queue's key_limit applies to.")] = None,
     ttl: Annotated[float | None, typer.Option(help="Seconds the run may wait to start before it expires.")] = None,

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from stepline.cli._common import CliError, _dev_query_db, _fail, _load_app, _run, err
+from stepline.cli._common import CliError, _dev_query_db, _fail, _load_app, _run, _say, err
 from stepline.cli.options import (
     AppOpt,
     ConcurrencyOpt,
@@ -40,28 +40,30 @@ if TYPE_CHECKING:
 
 
 async def _serve_worker(registry: Registry, log_url: str, concurrency: int, grace: float,
-                        http: tuple[str, int] | None = None, pool: str = DEFAULT_POOL) -> None:
+                        http: tuple[str, int] | None = None, pool: str = DEFAULT_POOL,
+                        json_logs: bool = False) -> None:
     # The log's writer and reader threads hand results back to the event
     # loop; with CPython's default 5 ms switch interval each hand-off can
     # wait that long for the GIL while the loop is busy. This process is
     # ours, so shorten it (a library embedded in an app leaves it alone).
     sys.setswitchinterval(0.0005)
-    stop = Stop.on_signals()  # the first signal drains (engine/cli/shutdown.py), a second cancels
+    stop = Stop.on_signals(json_logs)  # the first signal drains (engine/cli/shutdown.py), a second cancels
     # Bound before the log is opened: a port in use fails at once, and the
     # probes answer (alive, not ready) while the worker still joins.
     topics = Topics(pool=pool)
-    async with _worker_http(http) as probes, Client(log_url, registry=registry, topics=topics) as client:
+    async with _worker_http(http, json_logs) as probes, Client(log_url, registry=registry, topics=topics) as client:
         worker = Worker(registry, client.log, concurrency=concurrency, topics=client.topics, client=client)
         if probes is not None:
             probes.attach(worker)
         if not await start_unless_stopped(worker, stop):
             return
         try:
-            ids = [t.id for t in registry if t.pool == pool]
-            err.print(
-                f"stepline worker [bold]{worker.worker_id}[/] on {redact_text(log_url)}, pool {pool}: "
-                f"{len(ids)} task(s): {', '.join(sorted(ids))}; partitions {sorted(worker.owned)}",
-                highlight=False,
+            ids = sorted(t.id for t in registry if t.pool == pool)
+            _say(
+                f"stepline worker {worker.worker_id} on {redact_text(log_url)}, pool {pool}: "
+                f"{len(ids)} task(s): {', '.join(ids)}; partitions {sorted(worker.owned)}",
+                json_logs, worker_id=worker.worker_id, log=redact_text(log_url), pool=pool, tasks=ids,
+                partitions=sorted(worker.owned),
             )
             await stop.requested.wait()
             await drain(worker, grace, stop)
@@ -70,7 +72,7 @@ async def _serve_worker(registry: Registry, log_url: str, concurrency: int, grac
 
 
 @asynccontextmanager
-async def _worker_http(http: tuple[str, int] | None) -> AsyncIterator[WorkerProbes | None]:
+async def _worker_http(http: tuple[str, int] | None, json_logs: bool = False) -> AsyncIterator[WorkerProbes | None]:
     """The worker's /healthz, /readyz and /metrics (engine/server/probes.py), when asked for."""
     if http is None:
         yield None
@@ -84,7 +86,8 @@ async def _worker_http(http: tuple[str, int] | None) -> AsyncIterator[WorkerProb
         raise CliError(f"cannot listen on {host}:{port} (--http-port): {exc.strerror or exc}; "
                        "pick another port, or 0 for a free one") from None
     async with probes:
-        err.print(f"stepline worker: /healthz, /readyz and /metrics on {probes.address}", highlight=False)
+        _say(f"stepline worker: /healthz, /readyz and /metrics on {probes.address}", json_logs,
+                  address=probes.address)
         yield probes
 
 
@@ -146,7 +149,7 @@ async def _serve_dev(registry: Registry, log_url: str, concurrency: int, port: i
             err.print(
                 f"stepline dev: worker(s) {', '.join(w.worker_id + ' (pool ' + w.pool + ')' for w in workers)} "
                 f"on {redact_text(log_url)}: {len(registry)} task(s): {', '.join(registry.ids())}",
-                highlight=False,
+                highlight=False, markup=False,
             )
             await _serve_until(stop.requested, serve_api(client, config, registry, "127.0.0.1", port,
                                                          query_db=query_db, on_listening=announce),
@@ -203,9 +206,9 @@ def worker(
     seconds = _grace(grace)
     port = _http_port(http_port)
     configure_logging(json_logs=json_logs)
-    registry = _load_app(module)
+    registry = _load_app(module, json_logs)
     _run(_serve_worker(registry, log, concurrency, seconds, None if port is None else (http_host, port),
-                       _pool(registry, pool)))
+                       _pool(registry, pool), json_logs), json_logs)
 
 
 def _pool(registry: Registry, name: str) -> str:
@@ -261,7 +264,7 @@ def _webhook_sources(
 
 async def _serve_http(
     config: ServeConfig, registry: Registry | None, log_url: str, host: str, port: int,
-    query_db: str | None = None,
+    query_db: str | None = None, json_logs: bool = False,
 ) -> None:
     from stepline.server import serve_api  # start-up: as in _serve_dev
 
@@ -273,8 +276,9 @@ async def _serve_http(
     def announce(addresses: list[str]) -> None:
         sources = ", ".join(f"{s.name} ({s.scheme}) -> {s.event}" for s in config.webhooks.values()) or "none"
         auth = "bearer token" if config.auth_required else "OFF (--no-auth)"
-        err.print(f"stepline serve on {', '.join(addresses)} for {redact_text(log_url)}: auth {auth}; "
-                  f"webhook sources: {sources}", highlight=False)
+        _say(f"stepline serve on {', '.join(addresses)} for {redact_text(log_url)}: auth {auth}; "
+             f"webhook sources: {sources}", json_logs, addresses=addresses, log=redact_text(log_url),
+             auth=config.auth_required, webhook_sources=sorted(config.webhooks))
 
     async with Client(log_url, registry=registry) as client:
         await _serve_until(stop, serve_api(client, config, registry, host, port, query_db=query_db,
@@ -328,8 +332,8 @@ def serve(
     configure_logging(json_logs=json_logs)
     if not api_token and not no_auth:
         _fail("stepline serve needs an API token: set STEPLINE_API_TOKEN (or api_token in stepline.toml, "
-              "or pass --api-token), or pass --no-auth for local development")
-    registry = _load_app(app_module) if app_module else None
+              "or pass --api-token), or pass --no-auth for local development", json_logs)
+    registry = _load_app(app_module, json_logs) if app_module else None
     try:
         config = ServeConfig(api_token, _webhook_sources(webhook, webhook_event, webhook_scheme),
                              max_body_bytes=max_body_bytes, auth_required=not no_auth,
@@ -337,9 +341,9 @@ def serve(
         if shadow_path is not None and not os.path.isdir(shadow_path):
             raise CliError(f"--shadow-path {shadow_path!r} is not a folder")
     except (SteplineError, CliError) as exc:
-        _fail(str(exc))
+        _fail(str(exc), json_logs)
         raise
-    _run(_serve_http(config, registry, log, host, port, query_db or None))
+    _run(_serve_http(config, registry, log, host, port, query_db or None, json_logs), json_logs)
 
 
 def register(app: typer.Typer) -> None:

@@ -15,7 +15,7 @@ import contextlib
 import math
 import signal
 
-from stepline.cli._common import CliError, err
+from stepline.cli._common import CliError, _say
 from stepline.runtime.worker import Worker
 
 
@@ -33,13 +33,15 @@ def parse_grace(value: str | float) -> float:
 class Stop:
     """SIGINT and SIGTERM: the first asks for a graceful stop, the second to stop now."""
 
-    def __init__(self) -> None:
+    def __init__(self, json_logs: bool = False) -> None:
         self.requested = asyncio.Event()
         self.now = asyncio.Event()
+        # How the process says what it does while stopping (--json-logs: JSON lines).
+        self.json_logs = json_logs
 
     @classmethod
-    def on_signals(cls) -> Stop:
-        stop = cls()
+    def on_signals(cls, json_logs: bool = False) -> Stop:
+        stop = cls(json_logs)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.signalled)
@@ -68,7 +70,7 @@ async def start_unless_stopped(worker: Worker, stop: Stop) -> bool:
         with contextlib.suppress(asyncio.CancelledError):
             await starting
         await worker.close()  # what start() had set up before the join (timers, schedules)
-        err.print("stopped before joining the worker group", highlight=False)
+        _say("stopped before joining the worker group", stop.json_logs)
         return False
     starting.result()  # a start that failed raises here
     return True
@@ -80,8 +82,8 @@ async def drain(worker: Worker, grace: float, stop: Stop) -> None:
     gives the partitions up."""
     running = worker.active
     if running and grace > 0:
-        err.print(f"stopping: no new attempts; {running} running attempt(s) get up to {grace:g} s to "
-                  "finish their step (signal again to stop now)", highlight=False)
+        _say(f"stopping: no new attempts; {running} running attempt(s) get up to {grace:g} s to "
+             "finish their step (signal again to stop now)", stop.json_logs)
     draining = asyncio.ensure_future(worker.drain(grace))
     hurry = asyncio.ensure_future(stop.now.wait())
     try:
@@ -92,6 +94,6 @@ async def drain(worker: Worker, grace: float, stop: Stop) -> None:
         await asyncio.gather(draining, hurry, return_exceptions=True)
     left = worker.active
     if left:
-        err.print(f"stopping: cancelling {left} attempt(s) still running; their current step runs again "
-                  "on the next owner", highlight=False)
-    err.print("stopping: giving the partitions up", highlight=False)
+        _say(f"stopping: cancelling {left} attempt(s) still running; their current step runs again "
+             "on the next owner", stop.json_logs)
+    _say("stopping: giving the partitions up", stop.json_logs)

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from stepline.cli._common import _print_json, _run, out
+from stepline.cli._common import _print_json, _require_log, _run, out
 from stepline.cli.options import JsonOpt, LogOpt
 from stepline.client import Client
 from stepline.log import DEFAULT_LOG_URL
@@ -24,6 +24,7 @@ def runs_why(
 ) -> None:
     """Why is this run not running? Its queue place and the slots' holders, the concurrency
     key's holders, the rate limit, a pause, the sleep or wait and since when, the TTL left."""
+    _require_log(log)
     async def go() -> tuple[RunState, list[Reason]]:
         async with Client(log) as client:
             return await client.get_run(run_id), await client.why(run_id)

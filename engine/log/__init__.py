@@ -13,6 +13,7 @@ A new backend is one `_open_<scheme>` function and one entry in `_OPENERS`.
 
 from __future__ import annotations
 
+import os
 import urllib.parse
 from collections.abc import Callable
 
@@ -24,6 +25,7 @@ __all__ = [
     # opening a log
     "open_log",
     "DEFAULT_LOG_URL",
+    "absent_file",
     # the port
     "Log",
     "Record",
@@ -159,3 +161,21 @@ def open_log(url: str) -> Log:
     schemes = ", ".join(f"{s}://" for s in _OPENERS)
     why = _PLANNED.get(scheme, "unsupported log URL")
     raise InvalidLogUrl(f"{why}: {url!r}; supported schemes: {schemes} (default {DEFAULT_LOG_URL})")
+
+
+def absent_file(url: str) -> str | None:
+    """The file an embedded log URL names, when it does not exist; else None.
+
+    Opening a sqlite log creates its file (and folders), which a command
+    that writes wants; a read of a mistyped URL would instead report an
+    empty log and leave files behind. Readers ask here first. Other
+    backends have no such file: a Kafka cluster is there or not.
+    InvalidLogUrl for a malformed URL, as from `open_log`.
+    """
+    log = open_log(url)
+    if urllib.parse.urlsplit(url).scheme.lower() != "sqlite":
+        return None
+    from .sqlite import SqliteLog  # loaded already: open_log built one
+
+    assert isinstance(log, SqliteLog)
+    return None if os.path.exists(log.path) else log.path

@@ -21,7 +21,7 @@ through this `SqliteLog`, and notices other processes' appends by polling
 `PRAGMA data_version` every `poll_interval` seconds while anyone is waiting.
 
 Groups: one worker process per group. `join_group` holds an exclusive
-`flock` on `<db>.<group>.lock`; the OS drops it when the holder dies, even
+`flock` on `.<db>.locks/group-<group>.lock`; the OS drops it when the holder dies, even
 by kill -9, and a waiting joiner then takes over with a new generation.
 """
 

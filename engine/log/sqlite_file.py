@@ -80,6 +80,22 @@ _NEXT_GENERATION = (
 )
 
 
+def lock_file(path: str, name: str) -> str:
+    """The file behind one of the log's `flock`s (writer turnstile, group
+    membership), in one hidden folder beside the database: `.x.db.locks/`.
+
+    The locks are advisory and cross-process, so every process opening the
+    log must agree on these names; they live in a folder of their own so a
+    log leaves one entry beside its file (besides SQLite's -wal and -shm),
+    not one per lock. The folder is made here, race-free, by whoever needs
+    it first; a lock file is never deleted (a process holding it open must
+    keep meaning the same file).
+    """
+    folder = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.locks")
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, name)
+
+
 def _connect(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
     # isolation_level=None: we issue BEGIN/COMMIT ourselves.
     conn = sqlite3.connect(

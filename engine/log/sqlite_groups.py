@@ -1,6 +1,6 @@
 """Groups of the sqlite backend: one worker process per group.
 
-`join` holds an exclusive `flock` on `<db>.<group>.lock`; the OS drops it
+`join` holds an exclusive `flock` on `.<db>.locks/group-<group>.lock`; the OS drops it
 when the holder dies, even by kill -9, and a waiting joiner then takes over
 with a new generation. Inside one process, one member per (group, topic)
 holds a seat; the others queue for it.
@@ -23,6 +23,7 @@ import structlog
 
 from .base import AssignCallback, Assignment, Membership, RevokeCallback
 from .membership import SoleMembership
+from .sqlite_file import lock_file
 
 # How often a waiting joiner retries the group lock.
 _LOCK_POLL_S = 0.05
@@ -49,7 +50,7 @@ class SqliteGroups:
 
     def lock_path(self, group: str) -> str:
         """The file whose flock makes this process the group's only member."""
-        return f"{self._path}.{urllib.parse.quote(group, safe='')}.lock"
+        return lock_file(self._path, f"group-{urllib.parse.quote(group, safe='')}.lock")
 
     async def join(
         self,

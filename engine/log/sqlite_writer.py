@@ -25,6 +25,7 @@ from .sqlite_file import (
     _corrupt,
     _migrate,
     _unavailable,
+    lock_file,
 )
 
 Synchronous = Literal["full", "normal"]
@@ -44,8 +45,8 @@ class _Turnstile:
 
     def __init__(self, path: str, timeout_s: float) -> None:
         self._timeout_s = timeout_s
-        self._turn = os.open(f"{path}-write-turn.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        self._write = os.open(f"{path}-write.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        self._turn = os.open(lock_file(path, "write-turn.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        self._write = os.open(lock_file(path, "write.lock"), os.O_RDWR | os.O_CREAT, 0o644)
 
     def enter(self) -> None:
         deadline = time.monotonic() + self._timeout_s

@@ -59,26 +59,69 @@ _TRUNCATED = "…[truncated]"
 def configure_logging(json_logs: bool = True, level: int = logging.INFO) -> None:
     """Called by the CLI entry points only: a library never configures logging.
 
+    Lines go to stderr, as JSON or for a console (colours only on a
+    terminal, never into a file or a pipe). Records of the standard
+    `logging` module (aiokafka, asyncio...) at WARNING and above are
+    rendered the same way, so under JSON every line of the process is JSON.
+
     Also installs OpenTelemetry exporters when the standard OTEL_* variables
     ask for them (see `stepline.tracing.configure_from_env`), since every
     long-running `stepline` command sets itself up here.
     """
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        redact_secrets,  # no API token, webhook secret or Kafka password in a line
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer()
+        structlog.processors.JSONRenderer() if json_logs
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            redact_secrets,  # no API token, webhook secret or Kafka password in a line
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
-        ],
+        processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+    _bridge_stdlib_logging(shared, renderer, json_logs, max(level, logging.WARNING))
     otel_env.configure_from_env()
+
+
+def _bridge_stdlib_logging(shared: list[structlog.typing.Processor], renderer: structlog.typing.Processor,
+                           json_logs: bool, level: int) -> None:
+    """The root logger's handler, rendering other libraries' records as structlog lines.
+
+    Replaces the one an earlier call installed, so configuring twice (tests,
+    an app that switches format) does not print every record twice.
+    """
+    # The logger's name says whose line it is; an exception becomes a field
+    # (JSON) or a printed traceback (console).
+    last: list[structlog.typing.Processor] = [structlog.stdlib.ProcessorFormatter.remove_processors_meta]
+    if json_logs:
+        last.append(structlog.processors.format_exc_info)
+    handler = _StderrHandler()
+    handler.setLevel(level)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        processors=[*last, renderer],
+    ))
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever sys.stderr is when a record comes (a test's capture
+    may have replaced and closed the one there was at configuration)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:
+            self.handleError(record)
 
 
 @dataclass(slots=True)

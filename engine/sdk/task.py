@@ -402,6 +402,13 @@ def task(
     return wrap(fn) if fn is not None else wrap
 
 
+def _syntax_error(exc: SyntaxError) -> TaskDefinitionError:
+    """An app that does not parse, as one line naming the place: the traceback
+    would only show the importer's frames."""
+    where = f"{exc.filename}:{exc.lineno}" if exc.lineno is not None else str(exc.filename)
+    return TaskDefinitionError(f"syntax error in {where}: {exc.msg}")
+
+
 def load_app(target: str) -> Registry:
     """Import a module by file path or dotted name; return the tasks it declared.
 
@@ -422,10 +429,16 @@ def load_app(target: str) -> Registry:
             sys.path.insert(0, str(path.resolve().parent))
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module
-            spec.loader.exec_module(module)
+            try:
+                spec.loader.exec_module(module)
+            except SyntaxError as exc:
+                del sys.modules[name]  # half a module: a later load must try again
+                raise _syntax_error(exc) from exc
     else:
         try:
             module = importlib.import_module(target)
+        except SyntaxError as exc:
+            raise _syntax_error(exc) from exc
         except ImportError as exc:
             raise TaskDefinitionError(f"cannot import app module {target!r}: {exc}") from exc
     reg = getattr(module, "registry", None)

@@ -66,7 +66,7 @@ from stepline.errors import (
     SubjectErased,
     TaskDefinitionError,
 )
-from stepline.log.redact import redact_url
+from stepline.log.redact import is_wait_token, redact_url
 from stepline.security.keystore import KeyStore
 
 REDACTED = "[redacted]"
@@ -464,6 +464,8 @@ class Scrubber:
 
 # Field names that hold secrets: `token`, `api_token`, `webhook_secret`,
 # `sasl_plain_password`, `authorization`... but not `tokens` or `tokens_used`.
+# A wait token's id (`tok_<run id>_<step>`) under such a name is shown: it
+# is how a person finds the wait, and the run lists it anyway.
 _SECRET_NAME = re.compile(r"(?i)(?:^|_)(?:password|passwd|secret|token|api_?key|authorization|credentials?)$")
 _BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
 
@@ -479,11 +481,15 @@ def redact_text(text: str) -> str:
     return redact_url(text, REDACTED)
 
 
+def _wait_token_id(name: str, value: Any) -> bool:
+    return name.lower().endswith("token") and is_wait_token(value)
+
+
 def redact_secret_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     """Log fields with secret-named values masked, and secrets in text masked."""
     out: dict[str, Any] = {}
     for k, v in fields.items():
-        if isinstance(k, str) and _SECRET_NAME.search(k) and v is not None:
+        if isinstance(k, str) and _SECRET_NAME.search(k) and v is not None and not _wait_token_id(k, v):
             out[k] = REDACTED
         elif isinstance(v, str):
             out[k] = redact_text(v)

@@ -125,8 +125,9 @@ Millis = Annotated[int, Field(ge=0, le=MAX_MS), BeforeValidator(_integral)]
 
 class TriggerRequest(Input):
     payload: Any = Field(None, description="the task's input; checked against its model (422)")
-    idempotency_key: Key | None = Field(None, description="a repeated trigger with the same key and payload is the same run; "
-                                                  "the key with another payload is refused (409)")
+    idempotency_key: Key | None = Field(
+        None, description="a repeated trigger with the same key and payload is the same run; "
+                          "the key with another payload is refused (409)")
     delay: Seconds | None = Field(None, description="seconds before the run may start")
     ttl: Seconds | None = Field(None, description="seconds the run may wait to start before it expires")
     priority: Annotated[int, Field(ge=PRIORITY_MIN, le=PRIORITY_MAX), BeforeValidator(_integral)] = 0
