@@ -9,7 +9,8 @@ the runs holding the slots, the concurrency key's holders and the rate
 limit's next free time; a suspended run what each open wait waits for and
 since when (the sleep's wake time, the event and its match, the token, the
 child run); and for every live run the time to live left. A pending run
-with none of these is ready: it waits for a worker of its pool.
+with none of these is ready: it waits for a worker of its pool, and the
+log says whether any worker of that pool is running.
 
 Pure: the caller reads the run, its queue's admission fold and the pauses
 (engine/client/why.py), and the clock.
@@ -47,7 +48,8 @@ class Pause:
 
 @dataclass(frozen=True, slots=True)
 class Reason:
-    kind: str  # ended | running | delayed | retrying | paused | queue | concurrency_key | rate_limit | wait | ttl | ready
+    kind: str  # ended | running | delayed | retrying | paused | queue | concurrency_key | rate_limit | wait | ttl
+    #            | ready | no_worker
     message: str
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -114,7 +116,8 @@ def _queue_reasons(state: RunState, q: QueueState, now: int) -> list[Reason]:
 
 
 def explain(state: RunState, now: int, *, queue: QueueState | None = None,
-            pauses: dict[tuple[str, str], Pause] | None = None, pool: str = "default") -> list[Reason]:
+            pauses: dict[tuple[str, str], Pause] | None = None, pool: str = "default",
+            workers_alive: bool | None = None) -> list[Reason]:
     """The reasons `state`'s run is not executing at `now` (ms), most telling first."""
     status = state.status
     if status in (COMPLETED, FAILED, CANCELLED, EXPIRED):
@@ -157,6 +160,10 @@ def explain(state: RunState, now: int, *, queue: QueueState | None = None,
                                      for r in out):
         whose = "a worker" if pool == "default" else f"a worker of pool {pool!r} (`stepline worker --pool {pool}`)"
         out.append(Reason("ready", f"ready to start: it waits for {whose} to pick it up", {"pool": pool}))
+    if workers_alive is False and status in (PENDING, RETRYING, SUSPENDED):
+        start = "stepline worker" + ("" if pool == "default" else f" --pool {pool}")
+        out.append(Reason("no_worker", f"no worker of pool {pool!r} is running: nothing will start or wake it "
+                                       f"until one does (`{start}`)", {"pool": pool}))
     if state.expires_at is not None and status == PENDING and state.started_at is None:
         out.append(Reason("ttl", f"unless it starts first, it expires {_in(state.expires_at, now)} (its TTL)",
                           {"expires_at": state.expires_at}))

@@ -135,7 +135,7 @@ async def test_each_reason_a_run_is_held_is_named_with_its_facts(engine_factory)
         reasons = {r.kind: r for r in await client.why(p.run_id)}
         assert reasons["paused"].details["reason"] == "migrating the ledger"
         assert reasons["paused"].details["name"] == "why-paused"
-        assert "ready" not in reasons
+        assert "ready" not in reasons and "no_worker" not in reasons  # a worker of the default pool runs
 
         sleeping = await waits.trigger({"kind": "sleep"}, client=client)
         event = await waits.trigger({"kind": "event"}, client=client)
@@ -184,19 +184,21 @@ async def test_stepline_runs_why_with_no_worker_says_it_is_ready_and_waits_for_o
     text = subprocess.run([sys.executable, "-m", "stepline.cli", "runs", "why", h.run_id], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert text.returncode == 0, text.stderr
-    assert text.stdout.splitlines() == [f"{h.run_id} (why-paused) is pending:",
-                                        "  - ready to start: it waits for a worker to pick it up"]
+    assert text.stdout.splitlines() == [
+        f"{h.run_id} (why-paused) is pending:",
+        "  - ready to start: it waits for a worker to pick it up",
+        "  - no worker of pool 'default' is running: nothing will start or wake it until one does (`stepline worker`)"]
     as_json = subprocess.run([sys.executable, "-m", "stepline.cli", "runs", "why", h.run_id, "--json"], cwd=REPO,
                              env=env, capture_output=True, text=True, timeout=120)
-    assert json.loads(as_json.stdout)["reasons"] == [{"kind": "ready", "message": "ready to start: it waits for "
-                                                                                  "a worker to pick it up",
-                                                      "pool": "default"}]
+    assert [r["kind"] for r in json.loads(as_json.stdout)["reasons"]] == ["ready", "no_worker"]
     async with sl.Client(backend_url, registry=registry) as client:
         g = await on_gpu.trigger({"n": 1}, client=client)
     gpu = subprocess.run([sys.executable, "-m", "stepline.cli", "runs", "why", g.run_id], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)
-    assert gpu.stdout.splitlines()[1:] == [
-        "  - ready to start: it waits for a worker of pool 'gpu' (`stepline worker --pool gpu`) to pick it up"]
+    assert gpu.stdout.splitlines()[1:3] == [
+        "  - ready to start: it waits for a worker of pool 'gpu' (`stepline worker --pool gpu`) to pick it up",
+        "  - no worker of pool 'gpu' is running: nothing will start or wake it until one does "
+        "(`stepline worker --pool gpu`)"]
     missing = subprocess.run([sys.executable, "-m", "stepline.cli", "runs", "why", "run_nope"], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "run_nope" in missing.stderr and "Traceback" not in missing.stderr

@@ -62,7 +62,8 @@ async def reasons(client: Reading, run_id: str) -> list[Reason]:
     partition = partition_for(queue_name.encode(), await client.log.partitions(topics.queues)) if queue_name else 0
     fold, pauses = await _fold_queues(client, topics, partition)
     queue: QueueState | None = fold.queues.get(queue_name) if queue_name else None
-    return explain(state, now, queue=queue, pauses=pauses, pool=pool)
+    alive = await client.log.group_alive(topics.worker_group)
+    return explain(state, now, queue=queue, pauses=pauses, pool=pool, workers_alive=alive)
 
 
 __all__ = ["reasons"]

@@ -326,6 +326,12 @@ class Log(abc.ABC):
         on_revoke: RevokeCallback,
     ) -> Membership: ...
 
+    async def group_alive(self, group: str) -> bool | None:
+        """Whether `group` has a member now (some worker of it is running),
+        as far as the log can tell; None when it cannot tell. For people
+        (`stepline runs why`), never for deciding ownership."""
+        return None
+
     @abc.abstractmethod
     async def commit(self, group: str, topic: str, offsets: dict[int, int]) -> None:
         """Record that `group` has processed `topic` up to these offsets."""

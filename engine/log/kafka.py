@@ -311,6 +311,23 @@ class KafkaLog(KafkaClients, Log):
 
     # --- groups ---
 
+    async def group_alive(self, group: str) -> bool | None:
+        """From the group coordinator (DescribeGroups): a member is alive
+        while its session lasts, so a worker killed a moment ago still counts
+        until the broker expires it; None when the broker cannot be asked."""
+        admin, _, _ = self._started()
+        name = self.group_name(group)
+        try:
+            responses = await asyncio.wait_for(admin.describe_consumer_groups([name]), self.connect_timeout)
+        except Exception:  # the broker's own error is for operators, not for a "why" line
+            return None
+        for response in responses:
+            for described in response.groups:
+                # DescribeGroups v0+: (error_code, group_id, state, protocol_type, protocol, members, ...)
+                if described[1] == name:
+                    return bool(described[5])
+        return False
+
     async def join_group(
         self,
         group: str,

@@ -272,6 +272,11 @@ class MemoryLog(Log):
             raise
         return membership
 
+    async def group_alive(self, group: str) -> bool | None:
+        store = self.store
+        with store.lock:
+            return any(key[0] == group and seat.holder is not None for key, seat in store.seats.items())
+
     async def commit(self, group: str, topic: str, offsets: dict[int, int]) -> None:
         store = self.store
         with store.lock:

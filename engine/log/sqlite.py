@@ -389,6 +389,9 @@ class SqliteLog(Log):
         """The file whose flock makes this process the group's only member."""
         return self._groups.lock_path(group)
 
+    async def group_alive(self, group: str) -> bool | None:
+        return self._groups.held(group)
+
     async def join_group(
         self,
         group: str,

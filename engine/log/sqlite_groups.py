@@ -52,6 +52,26 @@ class SqliteGroups:
         """The file whose flock makes this process the group's only member."""
         return lock_file(self._path, f"group-{urllib.parse.quote(group, safe='')}.lock")
 
+    def held(self, group: str) -> bool:
+        """Whether a process (this one or another) holds the group's lock: a
+        worker of the group is alive. Asked by trying the lock without
+        waiting and letting it go at once; a joiner polling meanwhile just
+        tries again."""
+        mine = self._group_locks.get(group)
+        if mine is not None and mine.holders > 0:
+            return True
+        path = self.lock_path(group)
+        if not os.path.exists(path):
+            return False
+        fd = os.open(path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing drops a lock this probe took
+        return False
+
     async def join(
         self,
         group: str,
