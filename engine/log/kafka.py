@@ -322,7 +322,7 @@ class KafkaLog(KafkaClients, Log):
         except Exception:  # the broker's own error is for operators, not for a "why" line
             return None
         for response in responses:
-            for described in response.groups:
+            for described in getattr(response, "groups", ()):
                 # DescribeGroups v0+: (error_code, group_id, state, protocol_type, protocol, members, ...)
                 if described[1] == name:
                     return bool(described[5])
