@@ -189,8 +189,10 @@ async def test_a_duplicate_trigger_returns_the_same_run_within_the_key_ttl(engin
     e = await engine_factory(limited_app(gauge, sl.Queue("free")))
     a = await e.client.trigger("limited", {"n": 1}, idempotency_key="k", idempotency_key_ttl=60)
     await a.result(timeout=20)
-    b = await e.client.trigger("limited", {"n": 2}, idempotency_key="k", idempotency_key_ttl=60)
+    b = await e.client.trigger("limited", {"n": 1}, idempotency_key="k", idempotency_key_ttl=60)
     assert b.run_id == a.run_id and await b.result(timeout=20) == 1
+    with pytest.raises(sl.IdempotencyKeyReused):  # the live key with another payload (docs/concepts.md)
+        await e.client.trigger("limited", {"n": 2}, idempotency_key="k", idempotency_key_ttl=60)
     await asyncio.sleep(0.3)
     c = await e.client.trigger("limited", {"n": 3}, idempotency_key="k", idempotency_key_ttl=0.2)
     assert c.run_id != a.run_id and await c.result(timeout=20) == 3
