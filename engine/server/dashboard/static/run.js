@@ -232,7 +232,8 @@ export async function mountRun(container, route) {
 
   const drawTimeline = () => {
     clear(timeline, h("h2", { id: "timeline-heading" }, "Timeline"),
-      seen().length ? renderTimeline(run, seen()) : h("p", { class: "muted" }, "No events yet."));
+      seen().length ? renderTimeline(run, seen(), run.as_of ? run.as_of.time : Date.now())
+        : h("p", { class: "muted" }, "No events yet."));
   };
 
   const render = (children) => {
@@ -326,9 +327,12 @@ export async function mountRun(container, route) {
     }, 150);
   };
   await refresh();
-  // Open bars of a live run grow with the clock.
+  // Open bars of a live run grow with the clock; what holds a run back changes
+  // with its queue (places, holders, the rate limit), which sends no run change.
+  let ticks = 0;
   const ticker = setInterval(() => {
     if (run && !run.as_of && LIVE_STATUSES.includes(run.status) && events.length) drawTimeline();
+    if (run && !run.as_of && HELD_STATUSES.includes(run.status) && ++ticks % 3 === 0) why.refresh();
   }, 1000);
   return {
     onRun(summary) {

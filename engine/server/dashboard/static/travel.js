@@ -93,7 +93,8 @@ export function travelPanel(runId, onPoint) {
     at.replaceChildren(...(ev
       ? ["Showing the run as of offset ", h("strong", {}, String(ev.offset)), ` (event ${indexOf(asOf) + 1} of ${events.length}, `,
         ev.type, ", ", timeEl(ev.time), ")."]
-      : [`Showing the run live (${events.length} events). Pick a point to see it as it was then.`]));
+      : [`Showing the run live (${events.length} event${events.length === 1 ? "" : "s"}). `,
+        "Pick a point to see it as it was then."]));
   };
 
   const go = (offset) => {

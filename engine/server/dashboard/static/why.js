@@ -23,8 +23,6 @@ function facts(reason) {
     parts.push(h("span", { class: "fact", "data-testid": "why-holders" }, "held by ",
       reason.holders.map((r, i) => [i ? ", " : "", runLink(r)])));
   }
-  if (reason.position !== undefined) parts.push(h("span", { class: "fact", "data-testid": "why-position" },
-    `place ${reason.position} of ${reason.waiting}`));
   if (reason.by) parts.push(h("span", { class: "fact" }, `by ${reason.by}`));
   return parts.length ? h("p", { class: "muted facts-line" }, parts) : null;
 }
