@@ -43,6 +43,7 @@ from stepline.server._http import (
 )
 from stepline.server.backlog import Backlog
 from stepline.server.config import ServeConfig, WebhookSource
+from stepline.server.debug_api import state_as_of
 from stepline.server.models import (
     AsOfQuery,
     CompleteTokenRequest,
@@ -53,7 +54,6 @@ from stepline.server.models import (
     TokenPath,
     TriggerRequest,
 )
-from stepline.server.debug_api import state_as_of
 from stepline.server.openapi import BAD_QUERY, LOG_DOWN, NO_RUN, SpecRoute, openapi_document
 from stepline.server.openapi import ROUTES as OPENAPI_ROUTES
 from stepline.server.responses import (
