@@ -556,7 +556,16 @@ def _until_status(driver: Any, dev: Server, run_id: str, status: str) -> None:
 
 
 def _steps_shown(driver: Any) -> list[str]:
-    return [d.get_attribute("data-step") for d in css_all(driver, "details[data-testid=step]")]
+    return settled(driver, lambda d: [e.get_attribute("data-step") for e in css_all(d, "details[data-testid=step]")])
+
+
+def settled(driver: Any, read: Any) -> Any:
+    """`read(driver)`, read again when a refresh of the page replaced the elements under it."""
+    return wait(driver, lambda d: (read(d),), "a read of the page")[0]
+
+
+def text(driver: Any, selector: str) -> str:
+    return str(settled(driver, lambda d: css(d, selector).text))
 
 
 def test_time_travel_shows_the_run_as_it_stood_at_an_earlier_checkpoint(browser, dev, screenshots):
@@ -571,16 +580,15 @@ def test_time_travel_shows_the_run_as_it_stood_at_an_earlier_checkpoint(browser,
     open_page(driver, dev, f"#/runs/{run_id}")
     wait(driver, lambda d: css(d, "[data-testid=run-output]"), "the live run's output")
     assert _steps_shown(driver) == ["0", "1"]
-    assert "live" in css(driver, "[data-testid=travel-at]").text
+    assert "live" in text(driver, "[data-testid=travel-at]")
 
     # Back to the checkpoint after step 0 (validate): running, one step, no output yet.
     Select(css(driver, "[data-testid=travel-checkpoint]")).select_by_value(str(validated))
-    banner = wait(driver, lambda d: css(d, "[data-testid=as-of-banner]"), "the page as of the checkpoint")
-    assert banner.get_attribute("data-offset") == str(validated)
-    assert css(driver, "[data-testid=status]").text == "running"
+    wait(driver, lambda d: css(d, "[data-testid=as-of-banner]").get_attribute("data-offset") == str(validated),
+         "the page as of the checkpoint")
+    assert text(driver, "[data-testid=status]") == "running"
     assert _steps_shown(driver) == ["0"]
-    step0 = css(driver, 'details[data-testid=step][data-step="0"]')
-    assert json.loads(step0.find_element("css selector", "[data-testid=step-output]").text) == 5
+    assert json.loads(text(driver, 'details[data-testid=step][data-step="0"] [data-testid=step-output]')) == 5
     assert not css_all(driver, "[data-testid=run-output]") and "Not finished yet." in driver.page_source
     # The past is read, not acted on: no cancel, no fork.
     assert not css_all(driver, "[data-testid=cancel]") and not css_all(driver, "[data-testid=fork-from-step]")
@@ -588,9 +596,11 @@ def test_time_travel_shows_the_run_as_it_stood_at_an_earlier_checkpoint(browser,
     between = [e for e in events if events[0]["offset"] < e["offset"] <= validated]
     wait(driver, lambda d: [r.get_attribute("data-offset") for r in css_all(d, "[data-testid=travel-event]")]
          == [str(e["offset"]) for e in between], "the events between the two points")
-    assert [r.get_attribute("data-type") for r in css_all(driver, "[data-testid=travel-event]")][-1] == "StepCompleted"
+    assert settled(driver, lambda d: [r.get_attribute("data-type") for r in css_all(d, "[data-testid=travel-event]")]
+                   )[-1] == "StepCompleted"
     # A later "since" point is not offered: only points before the one shown.
-    since = [o.get_attribute("value") for o in Select(css(driver, "[data-testid=travel-from]")).options]
+    since = settled(driver, lambda d: [o.get_attribute("value")
+                                       for o in Select(css(d, "[data-testid=travel-from]")).options])
     assert since == ["", str(events[0]["offset"])]
     Select(css(driver, "[data-testid=travel-from]")).select_by_value("")
     wait(driver, lambda d: css(d, "[data-testid=travel-event]").get_attribute("data-type") == "RunTriggered",
@@ -600,14 +610,13 @@ def test_time_travel_shows_the_run_as_it_stood_at_an_earlier_checkpoint(browser,
     css(driver, "[data-testid=travel-live]").click()
     wait(driver, lambda d: not css_all(d, "[data-testid=as-of-banner]") and css_all(d, "[data-testid=run-output]"),
          "the live page again")
-    assert css(driver, "[data-testid=status]").text == "completed" and _steps_shown(driver) == ["0", "1"]
+    assert text(driver, "[data-testid=status]") == "completed" and _steps_shown(driver) == ["0", "1"]
     # One event back with the slider: the last step done, the run not yet completed.
-    slider = css(driver, "[data-testid=travel-slider]")
-    assert slider.get_attribute("value") == str(len(events) - 1)
-    slider.send_keys(Keys.ARROW_LEFT)
+    assert settled(driver, lambda d: css(d, "[data-testid=travel-slider]").get_attribute("value")) == str(len(events) - 1)
+    css(driver, "[data-testid=travel-slider]").send_keys(Keys.ARROW_LEFT)
     wait(driver, lambda d: css(d, "[data-testid=as-of-banner]").get_attribute("data-offset")
          == str(events[-2]["offset"]), "the page one event back")
-    assert css(driver, "[data-testid=status]").text == "running" and _steps_shown(driver) == ["0", "1"]
+    assert text(driver, "[data-testid=status]") == "running" and _steps_shown(driver) == ["0", "1"]
     assert not css_all(driver, "[data-testid=run-output]")
 
 
@@ -618,17 +627,19 @@ def test_a_fork_diffed_with_its_original_marks_the_edited_step_first(browser, de
     fork = dev.call("POST", f"/v1/runs/{original}/fork", {"at_step": 1, "step_outputs": {"0": 7}})["run_id"]
     _until_status(driver, dev, fork, "completed")
     open_page(driver, dev, f"#/runs/{fork}")
-    css_wait = wait(driver, lambda d: css(d, "[data-testid=diff-original]"), "the fork's 'diff with its original'")
-    css_wait.click()
-    result = wait(driver, lambda d: css(d, "[data-testid=diff-result]"), "the diff")
-    assert result.get_attribute("data-same") == "false" and result.get_attribute("data-first") == "0"
-    assert css(driver, "[data-testid=diff-first]").text == "First divergence: step 0 (output)."
-    rows = css_all(driver, "[data-testid=diff-step]")
-    assert [(r.get_attribute("data-step"), r.get_attribute("data-differs"), r.get_attribute("data-first"))
-            for r in rows] == [("0", "output", "true"), ("1", "input,output", "false")]
-    assert rows[0].text.startswith("▶") and "5" in rows[0].text and "7" in rows[0].text
-    assert '"captured":5' in rows[1].text and '"captured":7' in rows[1].text
-    assert [r.get_attribute("data-field") for r in css_all(driver, "[data-testid=diff-run-field]")] == ["output"]
+    wait(driver, lambda d: css(d, "[data-testid=diff-original]"), "the fork's 'diff with its original'").click()
+    wait(driver, lambda d: css(d, "[data-testid=diff-result]"), "the diff")
+    assert settled(driver, lambda d: (css(d, "[data-testid=diff-result]").get_attribute("data-same"),
+                                      css(d, "[data-testid=diff-result]").get_attribute("data-first"))) == ("false", "0")
+    assert text(driver, "[data-testid=diff-first]") == "First divergence: step 0 (output)."
+    rows = settled(driver, lambda d: [(r.get_attribute("data-step"), r.get_attribute("data-differs"),
+                                       r.get_attribute("data-first"), r.text)
+                                      for r in css_all(d, "[data-testid=diff-step]")])
+    assert [r[:3] for r in rows] == [("0", "output", "true"), ("1", "input,output", "false")]
+    assert rows[0][3].startswith("▶") and "5" in rows[0][3] and "7" in rows[0][3]
+    assert '"captured":5' in rows[1][3] and '"captured":7' in rows[1][3]
+    assert settled(driver, lambda d: [r.get_attribute("data-field")
+                                      for r in css_all(d, "[data-testid=diff-run-field]")]) == ["output"]
     shoot(driver, screenshots, "diff")
 
     # Any other run by id: a different payload diverges before any step.
@@ -638,7 +649,7 @@ def test_a_fork_diffed_with_its_original_marks_the_edited_step_first(browser, de
     css(driver, "[data-testid=diff-run]").click()
     wait(driver, lambda d: css(d, "[data-testid=diff-result]").get_attribute("data-first") == "payload",
          "the diff with the other run")
-    assert css(driver, "[data-testid=diff-first]").text == "First divergence: the run's payload."
+    assert text(driver, "[data-testid=diff-first]") == "First divergence: the run's payload."
     _set_text(driver, css(driver, "[data-testid=diff-other]"), "run_nope")
     css(driver, "[data-testid=diff-run]").click()
     wait(driver, lambda d: "Diff refused: no run with id 'run_nope'" in css(d, "[data-testid=diff-message]").text,
@@ -653,18 +664,19 @@ def test_the_why_panel_names_the_queue_place_the_holder_and_the_wait(browser, de
     waiting = dev.call("POST", "/v1/tasks/await-payment/trigger", {"payload": {"order": "o-7"}})["run_id"]
     try:
         open_page(driver, dev, f"#/runs/{queued}")
-        reason = wait(driver, lambda d: css(d, "[data-testid=why-reason][data-kind=queue]"), "the queue reason")
-        assert "queued in 'one-slot': place 1 of 1; 1 run(s) hold its slots (its limit 1)" in reason.text
-        assert [a.text for a in reason.find_elements("css selector", "[data-testid=why-holders] a")] == [holder]
-        assert css(driver, "[data-testid=status]").text == "pending"
+        queue = "[data-testid=why-reason][data-kind=queue]"
+        wait(driver, lambda d: css(d, queue), "the queue reason")
+        assert "queued in 'one-slot': place 1 of 1; 1 run(s) hold its slots (its limit 1)" in text(driver, queue)
+        assert settled(driver, lambda d: [a.text for a in css_all(d, f"{queue} [data-testid=why-holders] a")]) == [holder]
+        assert text(driver, "[data-testid=status]") == "pending"
         shoot(driver, screenshots, "why")
 
         _until_status(driver, dev, waiting, "suspended")
         open_page(driver, dev, f"#/runs/{waiting}")
-        reason = wait(driver, lambda d: css(d, "[data-testid=why-reason][data-kind=wait]"), "the wait reason")
-        assert "waiting at step 0 for an event 'payment.received' matching {\"order\": \"o-7\"}" in reason.text
-        assert reason.find_elements("css selector", "[data-fact=since]")
-        assert reason.find_elements("css selector", "[data-fact=timeout_at]")
+        wait_ = "[data-testid=why-reason][data-kind=wait]"
+        wait(driver, lambda d: css(d, wait_), "the wait reason")
+        assert "waiting at step 0 for an event 'payment.received' matching {\"order\": \"o-7\"}" in text(driver, wait_)
+        assert css_all(driver, f"{wait_} [data-fact=since]") and css_all(driver, f"{wait_} [data-fact=timeout_at]")
 
         # A running run is not held: no panel.
         open_page(driver, dev, f"#/runs/{holder}")

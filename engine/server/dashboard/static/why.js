@@ -29,7 +29,7 @@ function facts(reason) {
 
 export function whyPanel(runId) {
   const list = h("ul", { class: "plain why", "data-testid": "why-reasons" });
-  const message = h("p", { class: "error", role: "status", "aria-live": "polite", "data-testid": "why-message" });
+  const message = h("p", { class: "error", role: "status", "aria-live": "polite", "data-testid": "why-message", hidden: true });
   const element = h("section", { class: "panel", "data-testid": "why-panel", "aria-labelledby": "why-title" },
     h("h2", { id: "why-title" }, "Why is this run not running?"), message, list);
   return {
@@ -38,12 +38,14 @@ export function whyPanel(runId) {
       try {
         const answer = await api(`/v1/runs/${encodeURIComponent(runId)}/why`);
         message.textContent = "";
+        message.hidden = true;
         element.dataset.status = answer.status;
         list.replaceChildren(...answer.reasons.map((r) => h("li", { "data-testid": "why-reason", "data-kind": r.kind },
           h("span", { class: `badge ${r.kind === "wait" ? "waiting" : "idle"}` }, r.kind.replace("_", " ")), " ",
           h("span", { "data-testid": "why-text" }, r.message), facts(r))));
       } catch (err) {
         message.textContent = `Could not ask why: ${err.message}`;
+        message.hidden = false;
       }
     },
   };
