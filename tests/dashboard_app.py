@@ -2,11 +2,12 @@
 
 One of each thing the dashboard draws: steps with outputs, a retried step,
 a durable sleep, a child run, a permanent failure, a subscription, a
-schedule and a limited queue.
+schedule, a limited queue, a queue of one slot and a wait for an event.
 """
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 from pydantic import BaseModel
@@ -89,3 +90,24 @@ async def welcome_email(event: dict) -> str:
 @sl.task(id="nightly-report", registry=registry, schedule=sl.Cron("0 3 * * *"))
 async def nightly_report(tick: sl.ScheduleTick) -> None:
     return None
+
+
+class Hold(BaseModel):
+    seconds: float
+
+
+@sl.step
+async def hold_slot(seconds: float) -> str:
+    # A long step: its run keeps the queue's one slot the whole time.
+    await asyncio.sleep(seconds)
+    return "done"
+
+
+@sl.task(id="exclusive", registry=registry, queue=sl.Queue("one-slot", concurrency_limit=1))
+async def exclusive(payload: Hold) -> str:
+    return await hold_slot(payload.seconds)
+
+
+@sl.task(id="await-payment", registry=registry)
+async def await_payment(payload: dict) -> dict:
+    return await sl.wait_for_event("payment.received", match={"order": payload["order"]}, timeout=3600)

@@ -183,6 +183,16 @@ BAD_INPUT = [
     ("GET", "/v1/runs?dead_letter=perhaps", None, "dead_letter must be true or false, got 'perhaps'"),
     ("GET", "/v1/events?task=x", None, "unknown query parameter(s) task; known: cursor, limit, name"),
     ("GET", "/v1/runs/run_x/shadow?modul=m", None, "unknown query parameter(s) modul; known: module"),
+    ("GET", "/v1/runs/run_x?asof=3", None, "unknown query parameter(s) asof; known: as_of"),
+    ("GET", "/v1/runs/run_x?as_of=soon", None,
+     "as_of 'soon' is neither a log offset (e.g. 1234), an ISO-8601 time (e.g. 2025-01-31T12:00:00.250Z) "
+     "nor a relative time (e.g. -5m, -90s, -2h)"),
+    ("GET", "/v1/runs/run_x?as_of=2025-13-01T00:00", None,
+     "as_of '2025-13-01T00:00' is neither a log offset (e.g. 1234), an ISO-8601 time "
+     "(e.g. 2025-01-31T12:00:00.250Z) nor a relative time (e.g. -5m, -90s, -2h)"),
+    ("GET", "/v1/runs/run_x/history?from=%2012&till=4", None, "unknown query parameter(s) till; known: from, to; "
+     "from ' 12' is neither a log offset (e.g. 1234), an ISO-8601 time (e.g. 2025-01-31T12:00:00.250Z) "
+     "nor a relative time (e.g. -5m, -90s, -2h)"),
 ]
 
 
@@ -254,18 +264,36 @@ async def test_real_answers_fit_the_declared_response_models(
         assert [ev["name"] for ev in events["events"]] == ["order.placed"]
         history = await fits("GET", f"/v1/runs/{run_id}/history", "/v1/runs/{run_id}/history")
         assert history["events"][0]["type"] == "RunTriggered"
+        first_step = next(ev["offset"] for ev in history["events"] if ev["type"] == "StepCompleted")
+        then = await fits("GET", f"/v1/runs/{run_id}?as_of={first_step}", "/v1/runs/{run_id}")
+        assert then["as_of"]["offset"] == first_step and then["status"] == "running" and then["output"] is None
+        between = await fits("GET", f"/v1/runs/{run_id}/history?from={first_step}", "/v1/runs/{run_id}/history")
+        assert [ev["offset"] for ev in between["events"]] == [
+            ev["offset"] for ev in history["events"] if ev["offset"] > first_step]
+        diff = await fits("GET", f"/v1/runs/{run_id}/diff/{run_id}", "/v1/runs/{run_id}/diff/{other_run_id}")
+        assert diff["same"] is True and diff["first_divergence"] is None
+        why = await fits("GET", f"/v1/runs/{run_id}/why", "/v1/runs/{run_id}/why")
+        assert [r["kind"] for r in why["reasons"]] == ["ended"]
         await fits("GET", "/v1/queues", "/v1/queues")
         await fits("GET", "/v1/info", "/v1/info")
         await fits("POST", "/v1/runs/bulk/cancel", "/v1/runs/bulk/cancel", {"dry_run": True})
         for method, url, template in (("GET", "/v1/runs/run_nope", "/v1/runs/{run_id}"),
+                                      ("GET", f"/v1/runs/{run_id}?as_of=-3650d", "/v1/runs/{run_id}"),
+                                      ("GET", f"/v1/runs/{run_id}/diff/run_nope",
+                                       "/v1/runs/{run_id}/diff/{other_run_id}"),
+                                      ("GET", "/v1/runs/run_nope/why", "/v1/runs/{run_id}/why"),
                                       ("POST", f"/v1/runs/{run_id}/cancel", "/v1/runs/{run_id}/cancel"),
                                       ("GET", "/v1/runs?limit=x", "/v1/runs")):
             error = await fits(method, url, template)
             assert set(error) == {"error"}
 
         # Every field the views return is described, so the document is complete.
-        assert set(run) == set(responses.RunState.model_fields)
-        assert set(state_dict(await e.client.get_run(run_id))) == set(responses.RunState.model_fields)
+        assert set(run) | {"as_of"} == set(responses.RunState.model_fields) == set(then)
+        assert set(state_dict(await e.client.get_run(run_id))) | {"as_of"} == set(responses.RunState.model_fields)
+        assert set(diff) == set(responses.RunDiff.model_fields)
+        assert set(diff["a"]) == set(responses.DiffRun.model_fields)
+        assert set(diff["steps"][0]["a"]) == set(responses.DiffStep.model_fields)
+        assert set(why) == set(responses.RunWhy.model_fields)
         assert set(page["runs"][0]) <= set(responses.RunSummary.model_fields)
         assert set(events["events"][0]) == set(responses.DomainEvent.model_fields)
         assert set(json.loads(json.dumps(history["events"][0]))) == set(responses.HistoryEvent.model_fields)

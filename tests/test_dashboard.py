@@ -545,3 +545,143 @@ def test_a_bulk_retry_of_the_filtered_list_counts_first_then_acts_once(browser, 
              "the retried run to fail again", timeout=30)
     assert retriggers(fine) == 0
     assert dev.call("GET", f"/v1/runs/{fine}")["status"] == "completed"
+
+
+# --- history as a debugger: time travel, diff, why (travel.js, diff.js, why.js) ------------
+
+
+def _until_status(driver: Any, dev: Server, run_id: str, status: str) -> None:
+    wait(driver, lambda d: dev.call("GET", f"/v1/runs/{run_id}")["status"] == status, f"{run_id} to be {status}",
+         timeout=30)
+
+
+def _steps_shown(driver: Any) -> list[str]:
+    return settled(driver, lambda d: [e.get_attribute("data-step") for e in css_all(d, "details[data-testid=step]")])
+
+
+def settled(driver: Any, read: Any) -> Any:
+    """`read(driver)`, read again when a refresh of the page replaced the elements under it."""
+    return wait(driver, lambda d: (read(d),), "a read of the page")[0]
+
+
+def text(driver: Any, selector: str) -> str:
+    return str(settled(driver, lambda d: css(d, selector).text))
+
+
+def test_time_travel_shows_the_run_as_it_stood_at_an_earlier_checkpoint(browser, dev, screenshots):
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
+
+    driver = browser
+    run_id = dev.call("POST", "/v1/tasks/charge/trigger", {"payload": {"amount": 5}})["run_id"]
+    _until_status(driver, dev, run_id, "completed")
+    events = dev.call("GET", f"/v1/runs/{run_id}/history")["events"]
+    validated = next(e["offset"] for e in events if e["type"] == "StepCompleted" and e["body"]["step"] == 0)
+    open_page(driver, dev, f"#/runs/{run_id}")
+    wait(driver, lambda d: css(d, "[data-testid=run-output]"), "the live run's output")
+    assert _steps_shown(driver) == ["0", "1"]
+    assert "live" in text(driver, "[data-testid=travel-at]")
+
+    # Back to the checkpoint after step 0 (validate): running, one step, no output yet.
+    Select(css(driver, "[data-testid=travel-checkpoint]")).select_by_value(str(validated))
+    wait(driver, lambda d: css(d, "[data-testid=as-of-banner]").get_attribute("data-offset") == str(validated),
+         "the page as of the checkpoint")
+    assert text(driver, "[data-testid=status]") == "running"
+    assert _steps_shown(driver) == ["0"]
+    assert json.loads(text(driver, 'details[data-testid=step][data-step="0"] [data-testid=step-output]')) == 5
+    assert not css_all(driver, "[data-testid=run-output]") and "Not finished yet." in driver.page_source
+    # The past is read, not acted on: no cancel, no fork.
+    assert not css_all(driver, "[data-testid=cancel]") and not css_all(driver, "[data-testid=fork-from-step]")
+    # The events between the start (the checkpoint before) and this one, as the API has them.
+    between = [e for e in events if events[0]["offset"] < e["offset"] <= validated]
+    wait(driver, lambda d: [r.get_attribute("data-offset") for r in css_all(d, "[data-testid=travel-event]")]
+         == [str(e["offset"]) for e in between], "the events between the two points")
+    assert settled(driver, lambda d: [r.get_attribute("data-type") for r in css_all(d, "[data-testid=travel-event]")]
+                   )[-1] == "StepCompleted"
+    # A later "since" point is not offered: only points before the one shown.
+    since = settled(driver, lambda d: [o.get_attribute("value")
+                                       for o in Select(css(d, "[data-testid=travel-from]")).options])
+    assert since == ["", str(events[0]["offset"])]
+    Select(css(driver, "[data-testid=travel-from]")).select_by_value("")
+    wait(driver, lambda d: css(d, "[data-testid=travel-event]").get_attribute("data-type") == "RunTriggered",
+         "the events since the start")
+    shoot(driver, screenshots, "time-travel")
+
+    css(driver, "[data-testid=travel-live]").click()
+    wait(driver, lambda d: not css_all(d, "[data-testid=as-of-banner]") and css_all(d, "[data-testid=run-output]"),
+         "the live page again")
+    assert text(driver, "[data-testid=status]") == "completed" and _steps_shown(driver) == ["0", "1"]
+    # One event back with the slider: the last step done, the run not yet completed.
+    assert settled(driver, lambda d: css(d, "[data-testid=travel-slider]").get_attribute("value")) == str(len(events) - 1)
+    css(driver, "[data-testid=travel-slider]").send_keys(Keys.ARROW_LEFT)
+    wait(driver, lambda d: css(d, "[data-testid=as-of-banner]").get_attribute("data-offset")
+         == str(events[-2]["offset"]), "the page one event back")
+    assert text(driver, "[data-testid=status]") == "running" and _steps_shown(driver) == ["0", "1"]
+    assert not css_all(driver, "[data-testid=run-output]")
+
+
+def test_a_fork_diffed_with_its_original_marks_the_edited_step_first(browser, dev, screenshots):
+    driver = browser
+    original = dev.call("POST", "/v1/tasks/charge/trigger", {"payload": {"amount": 5}})["run_id"]
+    _until_status(driver, dev, original, "completed")
+    fork = dev.call("POST", f"/v1/runs/{original}/fork", {"at_step": 1, "step_outputs": {"0": 7}})["run_id"]
+    _until_status(driver, dev, fork, "completed")
+    open_page(driver, dev, f"#/runs/{fork}")
+    wait(driver, lambda d: css(d, "[data-testid=diff-original]"), "the fork's 'diff with its original'").click()
+    wait(driver, lambda d: css(d, "[data-testid=diff-result]"), "the diff")
+    assert settled(driver, lambda d: (css(d, "[data-testid=diff-result]").get_attribute("data-same"),
+                                      css(d, "[data-testid=diff-result]").get_attribute("data-first"))) == ("false", "0")
+    assert text(driver, "[data-testid=diff-first]") == "First divergence: step 0 (output)."
+    rows = settled(driver, lambda d: [(r.get_attribute("data-step"), r.get_attribute("data-differs"),
+                                       r.get_attribute("data-first"), r.text)
+                                      for r in css_all(d, "[data-testid=diff-step]")])
+    assert [r[:3] for r in rows] == [("0", "output", "true"), ("1", "input,output", "false")]
+    assert rows[0][3].startswith("▶") and "5" in rows[0][3] and "7" in rows[0][3]
+    assert '"captured":5' in rows[1][3] and '"captured":7' in rows[1][3]
+    assert settled(driver, lambda d: [r.get_attribute("data-field")
+                                      for r in css_all(d, "[data-testid=diff-run-field]")]) == ["output"]
+    shoot(driver, screenshots, "diff")
+
+    # Any other run by id: a different payload diverges before any step.
+    other = dev.call("POST", "/v1/tasks/charge/trigger", {"payload": {"amount": 9}})["run_id"]
+    _until_status(driver, dev, other, "completed")
+    css(driver, "[data-testid=diff-other]").send_keys(other)
+    css(driver, "[data-testid=diff-run]").click()
+    wait(driver, lambda d: css(d, "[data-testid=diff-result]").get_attribute("data-first") == "payload",
+         "the diff with the other run")
+    assert text(driver, "[data-testid=diff-first]") == "First divergence: the run's payload."
+    _set_text(driver, css(driver, "[data-testid=diff-other]"), "run_nope")
+    css(driver, "[data-testid=diff-run]").click()
+    wait(driver, lambda d: "Diff refused: no run with id 'run_nope'" in css(d, "[data-testid=diff-message]").text,
+         "the refusal")
+
+
+def test_the_why_panel_names_the_queue_place_the_holder_and_the_wait(browser, dev, screenshots):
+    driver = browser
+    holder = dev.call("POST", "/v1/tasks/exclusive/trigger", {"payload": {"seconds": 600}})["run_id"]
+    _until_status(driver, dev, holder, "running")
+    queued = dev.call("POST", "/v1/tasks/exclusive/trigger", {"payload": {"seconds": 600}})["run_id"]
+    waiting = dev.call("POST", "/v1/tasks/await-payment/trigger", {"payload": {"order": "o-7"}})["run_id"]
+    try:
+        open_page(driver, dev, f"#/runs/{queued}")
+        queue = "[data-testid=why-reason][data-kind=queue]"
+        wait(driver, lambda d: css(d, queue), "the queue reason")
+        assert "queued in 'one-slot': place 1 of 1; 1 run(s) hold its slots (its limit 1)" in text(driver, queue)
+        assert settled(driver, lambda d: [a.text for a in css_all(d, f"{queue} [data-testid=why-holders] a")]) == [holder]
+        assert text(driver, "[data-testid=status]") == "pending"
+        shoot(driver, screenshots, "why")
+
+        _until_status(driver, dev, waiting, "suspended")
+        open_page(driver, dev, f"#/runs/{waiting}")
+        wait_ = "[data-testid=why-reason][data-kind=wait]"
+        wait(driver, lambda d: css(d, wait_), "the wait reason")
+        assert "waiting at step 0 for an event 'payment.received' matching {\"order\": \"o-7\"}" in text(driver, wait_)
+        assert css_all(driver, f"{wait_} [data-fact=since]") and css_all(driver, f"{wait_} [data-fact=timeout_at]")
+
+        # A running run is not held: no panel.
+        open_page(driver, dev, f"#/runs/{holder}")
+        wait(driver, lambda d: css(d, "[data-testid=status]").text == "running", "the holder's page")
+        assert not css_all(driver, "[data-testid=why-panel]")
+    finally:
+        for run_id in (queued, waiting, holder):
+            dev.call("POST", f"/v1/runs/{run_id}/cancel", {})

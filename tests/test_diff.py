@@ -2,8 +2,8 @@
 
 A fork with one edited step output against its original (every backend,
 through the projection), a run against itself, a failed run against a good
-one, and the CLI on sqlite and Kafka (text, `--json`, the exit code, an
-unknown run).
+one, and the CLI and the HTTP API on sqlite and Kafka (text, `--json`, the
+exit code, an unknown run).
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
 from stepline.projections.diff import diff_runs
+from stepline.server import ServeConfig, create_app
 from tests.apps import history_app as app
 
 REPO = Path(__file__).resolve().parent.parent
@@ -103,3 +105,28 @@ async def test_stepline_diff_marks_the_first_divergence_and_exits_1_when_runs_di
     missing = _cli("diff", original.run_id, "run_nope", url=backend_url)
     assert missing.returncode != 0 and "run_nope" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+@pytest.mark.parametrize("backend_url", ["sqlite", "kafka"], indirect=True)
+async def test_the_http_api_answers_the_diff_the_cli_prints(engine_factory, backend_url):
+    eng = await engine_factory(app.registry)
+    original = await app.quote.trigger({"sku": "pear", "qty": 4}, client=eng.client)
+    await original.result(timeout=30)
+    edited = await eng.client.fork(original.run_id, 2, step_outputs={1: 100})
+    await edited.result(timeout=30)
+    auth = {"Authorization": "Bearer t0ken"}
+    async with TestClient(TestServer(create_app(eng.client, ServeConfig("t0ken", {}), app.registry))) as http:
+        url = f"/v1/runs/{original.run_id}/diff/{edited.run_id}"
+        assert (await http.get(url)).status == 401
+        resp = await http.get(url, headers=auth)
+        assert resp.status == 200, await resp.text()
+        body = await resp.json()
+        expected = diff_runs(await eng.client.get_run(original.run_id), await eng.client.get_run(edited.run_id))
+        assert body == json.loads(json.dumps(expected.to_dict()))
+        assert body["first_divergence"] == 1 and body["same"] is False
+        assert [p["differs"] for p in body["steps"]] == [[], ["output"], ["input", "output"]]
+        same = await (await http.get(f"/v1/runs/{original.run_id}/diff/{original.run_id}", headers=auth)).json()
+        assert same["same"] is True and same["first_divergence"] is None
+        for a, b in ((original.run_id, "run_nope"), ("run_nope", edited.run_id)):
+            missing = await http.get(f"/v1/runs/{a}/diff/{b}", headers=auth)
+            assert (missing.status, await missing.json()) == (404, {"error": "no run with id 'run_nope' on this log"})

@@ -1,4 +1,4 @@
-"""Why is this run not running? `Client.why` and `stepline runs why`, on every backend.
+"""Why is this run not running? `Client.why`, `stepline runs why` and `GET /v1/runs/{id}/why`, on every backend.
 
 Runs held for each reason the log knows: a limited queue (place among the
 waiters, the holders of its slots), a concurrency key at its limit, a rate
@@ -14,11 +14,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
 import stepline as sl
 from stepline.projections.why import Reason
+from stepline.server import ServeConfig, create_app
 
 from .conftest import eventually
 
@@ -202,3 +205,37 @@ async def test_stepline_runs_why_with_no_worker_says_it_is_ready_and_waits_for_o
     missing = subprocess.run([sys.executable, "-m", "stepline.cli", "runs", "why", "run_nope"], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "run_nope" in missing.stderr and "Traceback" not in missing.stderr
+
+
+@pytest.mark.parametrize("backend_url", ["sqlite", "kafka"], indirect=True)
+async def test_the_http_api_says_why_a_run_waits(engine_factory, backend_url):
+    eng = await engine_factory(registry)
+    client = eng.client
+    auth = {"Authorization": "Bearer t0ken"}
+    async with TestClient(TestServer(create_app(client, ServeConfig("t0ken", {}), registry))) as http:
+        async def why(run_id: str) -> tuple[int, dict[str, Any]]:
+            resp = await http.get(f"/v1/runs/{run_id}/why", headers=auth)
+            return resp.status, await resp.json()
+
+        sleeping = await waits.trigger({"kind": "sleep"}, client=client)
+        await eventually(lambda: _status(client, sleeping.run_id, "suspended"), timeout=30, what="the sleep")
+        status, body = await why(sleeping.run_id)
+        assert status == 200
+        assert (body["run_id"], body["task_id"], body["status"]) == (sleeping.run_id, "why-waits", "suspended")
+        [slept] = body["reasons"]
+        assert slept["kind"] == "wait" and slept["wait"] == "sleep" and slept["step"] == 0
+        assert slept["timeout_at"] > client.clock() + 3_000_000 and slept["message"].startswith("sleeping at step 0")
+
+        paused_at = client.clock()
+        resp = await http.post("/v1/tasks/why-paused/pause", json={"reason": "migrating the ledger"}, headers=auth)
+        assert resp.status == 200, await resp.text()
+        held = await paused.trigger({"n": 1}, client=client)
+        status, body = await why(held.run_id)
+        assert status == 200 and body["status"] == "pending"
+        [pause] = body["reasons"]
+        assert pause["kind"] == "paused" and pause["reason"] == "migrating the ledger"
+        assert pause["name"] == "why-paused" and pause["at"] >= paused_at and pause["by"]
+        assert "is paused (by" in pause["message"]
+
+        assert (await http.get(f"/v1/runs/{held.run_id}/why")).status == 401
+        assert await why("run_nope") == (404, {"error": "no run with id 'run_nope' on this log"})

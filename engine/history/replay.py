@@ -61,10 +61,16 @@ class Point:
     time: int | None = None
 
 
-def parse_point(text: str, now: int) -> Point:
+def not_a_point(text: str, name: str = "--as-of") -> str:
+    return (f"{name} {text!r} is neither a log offset (e.g. 1234), an ISO-8601 time "
+            f"(e.g. 2025-01-31T12:00:00.250Z) nor a relative time (e.g. -5m, -90s, -2h)")
+
+
+def parse_point(text: str, now: int, *, name: str = "--as-of") -> Point:
     """`1234` is an offset; `-5m`, `-90s`, `-2h`, `-1d` are relative to `now`
     (ms); anything else must be an ISO-8601 time, read as UTC when it names
-    no zone (the CLI shows every time in UTC)."""
+    no zone (the CLI shows every time in UTC). `name` is the option or
+    parameter the error message names."""
     value = text.strip()
     if value.isdigit():
         return Point(text, offset=int(value))
@@ -74,10 +80,7 @@ def parse_point(text: str, now: int) -> Point:
     try:
         when = datetime.fromisoformat(value)
     except ValueError:
-        raise ValueError(
-            f"--as-of {text!r} is neither a log offset (e.g. 1234), an ISO-8601 time "
-            f"(e.g. 2025-01-31T12:00:00.250Z) nor a relative time (e.g. -5m, -90s, -2h)"
-        ) from None
+        raise ValueError(not_a_point(text, name)) from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return Point(text, time=(when - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1))
@@ -117,7 +120,7 @@ def state_at(run_id: str, events: Sequence[tuple[int, Event]], point: Point) -> 
     part = PartitionRuns(0)
     folded = 0
     for off, ev in events:
-        if (point.offset is not None and off > point.offset) or (point.time is not None and ev.time > point.time):
+        if not reached(off, ev, point):
             break
         part.apply(ev, off)
         folded += 1
@@ -131,6 +134,22 @@ def state_at(run_id: str, events: Sequence[tuple[int, Event]], point: Point) -> 
         )
     last_off, last = events[folded - 1]
     return StateAt(state, last_off, last.time, last.type, folded, len(events))
+
+
+def reached(off: int, ev: Event, point: Point) -> bool:
+    """Whether the event at offset `off` lies at or before `point`."""
+    if point.offset is not None:
+        return off <= point.offset
+    return point.time is None or ev.time <= point.time
+
+
+def events_between(events: Sequence[tuple[int, Event]], after: Point | None,
+                   upto: Point | None) -> list[tuple[int, Event]]:
+    """The events after `after` (exclusive) up to `upto` (inclusive): what
+    turned the state at `after` into the state at `upto`. None: the history's
+    start, or its end."""
+    return [(off, ev) for off, ev in events
+            if (after is None or not reached(off, ev, after)) and (upto is None or reached(off, ev, upto))]
 
 
 # --- checking code against recorded runs ----------------------------------
@@ -369,7 +388,10 @@ __all__ = [
     "StateAt",
     "check_run",
     "check_runs",
+    "events_between",
     "iso_ms",
+    "not_a_point",
     "parse_point",
+    "reached",
     "state_at",
 ]

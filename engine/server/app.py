@@ -29,7 +29,7 @@ from stepline.projections.query import QueryProjector, QueryStore
 from stepline.projections.views import state_dict
 from stepline.sdk.task import Registry, Task
 from stepline.security.sensitive import shown
-from stepline.server import backfill_api, dashboard, history_api, ops_api, query_api
+from stepline.server import backfill_api, dashboard, debug_api, history_api, ops_api, query_api
 from stepline.server._http import (
     Reply,
     Route,
@@ -43,7 +43,9 @@ from stepline.server._http import (
 )
 from stepline.server.backlog import Backlog
 from stepline.server.config import ServeConfig, WebhookSource
+from stepline.server.debug_api import state_as_of
 from stepline.server.models import (
+    AsOfQuery,
     CompleteTokenRequest,
     PublishRequest,
     RunPath,
@@ -52,7 +54,7 @@ from stepline.server.models import (
     TokenPath,
     TriggerRequest,
 )
-from stepline.server.openapi import LOG_DOWN, NO_RUN, SpecRoute, openapi_document
+from stepline.server.openapi import BAD_QUERY, LOG_DOWN, NO_RUN, SpecRoute, openapi_document
 from stepline.server.openapi import ROUTES as OPENAPI_ROUTES
 from stepline.server.responses import (
     Cancelled,
@@ -156,12 +158,20 @@ class _CoreApi(_Api):
         event_id = await self.client.publish(body.name, body.data, key=body.key, source="api")
         return web.json_response({"event_id": event_id}, status=202)
 
-    @CORE("GET", "/v1/runs/{run_id}", "getRun", "a run's state: steps, outputs, errors, retries, logs", {
-        200: Reply("the run", RunState), 404: NO_RUN, 503: LOG_DOWN}, params=RunPath)
-    async def get_run(self, request: web.Request) -> web.Response:
-        state = await self.client.get_run(request.match_info["run_id"])
-        # Sensitive fields show as "[redacted]" or "[erased]", never decrypted.
-        return web.json_response(await shown(state_dict(state), self.client.keys))
+    @CORE("GET", "/v1/runs/{run_id}", "getRun", "a run's state: steps, outputs, errors, retries, logs; "
+          "with ?as_of= as it stood at a past point (time travel)", {
+              200: Reply("the run", RunState), 400: BAD_QUERY,
+              404: NO_RUN + ", or the run did not exist yet at the point asked for", 503: LOG_DOWN},
+          params=RunPath, query=AsOfQuery)
+    async def get_run(self, request: web.Request, query: AsOfQuery) -> web.Response:
+        run_id = request.match_info["run_id"]
+        if query.as_of is None:
+            state = await self.client.get_run(run_id)
+            # Sensitive fields show as "[redacted]" or "[erased]", never decrypted.
+            return web.json_response(await shown(state_dict(state), self.client.keys))
+        at = await state_as_of(self.client, run_id, query.as_of)
+        body = {**state_dict(at.state), "as_of": {**at.header(), "requested": query.as_of}}
+        return web.json_response(await shown(body, self.client.keys))
 
     @CORE("POST", "/v1/tokens/{token}/complete", "completeToken", "resume a run waiting in wait_for_token", {
         200: Reply("the run resumes", TokenCompleted),
@@ -246,6 +256,7 @@ def create_app(
         Backlog(query, registry).attach(app)  # pending work on /metrics, with or without workers
     query_api.add_query_routes(app, api, query)
     history_api.add_history_routes(app, api)
+    debug_api.add_debug_routes(app, api)
     backfill_api.add_backfill_routes(app, api)
     OPENAPI_ROUTES.mount(app, api, SpecRoute(openapi_spec(auth_required=config.auth_required)))
     dashboard.add_dashboard_routes(app)
@@ -254,7 +265,7 @@ def create_app(
 
 def declared_routes() -> list[Route]:
     """Every route of `create_app`, in the order the OpenAPI document lists them."""
-    return [*CORE.declared, *query_api.ROUTES.declared, *history_api.ROUTES.declared,
+    return [*CORE.declared, *query_api.ROUTES.declared, *history_api.ROUTES.declared, *debug_api.ROUTES.declared,
             *ops_api.ROUTES.declared, *backfill_api.ROUTES.declared, *OPENAPI_ROUTES.declared,
             *dashboard.ROUTES.declared]
 

@@ -24,6 +24,7 @@ from pydantic_core import PydanticCustomError
 
 from stepline.core.ids import parse_token
 from stepline.errors import InvalidToken
+from stepline.history.replay import not_a_point, parse_point
 
 PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1  # RunTriggered.priority is an Avro int
 # Far beyond any sensible delay, and far inside the 64-bit millisecond
@@ -43,6 +44,17 @@ EVENT_NAME_PATTERN = f"^[^{SPACE}.](?:[^{SPACE}]*[^{SPACE}.])?$"
 STATUS_LIST_PATTERN = f"^$|^({'|'.join(STATUSES)})(,({'|'.join(STATUSES)}))*$"
 # Far more digits than any bound here, and far fewer than int()'s 4300-digit limit.
 _INTEGER = re.compile(r"-?[0-9]{1,40}")
+# A point in a run's history (engine/history/replay.py parse_point): a log
+# offset, a time back from now, or an ISO-8601 time. Narrower than what
+# parse_point reads (no spaces, bounded digits), so that the description and
+# the check agree on every string; each is matched whole.
+_POINT_FORMS = (
+    r"[0-9]{1,19}",
+    r"-[0-9]{1,12}(\.[0-9]{1,6})?(ms|s|m|h|d|w)",
+    r"(000[1-9]|00[1-9][0-9]|0[1-9][0-9]{2}|[1-9][0-9]{3})-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+    r"T([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]{1,9})?)?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])?",
+)
+_POINT = re.compile("|".join(f"(?:{form})" for form in _POINT_FORMS))
 
 
 def refuse(message: str) -> PydanticCustomError:
@@ -107,6 +119,20 @@ def _wait_token(value: Any) -> Any:
     except InvalidToken as exc:
         raise refuse(str(exc)) from None
     return value
+
+
+def _point(name: str) -> Callable[[Any], Any]:
+    def check(raw: Any) -> Any:
+        if raw is None or raw == "":
+            return None
+        if not (isinstance(raw, str) and _POINT.fullmatch(raw)):
+            raise refuse(not_a_point(str(raw), name))
+        try:
+            parse_point(raw, 0, name=name)  # the clock only moves relative points: any will do to check
+        except ValueError as exc:  # a date the calendar has not (month 13)
+            raise refuse(str(exc)) from None
+        return raw
+    return check
 
 
 Integer = Annotated[int, BeforeValidator(_integral)]
@@ -247,11 +273,37 @@ class ShadowQuery(Input):
     module: Text = _text("a dotted module name under --shadow-path")
 
 
+_POINT_SCHEMA = WithJsonSchema(
+    {"anyOf": [*({"type": "string", "pattern": f"^{form}$"} for form in _POINT_FORMS),
+               {"type": "string", "maxLength": 0}, {"type": "null"}]})  # empty: no point
+
+
+class AsOfQuery(Input):
+    as_of: Annotated[str | None, BeforeValidator(_point("as_of")), _POINT_SCHEMA] = Field(
+        None, description="the run as it stood at a past point: a log offset (inclusive), an ISO-8601 time "
+                          "(UTC unless it names a zone) or a time back from now (-5m, -90s, -2h)")
+
+
+class HistoryQuery(Input):
+    from_: Annotated[str | None, BeforeValidator(_point("from")), _POINT_SCHEMA] = Field(
+        None, alias="from", description="only events after this point (exclusive): a log offset, an ISO-8601 "
+                                        "time or a time back from now (-5m)")
+    to: Annotated[str | None, BeforeValidator(_point("to")), _POINT_SCHEMA] = Field(
+        None, description="only events up to this point (inclusive), read as `from` is")
+
+
 # --- path parameters ------------------------------------------------------------------
 
 
 class RunPath(Input):
     run_id: str = Field(description="a run id, e.g. from a trigger's answer", examples=["run_0123456789abcdef"])
+
+
+class DiffPath(Input):
+    run_id: str = Field(description="run A, e.g. the original or yesterday's good run",
+                        examples=["run_0123456789abcdef"])
+    other_run_id: str = Field(description="run B, e.g. its fork or today's failed run",
+                              examples=["run_fedcba9876543210"])
 
 
 class TaskPath(Input):
@@ -282,8 +334,8 @@ class FilePath(Input):
 
 __all__ = [
     "DEFAULT_LIMIT", "MAX_DELAY_S", "MAX_LIMIT", "MAX_MS", "PRIORITY_MAX", "PRIORITY_MIN", "STATUSES", "RunStatus",
-    "BackfillRequest", "BulkFilter", "BulkRequest", "CompleteTokenRequest", "EventQuery", "FilePath",
-    "ForkRequest", "Input", "PageQuery", "PauseRequest", "PublishRequest", "QueuePath", "RetryRequest",
+    "AsOfQuery", "BackfillRequest", "BulkFilter", "BulkRequest", "CompleteTokenRequest", "DiffPath", "EventQuery", "FilePath",
+    "ForkRequest", "HistoryQuery", "Input", "PageQuery", "PauseRequest", "PublishRequest", "QueuePath", "RetryRequest",
     "RunPath", "RunQuery", "ShadowQuery", "ShadowRequest", "SourcePath", "SubjectPath", "TaskPath",
     "TokenPath", "TriggerRequest",
 ]

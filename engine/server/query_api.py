@@ -4,7 +4,8 @@ Routes (all under the API's bearer token; `/v1/stream` also takes it as
 `?token=`, since a browser's EventSource cannot send headers):
 
     GET  /v1/runs                  runs, newest first, filtered, keyset-paged
-    GET  /v1/runs/{id}/history     every event of a run (read from the log)
+    GET  /v1/runs/{id}/history     every event of a run (read from the log); ?from=&to= those
+                                   between two points (engine/history/replay.py)
     GET  /v1/runs/{id}/children    runs the run started
     POST /v1/runs/{id}/retry       re-trigger a failed or cancelled run
     GET  /v1/events                domain events, newest first, with the runs they started
@@ -27,14 +28,23 @@ from typing import Any
 from aiohttp import web
 
 from stepline.errors import UnknownRun
+from stepline.history.replay import events_between, parse_point
 from stepline.projections.query_store import InvalidCursor, Page, QueryStore, RunFilter, SubscriptionClosed
 from stepline.projections.views import event_dict
 from stepline.sdk.schedule import tick_key
 from stepline.security.sensitive import shown
 from stepline.server import models
 from stepline.server._http import Reply, Routes, _Api, _HttpError
-from stepline.server.models import EventQuery, PageQuery, RetryRequest, RunPath, RunQuery, SubjectPath
-from stepline.server.openapi import LOG_DOWN, NO_QUERY, NO_RUN
+from stepline.server.models import (
+    EventQuery,
+    HistoryQuery,
+    PageQuery,
+    RetryRequest,
+    RunPath,
+    RunQuery,
+    SubjectPath,
+)
+from stepline.server.openapi import BAD_QUERY, LOG_DOWN, NO_QUERY, NO_RUN
 from stepline.server.responses import Erased, EventPage, QueueList, Retried, RunHistory, RunPage, ScheduleList
 
 STATUSES = frozenset(models.STATUSES)
@@ -101,13 +111,19 @@ class QueryRoutes:
         page = await self._page(store.list_runs(run_filter(query), query.limit, query.cursor))
         return web.json_response(_page_json(page, "runs"))
 
-    @ROUTES("GET", "/v1/runs/{run_id}/history", "getRunHistory", "every event of a run, in order", {
-        200: Reply("the run's events", RunHistory), 404: NO_RUN, 503: LOG_DOWN}, params=RunPath)
-    async def history(self, request: web.Request) -> web.Response:
+    @ROUTES("GET", "/v1/runs/{run_id}/history", "getRunHistory",
+            "every event of a run, in order; with ?from= and ?to= those between two points", {
+                200: Reply("the run's events", RunHistory), 400: BAD_QUERY, 404: NO_RUN, 503: LOG_DOWN},
+            params=RunPath, query=HistoryQuery)
+    async def history(self, request: web.Request, query: HistoryQuery) -> web.Response:
         run_id = request.match_info["run_id"]
         events = await self.api.client.history(run_id)
         if not events:
             raise UnknownRun(run_id)
+        now = self.api.client.clock()
+        after = None if query.from_ is None else parse_point(query.from_, now, name="from")
+        upto = None if query.to is None else parse_point(query.to, now, name="to")
+        events = events_between(events, after, upto)
         rows = await shown([event_dict(off, ev) for off, ev in events], self.api.client.keys)
         return web.json_response({"run_id": run_id, "events": rows}, dumps=_dumps)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from stepline.server.models import RunStatus
 
@@ -99,6 +99,18 @@ class Patch(BaseModel):
     step: int
 
 
+class AsOf(BaseModel):
+    """Where in its history a run's state was read (`GET /v1/runs/{run_id}?as_of=`)."""
+
+    offset: int = Field(description="the offset of the last event folded")
+    time: Millis = Field(description="that event's time")
+    iso_time: str = Field(json_schema_extra={"format": "date-time"})
+    event: str = Field(description="that event's type", examples=["StepCompleted"])
+    events: int = Field(description="how many of the run's events were folded")
+    of: int = Field(description="how many events the run has now")
+    requested: str = Field(description="the point asked for, as given")
+
+
 class RunState(BaseModel):
     """A run's whole state: steps, outputs, errors, retries, logs."""
 
@@ -134,6 +146,7 @@ class RunState(BaseModel):
     retries: list[RetryEntry]
     logs: list[LogLine]
     logs_dropped: int
+    as_of: AsOf | None = Field(None, description="only with ?as_of=: the state is the run's at that point")
 
 
 class RunPage(BaseModel):
@@ -284,6 +297,81 @@ class ShadowDiff(BaseModel):
     code: str
 
 
+class DiffRun(BaseModel):
+    """One side of a diff: the run's facts."""
+
+    run_id: str
+    task_id: str
+    task_version: str | None
+    status: RunStatus
+    attempt: int
+    created_at: Millis
+    duration_ms: int | None
+    payload: Any
+    output: Any
+    error: str | None = Field(description="`Type: message` of its error")
+    forked_from: str | None
+    forked_at_step: int | None
+
+
+class DiffStep(BaseModel):
+    """One run's step at a position."""
+
+    name: str
+    status: str
+    attempt: int
+    duration_ms: int | None
+    input: Any
+    output: Any
+    error: str | None = Field(description="`Type: message` of its error")
+
+
+class DiffPair(BaseModel):
+    step: int = Field(description="the journal position")
+    a: DiffStep | None = Field(description="null: run A has no step here")
+    b: DiffStep | None
+    differs: list[Literal["name", "input", "output", "error", "status", "missing"]] = Field(
+        description="what differs (durations and attempts never count); `missing`: one run has no step here")
+
+
+class RunDiff(BaseModel):
+    """Two runs step by step (projections/diff.py), as `stepline diff --json` prints it."""
+
+    a: DiffRun
+    b: DiffRun
+    same: bool
+    run_differs: list[Literal["task_id", "payload", "task_version", "status", "output", "error"]]
+    first_divergence: int | Literal["task_id", "payload", "task_version", "status", "output", "error"] | None = Field(
+        description="where to start reading: a step position, or the run field that differs first; null: the same")
+    steps: list[DiffPair]
+
+
+class WhyReason(BaseModel):
+    """One thing that holds a run back (projections/why.py), with the facts behind it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    kind: Literal["ended", "running", "delayed", "retrying", "paused", "queue", "concurrency_key", "rate_limit",
+                  "wait", "ttl", "ready"]
+    message: str = Field(description="one sentence for people")
+
+
+class RunWhy(BaseModel):
+    """Why a run is not running (`stepline runs why --json`). Each reason
+    carries its facts beside kind and message: queue: queue, position, waiting,
+    limit, holders; concurrency_key: key, key_limit, holders; rate_limit:
+    queue, rate_limit, period_ms, next_free_at; paused: scope, name, by, at,
+    reason; delayed: not_before; retrying: retry_at, attempt, error; wait:
+    step, wait, since, timeout_at and the condition (event and match, token,
+    child and task); ttl: expires_at; ready: pool; ended: status, ended_at;
+    running: attempt, steps."""
+
+    run_id: str
+    task_id: str
+    status: RunStatus
+    reasons: list[WhyReason]
+
+
 class BackfillReport(BaseModel):
     task_id: str
     since: Millis
@@ -323,8 +411,8 @@ class Document(BaseModel):
 
 
 __all__ = [
-    "BackfillReport", "BulkReport", "Cancelled", "Document", "DomainEvent", "Erased", "Error", "EventPage",
+    "AsOf", "BackfillReport", "BulkReport", "Cancelled", "Document", "DomainEvent", "Erased", "Error", "EventPage",
     "Forked", "Healthy", "HistoryEvent", "Info", "PauseList", "PauseState", "Published", "QueueList",
-    "Ready", "Retried", "RunHistory", "RunPage", "RunState", "RunSummary", "ScheduleList", "ShadowDiff",
-    "TokenCompleted", "Triggered",
+    "Ready", "Retried", "RunDiff", "RunHistory", "RunPage", "RunState", "RunSummary", "RunWhy", "ScheduleList",
+    "ShadowDiff", "TokenCompleted", "Triggered", "WhyReason",
 ]

@@ -2,11 +2,16 @@
 // timeline, then every step with its input, output, logs and errors, the
 // retry history, the wake condition of a suspended run, parent and
 // children, and the raw event history. Follows the stream while shown.
+// Time travel (travel.js) shows all of it as of a past point; a held run
+// says why it is not running (why.js); any run diffs with another (diff.js).
 
 import { api } from "./api.js";
+import { diffPanel } from "./diff.js";
 import { forkPanel, shadowPanel } from "./history.js";
 import { retryForm } from "./retry.js";
 import { renderTimeline } from "./timeline.js";
+import { travelPanel } from "./travel.js";
+import { HELD_STATUSES, whyPanel } from "./why.js";
 import {
   clear, fmtDuration, fmtRelative, h, jsonBlock, listOf, LIVE_STATUSES, runLink, statusBadge, timeEl,
 } from "./util.js";
@@ -38,8 +43,8 @@ function logsTable(logs) {
       h("td", {}, lg.fields && Object.keys(lg.fields).length ? h("code", {}, JSON.stringify(lg.fields)) : ""))))));
 }
 
-function header(run) {
-  const took = run.started_at ? fmtDuration((run.ended_at ?? Date.now()) - run.started_at) : "–";
+function header(run, now) {
+  const took = run.started_at ? fmtDuration((run.ended_at ?? now) - run.started_at) : "–";
   return h("section", { class: "panel", "aria-labelledby": "run-title" },
     h("div", { class: "page-head" },
       h("h1", { id: "run-title" }, run.task_id),
@@ -91,11 +96,11 @@ function outcomePanel(run) {
   return h("section", { class: "panel" }, parts);
 }
 
-function stepCard(run, st, open, onFork) {
+function stepCard(run, st, open, onFork, now) {
   // A step still "running" in a run that ended never finished (cancelled, expired).
   const status = st.status === "running" && !LIVE_STATUSES.includes(run.status) ? "interrupted" : st.status;
   const dur = st.started_at && st.ended_at ? fmtDuration(st.ended_at - st.started_at)
-    : st.started_at && status !== "interrupted" ? `${fmtDuration(Date.now() - st.started_at)} so far` : "";
+    : st.started_at && status !== "interrupted" ? `${fmtDuration(now - st.started_at)} so far` : "";
   const logs = (run.logs || []).filter((lg) => lg.step === st.step);
   const errors = (run.errors || []).filter((e) => e.step === st.step);
   const body = h("div", { class: "body" },
@@ -111,8 +116,8 @@ function stepCard(run, st, open, onFork) {
       errors.map((e) => h("div", {}, h("p", { class: "muted" }, `attempt ${e.attempt} at `, timeEl(e.time)),
         errorBlock(e, "step-attempt-error")))) : null,
     logs.length ? h("div", { class: "wide" }, h("h3", {}, "Logs"), logsTable(logs)) : null,
-    // A checkpoint (done step) is a point to branch from.
-    st.status === "completed" || st.status === "resolved" ? h("div", { class: "wide actions" },
+    // A checkpoint (done step) is a point to branch from (from the live page, not the past).
+    onFork && (st.status === "completed" || st.status === "resolved") ? h("div", { class: "wide actions" },
       h("button", { type: "button", "data-testid": "fork-from-step", onclick: () => onFork(st) }, "Fork from here"),
       st.attempt === 0 ? h("span", { class: "muted" }, "copied from the run this one was forked from") : null) : null);
   return h("details", { class: "step", open, "data-testid": "step", "data-step": st.step, "data-status": status },
@@ -185,9 +190,16 @@ export async function mountRun(container, route) {
   let retryBox = null; // kept across refreshes, so a payload being edited survives them
   let forkBox = null; // likewise the fork form, while open
   const shadowBox = shadowPanel(runId);
+  let diffBox = null; // made once the run is known (a fork offers its original), then kept
+  const why = whyPanel(runId);
+  let asOf = null; // the log offset time travel shows the run at; null: live
+  const travel = travelPanel(runId, (offset) => {
+    asOf = offset;
+    refresh();
+  });
   let run = null;
   let events = [];
-  container.append(h("p", {}, h("a", { href: "#/runs" }, "← All runs")), notice, head, actions, timeline, rest);
+  container.append(h("p", {}, h("a", { href: "#/runs" }, "← All runs")), notice, head, actions, travel.element, timeline, rest);
 
   const cancel = h("button", { type: "button", class: "danger", "data-testid": "cancel" }, "Cancel run");
   cancel.addEventListener("click", async () => {
@@ -215,16 +227,25 @@ export async function mountRun(container, route) {
     forkBox.querySelector("button").focus();
   };
 
+  // The events the state was folded from: all of them live, those up to the point in the past.
+  const seen = () => (asOf === null ? events : events.filter((ev) => ev.offset <= asOf));
+
   const drawTimeline = () => {
     clear(timeline, h("h2", { id: "timeline-heading" }, "Timeline"),
-      events.length ? renderTimeline(run, events) : h("p", { class: "muted" }, "No events yet."));
+      seen().length ? renderTimeline(run, seen(), run.as_of ? run.as_of.time : Date.now())
+        : h("p", { class: "muted" }, "No events yet."));
   };
 
   const render = (children) => {
-    clear(head, header(run));
+    const past = run.as_of || null;
+    const now = past ? past.time : Date.now();
+    clear(head, past ? h("p", { class: "notice past", "data-testid": "as-of-banner", "data-offset": past.offset },
+      `Time travel: the run as it stood at offset ${past.offset} (event ${past.events} of ${past.of}, ${past.event}). `,
+      "Nothing on this page moves until you go back to live.") : null, header(run, now));
+    travel.update(events);
     clear(actions);
-    if (LIVE_STATUSES.includes(run.status)) actions.append(cancel);
-    const retriable = run.status === "failed" || run.status === "cancelled";
+    if (!past && LIVE_STATUSES.includes(run.status)) actions.append(cancel);
+    const retriable = !past && (run.status === "failed" || run.status === "cancelled");
     if (!retriable) retryBox = null;
     else if (!retryBox) {
       retryBox = h("section", { class: "panel", "data-testid": "retry-panel", "aria-labelledby": "retry-title" },
@@ -232,27 +253,31 @@ export async function mountRun(container, route) {
         h("p", { class: "muted" }, "The run resumes after its last completed step. Edit the payload to retry with a new one."),
         retryForm(runId, run.payload, () => refresh()));
     }
+    if (!diffBox) diffBox = diffPanel(run);
     drawTimeline();
     const openAll = (run.steps || []).length <= 8;
     const open = new Set([...rest.querySelectorAll("details[data-testid=step][open]")].map((d) => d.dataset.step));
     const hadCards = rest.querySelector("details[data-testid=step]") !== null;
     clear(rest,
+      !past && HELD_STATUSES.includes(run.status) ? why.element : null,
       retryBox,
-      forkBox,
+      past ? null : forkBox,
       waitingPanel(run),
       outcomePanel(run),
       h("section", { class: "panel", "aria-labelledby": "steps-title" },
         h("h2", { id: "steps-title" }, `Steps (${(run.steps || []).length})`),
         (run.steps || []).length
-          ? run.steps.map((st) => stepCard(run, st, hadCards ? open.has(String(st.step)) : openAll || st.status !== "completed", openFork))
+          ? run.steps.map((st) => stepCard(run, st, hadCards ? open.has(String(st.step)) : openAll || st.status !== "completed",
+            past ? null : openFork, now))
           : h("p", { class: "muted" }, "No steps recorded yet.")),
       attemptsPanel(run),
-      shadowBox,
-      childrenPanel(children),
+      past ? null : shadowBox,
+      past ? null : diffBox,
+      past ? null : childrenPanel(children),
       h("section", { class: "panel", "aria-labelledby": "logs-title" },
         h("h2", { id: "logs-title" }, `Logs (${(run.logs || []).length}${run.logs_dropped ? `, ${run.logs_dropped} dropped` : ""})`),
         logsTable(run.logs || [])),
-      historyPanel(events),
+      historyPanel(seen()),
     );
   };
 
@@ -278,14 +303,16 @@ export async function mountRun(container, route) {
   const load = async () => {
     try {
       const [state, history, children] = await Promise.all([
-        api(`/v1/runs/${encodeURIComponent(runId)}`),
+        api(`/v1/runs/${encodeURIComponent(runId)}`, { query: { as_of: asOf } }),
         api(`/v1/runs/${encodeURIComponent(runId)}/history`),
         loadChildren(runId),
       ]);
+      if (!state.as_of && HELD_STATUSES.includes(state.status)) await why.refresh();
       run = state;
       events = listOf(history, "events");
       render(children);
       container.dataset.runStatus = run.status;
+      container.dataset.asOf = run.as_of ? String(run.as_of.offset) : "";
     } catch (err) {
       notice.className = "notice bad";
       notice.textContent = err.status === 404 ? `No run ${runId}.` : `Could not load the run: ${err.message}`;
@@ -300,9 +327,12 @@ export async function mountRun(container, route) {
     }, 150);
   };
   await refresh();
-  // Open bars of a live run grow with the clock.
+  // Open bars of a live run grow with the clock; what holds a run back changes
+  // with its queue (places, holders, the rate limit), which sends no run change.
+  let ticks = 0;
   const ticker = setInterval(() => {
-    if (run && LIVE_STATUSES.includes(run.status) && events.length) drawTimeline();
+    if (run && !run.as_of && LIVE_STATUSES.includes(run.status) && events.length) drawTimeline();
+    if (run && !run.as_of && HELD_STATUSES.includes(run.status) && ++ticks % 3 === 0) why.refresh();
   }, 1000);
   return {
     onRun(summary) {
