@@ -14,7 +14,7 @@ import pytest
 from tests.test_cli import APP, run_json, stepline, wait_for
 
 # `stepline trigger/fork --wait --timeout` when the run has not ended in time
-# (documented in the commands' help and docs/cli.md).
+# (documented in the commands' help, docs/concepts.md and docs/fork-and-shadow.md).
 STILL_PENDING = 124
 
 
