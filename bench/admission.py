@@ -180,9 +180,10 @@ def gap_metrics(by: str, limit: int, times: dict[str, dict[str, int]], queues: l
 
 async def all_ended(worker: sl.Worker, n: int, poll_s: float = 0.02) -> int:
     """Wait until `n` runs have ended; how many of them completed."""
-    while sum(not r.live for r in worker.runs().values()) < n:
+    # Runs compacted to their ids (workloads._compacted) ended, and completed.
+    while sum(not r.live for r in worker.runs().values()) + workloads._compacted(worker) < n:
         await asyncio.sleep(poll_s)
-    return sum(r.status == COMPLETED for r in worker.runs().values())
+    return sum(r.status == COMPLETED for r in worker.runs().values()) + workloads._compacted(worker)
 
 
 async def read_topic(log: Any, topic: str) -> list[Event]:

@@ -241,9 +241,10 @@ async def routing(reg: sl.Registry, client: sl.Client, mode: str) -> AsyncIterat
 
 async def all_ended(worker: sl.Worker, n: int, poll_s: float = 0.05) -> int:
     """Wait until `n` runs have ended; how many of them completed."""
-    while sum(not r.live for r in worker.runs().values()) < n:
+    # Runs compacted to their ids (workloads._compacted) ended, and completed.
+    while sum(not r.live for r in worker.runs().values()) + workloads._compacted(worker) < n:
         await asyncio.sleep(poll_s)
-    return sum(r.status == COMPLETED for r in worker.runs().values())
+    return sum(r.status == COMPLETED for r in worker.runs().values()) + workloads._compacted(worker)
 
 
 async def routed_to_end(client: sl.Client, poll_s: float = 0.005) -> None:

@@ -69,7 +69,10 @@ def sizes(quick: bool) -> dict[str, Any]:
         return {"split_runs": 300, "split_warmup": 64, "d_runs": 100, "g_runs": 300, "g_warmup": 30,
                 "g_spread_s": 0.5, "g_margin_s": 1.5, "g_settle_s": 0.2,
                 "kafka_options": "&session_timeout_ms=6000"}
-    return {"split_runs": 3000, "split_warmup": 256, "d_runs": 1000, "g_runs": 10_000, "g_warmup": 200,
+    # The warm-up of a_split fills the worker's window of whole ended runs
+    # (Worker.keep_ended: 4 partitions x 2,000 offsets, ~900 three-step runs),
+    # so the RSS measured after it is what each further ended run leaves.
+    return {"split_runs": 3000, "split_warmup": 1000, "d_runs": 1000, "g_runs": 10_000, "g_warmup": 200,
             "g_spread_s": 20.0, "g_margin_s": 3.0, "g_settle_s": 1.0, "kafka_options": ""}
 
 
@@ -272,10 +275,14 @@ async def split_throughput(url: str, n: int, warmup: int, bootstrap: str | None 
                 w = await workloads.drive(client, task, lambda x: x + 3, warmup, cap, base=10**9)
                 bpid, b0 = _broker_cpu(bootstrap)
                 w0 = kafka_bench.proc_cpu_s(worker.pid)
+                rss0 = rss_kb(worker.pid)
                 d0, t0 = time.process_time(), time.perf_counter()
                 r = await workloads.drive(client, task, lambda x: x + 3, n, cap)
                 elapsed, dcpu = time.perf_counter() - t0, time.process_time() - d0
                 wcpu = kafka_bench.proc_cpu_s(worker.pid) - w0
+                # Every run has ended: what the worker still holds of them.
+                await asyncio.sleep(0.3)
+                rss1 = rss_kb(worker.pid)
                 bcpu = kafka_bench.proc_cpu_s(bpid) - b0 if bpid and b0 is not None else None
                 errors += w.errors + r.errors
                 if r.completed != n or w.completed != warmup:
@@ -296,6 +303,10 @@ async def split_throughput(url: str, n: int, warmup: int, bootstrap: str | None 
         "cpu_s_per_1000_runs": 1000 * (wcpu + dcpu + (bcpu or 0.0)) / done,
         "worker_cpu_s": wcpu, "driver_cpu_s": dcpu, "broker_cpu_s": bcpu,
         "broker_pid_known": bpid is not None,
+        "worker_rss_before_kb": rss0, "worker_rss_after_kb": rss1,
+        # Growth of the worker's RSS over the measured runs, all ended, after
+        # a warm-up of `warmup` runs: what an ended run leaves in the worker.
+        "worker_rss_bytes_per_ended_run": (rss1 - rss0) * 1024 / done,
         "completion_signal": "handle.result() in the driver process",
     }}
 
@@ -525,7 +536,8 @@ HEADLINES: dict[str, list[tuple[str, str, str]]] = {
                 ("cpu_s_per_1000_runs", "CPU s/1k runs, all processes", "{:.2f}"),
                 ("cpu_s_per_1000_runs_worker", "  worker process", "{:.2f}"),
                 ("cpu_s_per_1000_runs_driver", "  driver process", "{:.2f}"),
-                ("cpu_s_per_1000_runs_broker", "  Kafka broker", "{:.2f}")],
+                ("cpu_s_per_1000_runs_broker", "  Kafka broker", "{:.2f}"),
+                ("worker_rss_bytes_per_ended_run", "worker RSS bytes per ended run", "{:,.0f}")],
     "d_recovery": [("restart_to_first_resumed_s", "s restart -> first step resumed", "{:.2f}"),
                    ("restart_to_all_resumed_s", "s restart -> all resumed (aim ≤ 1)", "{:.2f}"),
                    ("restart_to_all_done_s", "s restart -> all done", "{:.2f}"),

@@ -148,12 +148,13 @@ async def fanout(url: str, n: int, latency_events: int, deliveries: int) -> dict
         elapsed = last - t0
         total = (first + n_tput - base) * m
         deadline = time.monotonic() + WAIT_S
-        while sum(1 for r in worker.runs().values() if r.status == COMPLETED) < total:
+        # Runs compacted to their ids (workloads._compacted) ended, and completed.
+        while sum(1 for r in worker.runs().values() if r.status == COMPLETED) + workloads._compacted(worker) < total:
             if time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.05)
-        completed = sum(1 for r in worker.runs().values() if r.status == COMPLETED)
-        runs = len(worker.runs())
+        completed = sum(1 for r in worker.runs().values() if r.status == COMPLETED) + workloads._compacted(worker)
+        runs = len(worker.runs()) + workloads._compacted(worker)
     want = {(i, j) for i in range(base, first + n_tput) for j in range(m)}
     got = set(sink.starts)
     if got != want:

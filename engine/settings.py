@@ -22,7 +22,7 @@ import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
@@ -149,6 +149,13 @@ class Settings(BaseSettings):
         256, ge=1,
         description="Runs a worker (`stepline worker`, `stepline dev`) executes at once.",
         json_schema_extra=_kind("integer ≥ 1"),
+    )
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        "auto",
+        description="Event loop of `stepline worker` and `stepline dev`: `uvloop` (libuv; less CPU per "
+                    "run), `asyncio` (the standard loop) or `auto` (uvloop when it is installed, it is "
+                    "by default on Linux and macOS).",
+        json_schema_extra=_kind("auto, uvloop or asyncio"),
     )
     shutdown_grace: float = Field(
         DEFAULT_SHUTDOWN_GRACE, ge=0, allow_inf_nan=False,

@@ -12,6 +12,7 @@ reader's feet.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -67,6 +68,9 @@ LOST = "lost"
 DONE_STEPS = frozenset({"completed", RESOLVED})
 
 TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED, EXPIRED})
+# Ended for good: nothing but logs and a dead-letter mark can change them
+# (a failed or cancelled run can still be retriggered, with its journal).
+FINAL = frozenset({COMPLETED, EXPIRED})
 LIVE = frozenset({PENDING, RUNNING, SUSPENDED, RETRYING})
 
 # Logs kept per run in the projection. The log itself keeps every record;
@@ -546,6 +550,17 @@ class PartitionRuns:
     # distinct changes, but a late copy of a pause would otherwise undo the
     # resume that followed it. Pauses are human actions: a handful.
     pause_events: set[str] = field(default_factory=set)
+    # Compaction of ended runs (None: every run is kept whole, as retention
+    # and the query side need). A run that ended for good (FINAL) is kept
+    # whole until the fold is `keep_ended` offsets past its end, then only
+    # its id stays, in `ended`: enough for a repeated trigger, a late copy of
+    # any of its events, to change nothing. The window is in log offsets,
+    # not time, so the fold stays a pure function of the log and a rebuild
+    # compacts exactly what the live fold did (projections/catchup.py).
+    keep_ended: int | None = None
+    ended: set[str] = field(default_factory=set)
+    # Runs ended for good and still whole: (offset of the end, run id), in log order.
+    ending: deque[tuple[int, str]] = field(default_factory=deque)
 
     def apply(self, event: Event, offset: int | None = None) -> RunState | None:
         """Fold one event in; return the run's new state (None if not a run event)."""
@@ -568,10 +583,26 @@ class PartitionRuns:
         if event.type not in REQUEST_TYPES and event.epoch < self.epoch:
             self.fenced += 1
             return None
-        new = fold_run(self.runs.get(event.run_id), event)
+        rid = event.run_id
+        if rid in self.ended:
+            return None  # ended for good and compacted: nothing can change it
+        old = self.runs.get(rid)
+        new = fold_run(old, event)
         if new is not None:
-            self.runs[event.run_id] = new
+            self.runs[rid] = new
+            if self.keep_ended is not None and new.status in FINAL and (old is None or old.status not in FINAL):
+                self.ending.append((self.next_offset - 1, rid))
+        if self.ending and self.keep_ended is not None:
+            self.compact(self.next_offset - self.keep_ended)
         return new
+
+    def compact(self, below: int) -> None:
+        """Keep only the id of each run that ended for good below offset `below`."""
+        ending, runs, ended = self.ending, self.runs, self.ended
+        while ending and ending[0][0] < below:
+            _, rid = ending.popleft()
+            runs.pop(rid, None)
+            ended.add(rid)
 
     def live_runs(self) -> Iterator[RunState]:
         return (r for r in self.runs.values() if r.status in LIVE)

@@ -30,9 +30,13 @@ from stepline.projections.runs import (
 # 2: runs gained parent_step (schema v3); 3: expires_at and slot (v4);
 # 4: steps keep their wake condition; 5: runs keep the ids of the requests
 # applied to them (a late copy of one is then recognised), and steps their
-# wait_for_any group. A snapshot of another version is not
-# read; the partition is rebuilt from the log instead.
-VERSION = 5
+# wait_for_any group; 6: the ids of compacted ended runs (PartitionRuns.ended)
+# and the ends of the runs still whole (`ending`); a worker that could not
+# read them would take a repeated trigger of a compacted run for a new run.
+# A snapshot of another version is not read; the partition is rebuilt from
+# the log instead. Version 5 is read as 6 with nothing compacted.
+VERSION = 6
+_READABLE = (5, VERSION)
 
 
 class SnapshotError(SteplineError):
@@ -158,6 +162,10 @@ def dump(part: PartitionRuns) -> bytes:
         doc["paused"] = [[p.scope, p.name, p.reason, p.requested_by] for p in part.paused.values()]
     if part.pause_events:
         doc["pause_events"] = sorted(part.pause_events)
+    if part.ended:
+        doc["ended"] = sorted(part.ended)
+    if part.ending:
+        doc["ending"] = [[o, rid] for o, rid in part.ending]
     return zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 3)
 
 
@@ -166,7 +174,7 @@ def load(data: bytes) -> PartitionRuns:
         doc = json.loads(zlib.decompress(data))
     except (zlib.error, ValueError) as exc:
         raise SnapshotError(f"snapshot is damaged: {exc}") from exc
-    if not isinstance(doc, dict) or doc.get("v") != VERSION:
+    if not isinstance(doc, dict) or doc.get("v") not in _READABLE:
         raise SnapshotError(f"snapshot version {doc.get('v') if isinstance(doc, dict) else '?'} is unknown")
     try:
         part = PartitionRuns(doc["partition"], doc["epoch"], doc["next_offset"], fenced=doc["fenced"])
@@ -176,6 +184,8 @@ def load(data: bytes) -> PartitionRuns:
         for scope, name, reason, by in doc.get("paused", ()):
             part.paused[(scope, name)] = PauseChanged(scope, name, True, reason, by)
         part.pause_events = set(doc.get("pause_events", ()))
+        part.ended = set(doc.get("ended", ()))
+        part.ending.extend((o, rid) for o, rid in doc.get("ending", ()))
     except (KeyError, IndexError, TypeError) as exc:
         raise SnapshotError(f"snapshot is damaged: {type(exc).__name__}: {exc}") from exc
     return part

@@ -32,7 +32,7 @@ from stepline.runtime.worker import Worker
 from stepline.sdk.logs import configure_logging
 from stepline.sdk.task import Registry
 from stepline.security.sensitive import redact_text
-from stepline.settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_SHUTDOWN_GRACE
+from stepline.settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_SHUTDOWN_GRACE, SettingsError, load_settings
 
 if TYPE_CHECKING:
     from stepline.server import ServeConfig, WebhookSource
@@ -182,7 +182,8 @@ def dev(
     configure_logging(json_logs=False)
     registry = _load_app(module)
     pools = sorted({_pool(registry, p) for p in pool}) if pool else registry.pools()
-    _run(_serve_dev(registry, log, concurrency, port, query_db or _dev_query_db(log), seconds, pools))
+    _run(_serve_dev(registry, log, concurrency, port, query_db or _dev_query_db(log), seconds, pools),
+         loop=_event_loop())
 
 
 def worker(
@@ -208,7 +209,16 @@ def worker(
     configure_logging(json_logs=json_logs)
     registry = _load_app(module, json_logs)
     _run(_serve_worker(registry, log, concurrency, seconds, None if port is None else (http_host, port),
-                       _pool(registry, pool), json_logs), json_logs)
+                       _pool(registry, pool), json_logs), json_logs, loop=_event_loop(json_logs))
+
+
+def _event_loop(json_logs: bool = False) -> str:
+    """The `event_loop` setting of the long-running commands (uvloop unless told otherwise)."""
+    try:
+        return load_settings().event_loop
+    except SettingsError as exc:
+        _fail(str(exc), json_logs)
+        raise
 
 
 def _pool(registry: Registry, name: str) -> str:

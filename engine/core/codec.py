@@ -56,7 +56,8 @@ from stepline.core._codegen import generate
 from stepline.core.events import Event
 from stepline.errors import MalformedEvent, SchemaError, UnknownSchemaVersion
 
-__all__ = ["Codec", "MARKER", "encode", "decode", "fingerprint", "peek_type", "schema_fingerprint"]
+__all__ = ["Codec", "MARKER", "encode", "decode", "fingerprint", "peek_envelope", "peek_type",
+           "schema_fingerprint"]
 
 MARKER = b"\xc3\x01"
 _HEADER_LEN = 10  # marker + 8-byte fingerprint
@@ -203,3 +204,34 @@ def peek_type(value: bytes) -> bytes:
     except (IndexError, ValueError):
         return b""
     return value[pos : pos + n2]
+
+
+def peek_envelope(value: bytes) -> tuple[str, str, int, int] | None:
+    """(type, run_id, seq, epoch) of an event in the current schema, without
+    decoding its body; None for another schema version or bytes that do not
+    parse (the caller decodes those in full, which reports what is wrong).
+
+    A rebuild folds a long log only to find most runs ended: it reads the
+    envelopes first and decodes the bodies of the runs it must keep
+    (projections/catchup.py). The envelope's first seven fields are
+    event_id, type, run_id, task_id, seq, time, epoch in every version, but
+    only the current writer's header is trusted here: that is the layout
+    read by this code.
+    """
+    if value[:_HEADER_LEN] != _default()._header:
+        return None
+    try:
+        n, pos = _get_long(value, _HEADER_LEN)  # event_id
+        n, pos = _get_long(value, pos + n)  # type
+        kind = value[pos : pos + n].decode()
+        n2, pos = _get_long(value, pos + n)  # run_id
+        run_id = value[pos : pos + n2].decode()
+        n, pos = _get_long(value, pos + n2)  # task_id
+        seq, pos = _get_long(value, pos + n)
+        _, pos = _get_long(value, pos)  # time
+        epoch, pos = _get_long(value, pos)
+    except (IndexError, ValueError):
+        return None
+    if pos > len(value):
+        return None
+    return kind, run_id, seq, epoch

@@ -34,6 +34,7 @@ from stepline.log.appender import Appender
 from stepline.log.base import Assignment, Log
 from stepline.log.quarantine import quarantine
 from stepline.log.topics import Topics
+from stepline.projections import catchup
 from stepline.projections.runs import PartitionRuns, RunState
 from stepline.projections.snapshot import SnapshotError
 from stepline.runtime.background import Background
@@ -43,6 +44,13 @@ from stepline.runtime.slots import Slots
 from stepline.runtime.snapshots import SnapshotStore
 
 log = structlog.get_logger("stepline.worker")
+
+
+def _claim_epoch(value: bytes) -> int | None:
+    try:
+        return codec.decode(value).epoch
+    except SchemaError:
+        return None
 
 
 class Partitions:
@@ -60,6 +68,7 @@ class Partitions:
         clock: Callable[[], int],
         read_batch: int,
         snapshot_every: int,
+        keep_ended: int | None = None,
     ) -> None:
         self.log = log_
         self.topics = topics
@@ -71,6 +80,9 @@ class Partitions:
         # Events folded between snapshots of a partition; a revoke also
         # snapshots when at least a tenth of that has accumulated.
         self.snapshot_every = snapshot_every
+        # Offsets a run that ended for good stays whole in memory before only
+        # its id is kept (PartitionRuns.keep_ended); None keeps them all.
+        self.keep_ended = keep_ended
         self._folded_since: dict[int, int] = {}
         # Where each claimed partition's rebuild started (0 without a snapshot).
         self.rebuilt_from: dict[int, int] = {}
@@ -186,7 +198,9 @@ class Partitions:
         except (SnapshotError, LogError) as exc:
             log.warning("snapshot unusable, rebuilding from offset 0", partition=p, error=str(exc))
             part = None
-        return part if part is not None else PartitionRuns(p)
+        part = part if part is not None else PartitionRuns(p)
+        part.keep_ended = self.keep_ended
+        return part
 
     async def _snapshot(self, part: PartitionRuns) -> None:
         try:
@@ -200,12 +214,19 @@ class Partitions:
             recs = await self.log.read(self.topics.runs, part.partition, part.next_offset, self.read_batch)
             if not recs:
                 return  # the rest below `end` holds no record (Kafka transaction markers)
-            for r in recs:
+            # Runs that end and leave the compaction window within the
+            # rebuild are recorded as ended without decoding their events.
+            skip = catchup.plan(part, [r.value for r in recs], [r.offset for r in recs], end,
+                                codec.peek_envelope, _claim_epoch)
+            for i, r in enumerate(recs):
+                if i in skip.skip:
+                    continue
                 ev = self._decode(r.value, part.partition, r.offset)
                 if ev is not None:
                     self._owned.fold(part, ev, r.offset)
-                else:
-                    part.next_offset = r.offset + 1
+            part.ended.update(skip.ended)
+            part.fenced += skip.fenced
+            part.next_offset = recs[-1].offset + 1
 
     def _decode(self, value: bytes, p: int, offset: int) -> Event | None:
         own = self._owned.appended(p, offset)

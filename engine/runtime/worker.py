@@ -56,6 +56,13 @@ from stepline.sdk.schedule import Scheduler
 from stepline.sdk.task import Registry, Task
 from stepline.security.keystore import KeyStore, default_keystore
 
+# A run that ended for good (completed, expired) stays whole in the worker's
+# memory until its partition is this many offsets further on; after that only
+# its id is kept, so a repeated trigger of it stays a no-op (~100 bytes, not
+# the ~4 KB of a whole run). About 200 three-step runs per partition: enough
+# for whoever looks an ended run up right after it ended.
+KEEP_ENDED = 2_000
+
 
 def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(2).hex()}"
@@ -79,6 +86,7 @@ class Worker:
         route_events: bool = True,
         keys: KeyStore | None = None,
         interceptors: Sequence[Interceptor] | None = None,
+        keep_ended: int | None = KEEP_ENDED,
     ) -> None:
         self.log = log_
         self.topics = topics = topics or Topics()
@@ -138,6 +146,7 @@ class Worker:
         self._partitions = Partitions(
             log_, topics, owned, appender, decider, slots, background,
             worker_id=worker_id, clock=clock, read_batch=read_batch, snapshot_every=snapshot_every,
+            keep_ended=keep_ended,
         )
         self.started = asyncio.Event()
 
