@@ -18,9 +18,9 @@ async def _loop_module() -> str:
 
 def test_auto_runs_on_uvloop_when_installed_and_asyncio_when_told() -> None:
     pytest.importorskip("uvloop")
-    assert _run(_loop_module(), "auto").startswith("uvloop")
-    assert _run(_loop_module(), "uvloop").startswith("uvloop")
-    assert _run(_loop_module(), "asyncio").startswith("asyncio")
+    assert _run(_loop_module(), loop="auto").startswith("uvloop")
+    assert _run(_loop_module(), loop="uvloop").startswith("uvloop")
+    assert _run(_loop_module(), loop="asyncio").startswith("asyncio")
 
 
 def test_without_uvloop_auto_falls_back_and_uvloop_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
