@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import sqlite3
+import struct
 import subprocess
 import sys
 import textwrap
@@ -50,17 +51,39 @@ def executions(state: Path) -> Counter[str]:
     return Counter(line.split()[0] for line in lines)
 
 
+def _wal_checksum(data: bytes, s0: int, s1: int, big_endian: bool) -> tuple[int, int]:
+    """SQLite's cumulative WAL checksum over `data` (8-byte steps), from (s0, s1)."""
+    words = struct.unpack(f"{'>' if big_endian else '<'}{len(data) // 4}I", data)
+    for i in range(0, len(words), 2):
+        s0 = (s0 + words[i] + s1) & 0xFFFFFFFF
+        s1 = (s1 + words[i + 1] + s0) & 0xFFFFFFFF
+    return s0, s1
+
+
 def wal_transactions(wal: Path) -> tuple[int, list[list[int]]]:
     """The page size and the committed transactions in a WAL file, each as
-    the file offsets of its frames. Frames of an older WAL generation (other
-    salts) and an unfinished transaction at the end are left out."""
+    the file offsets of its frames, as SQLite's recovery reads them: frames
+    of an older WAL generation (other salts), frames whose cumulative
+    checksum does not follow from the ones before, and an unfinished
+    transaction at the end are left out. (A writer killed after writing its
+    frames but before publishing them in the wal-index leaves them behind;
+    the next writer writes over the first of them, and what is left of the
+    dead one's no longer chains: it is not a transaction.)"""
     data = wal.read_bytes()
+    big_endian = int.from_bytes(data[0:4], "big") & 1 == 1
     page = int.from_bytes(data[8:12], "big")
     salts = data[16:24]
+    s0, s1 = _wal_checksum(data[:24], 0, 0, big_endian)
+    assert (s0, s1) == (int.from_bytes(data[24:28], "big"), int.from_bytes(data[28:32], "big")), "bad WAL header"
     done: list[list[int]] = []
     current: list[int] = []
     off = WAL_HEADER
     while off + FRAME_HEADER + page <= len(data) and data[off + 8:off + 16] == salts:
+        c0, c1 = _wal_checksum(data[off:off + 8] + data[off + FRAME_HEADER:off + FRAME_HEADER + page], s0, s1,
+                               big_endian)
+        if (c0, c1) != (int.from_bytes(data[off + 16:off + 20], "big"), int.from_bytes(data[off + 20:off + 24], "big")):
+            break
+        s0, s1 = c0, c1
         current.append(off)
         if int.from_bytes(data[off + 4:off + 8], "big"):  # db size set: a commit frame
             done.append(current)
