@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 async def _serve_worker(registry: Registry, log_url: str, concurrency: int, grace: float,
                         http: tuple[str, int] | None = None, pool: str = DEFAULT_POOL,
-                        json_logs: bool = False) -> None:
+                        json_logs: bool = False, instance_id: str | None = None) -> None:
     # The log's writer and reader threads hand results back to the event
     # loop; with CPython's default 5 ms switch interval each hand-off can
     # wait that long for the GIL while the loop is busy. This process is
@@ -52,7 +52,8 @@ async def _serve_worker(registry: Registry, log_url: str, concurrency: int, grac
     # probes answer (alive, not ready) while the worker still joins.
     topics = Topics(pool=pool)
     async with _worker_http(http, json_logs) as probes, Client(log_url, registry=registry, topics=topics) as client:
-        worker = Worker(registry, client.log, concurrency=concurrency, topics=client.topics, client=client)
+        worker = Worker(registry, client.log, concurrency=concurrency, topics=client.topics, client=client,
+                        instance_id=instance_id)
         if probes is not None:
             probes.attach(worker)
         if not await start_unless_stopped(worker, stop):
@@ -202,6 +203,11 @@ def worker(
     pool: Annotated[str, typer.Option(
         "--pool", metavar="POOL", callback=_setting("pool"),
         help=_setting_help("Worker pool to run: only the tasks declared with this pool=.", "pool"))] = DEFAULT_POOL,
+    instance_id: Annotated[str | None, typer.Option(
+        "--instance-id", show_default=False, metavar="ID", callback=_setting("worker_instance_id"),
+        help=_setting_help("Stable id of this worker process slot (Kafka static membership): restarted "
+                           "under the same id it takes its partitions back at once. Never share one "
+                           "between two live workers (default: none).", "worker_instance_id"))] = None,
 ) -> None:
     """Run a worker of one pool: owns partitions of its runs topic and executes their runs."""
     seconds = _grace(grace)
@@ -209,7 +215,7 @@ def worker(
     configure_logging(json_logs=json_logs)
     registry = _load_app(module, json_logs)
     _run(_serve_worker(registry, log, concurrency, seconds, None if port is None else (http_host, port),
-                       _pool(registry, pool), json_logs), json_logs, loop=_event_loop(json_logs))
+                       _pool(registry, pool), json_logs, instance_id), json_logs, loop=_event_loop(json_logs))
 
 
 def _event_loop(json_logs: bool = False) -> str:
