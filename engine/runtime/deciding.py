@@ -226,7 +226,9 @@ class Decider:
                 return  # woken already (a second timer entry of the same sleep)
             due = [s for s in state.steps.values()
                    if s.status == "waiting" and s.wake_at is not None and s.wake_at <= now]
-            if due and all(s.name == SLEEP for s in due):
+            # Only plain sleeps: a timer branch of wait_for_any (a group) can
+            # lose to a sibling whose resolution is on the log, unread yet.
+            if due and all(s.name == SLEEP and s.group is None for s in due):
                 self._wake(state, [s.step for s in due])
                 return
             for s in due:
@@ -243,8 +245,9 @@ class Decider:
         """Resume a run whose sleeps are over, and start it without waiting
         to read its RunResumed back.
 
-        A sleep ends only by its timer (a timeout of an event wait can lose
-        to the event, so those go the long way round, through the log): the
+        A plain sleep ends only by its timer (a timeout of an event wait, or
+        a timer branch of wait_for_any, can lose to an event or a sibling
+        already on the log, so those go the long way round): the
         run's next state is known here, and its attempt's events queue up
         behind the RunResumed on the same partition, in order. The claim's
         epoch guards it as it guards every attempt: revoked, nothing is
