@@ -206,9 +206,11 @@ class Worker:
         # active worker is wedged.
         if self._scheduler is not None:
             self._scheduler.start()
+        # Passed only when set: a Log written before join_group took it still works without one.
+        static = {} if self.instance_id is None else {"instance_id": self.instance_id}
         self._membership = await self.log.join_group(
             self.topics.worker_group, self.topics.runs, self._partitions.on_assign, self._partitions.on_revoke,
-            instance_id=self.instance_id,
+            **static,
         )
         if self._router is not None:
             await self._router.start()
