@@ -129,8 +129,10 @@ def peak_rss_kb(pid: int) -> int:
 class WorkerProcess:
     """`stepline worker bench/sl_proc_tasks.py` on `url`, pinned when possible."""
 
-    def __init__(self, url: str, state: Path, concurrency: int, name: str) -> None:
+    def __init__(self, url: str, state: Path, concurrency: int, name: str,
+                 instance_id: str | None = None) -> None:
         self.url, self.state, self.concurrency = url, state, concurrency
+        self.instance_id = instance_id
         self.log_path = state / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.spawned_at = 0.0
@@ -143,7 +145,8 @@ class WorkerProcess:
             # taskset execs the command: the pid is the worker's own.
             self.proc = subprocess.Popen(
                 [*pin, sys.executable, "-m", "stepline.cli", "worker", str(TASKS_FILE), "--log", self.url,
-                 "--concurrency", str(self.concurrency)],
+                 "--concurrency", str(self.concurrency),
+                 *(["--instance-id", self.instance_id] if self.instance_id else [])],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT, env=env)
         return self
 
@@ -322,8 +325,11 @@ async def recovery(url: str, n: int, bootstrap: str | None = None, result_timeou
         (state / "block").touch()
         # Every run must be inside step two at once: the slots must not limit it.
         concurrency = max(n + 24, workloads.WORKER_CONCURRENCY)
-        first = WorkerProcess(url, state, concurrency, "worker-1")
-        second = WorkerProcess(url, state, concurrency, "worker-2")
+        # One worker process slot, restarted: the same instance id (Kafka
+        # static membership; sqlite ignores it), as a supervisor restarts it.
+        slot = f"bench-recovery-{os.getpid()}-{time.time_ns()}"
+        first = WorkerProcess(url, state, concurrency, "worker-1", instance_id=slot)
+        second = WorkerProcess(url, state, concurrency, "worker-2", instance_id=slot)
         try:
             async with sl.Client(url, registry=sl_proc_tasks.registry) as client:
                 first.start()
@@ -409,7 +415,7 @@ async def recovery(url: str, n: int, bootstrap: str | None = None, result_timeou
         "loaded_to_all_done_s": t_done - t_loaded,
         "claimed_by_new_worker": len(new_owners) == 1,
         "worker_cpu_s": wcpu, "driver_cpu_s": dcpu, "broker_cpu_s": bcpu,
-        "aim_all_resumed_s": 1.0,
+        "aim_all_resumed_s": 1.0, "static_membership": True,
     }}
 
 

@@ -171,6 +171,16 @@ class Settings(BaseSettings):
                     "declares is refused.",
         json_schema_extra=_kind("pool name"),
     )
+    worker_instance_id: str | None = Field(
+        None, min_length=1, max_length=200,
+        description="Stable identity of one worker process slot (`stepline worker --instance-id`) on "
+                    "Kafka: static group membership (`group.instance.id`), so a worker restarted under "
+                    "the same id (after a crash or kill) takes its partitions back at once instead of "
+                    "after its predecessor's session expires. Give each worker its own (for example the "
+                    "pod name of a StatefulSet); a worker that stops for good with one keeps its "
+                    "partitions until its session expires. Unset: dynamic membership. Other logs ignore it.",
+        json_schema_extra=_kind("string"),
+    )
     host: str = Field(
         "127.0.0.1",
         description="Interface `stepline serve` listens on (`0.0.0.0` in a container).",

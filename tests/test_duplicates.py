@@ -102,8 +102,8 @@ class DuplicatingLog(Log):
         return await self.inner.end_offset(topic, partition)
 
     async def join_group(self, group: str, topic: str, on_assign: AssignCallback,
-                         on_revoke: RevokeCallback) -> Membership:
-        return await self.inner.join_group(group, topic, on_assign, on_revoke)
+                         on_revoke: RevokeCallback, *, instance_id: str | None = None) -> Membership:
+        return await self.inner.join_group(group, topic, on_assign, on_revoke, instance_id=instance_id)
 
     async def commit(self, group: str, topic: str, offsets: dict[int, int]) -> None:
         await self.inner.commit(group, topic, offsets)

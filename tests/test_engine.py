@@ -202,6 +202,36 @@ async def test_a_sleeping_run_holds_no_worker_slot_and_wakes(engine_factory):
     assert "RunSuspended" in types and "RunResumed" in types
 
 
+async def test_runs_woken_together_each_resume_once_in_order(engine_factory):
+    # More runs wake at once than the worker runs at a time: some start
+    # before their RunResumed is read back, some after, from the ready queue.
+    reg = sl.Registry()
+    calls: Counter[int] = Counter()
+
+    @sl.step
+    async def after(i: int) -> int:
+        calls[i] += 1
+        return i
+
+    @sl.task(id="nap", registry=reg)
+    async def nap(i: int) -> int:
+        await sl.sleep(timedelta(milliseconds=200))
+        return await after(i)
+
+    e = await engine_factory(reg, concurrency=3)
+    handles = [await nap.trigger(i) for i in range(24)]
+    assert [await h.result(timeout=30) for h in handles] == list(range(24))
+    assert calls == Counter({i: 1 for i in range(24)})
+    for h in handles:
+        history = [ev for _, ev in await e.client.history(h.run_id)]
+        types = [ev.type for ev in history]
+        assert types.count("RunResumed") == 1 and types.count("RunStarted") == 2, types
+        resumed = types.index("RunResumed")
+        assert types[resumed - 1] == "RunSuspended" and types[resumed + 1] == "RunStarted", types
+        seqs = [ev.seq for ev in history if ev.seq]
+        assert seqs == sorted(set(seqs)), seqs  # one writer, no sequence number twice
+
+
 async def _status(e, run_id, status):
     s = await e.client.get_run(run_id)
     return s if s.status == status else None

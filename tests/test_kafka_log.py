@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -327,6 +328,53 @@ async def test_a_rebalance_revokes_from_one_member_and_assigns_to_another(
     assert first.assignment == back
     await first.leave()
     assert one.events[-1] == ("revoke", frozenset({0, 1}))
+
+
+# Joins the group under an instance id, says so, and waits to be killed.
+_STATIC_MEMBER = """
+import asyncio, sys
+from stepline.log import open_log
+
+async def main(url, slot):
+    log = open_log(url)
+    await log.start()
+    async def ignore(_):
+        pass
+    await log.join_group("w", "runs", ignore, ignore, instance_id=slot)
+    print("assigned", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def test_a_killed_static_member_is_replaced_at_once_by_its_successor(
+    open_kafka: LogFactory, kafka_bootstrap: str, namespace: str,
+) -> None:
+    # A session far longer than the wait below: the successor can only get
+    # the partitions by taking the killed member's place under its instance
+    # id, never by waiting for its session to expire (a dynamic member would).
+    options = "&session_timeout_ms=120000&rebalance_timeout_ms=120000"
+    url = f"kafka://{kafka_bootstrap}?namespace={namespace}{options}"
+    log = await open_kafka(options)
+    await log.ensure_topics([TopicSpec("runs", 2)])
+    slot = f"slot-{uuid.uuid4().hex[:8]}"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _STATIC_MEMBER, url, slot, stdout=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        assert line.strip() == b"assigned"
+    finally:
+        proc.kill()  # SIGKILL: no LeaveGroup, no revoke, its session lives on at the broker
+        await proc.wait()
+
+    rec = Recorder()
+    member = await asyncio.wait_for(
+        log.join_group("w", "runs", rec.on_assign, rec.on_revoke, instance_id=slot), 40)
+    assert member.assignment.partitions == {0, 1}
+    assert rec.events == [("assign", member.assignment)]
+    await member.leave()
 
 
 async def test_a_member_that_only_waits_stays_in_the_group(open_kafka: LogFactory) -> None:

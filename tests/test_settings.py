@@ -124,8 +124,11 @@ def test_a_cli_flag_beats_the_variable_which_beats_the_file(monkeypatch: pytest.
     _toml(clean / "stepline.toml", 'log = "memory://file"\nconcurrency = 3\njson_logs = false\nhttp_port = 9191\n')
     assert _params("worker", "app.py") == {
         "module": "app.py", "log": "memory://file", "concurrency": 3, "grace": "30", "json_logs": False,
-        "http_port": 9191, "http_host": "0.0.0.0", "pool": "default",
+        "http_port": 9191, "http_host": "0.0.0.0", "pool": "default", "instance_id": None,
     }
+    monkeypatch.setenv("STEPLINE_WORKER_INSTANCE_ID", "worker-0")
+    assert _params("worker", "app.py")["instance_id"] == "worker-0"
+    assert _params("worker", "app.py", "--instance-id", "worker-1")["instance_id"] == "worker-1"
     monkeypatch.setenv("STEPLINE_POOL", "gpu")
     assert _params("worker", "app.py")["pool"] == "gpu"
     assert _params("worker", "app.py", "--pool", "web")["pool"] == "web"

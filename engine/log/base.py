@@ -324,7 +324,17 @@ class Log(abc.ABC):
         topic: str,
         on_assign: AssignCallback,
         on_revoke: RevokeCallback,
-    ) -> Membership: ...
+        *,
+        instance_id: str | None = None,
+    ) -> Membership:
+        """Join `group` for `topic`'s partitions; returns once assigned.
+
+        `instance_id` is the member's stable identity where the log has one
+        (Kafka's static membership, `group.instance.id`): a member joining
+        with the instance id of one that vanished (killed, restarted) takes
+        its place and its partitions at once, instead of after the vanished
+        member's session expires. Two live members must never share one.
+        Logs without such a thing ignore it."""
 
     async def group_alive(self, group: str) -> bool | None:
         """Whether `group` has a member now (some worker of it is running),

@@ -334,10 +334,12 @@ class KafkaLog(KafkaClients, Log):
         topic: str,
         on_assign: AssignCallback,
         on_revoke: RevokeCallback,
+        *,
+        instance_id: str | None = None,
     ) -> Membership:
         self._started()
         await self._topics.count(topic)
-        return await self._groups.join(group, self.topic_name(topic), on_assign, on_revoke)
+        return await self._groups.join(group, self.topic_name(topic), on_assign, on_revoke, instance_id)
 
     async def commit(self, group: str, topic: str, offsets: dict[int, int]) -> None:
         self._started()

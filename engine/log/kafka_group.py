@@ -46,9 +46,9 @@ class KafkaGroups:
         self._committer_locks: dict[str, asyncio.Lock] = {}
 
     async def join(self, group: str, name: str, on_assign: AssignCallback,
-                   on_revoke: RevokeCallback) -> Membership:
+                   on_revoke: RevokeCallback, instance_id: str | None = None) -> Membership:
         """Join `group` on the broker topic `name`; returns once assigned."""
-        member = _KafkaMembership(self._clients, self.members, group, name, on_assign, on_revoke)
+        member = _KafkaMembership(self._clients, self.members, group, name, on_assign, on_revoke, instance_id)
         self.members.append(member)
         try:
             await member._join()
@@ -140,8 +140,10 @@ class _KafkaMembership(Membership):
     """
 
     def __init__(self, clients: KafkaClients, members: list[_KafkaMembership], group: str,
-                 topic: str, on_assign: AssignCallback, on_revoke: RevokeCallback) -> None:
+                 topic: str, on_assign: AssignCallback, on_revoke: RevokeCallback,
+                 instance_id: str | None = None) -> None:
         self._clients = clients
+        self._instance_id = instance_id
         self._members = members  # the log's, which this member leaves on shutdown
         self._group = clients.group_name(group)
         self._topic = topic
@@ -161,7 +163,13 @@ class _KafkaMembership(Membership):
         return self._assignment
 
     async def _join(self) -> None:
-        consumer = AIOKafkaConsumer(**self._clients.consumer_kwargs(group_id=self._group))
+        kwargs = self._clients.consumer_kwargs(group_id=self._group)
+        if self._instance_id is not None:
+            # Static membership: a static member never sends LeaveGroup (aiokafka
+            # skips it), so its partitions move only when its session expires,
+            # or at once when a member with the same instance id joins.
+            kwargs["group_instance_id"] = self._instance_id
+        consumer = AIOKafkaConsumer(**kwargs)
         self._consumer = consumer
         await self._clients._bounded(consumer.start())
         consumer.subscribe([self._topic], listener=_Listener(self))

@@ -239,6 +239,8 @@ class MemoryLog(Log):
         topic: str,
         on_assign: AssignCallback,
         on_revoke: RevokeCallback,
+        *,
+        instance_id: str | None = None,
     ) -> Membership:
         store = self.store
         key = (group, topic)

@@ -398,6 +398,8 @@ class SqliteLog(Log):
         topic: str,
         on_assign: AssignCallback,
         on_revoke: RevokeCallback,
+        *,
+        instance_id: str | None = None,
     ) -> Membership:
         tid, count = await self._topic(topic)
 

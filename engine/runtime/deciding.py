@@ -90,6 +90,12 @@ class Decider:
         # refused the append: disk full, broker down), by failures in a row.
         self._stalled: dict[str, int] = {}
         self._expiring: set[str] = set()
+        # Runs woken from a sleep by their timer, not started yet, with the
+        # state their RunResumed gives them: they start from it at once,
+        # rather than after the event's round trip through the log and the
+        # fold (see _on_timer). Dropped when started, or when the fold
+        # catches up with them.
+        self._woken: dict[str, RunState] = {}
 
     @property
     def active(self) -> int:
@@ -116,6 +122,10 @@ class Decider:
                 self._cancel_requested.add(rid)
                 self._active[rid].cancel()
             return
+        if rid in self._woken:
+            if status == SUSPENDED:
+                return  # the fold has not reached its RunResumed yet: it is on its way
+            del self._woken[rid]  # the fold caught up (or a cancel came first): it decides
         settling = self._settling.get(rid)
         if settling is not None:
             part = self._owned.part_of(rid)
@@ -212,8 +222,15 @@ class Decider:
             return
         now = self.clock()
         if kind == RESUME and state.status == SUSPENDED and state.wake_at is not None and state.wake_at <= now:
+            if run_id in self._woken:
+                return  # woken already (a second timer entry of the same sleep)
             due = [s for s in state.steps.values()
                    if s.status == "waiting" and s.wake_at is not None and s.wake_at <= now]
+            # Only plain sleeps: a timer branch of wait_for_any (a group) can
+            # lose to a sibling whose resolution is on the log, unread yet.
+            if due and all(s.name == SLEEP and s.group is None for s in due):
+                self._wake(state, [s.step for s in due])
+                return
             for s in due:
                 self._fence.emit(state, RunResumed(s.step, "timer" if s.name == SLEEP else "timeout"))
                 if s.name == EVENT:
@@ -223,6 +240,54 @@ class Decider:
             self.pump()
         elif kind == EXPIRE and state.status == PENDING and state.started_at is None:
             self._expire(state)
+
+    def _wake(self, state: RunState, steps: list[int]) -> None:
+        """Resume a run whose sleeps are over, and start it without waiting
+        to read its RunResumed back.
+
+        A plain sleep ends only by its timer (a timeout of an event wait, or
+        a timer branch of wait_for_any, can lose to an event or a sibling
+        already on the log, so those go the long way round): the
+        run's next state is known here, and its attempt's events queue up
+        behind the RunResumed on the same partition, in order. The claim's
+        epoch guards it as it guards every attempt: revoked, nothing is
+        written and nothing starts; superseded, the fold drops the
+        RunResumed and everything after it. It cannot start twice: a run
+        in `_woken` or running ignores its own RunResumed when the fold
+        gets there (react), and pump takes it out of `_woken` as it starts it.
+        """
+        rid = state.run_id
+        woken: RunState | None = state
+        appended: list[asyncio.Future[int]] = []
+        for step in steps:
+            assert woken is not None
+            out = self._fence.emit_folded(woken, RunResumed(step, "timer"))
+            if out is None:
+                return  # the partition is no longer ours
+            woken, fut = out
+            appended.append(fut)
+        assert woken is not None
+        for fut in appended:
+            fut.add_done_callback(lambda f: self._resume_failed(rid, f))
+        if woken.status != PENDING:
+            return  # still asleep in another wait: the fold reacts as usual
+        self._woken[rid] = woken
+        self._enqueue(woken)
+        self.pump()
+
+    def _resume_failed(self, rid: str, appended: asyncio.Future[int]) -> None:
+        """The log refused a RunResumed the run was started on: stop that
+        attempt (its next owner, or this worker's timer, resumes the run
+        from what the log says) and try the wake again in a while."""
+        if appended.cancelled() or appended.exception() is None:
+            return
+        self._woken.pop(rid, None)
+        self.ready.discard(rid)
+        task = self._active.get(rid)
+        if task is not None:
+            task.cancel()
+        if not self.stopping:
+            self.timers.schedule(self.clock() + 1_000, rid, RESUME)
 
     # --- starting attempts -------------------------------------------------
 
@@ -243,6 +308,9 @@ class Decider:
                 return
             rid, queue = nxt
             state = self._owned.state(rid)
+            woken = self._woken.pop(rid, None)
+            if woken is not None and state is not None and state.status == SUSPENDED:
+                state = woken  # its RunResumed is on its way to the fold
             if state is None or rid in self._active or not self._runnable(state, now) or self._held(state):
                 self.ready.release(queue)
                 continue
@@ -311,6 +379,8 @@ class Decider:
 
     def stop_attempts(self, partitions: frozenset[int]) -> list[asyncio.Task[None]]:
         """Cancel the attempts of runs in these partitions (being revoked)."""
+        for rid in [r for r in self._woken if self._owned.partition_of(r) in partitions]:
+            del self._woken[rid]
         doomed = [t for rid, t in self._active.items() if self._owned.partition_of(rid) in partitions]
         for t in doomed:
             t.cancel()

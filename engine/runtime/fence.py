@@ -27,7 +27,7 @@ from stepline.core.ids import new_event_id
 from stepline.log.appender import Appender
 from stepline.log.base import Outgoing
 from stepline.log.topics import DEFAULT_POOL
-from stepline.projections.runs import RunState
+from stepline.projections.runs import RunState, fold_run
 from stepline.runtime.owned import Owned
 from stepline.runtime.slots import Slots
 
@@ -74,10 +74,38 @@ class Fence:
             revoked: asyncio.Future[int] = asyncio.get_running_loop().create_future()
             revoked.cancel()
             return revoked
+        ev = self._event(state, body, epoch, traceparent)
+        return self._submit(ev, p, epoch, body, outgoing)
+
+    def emit_folded(self, state: RunState, body: Body) -> tuple[RunState, asyncio.Future[int]] | None:
+        """Emit `body`; return the run's state with it folded in, as this
+        worker's fold will make it when it reads the event back, and the
+        append's future: None (and nothing written) if the partition is no
+        longer owned here.
+
+        Only for an event whose effect the fold cannot refuse given `state`:
+        it carries the claim's epoch and the run's next sequence number, so
+        the fold drops it only if a newer owner claimed the partition, and
+        then every later event of this worker is dropped as well."""
+        p = self._owned.partition_of(state.run_id)
+        epoch = self._owned.epochs.get(p)
+        if epoch is None:
+            return None
+        ev = self._event(state, body, epoch, None)
+        appended = self._submit(ev, p, epoch, body, ())
+        folded = fold_run(state, ev)
+        assert folded is not None, "a live run's state folds to a state"
+        return folded, appended
+
+    def _event(self, state: RunState, body: Body, epoch: int, traceparent: str | None) -> Event:
+        rid = state.run_id
         seq = max(self._seq.get(rid, 0), state.seq) + 1
         self._seq[rid] = seq
-        ev = Event(new_event_id(), body.TYPE, rid, state.task_id, seq, self._clock(),
-                   epoch, body, traceparent)
+        return Event(new_event_id(), body.TYPE, rid, state.task_id, seq, self._clock(),
+                     epoch, body, traceparent)
+
+    def _submit(self, ev: Event, p: int, epoch: int, body: Body, outgoing: Sequence[Outgoing]) -> asyncio.Future[int]:
+        rid = ev.run_id
         gate = self._slots.gate(rid, body)
         if gate is None:
             appended = self._appender.submit(ev, rid.encode(), p, outgoing)

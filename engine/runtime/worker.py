@@ -87,6 +87,7 @@ class Worker:
         keys: KeyStore | None = None,
         interceptors: Sequence[Interceptor] | None = None,
         keep_ended: int | None = KEEP_ENDED,
+        instance_id: str | None = None,
     ) -> None:
         self.log = log_
         self.topics = topics = topics or Topics()
@@ -100,6 +101,9 @@ class Worker:
                              f"(Client(topics=...) with pool={self.pool!r}), not {client.topics.pool!r}")
         mine = Registry(t for t in registry if t.pool == self.pool)
         self.worker_id = worker_id = worker_id or default_worker_id()
+        # Its stable identity in the worker group across restarts (Kafka
+        # static membership, Log.join_group); None: a new member each start.
+        self.instance_id = instance_id
         self.clock = clock
         self._read_batch = read_batch
         # Route domain events to subscribed tasks and waiting runs (needs a
@@ -202,8 +206,11 @@ class Worker:
         # active worker is wedged.
         if self._scheduler is not None:
             self._scheduler.start()
+        # Passed only when set: a Log written before join_group took it still works without one.
+        static = {} if self.instance_id is None else {"instance_id": self.instance_id}
         self._membership = await self.log.join_group(
-            self.topics.worker_group, self.topics.runs, self._partitions.on_assign, self._partitions.on_revoke
+            self.topics.worker_group, self.topics.runs, self._partitions.on_assign, self._partitions.on_revoke,
+            **static,
         )
         if self._router is not None:
             await self._router.start()

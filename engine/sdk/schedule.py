@@ -23,7 +23,6 @@ from typing import Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import structlog
-from croniter import CroniterError, croniter
 from pydantic import BaseModel
 
 from stepline.core.causes import under_cause
@@ -50,6 +49,10 @@ class Cron:
     catch_up: timedelta | None = None
 
     def __post_init__(self) -> None:
+        # Imported where used: an app without cron schedules (and a worker
+        # restarting after a crash) does not pay for croniter at start.
+        from croniter import CroniterError, croniter
+
         try:
             zone = ZoneInfo(self.tz)
         except (ZoneInfoNotFoundError, ValueError) as exc:
@@ -63,6 +66,8 @@ class Cron:
         return f"cron {self.expression} {self.tz}"
 
     def ticks_after(self, start: datetime) -> Iterator[datetime]:
+        from croniter import croniter
+
         it = croniter(self.expression, start.astimezone(ZoneInfo(self.tz)))
         while True:
             yield it.get_next(datetime).astimezone(UTC)
