@@ -73,6 +73,7 @@ async def test_the_http_api_answers_409_to_a_reused_key_with_another_payload(eng
     assert status == 202
     status, same = await trigger({"payload": {"order_id": "o-1", "amount": 5}, "idempotency_key": "order-1"})
     assert status == 202 and same["run_id"] == first["run_id"]
+    await e.client.wait(first["run_id"], timeout=30)  # the worker's own appends are over
     before = await log_size(e.client)
     status, refused = await trigger({"payload": {"order_id": "o-1", "amount": 6}, "idempotency_key": "order-1"})
     assert status == 409 and first["run_id"] in refused["error"]
