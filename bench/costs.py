@@ -20,32 +20,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sl_tasks  # noqa: E402
+from physical import run_events  # noqa: E402
 
 from stepline.core import codec  # noqa: E402
-from stepline.core.events import (  # noqa: E402
-    JSON,
-    Event,
-    Payload,
-    RunCompleted,
-    RunStarted,
-    RunTriggered,
-    StepCompleted,
-    StepStarted,
-)
-from stepline.core.ids import new_event_id, new_run_id  # noqa: E402
+from stepline.core.events import JSON, Payload  # noqa: E402
+from stepline.core.ids import new_event_id  # noqa: E402
 from stepline.projections.runs import PartitionRuns, fold_run  # noqa: E402
-
-
-def run_events() -> list[Event]:
-    rid, now = new_run_id(), int(time.time() * 1000)
-    bodies = [RunTriggered(Payload(JSON, b"7"), None, None, 0, (), "task/noop3", None, None),
-              RunStarted(1, "bench-worker")]
-    for i, name in enumerate(("step_a", "step_b", "step_c")):
-        bodies += [StepStarted(i, name, 1, Payload(JSON, b"[7]")),
-                   StepCompleted(i, name, 1, Payload(JSON, b"8"))]
-    bodies.append(RunCompleted(Payload(JSON, b"10"), 1))
-    return [Event(new_event_id(), b.TYPE, rid, "noop3", s + 1, now, 0 if s == 0 else 1, b)
-            for s, b in enumerate(bodies)]
 
 
 def best(fn, number: int) -> float:

@@ -1,17 +1,30 @@
 """The floor under the engine, measured on the same disk in the same run:
-a raw write+fsync loop, SQLite WAL single-row commits, and the event codec."""
+a raw write+fsync loop, SQLite WAL single-row commits, the event codec,
+the group-commit probe (the CPU a 3-step run's records cost to encode and
+commit durably, with no engine) and the interpreter's start."""
 
 from __future__ import annotations
 
 import os
 import sqlite3
 import statistics
+import subprocess
+import sys
 import time
 import timeit
 from typing import Any
 
 from stepline.core import codec
-from stepline.core.events import JSON, Event, Payload, StepCompleted
+from stepline.core.events import (
+    JSON,
+    Event,
+    Payload,
+    RunCompleted,
+    RunStarted,
+    RunTriggered,
+    StepCompleted,
+    StepStarted,
+)
 from stepline.core.ids import new_event_id, new_run_id
 
 VALUE_200 = os.urandom(100).hex().encode()  # 200 bytes, about one event
@@ -100,3 +113,75 @@ def codec_micro(number: int) -> dict[str, Any]:
         "metrics": {"encode_us": enc * 1e6, "decode_us": dec * 1e6, "bytes": len(data),
                     "timing": f"best of 5 x {number}"},
     }
+
+
+def run_events() -> list[Event]:
+    """The records of one durable 3-step no-op run, as the engine appends them."""
+    rid, now = new_run_id(), int(time.time() * 1000)
+    bodies = [RunTriggered(Payload(JSON, b"7"), None, None, 0, (), "task/noop3", None, None),
+              RunStarted(1, "bench-worker")]
+    for i, name in enumerate(("step_a", "step_b", "step_c")):
+        bodies += [StepStarted(i, name, 1, Payload(JSON, b"[7]")),
+                   StepCompleted(i, name, 1, Payload(JSON, b"8"))]
+    bodies.append(RunCompleted(Payload(JSON, b"10"), 1))
+    return [Event(new_event_id(), b.TYPE, rid, "noop3", s + 1, now, 0 if s == 0 else 1, b)
+            for s, b in enumerate(bodies)]
+
+
+def group_commit_probe(directory: str, runs: int, events_per_commit: int = 140) -> dict[str, Any]:
+    """The physical limit of (a)'s CPU per run: build and encode each run's
+    records and commit them to a SQLite WAL file with synchronous=FULL, in
+    group commits of `events_per_commit` records (what the sqlite log's
+    writer carries per commit at 256 in flight). No event loop, no fold, no
+    reads: process CPU per run of what any durable engine must do."""
+    path = os.path.join(directory, "group-commit.db")
+    conn = sqlite3.connect(path, isolation_level=None)
+    errors: list[str] = []
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("CREATE TABLE r (o INTEGER PRIMARY KEY, k BLOB, v BLOB, ts INTEGER) WITHOUT ROWID")
+        c0, t0 = time.process_time(), time.perf_counter()
+        offset, pending = 0, []
+        for _ in range(runs):
+            for ev in run_events():
+                pending.append((offset, ev.run_id.encode(), codec.encode(ev), ev.time))
+                offset += 1
+                if len(pending) >= events_per_commit:
+                    conn.execute("BEGIN IMMEDIATE")
+                    conn.executemany("INSERT INTO r VALUES (?, ?, ?, ?)", pending)
+                    conn.execute("COMMIT")
+                    pending = []
+        if pending:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany("INSERT INTO r VALUES (?, ?, ?, ?)", pending)
+            conn.execute("COMMIT")
+        cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+        rows = conn.execute("SELECT COUNT(*) FROM r").fetchone()[0]
+        if rows != offset:
+            errors.append(f"{rows} rows, want {offset}")
+    finally:
+        conn.close()
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.unlink(path + suffix)
+            except FileNotFoundError:
+                pass
+    return {"ok": not errors, "errors": errors, "metrics": {
+        "runs": runs, "events_per_run": len(run_events()), "events_per_commit": events_per_commit,
+        "cpu_us_per_run": cpu / runs * 1e6, "wall_us_per_run": wall / runs * 1e6}}
+
+
+def interpreter_start(count: int = 5) -> dict[str, float]:
+    """Median seconds to start `python -c pass`, and to import the worker's
+    CLI: the floor under (d), a restarted worker process's recovery."""
+    def median_s(code: str) -> float:
+        times = []
+        for _ in range(count):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    return {"python_start_s": median_s("pass"),
+            "cli_import_s": median_s("import stepline.cli.main")}

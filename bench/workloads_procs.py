@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import kafka_bench
+import physical
 import sl_proc_tasks
 import workloads
 
@@ -296,14 +297,23 @@ async def split_throughput(url: str, n: int, warmup: int, bootstrap: str | None 
             raise RuntimeError("; ".join(errors)) from exc
         finally:
             worker.stop()
+        # The physical limit, measured on the same disk in the same minute.
+        probe = physical.group_commit_probe(d, min(n, 3000))["metrics"]
     done = max(r.completed, 1)
+    cpu_per_1000 = 1000 * (wcpu + dcpu + (bcpu or 0.0)) / done
     return {"ok": not errors, "errors": errors, "metrics": {
         "runs": n, "completed": r.completed, "in_flight": cap, "settle_s": settle_s,
         "elapsed_s": elapsed, "runs_per_s": r.completed / elapsed,
         "cpu_s_per_1000_runs_worker": 1000 * wcpu / done,
         "cpu_s_per_1000_runs_driver": 1000 * dcpu / done,
         "cpu_s_per_1000_runs_broker": 1000 * bcpu / done if bcpu is not None else None,
-        "cpu_s_per_1000_runs": 1000 * (wcpu + dcpu + (bcpu or 0.0)) / done,
+        "cpu_s_per_1000_runs": cpu_per_1000,
+        # µs per run is ms per 1,000 runs: / 1000 for s per 1,000.
+        "limit_cpu_s_per_1000_runs": probe["cpu_us_per_run"] / 1000,
+        "vs_limit": cpu_per_1000 / (probe["cpu_us_per_run"] / 1000),
+        "aim_cpu_s_per_1000_runs": 0.2, "aim_runs_per_s": 5000,
+        "limit": "group-commit probe (bench/physical.py): encode + durable commit of the same records, "
+                 "no engine",
         "worker_cpu_s": wcpu, "driver_cpu_s": dcpu, "broker_cpu_s": bcpu,
         "broker_pid_known": bpid is not None,
         "worker_rss_before_kb": rss0, "worker_rss_after_kb": rss1,
@@ -416,6 +426,7 @@ async def recovery(url: str, n: int, bootstrap: str | None = None, result_timeou
         "claimed_by_new_worker": len(new_owners) == 1,
         "worker_cpu_s": wcpu, "driver_cpu_s": dcpu, "broker_cpu_s": bcpu,
         "aim_all_resumed_s": 1.0, "static_membership": True,
+        **physical.interpreter_start(),
     }}
 
 
@@ -543,11 +554,14 @@ HEADLINES: dict[str, list[tuple[str, str, str]]] = {
                 ("cpu_s_per_1000_runs_worker", "  worker process", "{:.2f}"),
                 ("cpu_s_per_1000_runs_driver", "  driver process", "{:.2f}"),
                 ("cpu_s_per_1000_runs_broker", "  Kafka broker", "{:.2f}"),
+                ("limit_cpu_s_per_1000_runs", "  limit: group-commit probe, same run", "{:.2f}"),
+                ("vs_limit", "  all processes ÷ limit", "{:.1f}x"),
                 ("worker_rss_bytes_per_ended_run", "worker RSS bytes per ended run", "{:,.0f}")],
     "d_recovery": [("restart_to_first_resumed_s", "s restart -> first step resumed", "{:.2f}"),
                    ("restart_to_all_resumed_s", "s restart -> all resumed (aim ≤ 1)", "{:.2f}"),
                    ("restart_to_all_done_s", "s restart -> all done", "{:.2f}"),
                    ("restart_to_app_loaded_s", "s restart -> process imported the app", "{:.2f}"),
+                   ("cli_import_s", "  limit: python + import stepline.cli, same run", "{:.2f}"),
                    ("loaded_to_all_resumed_s", "s app loaded -> all resumed", "{:.2f}"),
                    ("reexecuted_completed_steps", "completed steps re-executed (must be 0)", "{:.0f}"),
                    ("runs_lost", "runs lost (must be 0)", "{:.0f}")],
