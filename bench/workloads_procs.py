@@ -298,7 +298,9 @@ async def split_throughput(url: str, n: int, warmup: int, bootstrap: str | None 
         finally:
             worker.stop()
         # The physical limit, measured on the same disk in the same minute.
-        probe = physical.group_commit_probe(d, min(n, 3000))["metrics"]
+        found = physical.group_commit_probe(d, min(n, 3000))
+        errors += found["errors"]
+        probe = found["metrics"]
     done = max(r.completed, 1)
     cpu_per_1000 = 1000 * (wcpu + dcpu + (bcpu or 0.0)) / done
     return {"ok": not errors, "errors": errors, "metrics": {

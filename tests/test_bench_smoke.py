@@ -90,6 +90,11 @@ def test_bench_quick(tmp_path: Path, request: pytest.FixtureRequest) -> None:
                              "k_workers", "a_split", "d_recovery", "e_replay", "f_subscriptions",
                              "g_sleeping"):
             assert m["completed"] == m["runs"] > 0, r
+        if r["workload"] == "a_split":
+            # Its limit was measured in the same row: the probe committed every record.
+            assert m["limit_cpu_s_per_1000_runs"] > 0 and m["vs_limit"] > 0, r
+        if r["workload"] == "d_recovery":
+            assert m["cli_import_s"] >= m["python_start_s"] > 0, r
         if r["workload"] in ("d_recovery", "g_sleeping"):
             assert m["runs_lost"] == 0, r
         if r["workload"] == "d_recovery":
