@@ -19,6 +19,9 @@ Reads: a small thread pool with its own read connections, so the event loop
 never touches the file. A `read` with a timeout wakes at once on appends made
 through this `SqliteLog`, and notices other processes' appends by polling
 `PRAGMA data_version` every `poll_interval` seconds while anyone is waiting.
+The poll asks the writer's connection, on which only other connections'
+commits change it: this process's own appends never wake its readers twice
+(once from `_deliver`, once more from the poll, with a query each).
 
 Groups: one worker process per group. `join_group` holds an exclusive
 `flock` on `.<db>.locks/group-<group>.lock`; the OS drops it when the holder dies, even
@@ -43,8 +46,6 @@ from .sqlite_file import (
     _NEXT_GENERATION,
     _SELECT,
     SCHEMA_VERSION,
-    _connect,
-    _data_version,
     _unavailable,
 )
 from .sqlite_groups import SqliteGroups
@@ -95,7 +96,6 @@ class SqliteLog(Log):
         self._reader_threads = reader_threads
         self._writer: _Writer | None = None
         self._readers: _Readers | None = None
-        self._poll_conn: sqlite3.Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # name -> (topic id, partition count); topics never change once made.
         self._topics: dict[str, tuple[int, int]] = {}
@@ -127,8 +127,7 @@ class SqliteLog(Log):
         self._writer = writer
         self._readers = _Readers(self.path, self._busy_timeout_ms, self._reader_threads)
         try:
-            self._poll_conn = _connect(self.path, self._busy_timeout_ms)
-            self._data_version = await self._readers.run_on(self._poll_conn, _data_version)
+            self._data_version = await writer.data_version()
             await self._load_topics()
         except LogCorrupted:
             await self.close()
@@ -148,9 +147,6 @@ class SqliteLog(Log):
         if self._readers is not None:
             await self._readers.close()
             self._readers = None
-        if self._poll_conn is not None:
-            self._poll_conn.close()
-            self._poll_conn = None
 
     def _parts(self) -> tuple[_Writer, _Readers]:
         if self._writer is None or self._readers is None:
@@ -311,14 +307,11 @@ class SqliteLog(Log):
 
     async def _poll(self) -> None:
         """Watch for other processes' commits while any reader waits."""
-        _, readers = self._parts()
-        assert self._poll_conn is not None
+        writer, _ = self._parts()
         while self._waiters:
             await asyncio.sleep(self.poll_interval)
-            version = await readers.run_on(self._poll_conn, _data_version)
+            version = await writer.data_version()
             if version != self._data_version:
-                # Our own writer's commits show up here too; waking for them
-                # costs one extra query per waiting reader, at most per interval.
                 self._data_version = version
                 self._external += 1
                 waiting, self._waiters = self._waiters, {}
