@@ -21,7 +21,11 @@ through this `SqliteLog`, and notices other processes' appends by polling
 `PRAGMA data_version` every `poll_interval` seconds while anyone is waiting.
 The poll asks the writer's connection, on which only other connections'
 commits change it: this process's own appends never wake its readers twice
-(once from `_deliver`, once more from the poll, with a query each).
+(once from `_deliver`, once more from the poll, with a query each). When it
+does change, one trip to a reader thread looks up the end of every partition
+someone waits on, and only the readers whose partition grew are woken (the
+rest, such as a worker's idle tails of other topics, would each re-run their
+query for nothing, a hundred times a second on a busy log).
 
 Groups: one worker process per group. `join_group` holds an exclusive
 `flock` on `.<db>.locks/group-<group>.lock`; the OS drops it when the holder dies, even
@@ -34,6 +38,7 @@ import asyncio
 import os
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import TypeVar
 
 from ..errors import LogCorrupted, LogError, UnknownTopic
@@ -60,6 +65,11 @@ T = TypeVar("T")
 def _set_if_pending(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+def _ends(conn: sqlite3.Connection, wheres: list[tuple[int, int]]) -> dict[tuple[int, int], int | None]:
+    """The last offset of each (topic id, partition), None when it holds none."""
+    return {w: conn.execute(_MAX_OFFSET, w).fetchone()[0] for w in wheres}
 
 
 def _keep_end(conn: sqlite3.Connection, tid: int, part: int) -> None:
@@ -101,7 +111,8 @@ class SqliteLog(Log):
         self._topics: dict[str, tuple[int, int]] = {}
         # In-process wake-ups: parked readers, and a counter per partition
         # bumped on every append so a reader can tell it missed one.
-        self._waiters: dict[tuple[int, int], list[asyncio.Future[None]]] = {}
+        # Parked readers per partition, with the offset each waits for.
+        self._waiters: dict[tuple[int, int], list[tuple[int, asyncio.Future[None]]]] = {}
         self._appended: dict[tuple[int, int], int] = {}
         # What this process committed last, per partition: readers in this
         # process (the worker tailing its own appends, a client awaiting a
@@ -171,7 +182,7 @@ class SqliteLog(Log):
         for where, rows in written.items():
             self._recent.setdefault(where, _Recent()).add(rows, self._external)
             self._appended[where] = self._appended.get(where, 0) + 1
-            for waiter in self._waiters.pop(where, ()):
+            for _, waiter in self._waiters.pop(where, ()):
                 _set_if_pending(waiter)
 
     # --- topics ---
@@ -286,7 +297,8 @@ class SqliteLog(Log):
             if seen != (self._appended.get(where, 0), self._external):
                 continue
             waiter: asyncio.Future[None] = loop.create_future()
-            self._waiters.setdefault(where, []).append(waiter)
+            entry = (offset, waiter)
+            self._waiters.setdefault(where, []).append(entry)
             self._ensure_poller()
             timer = loop.call_later(remaining, _set_if_pending, waiter)
             try:
@@ -294,8 +306,8 @@ class SqliteLog(Log):
             finally:
                 timer.cancel()
                 parked = self._waiters.get(where)
-                if parked is not None and waiter in parked:
-                    parked.remove(waiter)
+                if parked is not None and entry in parked:
+                    parked.remove(entry)
                     if not parked:
                         del self._waiters[where]
 
@@ -307,17 +319,30 @@ class SqliteLog(Log):
 
     async def _poll(self) -> None:
         """Watch for other processes' commits while any reader waits."""
-        writer, _ = self._parts()
+        writer, readers = self._parts()
         while self._waiters:
             await asyncio.sleep(self.poll_interval)
             version = await writer.data_version()
-            if version != self._data_version:
-                self._data_version = version
-                self._external += 1
-                waiting, self._waiters = self._waiters, {}
-                for parked in waiting.values():
-                    for waiter in parked:
-                        _set_if_pending(waiter)
+            if version == self._data_version:
+                continue
+            self._data_version = version
+            # Read after the version: a commit the ends miss changes the
+            # version again, and the next poll looks once more.
+            wheres = list(self._waiters)
+            ends = await readers.run(partial(_ends, wheres=wheres))
+            # Bumped only now: a reader that queried before this commit was
+            # visible and parks after this point sees the counter moved and
+            # queries again (see `read`).
+            self._external += 1
+            for where in list(self._waiters):
+                parked = self._waiters[where]
+                if where in ends:
+                    top = ends[where]
+                    woken = [e for e in parked if top is not None and top >= e[0]]
+                else:  # parked while the ends were read: wake it to be sure
+                    woken = parked
+                for _, waiter in woken:
+                    _set_if_pending(waiter)
 
     async def end_offset(self, topic: str, partition: int) -> int:
         _, readers = self._parts()
