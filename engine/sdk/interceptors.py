@@ -166,9 +166,11 @@ class TracingInterceptor(Interceptor):
         for run_id in [r for r in self._parents if partition_of(r) in partitions]:
             del self._parents[run_id]
 
-    def attempt(self, state: RunState) -> AttemptScope:
+    def attempt(self, state: RunState) -> AttemptScope | None:
         span = tracing.start_attempt(state.run_id, state.task_id, state.attempt, self._parents.get(state.run_id))
-        return _SpanScope(span)
+        # Nothing records (no tracer, no meter): no scope, so that the
+        # metrics' scope is the attempt's alone, not one of two to call.
+        return None if span is tracing.NO_ATTEMPT else _SpanScope(span)
 
     def step(self, name: str, position: int) -> AbstractContextManager[object] | None:
         return tracing.step_scope(name, position)
