@@ -315,13 +315,13 @@ class Interceptors:
     async def trigger(self, event: Event, append: Append, where: Destination) -> int:
         call = append
         for hook in reversed(self._trigger):
-            call = _bound(hook, call, where)
+            call = _Next(hook, call, where)
         return await call(event)
 
     async def publish(self, event: Event, append: Append, where: Destination) -> int:
         call = append
         for hook in reversed(self._publish):
-            call = _bound(hook, call, where)
+            call = _Next(hook, call, where)
         return await call(event)
 
     def started(self, worker: WorkerView) -> None:
@@ -415,12 +415,21 @@ def _overriding(items: tuple[Interceptor, ...], name: str) -> tuple[Any, ...]:
                  if getattr(hook, "__func__", None) is not base)
 
 
-def _bound(hook: Callable[[Event, Append, Destination], Awaitable[int]], append: Append,
-           where: Destination) -> Append:
-    async def call(event: Event) -> int:
-        return await hook(event, append, where)
+class _Next:
+    """`hook` bound to what comes after it: called with an event, it gives
+    the hook's awaitable itself (no coroutine of its own around it: every
+    trigger goes through each level)."""
 
-    return call
+    __slots__ = ("_hook", "_append", "_where")
+
+    def __init__(self, hook: Callable[[Event, Append, Destination], Awaitable[int]], append: Append,
+                 where: Destination) -> None:
+        self._hook = hook
+        self._append = append
+        self._where = where
+
+    def __call__(self, event: Event) -> Awaitable[int]:
+        return self._hook(event, self._append, self._where)
 
 
 __all__ = [
