@@ -16,16 +16,20 @@ A failed commit (disk full, I/O error, lock timeout) fails the whole batch
 with `LogWriteFailed`; nothing of it was written, and the thread carries on.
 
 Reads: a small thread pool with its own read connections, so the event loop
-never touches the file. A `read` with a timeout wakes at once on appends made
-through this `SqliteLog`, and notices other processes' appends by polling
-`PRAGMA data_version` every `poll_interval` seconds while anyone is waiting.
-The poll asks the writer's connection, on which only other connections'
-commits change it: this process's own appends never wake its readers twice
-(once from `_deliver`, once more from the poll, with a query each). When it
-does change, one trip to a reader thread looks up the end of every partition
+never waits for the file (its one statement, the poll's look at `PRAGMA
+data_version` below, reads shared memory and never waits for a lock). A
+`read` with a timeout wakes at once on appends made through this
+`SqliteLog`, and notices other processes' appends by polling `PRAGMA
+data_version` every `poll_interval` seconds while anyone is waiting. The
+poll looks first on a connection of the loop's own: unchanged, nobody
+committed, and an idle poll costs no thread switch. Changed, it asks the
+writer's connection, on which only other connections' commits change it:
+this process's own appends never wake its readers twice (once from
+`_deliver`, once more from the poll, with a query each). When it does
+change, one trip to a reader thread looks up the end of every partition
 someone waits on, and only the readers whose partition grew are woken (the
-rest, such as a worker's idle tails of other topics, would each re-run their
-query for nothing, a hundred times a second on a busy log).
+rest, such as a worker's idle tails of other topics, would each re-run
+their query for nothing, a hundred times a second on a busy log).
 
 Groups: one worker process per group. `join_group` holds an exclusive
 `flock` on `.<db>.locks/group-<group>.lock`; the OS drops it when the holder dies, even
@@ -51,6 +55,7 @@ from .sqlite_file import (
     _NEXT_GENERATION,
     _SELECT,
     SCHEMA_VERSION,
+    _connect,
     _unavailable,
 )
 from .sqlite_groups import SqliteGroups
@@ -122,6 +127,9 @@ class SqliteLog(Log):
         # counter bumped each time it changes.
         self._data_version = -1
         self._external = 0
+        # A connection of the loop's own, for one cheap look per poll (see `_peek`).
+        self._peek_conn: sqlite3.Connection | None = None
+        self._peeked: int | None = None
         self._poller: asyncio.Task[None] | None = None
         self._groups = SqliteGroups(self.path)
 
@@ -139,6 +147,8 @@ class SqliteLog(Log):
         self._readers = _Readers(self.path, self._busy_timeout_ms, self._reader_threads)
         try:
             self._data_version = await writer.data_version()
+            # Opened off the loop; it never waits for a lock (busy timeout 0).
+            self._peek_conn = await asyncio.to_thread(_connect, self.path, 0)
             await self._load_topics()
         except LogCorrupted:
             await self.close()
@@ -158,6 +168,9 @@ class SqliteLog(Log):
         if self._readers is not None:
             await self._readers.close()
             self._readers = None
+        if self._peek_conn is not None:
+            self._peek_conn.close()
+            self._peek_conn = None
 
     def _parts(self) -> tuple[_Writer, _Readers]:
         if self._writer is None or self._readers is None:
@@ -322,6 +335,10 @@ class SqliteLog(Log):
         writer, readers = self._parts()
         while self._waiters:
             await asyncio.sleep(self.poll_interval)
+            peeked = self._peek()
+            if peeked is not None and peeked == self._peeked:
+                continue  # nobody committed, this process included: no thread hop
+            self._peeked = peeked
             version = await writer.data_version()
             if version == self._data_version:
                 continue
@@ -343,6 +360,21 @@ class SqliteLog(Log):
                     woken = parked
                 for _, waiter in woken:
                     _set_if_pending(waiter)
+
+    def _peek(self) -> int | None:
+        """`PRAGMA data_version` on the loop's own connection: it changes on
+        every commit but its own (ours included), so an unchanged value means
+        nothing was committed at all, and the poll needs no trip to the
+        writer thread. An idle worker's poll then costs a few microseconds,
+        not two thread switches. It reads only the WAL index (shared memory)
+        and never waits: busy, or failing, it says None, "ask the writer"."""
+        conn = self._peek_conn
+        if conn is None:
+            return None
+        try:
+            return int(conn.execute("PRAGMA data_version").fetchone()[0])
+        except sqlite3.Error:
+            return None
 
     async def end_offset(self, topic: str, partition: int) -> int:
         _, readers = self._parts()
