@@ -345,7 +345,11 @@ class Interceptors:
             i.appended(seconds, records)
 
     def attempt(self, state: RunState) -> AttemptScope:
-        scopes: list[AttemptScope] = [s for s in (hook(state) for hook in self._attempt) if s is not None]
+        scopes: list[AttemptScope] = []
+        for hook in self._attempt:  # a loop, not a generator: once per attempt
+            scope = hook(state)
+            if scope is not None:
+                scopes.append(scope)
         if not scopes:
             return NO_SCOPE
         return scopes[0] if len(scopes) == 1 else _Scopes(scopes)
@@ -361,8 +365,11 @@ class Interceptors:
 
     def step(self, name: str, position: int) -> AbstractContextManager[object]:
         # A hot path: one scope (tracing's or metrics') is returned as it is.
-        scopes: list[AbstractContextManager[object]] = [
-            s for s in (hook(name, position) for hook in self._step) if s is not None]
+        scopes: list[AbstractContextManager[object]] = []
+        for hook in self._step:  # a loop, not a generator: once per step
+            scope = hook(name, position)
+            if scope is not None:
+                scopes.append(scope)
         if len(scopes) == 1:
             return scopes[0]
         return _Steps(scopes) if scopes else _NO_STEP
