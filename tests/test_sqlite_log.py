@@ -214,6 +214,31 @@ async def test_a_reader_sees_appends_made_by_another_process(log: SqliteLog, db:
     assert [r.value for r in records] == [b"triggered from a CLI"]
 
 
+async def test_a_commit_elsewhere_wakes_only_the_readers_whose_partition_grew(log: SqliteLog, db: Path) -> None:
+    # Another handle's commits are seen by polling; a reader parked on a
+    # partition that did not grow is left parked instead of re-running its
+    # query on every poll (a worker's idle tails, a hundred times a second).
+    selects: list[int] = []
+    real_select = log._select
+
+    async def spy(topic: str, where: tuple[int, int], *args: object, **kwargs: object) -> object:
+        selects.append(where[1])
+        return await real_select(topic, where, *args, **kwargs)  # type: ignore[arg-type]
+
+    log._select = spy  # type: ignore[method-assign]
+    quiet = asyncio.create_task(log.read(TOPIC, 0, 0, timeout=60))
+    busy = asyncio.create_task(log.read(TOPIC, 1, 0, timeout=60))
+    while len(log._waiters) < 2:
+        await asyncio.sleep(0.001)
+    selects.clear()
+    async with SqliteLog(db) as other:
+        await other.append(TOPIC, 1, [(b"k", b"to partition 1")])
+        assert [r.value for r in await asyncio.wait_for(busy, 10)] == [b"to partition 1"]
+        assert not quiet.done() and 0 not in selects
+        await other.append(TOPIC, 0, [(b"k", b"to partition 0")])
+        assert [r.value for r in await asyncio.wait_for(quiet, 10)] == [b"to partition 0"]
+
+
 # Long-lived openers, so the rounds cost no interpreter start: each line on
 # stdin names a log to open, append one record to and close.
 OPENER = """

@@ -33,6 +33,9 @@ from stepline.log.base import Headers, Log, Outgoing
 from stepline.log.headers import event_headers
 
 AppendedCallback = Callable[[int, list[int], list[Event]], None]
+# Called with an event's future as soon as it is settled, in the same turn of
+# the loop (a done-callback would run one turn later).
+Then = Callable[["asyncio.Future[int]"], None]
 TimedCallback = Callable[[float, int], None]
 
 
@@ -44,6 +47,7 @@ class _Pending:
     futures: list[asyncio.Future[int]] = field(default_factory=list)
     outgoing: list[Outgoing] = field(default_factory=list)
     headers: list[Headers] | None = None
+    thens: list[tuple[asyncio.Future[int], Then]] = field(default_factory=list)
 
 
 class Appender:
@@ -58,10 +62,12 @@ class Appender:
         self._headers = log.record_headers
 
     def submit(
-        self, event: Event, key: bytes, partition: int, outgoing: Sequence[Outgoing] = ()
+        self, event: Event, key: bytes, partition: int, outgoing: Sequence[Outgoing] = (),
+        then: Then | None = None,
     ) -> asyncio.Future[int]:
         """Queue one event (with records for other topics, written in the
-        same transaction); the future gives its offset once durable.
+        same transaction); the future gives its offset once durable, and
+        `then`, if given, is called with it as soon as it is settled.
 
         Encoding errors raise here, at the caller.
         """
@@ -77,6 +83,8 @@ class Appender:
         pend.events.append(event)
         pend.futures.append(fut)
         pend.outgoing.extend(outgoing)
+        if then is not None:
+            pend.thens.append((fut, then))
         if partition not in self._flushing:
             self._flushing[partition] = asyncio.create_task(self._flush(partition))
         return fut
@@ -106,6 +114,7 @@ class Appender:
                             f.set_exception(exc)
                         else:
                             f.cancel()
+                    _call_thens(pend)
                     if not isinstance(exc, Exception):
                         raise
                     continue
@@ -116,6 +125,7 @@ class Appender:
                 for f, off in zip(pend.futures, offsets):
                     if not f.done():
                         f.set_result(off)
+                _call_thens(pend)
         finally:
             self._flushing.pop(partition, None)
 
@@ -123,3 +133,8 @@ class Appender:
         """Wait until everything submitted so far is durable (or failed)."""
         while self._flushing:
             await asyncio.gather(*list(self._flushing.values()), return_exceptions=True)
+
+
+def _call_thens(pend: _Pending) -> None:
+    for fut, then in pend.thens:
+        then(fut)

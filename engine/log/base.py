@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
+from ..core.frozen import fast_init
 from ..errors import EmitUnsupported, RetentionUnsupported
 
 _WORDS = struct.Struct("<I")
@@ -63,6 +64,10 @@ class Record:
     key: bytes
     value: bytes
     timestamp_ms: int
+
+
+# One per record read, on every backend, by every tail and watcher.
+fast_init(Record)
 
 
 @dataclass(frozen=True, slots=True)

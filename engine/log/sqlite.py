@@ -16,9 +16,20 @@ A failed commit (disk full, I/O error, lock timeout) fails the whole batch
 with `LogWriteFailed`; nothing of it was written, and the thread carries on.
 
 Reads: a small thread pool with its own read connections, so the event loop
-never touches the file. A `read` with a timeout wakes at once on appends made
-through this `SqliteLog`, and notices other processes' appends by polling
-`PRAGMA data_version` every `poll_interval` seconds while anyone is waiting.
+never waits for the file (its one statement, the poll's look at `PRAGMA
+data_version` below, reads shared memory and never waits for a lock). A
+`read` with a timeout wakes at once on appends made through this
+`SqliteLog`, and notices other processes' appends by polling `PRAGMA
+data_version` every `poll_interval` seconds while anyone is waiting. The
+poll looks first on a connection of the loop's own: unchanged, nobody
+committed, and an idle poll costs no thread switch. Changed, it asks the
+writer's connection, on which only other connections' commits change it:
+this process's own appends never wake its readers twice (once from
+`_deliver`, once more from the poll, with a query each). When it does
+change, one trip to a reader thread looks up the end of every partition
+someone waits on, and only the readers whose partition grew are woken (the
+rest, such as a worker's idle tails of other topics, would each re-run
+their query for nothing, a hundred times a second on a busy log).
 
 Groups: one worker process per group. `join_group` holds an exclusive
 `flock` on `.<db>.locks/group-<group>.lock`; the OS drops it when the holder dies, even
@@ -31,6 +42,7 @@ import asyncio
 import os
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import TypeVar
 
 from ..errors import LogCorrupted, LogError, UnknownTopic
@@ -44,7 +56,6 @@ from .sqlite_file import (
     _SELECT,
     SCHEMA_VERSION,
     _connect,
-    _data_version,
     _unavailable,
 )
 from .sqlite_groups import SqliteGroups
@@ -59,6 +70,11 @@ T = TypeVar("T")
 def _set_if_pending(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+def _ends(conn: sqlite3.Connection, wheres: list[tuple[int, int]]) -> dict[tuple[int, int], int | None]:
+    """The last offset of each (topic id, partition), None when it holds none."""
+    return {w: conn.execute(_MAX_OFFSET, w).fetchone()[0] for w in wheres}
 
 
 def _keep_end(conn: sqlite3.Connection, tid: int, part: int) -> None:
@@ -95,13 +111,13 @@ class SqliteLog(Log):
         self._reader_threads = reader_threads
         self._writer: _Writer | None = None
         self._readers: _Readers | None = None
-        self._poll_conn: sqlite3.Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # name -> (topic id, partition count); topics never change once made.
         self._topics: dict[str, tuple[int, int]] = {}
         # In-process wake-ups: parked readers, and a counter per partition
         # bumped on every append so a reader can tell it missed one.
-        self._waiters: dict[tuple[int, int], list[asyncio.Future[None]]] = {}
+        # Parked readers per partition, with the offset each waits for.
+        self._waiters: dict[tuple[int, int], list[tuple[int, asyncio.Future[None]]]] = {}
         self._appended: dict[tuple[int, int], int] = {}
         # What this process committed last, per partition: readers in this
         # process (the worker tailing its own appends, a client awaiting a
@@ -111,6 +127,9 @@ class SqliteLog(Log):
         # counter bumped each time it changes.
         self._data_version = -1
         self._external = 0
+        # A connection of the loop's own, for one cheap look per poll (see `_peek`).
+        self._peek_conn: sqlite3.Connection | None = None
+        self._peeked: int | None = None
         self._poller: asyncio.Task[None] | None = None
         self._groups = SqliteGroups(self.path)
 
@@ -127,8 +146,9 @@ class SqliteLog(Log):
         self._writer = writer
         self._readers = _Readers(self.path, self._busy_timeout_ms, self._reader_threads)
         try:
-            self._poll_conn = _connect(self.path, self._busy_timeout_ms)
-            self._data_version = await self._readers.run_on(self._poll_conn, _data_version)
+            self._data_version = await writer.data_version()
+            # Opened off the loop; it never waits for a lock (busy timeout 0).
+            self._peek_conn = await asyncio.to_thread(_connect, self.path, 0)
             await self._load_topics()
         except LogCorrupted:
             await self.close()
@@ -148,9 +168,9 @@ class SqliteLog(Log):
         if self._readers is not None:
             await self._readers.close()
             self._readers = None
-        if self._poll_conn is not None:
-            self._poll_conn.close()
-            self._poll_conn = None
+        if self._peek_conn is not None:
+            self._peek_conn.close()
+            self._peek_conn = None
 
     def _parts(self) -> tuple[_Writer, _Readers]:
         if self._writer is None or self._readers is None:
@@ -175,7 +195,7 @@ class SqliteLog(Log):
         for where, rows in written.items():
             self._recent.setdefault(where, _Recent()).add(rows, self._external)
             self._appended[where] = self._appended.get(where, 0) + 1
-            for waiter in self._waiters.pop(where, ()):
+            for _, waiter in self._waiters.pop(where, ()):
                 _set_if_pending(waiter)
 
     # --- topics ---
@@ -290,7 +310,8 @@ class SqliteLog(Log):
             if seen != (self._appended.get(where, 0), self._external):
                 continue
             waiter: asyncio.Future[None] = loop.create_future()
-            self._waiters.setdefault(where, []).append(waiter)
+            entry = (offset, waiter)
+            self._waiters.setdefault(where, []).append(entry)
             self._ensure_poller()
             timer = loop.call_later(remaining, _set_if_pending, waiter)
             try:
@@ -298,8 +319,8 @@ class SqliteLog(Log):
             finally:
                 timer.cancel()
                 parked = self._waiters.get(where)
-                if parked is not None and waiter in parked:
-                    parked.remove(waiter)
+                if parked is not None and entry in parked:
+                    parked.remove(entry)
                     if not parked:
                         del self._waiters[where]
 
@@ -311,20 +332,49 @@ class SqliteLog(Log):
 
     async def _poll(self) -> None:
         """Watch for other processes' commits while any reader waits."""
-        _, readers = self._parts()
-        assert self._poll_conn is not None
+        writer, readers = self._parts()
         while self._waiters:
             await asyncio.sleep(self.poll_interval)
-            version = await readers.run_on(self._poll_conn, _data_version)
-            if version != self._data_version:
-                # Our own writer's commits show up here too; waking for them
-                # costs one extra query per waiting reader, at most per interval.
-                self._data_version = version
-                self._external += 1
-                waiting, self._waiters = self._waiters, {}
-                for parked in waiting.values():
-                    for waiter in parked:
-                        _set_if_pending(waiter)
+            peeked = self._peek()
+            if peeked is not None and peeked == self._peeked:
+                continue  # nobody committed, this process included: no thread hop
+            self._peeked = peeked
+            version = await writer.data_version()
+            if version == self._data_version:
+                continue
+            self._data_version = version
+            # Read after the version: a commit the ends miss changes the
+            # version again, and the next poll looks once more.
+            wheres = list(self._waiters)
+            ends = await readers.run(partial(_ends, wheres=wheres))
+            # Bumped only now: a reader that queried before this commit was
+            # visible and parks after this point sees the counter moved and
+            # queries again (see `read`).
+            self._external += 1
+            for where in list(self._waiters):
+                parked = self._waiters[where]
+                if where in ends:
+                    top = ends[where]
+                    woken = [e for e in parked if top is not None and top >= e[0]]
+                else:  # parked while the ends were read: wake it to be sure
+                    woken = parked
+                for _, waiter in woken:
+                    _set_if_pending(waiter)
+
+    def _peek(self) -> int | None:
+        """`PRAGMA data_version` on the loop's own connection: it changes on
+        every commit but its own (ours included), so an unchanged value means
+        nothing was committed at all, and the poll needs no trip to the
+        writer thread. An idle worker's poll then costs a few microseconds,
+        not two thread switches. It reads only the WAL index (shared memory)
+        and never waits: busy, or failing, it says None, "ask the writer"."""
+        conn = self._peek_conn
+        if conn is None:
+            return None
+        try:
+            return int(conn.execute("PRAGMA data_version").fetchone()[0])
+        except sqlite3.Error:
+            return None
 
     async def end_offset(self, topic: str, partition: int) -> int:
         _, readers = self._parts()

@@ -87,13 +87,6 @@ class _Readers:
         except sqlite3.Error as exc:
             raise self._failed(exc) from exc
 
-    async def run_on(self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._pool, fn, conn)
-        except sqlite3.Error as exc:
-            raise self._failed(exc) from exc
-
     def _failed(self, exc: sqlite3.Error) -> LogError:
         name = getattr(exc, "sqlite_errorname", type(exc).__name__)
         if _corrupt(exc):

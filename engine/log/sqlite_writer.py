@@ -96,7 +96,16 @@ class _Call:
     future: asyncio.Future[Any]
 
 
-_Op = _Append | _Call
+@dataclass(slots=True)
+class _Poll:
+    """Read `PRAGMA data_version` on the write connection, outside any
+    transaction. On this connection it changes only when another connection
+    (another process) committed: our own commits never wake our readers."""
+
+    future: asyncio.Future[Any]
+
+
+_Op = _Append | _Call | _Poll
 # (future, result, error) per operation of a batch, in queue order.
 _Results = list[tuple[asyncio.Future[Any], Any, BaseException | None]]
 _Rows = dict[tuple[int, int], list[tuple[int, bytes, bytes, int]]]
@@ -142,6 +151,12 @@ class _Writer:
 
     def submit(self, op: _Op) -> None:
         self._queue.put(op)
+
+    async def data_version(self) -> int:
+        """The write connection's `PRAGMA data_version` (see `_Poll`)."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue.put(_Poll(future))
+        return await future
 
     def _run(self, ready: concurrent.futures.Future[None]) -> None:
         try:
@@ -202,6 +217,29 @@ class _Writer:
         return conn
 
     def _write(self, batch: list[_Op]) -> None:
+        polls = [op for op in batch if isinstance(op, _Poll)]
+        if polls:
+            batch = [op for op in batch if not isinstance(op, _Poll)]
+        results: _Results = []
+        touched: _Rows = {}
+        if batch:
+            results, touched = self._transact(batch)
+        for poll in polls:
+            results.append(self._poll(poll))
+        assert self._loop is not None and self._deliver is not None
+        try:
+            self._loop.call_soon_threadsafe(self._deliver, results, touched)
+        except RuntimeError:
+            pass  # the loop is closed; nobody is left to tell
+
+    def _poll(self, op: _Poll) -> tuple[asyncio.Future[Any], Any, BaseException | None]:
+        assert self._conn is not None
+        try:
+            return (op.future, int(self._conn.execute("PRAGMA data_version").fetchone()[0]), None)
+        except sqlite3.Error as exc:
+            return (op.future, None, self._failed([op], exc)[0][2])
+
+    def _transact(self, batch: list[_Op]) -> tuple[_Results, _Rows]:
         try:
             results, touched = self._transaction(batch)
         except sqlite3.IntegrityError:
@@ -213,11 +251,7 @@ class _Writer:
                 results, touched = self._failed(batch, exc), {}
         except sqlite3.Error as exc:
             results, touched = self._failed(batch, exc), {}
-        assert self._loop is not None and self._deliver is not None
-        try:
-            self._loop.call_soon_threadsafe(self._deliver, results, touched)
-        except RuntimeError:
-            pass  # the loop is closed; nobody is left to tell
+        return results, touched
 
     def _transaction(self, batch: list[_Op]) -> tuple[_Results, _Rows]:
         conn, turnstile = self._conn, self._turnstile
@@ -241,6 +275,7 @@ class _Writer:
                 if isinstance(op, _Call):
                     results.append(self._call(conn, op))
                     continue
+                assert isinstance(op, _Append), "polls never enter a transaction"
                 where = (op.topic_id, op.partition)
                 start = nexts.get(where)
                 if start is None:

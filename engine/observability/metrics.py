@@ -95,8 +95,22 @@ APPEND_SECONDS = Histogram("stepline_log_append_duration_seconds",
 # --- counters: what the interceptor reports ----------------------------------------
 
 
+# Every run calls `labels()` on several metrics; each call takes the metric's
+# lock and builds a key. The children, looked up once per label values,
+# are kept here (prometheus_client keeps every child anyway).
+_children: dict[tuple[object, tuple[str, ...]], Any] = {}
+
+
+def _child(metric: Any, *values: str) -> Any:
+    key = (metric, values)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*values)
+    return child
+
+
 def triggered(task_id: str) -> None:
-    TRIGGERED.labels(task_id).inc()
+    _child(TRIGGERED, task_id).inc()
 
 
 _folded: dict[type[Any], Any] = {}
@@ -140,21 +154,21 @@ class AttemptTimer:
             return
         self._ended = True
         task = self.task_id
-        ATTEMPTS.labels(task, outcome).inc()
-        ATTEMPT_SECONDS.labels(task).observe(time.perf_counter() - self._start)
+        _child(ATTEMPTS, task, outcome).inc()
+        _child(ATTEMPT_SECONDS, task).observe(time.perf_counter() - self._start)
         if outcome == "retrying":
-            RETRIES.labels(task).inc()
+            _child(RETRIES, task).inc()
         elif outcome in ("completed", "failed", "cancelled"):
             if outcome == "completed":
-                COMPLETED.labels(task).inc()
+                _child(COMPLETED, task).inc()
             elif outcome == "failed":
                 # A run that fails for good is dead-lettered in the same
                 # attempt (RunFailed + RunDeadLettered, engine/runtime/runner.py).
-                FAILED.labels(task).inc()
-                DEAD_LETTERED.labels(task).inc()
+                _child(FAILED, task).inc()
+                _child(DEAD_LETTERED, task).inc()
             first = self._first_start_ms
             elapsed = time.time() - first / 1000 if first is not None else time.perf_counter() - self._start
-            RUN_SECONDS.labels(task, outcome).observe(max(elapsed, 0.0))
+            _child(RUN_SECONDS, task, outcome).observe(max(elapsed, 0.0))
 
     def close(self) -> None:
         if not self._ended:
@@ -167,7 +181,7 @@ class AttemptTimer:
 def attempt(task_id: str, first_start_ms: int | None) -> AttemptTimer:
     """An attempt begins: `first_start_ms` is when the run first started, None if never."""
     if first_start_ms is None:
-        STARTED.labels(task_id).inc()
+        _child(STARTED, task_id).inc()
     return AttemptTimer(task_id, first_start_ms)
 
 

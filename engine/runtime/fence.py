@@ -107,8 +107,12 @@ class Fence:
     def _submit(self, ev: Event, p: int, epoch: int, body: Body, outgoing: Sequence[Outgoing]) -> asyncio.Future[int]:
         rid = ev.run_id
         gate = self._slots.gate(rid, body)
+        out: asyncio.Future[int] | None = None
+        landed = None
+        if isinstance(body, StepCompleted):
+            out, landed = self._read_back(p, epoch)
         if gate is None:
-            appended = self._appender.submit(ev, rid.encode(), p, outgoing)
+            appended = self._appender.submit(ev, rid.encode(), p, outgoing, landed)
         else:
             # Later events of the run queue up behind the release, in order
             # (done-callbacks run in the order they were added).
@@ -119,19 +123,23 @@ class Fence:
                 inner.add_done_callback(lambda f: _copy_result(f, appended))
 
             gate.add_done_callback(submit)
-        return self._read_back(p, epoch, appended) if isinstance(body, StepCompleted) else appended
+            if landed is not None:
+                appended.add_done_callback(landed)
+        return appended if out is None else out
 
-    def _read_back(self, p: int, epoch: int, appended: asyncio.Future[int]) -> asyncio.Future[int]:
+    def _read_back(self, p: int, epoch: int) -> tuple[asyncio.Future[int], Callable[[asyncio.Future[int]], None]]:
+        """The future a checkpoint's step awaits, and what settles it once
+        the append landed (called by the Appender in the same turn of the
+        loop: on the one-run-at-a-time path every turn is latency)."""
         out: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
         def landed(f: asyncio.Future[int]) -> None:
             if f.cancelled() or f.exception() is not None:
                 _copy_result(f, out)
-            elif not out.done():
-                self._owned.read_back(p, epoch, f.result()).add_done_callback(lambda r: _copy_result(r, out))
+            else:
+                self._owned.read_back(p, epoch, f.result(), out)
 
-        appended.add_done_callback(landed)
-        return out
+        return out, landed
 
     def request(self, run_id: str, task_id: str, body: Body, pool: str | None = None) -> asyncio.Future[int]:
         """Append a request (epoch 0, unfenced) to any run, owned here or not,

@@ -72,19 +72,22 @@ class Owned:
             for _, _, fut in self._reading_back.pop(p, []):
                 fut.cancel()
 
-    def read_back(self, p: int, epoch: int, offset: int) -> asyncio.Future[int]:
-        """`offset` once partition `p` is folded past it under the claim of
-        `epoch`; cancelled if the claim is gone by then (a newer owner's
-        claim came first, or the partition was revoked)."""
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    def read_back(self, p: int, epoch: int, offset: int, out: asyncio.Future[int]) -> None:
+        """Resolve `out` to `offset` once partition `p` is folded past it
+        under the claim of `epoch`; cancel it if the claim is gone by then (a
+        newer owner's claim came first, or the partition was revoked).
+
+        Settled here and now when it can be (the common case): a future of
+        its own would cost the step another turn of the loop."""
         part = self.parts.get(p)
+        if out.done():
+            return
         if part is None or self.epochs.get(p) != epoch:
-            fut.cancel()
+            out.cancel()
         elif part.next_offset > offset or offset < self._own_end.get(p, 0):
-            fut.set_result(offset)
+            out.set_result(offset)
         else:
-            self._reading_back.setdefault(p, []).append((offset, epoch, fut))
-        return fut
+            self._reading_back.setdefault(p, []).append((offset, epoch, out))
 
     def caught_up(self, p: int) -> None:
         """The tail folded more of `p`: settle the appends it has read back."""

@@ -166,9 +166,11 @@ class TracingInterceptor(Interceptor):
         for run_id in [r for r in self._parents if partition_of(r) in partitions]:
             del self._parents[run_id]
 
-    def attempt(self, state: RunState) -> AttemptScope:
+    def attempt(self, state: RunState) -> AttemptScope | None:
         span = tracing.start_attempt(state.run_id, state.task_id, state.attempt, self._parents.get(state.run_id))
-        return _SpanScope(span)
+        # Nothing records (no tracer, no meter): no scope, so that the
+        # metrics' scope is the attempt's alone, not one of two to call.
+        return None if span is tracing.NO_ATTEMPT else _SpanScope(span)
 
     def step(self, name: str, position: int) -> AbstractContextManager[object] | None:
         return tracing.step_scope(name, position)
@@ -290,23 +292,36 @@ class _Scopes:
 
 
 class Interceptors:
-    """A list of interceptors as the core calls them: each in order, the last innermost."""
+    """A list of interceptors as the core calls them: each in order, the last innermost.
 
-    __slots__ = ("items",)
+    Per hook, only the interceptors that override it are called: the base
+    class's no-ops would cost a call (a coroutine frame for `trigger`) per
+    run, step or folded event for nothing.
+    """
+
+    __slots__ = ("items", "_trigger", "_publish", "_folded", "_attempt", "_step", "_open_attempt",
+                 "_enter_body")
 
     def __init__(self, items: Sequence[Interceptor] = ()) -> None:
         self.items = tuple(items)
+        self._trigger = _overriding(self.items, "trigger")
+        self._publish = _overriding(self.items, "publish")
+        self._folded = _overriding(self.items, "folded")
+        self._attempt = _overriding(self.items, "attempt")
+        self._step = _overriding(self.items, "step")
+        self._open_attempt = _overriding(self.items, "open_attempt")
+        self._enter_body = _overriding(self.items, "enter_body")
 
     async def trigger(self, event: Event, append: Append, where: Destination) -> int:
         call = append
-        for i in reversed(self.items):
-            call = _bound(i.trigger, call, where)
+        for hook in reversed(self._trigger):
+            call = _Next(hook, call, where)
         return await call(event)
 
     async def publish(self, event: Event, append: Append, where: Destination) -> int:
         call = append
-        for i in reversed(self.items):
-            call = _bound(i.publish, call, where)
+        for hook in reversed(self._publish):
+            call = _Next(hook, call, where)
         return await call(event)
 
     def started(self, worker: WorkerView) -> None:
@@ -318,8 +333,8 @@ class Interceptors:
             i.stopped(worker)
 
     def folded(self, event: Event, state: RunState, partition: int, offset: int) -> None:
-        for i in self.items:
-            i.folded(event, state, partition, offset)
+        for hook in self._folded:
+            hook(event, state, partition, offset)
 
     def released(self, partitions: frozenset[int], partition_of: Callable[[str], int]) -> None:
         for i in self.items:
@@ -330,23 +345,31 @@ class Interceptors:
             i.appended(seconds, records)
 
     def attempt(self, state: RunState) -> AttemptScope:
-        scopes = [s for s in (i.attempt(state) for i in self.items) if s is not None]
+        scopes: list[AttemptScope] = []
+        for hook in self._attempt:  # a loop, not a generator: once per attempt
+            scope = hook(state)
+            if scope is not None:
+                scopes.append(scope)
         if not scopes:
             return NO_SCOPE
         return scopes[0] if len(scopes) == 1 else _Scopes(scopes)
 
     async def open_attempt(self, task: Task[Any, Any], state: RunState, ctx: RunContext) -> RunState:
-        for i in self.items:
-            state = await i.open_attempt(task, state, ctx)
+        for hook in self._open_attempt:
+            state = await hook(task, state, ctx)
         return state
 
     def enter_body(self, task: Task[Any, Any], state: RunState, ctx: RunContext) -> None:
-        for i in self.items:
-            i.enter_body(task, state, ctx)
+        for hook in self._enter_body:
+            hook(task, state, ctx)
 
     def step(self, name: str, position: int) -> AbstractContextManager[object]:
         # A hot path: one scope (tracing's or metrics') is returned as it is.
-        scopes = [s for s in (i.step(name, position) for i in self.items) if s is not None]
+        scopes: list[AbstractContextManager[object]] = []
+        for hook in self._step:  # a loop, not a generator: once per step
+            scope = hook(name, position)
+            if scope is not None:
+                scopes.append(scope)
         if len(scopes) == 1:
             return scopes[0]
         return _Steps(scopes) if scopes else _NO_STEP
@@ -393,12 +416,28 @@ class _Steps:
 _NO_STEP = nullcontext()
 
 
-def _bound(hook: Callable[[Event, Append, Destination], Awaitable[int]], append: Append,
-           where: Destination) -> Append:
-    async def call(event: Event) -> int:
-        return await hook(event, append, where)
+def _overriding(items: tuple[Interceptor, ...], name: str) -> tuple[Any, ...]:
+    """The bound `name` hooks of `items` that are not the base class's no-op."""
+    base = getattr(Interceptor, name)
+    return tuple(hook for hook in (getattr(i, name) for i in items)
+                 if getattr(hook, "__func__", None) is not base)
 
-    return call
+
+class _Next:
+    """`hook` bound to what comes after it: called with an event, it gives
+    the hook's awaitable itself (no coroutine of its own around it: every
+    trigger goes through each level)."""
+
+    __slots__ = ("_hook", "_append", "_where")
+
+    def __init__(self, hook: Callable[[Event, Append, Destination], Awaitable[int]], append: Append,
+                 where: Destination) -> None:
+        self._hook = hook
+        self._append = append
+        self._where = where
+
+    def __call__(self, event: Event) -> Awaitable[int]:
+        return self._hook(event, self._append, self._where)
 
 
 __all__ = [
