@@ -7,7 +7,7 @@ import gc
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -20,6 +20,7 @@ from stepline.cli.options import (
     GraceOpt,
     JsonLogsOpt,
     LogOpt,
+    ProcessesOpt,
     _setting,
     _setting_help,
 )
@@ -65,7 +66,8 @@ GC_THRESHOLD0 = 20_000
 
 async def _serve_worker(registry: Registry, log_url: str, concurrency: int, grace: float,
                         http: tuple[str, int] | None = None, pool: str = DEFAULT_POOL,
-                        json_logs: bool = False, instance_id: str | None = None) -> None:
+                        json_logs: bool = False, instance_id: str | None = None,
+                        member: tuple[int, int] | None = None) -> None:
     # The log's writer and reader threads hand results back to the event
     # loop; with CPython's default 5 ms switch interval each hand-off can
     # wait that long for the GIL while the loop is busy. This process is
@@ -76,6 +78,8 @@ async def _serve_worker(registry: Registry, log_url: str, concurrency: int, grac
     # probes answer (alive, not ready) while the worker still joins.
     topics = Topics(pool=pool)
     async with _worker_http(http, json_logs) as probes, Client(log_url, registry=registry, topics=topics) as client:
+        if member is not None:  # one of `stepline worker --processes N`'s children (engine/cli/supervise.py)
+            client.log.split_groups(*member)
         worker = Worker(registry, client.log, concurrency=concurrency, topics=client.topics, client=client,
                         instance_id=instance_id)
         if probes is not None:
@@ -234,14 +238,75 @@ def worker(
         help=_setting_help("Stable id of this worker process slot (Kafka static membership): restarted "
                            "under the same id it takes its partitions back at once. Never share one "
                            "between two live workers (default: none).", "worker_instance_id"))] = None,
+    processes: ProcessesOpt = "1",
+    member: Annotated[str | None, typer.Option("--member", hidden=True, metavar="K/N")] = None,
 ) -> None:
     """Run a worker of one pool: owns partitions of its runs topic and executes their runs."""
     seconds = _grace(grace)
     port = _http_port(http_port)
     configure_logging(json_logs=json_logs)
+    count = _processes(processes, log, json_logs)
+    own = _member(member, json_logs)
+    if own is None and count > 1 and port:
+        _check_ports(port, count, json_logs)
     registry = _load_app(module, json_logs)
-    _run(_serve_worker(registry, log, concurrency, seconds, None if port is None else (http_host, port),
-                       _pool(registry, pool), json_logs, instance_id), json_logs, loop=_event_loop(json_logs))
+    pool = _pool(registry, pool)
+    http = None if port is None else (http_host, port)
+    if own is None and count > 1:
+        from stepline.cli.supervise import worker_argv  # start-up: only with --processes N
+
+        def argv(k: int) -> list[str]:
+            return worker_argv(module, log, member=k, members=count, concurrency=concurrency, grace=seconds,
+                               pool=pool, json_logs=json_logs, http=http, instance_id=instance_id)
+
+        _exit(_run(_supervise(argv, range(count), json_logs), json_logs))
+        return
+    _run(_serve_worker(registry, log, concurrency, seconds, http, pool, json_logs, instance_id, own),
+         json_logs, loop=_event_loop(json_logs))
+
+
+async def _supervise(argv: Callable[[int], list[str]], members: range, json_logs: bool) -> int:
+    """`stepline worker --processes N`: N children, each `stepline worker --member k/N`."""
+    from stepline.cli.supervise import Supervisor
+
+    supervisor = Supervisor(argv, members, json_logs)
+    supervisor.on_signals()
+    _say(f"stepline worker: {len(members)} processes (pid {os.getpid()} supervises them)", json_logs,
+         processes=len(members), pid=os.getpid())
+    return await supervisor.run()
+
+
+def _exit(code: int) -> None:
+    if code:
+        raise typer.Exit(code)
+
+
+def _processes(value: str | int, log_url: str, json_logs: bool = False) -> int:
+    from stepline.cli.supervise import processes_of
+
+    try:
+        return processes_of(value, log_url)
+    except CliError as exc:
+        _fail(str(exc), json_logs)
+        raise
+
+
+def _member(value: str | None, json_logs: bool = False) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    from stepline.cli.supervise import parse_member
+
+    try:
+        return parse_member(value)
+    except CliError as exc:
+        _fail(str(exc), json_logs)
+        raise
+
+
+def _check_ports(port: int, count: int, json_logs: bool) -> None:
+    if port + count - 1 > 65535:
+        _fail(f"--http-port {port} with --processes {count}: the processes listen on ports "
+              f"{port}-{port + count - 1}, past 65535; pick a lower port", json_logs)
 
 
 def _event_loop(json_logs: bool = False) -> str:

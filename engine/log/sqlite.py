@@ -20,9 +20,12 @@ never touches the file. A `read` with a timeout wakes at once on appends made
 through this `SqliteLog`, and notices other processes' appends by polling
 `PRAGMA data_version` every `poll_interval` seconds while anyone is waiting.
 
-Groups: one worker process per group. `join_group` holds an exclusive
-`flock` on `.<db>.locks/group-<group>.lock`; the OS drops it when the holder dies, even
-by kill -9, and a waiting joiner then takes over with a new generation.
+Groups: `join_group` holds an exclusive `flock` per partition of the group
+(`.<db>.locks/group-<group>.p<N>.lock`): one process owns all of them, or
+several processes started by `stepline worker --processes N` split them
+(`split_groups`, engine/log/sqlite_groups.py). The OS drops a lock when its
+holder dies, even by kill -9, and a waiting joiner then takes over with a
+new generation.
 """
 
 from __future__ import annotations
@@ -386,11 +389,15 @@ class SqliteLog(Log):
         return {int(p): int(o) for p, o in rows}
 
     def lock_path(self, group: str) -> str:
-        """The file whose flock makes this process the group's only member."""
+        """The file every member of the group holds shared (engine/log/sqlite_groups.py)."""
         return self._groups.lock_path(group)
 
     async def group_alive(self, group: str) -> bool | None:
         return self._groups.held(group)
+
+    def split_groups(self, member: int, members: int) -> None:
+        super().split_groups(member, members)
+        self._groups.member = (member, members)
 
     async def join_group(
         self,
