@@ -149,8 +149,13 @@ async def _serve_until(stop: asyncio.Event, serving: Coroutine[Any, Any, None], 
 
 
 async def _serve_dev(registry: Registry, log_url: str, concurrency: int, port: int, query_db: str,
-                     grace: float, pools: list[str]) -> None:
-    """A worker and the HTTP API with the dashboard (auth off, loopback only), in one process."""
+                     grace: float, pools: list[str], processes: int = 1,
+                     children: Callable[[int], list[str]] | None = None) -> None:
+    """A worker and the HTTP API with the dashboard (auth off, loopback only), in one process.
+
+    With `processes` N > 1 this process is member 0 of N; `children(i)` is
+    the command line of the i-th other worker process (members 1..N-1, one
+    per pool each), which it supervises (engine/cli/supervise.py)."""
     # Imported when the command runs: aiohttp is slow to import and only serve and dev need it (start-up).
     from stepline.server import ServeConfig, serve_api
 
@@ -163,6 +168,9 @@ async def _serve_dev(registry: Registry, log_url: str, concurrency: int, port: i
         err.print(f"dashboard: {base}/   API: {base}/v1/ (no auth: local development only)", highlight=False)
 
     async with Client(log_url, registry=registry) as client, AsyncExitStack() as clients:
+        if processes > 1:
+            client.log.split_groups(0, processes)
+            concurrency = _share(concurrency, processes)
         # One worker per pool, each with a client of its pool on the one log
         # (a dev process runs every pool unless --pool narrows it).
         workers: list[Worker] = []
@@ -171,6 +179,8 @@ async def _serve_dev(registry: Registry, log_url: str, concurrency: int, port: i
                 Client(log=client.log, registry=registry, topics=client.topics.of_pool(pool)))
             workers.append(Worker(registry, client.log, concurrency=concurrency, topics=own.topics, client=own))
         started: list[Worker] = []
+        others = None if children is None else asyncio.create_task(
+            _dev_children(children, (processes - 1) * len(pools), stop))
         try:
             for worker in workers:
                 if not await start_unless_stopped(worker, stop):
@@ -189,6 +199,32 @@ async def _serve_dev(registry: Registry, log_url: str, concurrency: int, port: i
         finally:
             for worker in reversed(started):
                 await worker.close()
+            if others is not None:
+                stop.requested.set()
+                await others
+
+
+async def _dev_children(argv: Callable[[int], list[str]], count: int, stop: Stop) -> int:
+    """The other worker processes of `stepline dev --processes N`: the dev
+    process's signals (its Stop) reach them, the first as a drain, a second
+    as a cancel."""
+    from stepline.cli.supervise import Supervisor
+
+    supervisor = Supervisor(argv, range(count), json_logs=False, what="stepline dev")
+    running = asyncio.create_task(supervisor.run())
+    try:
+        for signalled in (stop.requested, stop.now):
+            waiting = asyncio.create_task(signalled.wait())
+            await asyncio.wait({running, waiting}, return_when=asyncio.FIRST_COMPLETED)
+            waiting.cancel()
+            if running.done():
+                break
+            supervisor.signal(signal.SIGTERM)
+        return await running
+    finally:
+        if not running.done():  # the dev process failed: its children stop with it
+            supervisor.signal(signal.SIGTERM)
+            await running
 
 
 def dev(
@@ -207,14 +243,25 @@ def dev(
         "--pool", show_default=False, metavar="POOL",
         help="Run only this worker pool's tasks; repeat for several (default: every pool of the app).",
     )] = None,
+    processes: ProcessesOpt = "1",
 ) -> None:
     """Embedded log, a worker per pool, and the HTTP API with the dashboard (no auth), in one process."""
     seconds = _grace(grace)
     configure_logging(json_logs=False)
+    count = _processes(processes, log)
     registry = _load_app(module)
     pools = sorted({_pool(registry, p) for p in pool}) if pool else registry.pools()
-    _run(_serve_dev(registry, log, concurrency, port, query_db or _dev_query_db(log), seconds, pools),
-         loop=_event_loop())
+    children = None
+    if count > 1:
+        from stepline.cli.supervise import worker_argv  # start-up: only with --processes N
+
+        def children(i: int) -> list[str]:
+            # Members 1..N-1 (this process is 0), one process per pool each.
+            k, p = divmod(i, len(pools))
+            return worker_argv(module, log, member=k + 1, members=count, concurrency=concurrency,
+                               grace=seconds, pool=pools[p], json_logs=False, http=None, instance_id=None)
+    _run(_serve_dev(registry, log, concurrency, port, query_db or _dev_query_db(log), seconds, pools,
+                    count, children), loop=_event_loop())
 
 
 def worker(
@@ -274,6 +321,12 @@ async def _supervise(argv: Callable[[int], list[str]], members: range, json_logs
     _say(f"stepline worker: {len(members)} processes (pid {os.getpid()} supervises them)", json_logs,
          processes=len(members), pid=os.getpid())
     return await supervisor.run()
+
+
+def _share(total: int, members: int) -> int:
+    from stepline.cli.supervise import share
+
+    return share(total, members)
 
 
 def _exit(code: int) -> None:

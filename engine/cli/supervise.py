@@ -92,6 +92,7 @@ def share(total: int, members: int) -> int:
 
 def _die_with_parent(parent: int) -> Callable[[], None]:
     def preexec() -> None:
+        os.setpgid(0, 0)  # a process group of its own: a terminal's Ctrl-C reaches it through us
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:  # the supervisor died before the prctl
@@ -137,7 +138,7 @@ class Supervisor:
 
     async def _start(self, k: int) -> asyncio.subprocess.Process:
         child = await asyncio.create_subprocess_exec(
-            *self._argv_of(k), preexec_fn=_die_with_parent(os.getpid()), process_group=0,
+            *self._argv_of(k), preexec_fn=_die_with_parent(os.getpid()),
         )
         self.children[k] = child
         if self.stopping:  # a signal came while it started: it drains too
