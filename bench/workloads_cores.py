@@ -121,7 +121,8 @@ async def one_side(url: str, processes: int, n: int, warmup: int, cap: int = SPL
     if r.completed != n or w.completed != warmup:
         errors.append(f"completed {r.completed}/{n} (warm-up {w.completed}/{warmup})")
     done = max(r.completed, 1)
-    return {"errors": errors, "processes": len(pids), "settle_s": settle_s, "elapsed_s": elapsed,
+    return {"errors": errors, "pids": len(pids), "completed": r.completed, "settle_s": settle_s,
+            "elapsed_s": elapsed,
             "runs_per_s": r.completed / elapsed, "cpu_s_per_1000_runs_workers": 1000 * wcpu / done,
             "cpu_s_per_1000_runs_driver": 1000 * dcpu / done, "workers_rss_kb": rss}
 
@@ -145,6 +146,9 @@ async def cores(url_of: Any, n: int, warmup: int) -> dict[str, Any]:
     return {"ok": not errors, "errors": errors, "metrics": metrics}
 
 
+PARAMS = {"in_flight": SPLIT_IN_FLIGHT, "steps": 3, "processes": "1 vs N (usable cores, >= 2)"}
+
+
 def one_rep(rec: Any, rep: int, sz: dict[str, Any], tmp_root: str | None, timeout: float,
             run_async: Any) -> None:
     with tempfile.TemporaryDirectory(prefix="stepline-bench-", dir=tmp_root) as d:
@@ -154,8 +158,7 @@ def one_rep(rec: Any, rep: int, sz: dict[str, Any], tmp_root: str | None, timeou
 
         t0 = time.perf_counter()
         result = run_async(lambda: cores(url_of, sz["split_runs"], sz["split_warmup"]), 2 * timeout)
-        rec.add(SQLITE, "a_cores", {"in_flight": SPLIT_IN_FLIGHT, "steps": 3,
-                                    "processes": "worker --processes 1 vs N, + driver"},
+        rec.add(SQLITE, "a_cores", PARAMS,
                 rep, result, time.perf_counter() - t0)
 
 
