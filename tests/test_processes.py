@@ -295,17 +295,19 @@ async def test_dev_with_two_processes_runs_member_zero_itself_and_supervises_the
 # --- bad input ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("args", "env", "message"), [
+BAD = [
     (["--processes", "0"], {}, "--processes '0' is not a number of processes"),
     (["--processes", "two"], {}, "--processes 'two' is not a number of processes"),
     ([], {"STEPLINE_PROCESSES": "-1"}, "STEPLINE_PROCESSES='-1'"),
-    (["--processes", "2", "--http-port", "65535"], {}, "ports 65535-65536, past 65535"),
+]
+
+
+@pytest.mark.parametrize(("command", "args", "env", "message"), [
+    *[(command, *bad) for command in ("worker", "dev") for bad in BAD],
+    ("worker", ["--processes", "2", "--http-port", "65535"], {}, "ports 65535-65536, past 65535"),
 ])
-@pytest.mark.parametrize("command", ["worker", "dev"])
 def test_a_bad_processes_value_is_one_clear_line(tmp_path: Path, command: str, args: list[str],
                                                  env: dict[str, str], message: str) -> None:
-    if command == "dev" and "--http-port" in args:
-        pytest.skip("dev has no --http-port")
     proc = subprocess.run(
         [sys.executable, "-m", "stepline.cli", command, str(APP), "--log", f"sqlite:///{tmp_path}/s.db", *args],
         capture_output=True, text=True, timeout=60, cwd=tmp_path, env=dict(os.environ, **env),
