@@ -3,10 +3,13 @@
   a_cores   the three-step no-op task (a) at 256 in flight, driven by a
             Client in this process (as a_split), against `stepline worker
             --processes 1` and then `stepline worker --processes N` (N: the
-            usable cores, at least 2) on a fresh log each: runs/s of each,
+            usable cores, at least 2) on a fresh log each, and the same with
+            `stepline dev` (API, dashboard and worker process 0 in one
+            process, the others its children): runs/s of each,
             the ratio (the aim: >= 1.7x on 2 cores), CPU s per 1,000 runs of
-            all worker processes (supervisor and children) and of the driver,
-            and the RSS of all worker processes after the runs.
+            all the command's processes (the worker's supervisor and children;
+            dev and its children) and of the driver, and their RSS after the
+            runs.
 
 Nothing is pinned: every process, the driver's too, shares the machine's
 cores, as users run them. `--concurrency` is the command's total: N
@@ -50,15 +53,17 @@ def children_of(pid: int) -> list[int]:
 
 
 class Workers:
-    """`stepline worker --processes N` on `url`: the command's process and its children."""
+    """`stepline worker|dev --processes N` on `url`: the command's process and its children."""
 
-    def __init__(self, url: str, state: Path, processes: int) -> None:
+    def __init__(self, url: str, state: Path, processes: int, command: str = "worker") -> None:
         self.url, self.state, self.processes = url, state, processes
-        self.log_path = state / f"worker-{processes}.log"
+        self.log_path = state / f"{command}-{processes}.log"
+        # dev: the API and dashboard too, on a free port, and its query projection beside the log.
+        extra = ["--port", "0"] if command == "dev" else []
         with self.log_path.open("wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "stepline.cli", "worker", str(TASKS_FILE), "--log", url,
-                 "--concurrency", str(workloads.WORKER_CONCURRENCY), "--processes", str(processes)],
+                [sys.executable, "-m", "stepline.cli", command, str(TASKS_FILE), "--log", url,
+                 "--concurrency", str(workloads.WORKER_CONCURRENCY), "--processes", str(processes), *extra],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT,
                 env=dict(os.environ, BENCH_STATE=str(state)))
 
@@ -95,10 +100,11 @@ async def _claimed(tail: Tail, workers: Workers, timeout: float = 90.0) -> float
         await asyncio.sleep(0.1)
 
 
-async def one_side(url: str, processes: int, n: int, warmup: int, cap: int = SPLIT_IN_FLIGHT) -> dict[str, Any]:
-    """(a) against `stepline worker --processes <processes>`."""
+async def one_side(url: str, processes: int, n: int, warmup: int, command: str = "worker",
+                   cap: int = SPLIT_IN_FLIGHT) -> dict[str, Any]:
+    """(a) against `stepline <command> --processes <processes>`."""
     with tempfile.TemporaryDirectory(prefix="stepline-bench-cores-") as d:
-        workers = Workers(url, Path(d), processes)
+        workers = Workers(url, Path(d), processes, command)
         try:
             async with sl.Client(url, registry=sl_proc_tasks.registry) as client:
                 settle_s = await _claimed(Tail(client), workers)
@@ -127,12 +133,12 @@ async def one_side(url: str, processes: int, n: int, warmup: int, cap: int = SPL
             "cpu_s_per_1000_runs_driver": 1000 * dcpu / done, "workers_rss_kb": rss}
 
 
-async def cores(url_of: Any, n: int, warmup: int) -> dict[str, Any]:
+async def cores(url_of: Any, n: int, warmup: int, command: str = "worker") -> dict[str, Any]:
     """Both sides in one run, one process first; the ratio of their runs/s."""
     sys.setswitchinterval(0.0005)
     many = max(2, usable_cores())
-    one = await one_side(url_of("one"), 1, n, warmup)
-    every = await one_side(url_of("every"), many, n, warmup)
+    one = await one_side(url_of(f"{command}-one"), 1, n, warmup, command)
+    every = await one_side(url_of(f"{command}-every"), many, n, warmup, command)
     errors = [f"--processes 1: {e}" for e in one.pop("errors")] + [
         f"--processes {many}: {e}" for e in every.pop("errors")]
     metrics: dict[str, Any] = {"runs": n, "in_flight": SPLIT_IN_FLIGHT, "processes_many": many,
@@ -156,10 +162,11 @@ def one_rep(rec: Any, rep: int, sz: dict[str, Any], tmp_root: str | None, timeou
             os.makedirs(os.path.join(d, name), exist_ok=True)
             return workloads.log_url(os.path.join(d, name), "full")
 
-        t0 = time.perf_counter()
-        result = run_async(lambda: cores(url_of, sz["split_runs"], sz["split_warmup"]), 2 * timeout)
-        rec.add(SQLITE, "a_cores", PARAMS,
-                rep, result, time.perf_counter() - t0)
+        for command in ("worker", "dev"):
+            t0 = time.perf_counter()
+            result = run_async(lambda c=command: cores(url_of, sz["split_runs"], sz["split_warmup"], c),
+                               2 * timeout)
+            rec.add(SQLITE, "a_cores", {**PARAMS, "command": command}, rep, result, time.perf_counter() - t0)
 
 
 HEADLINES: dict[str, list[tuple[str, str, str]]] = {
@@ -171,5 +178,5 @@ HEADLINES: dict[str, list[tuple[str, str, str]]] = {
                 ("cpu_s_per_1000_runs_driver_one", "CPU s/1k runs, driver (vs 1)", "{:.2f}"),
                 ("cpu_s_per_1000_runs_driver_many", "CPU s/1k runs, driver (vs N)", "{:.2f}"),
                 ("workers_rss_kb_one", "RSS KiB, worker, 1 process", "{:,.0f}"),
-                ("workers_rss_kb_many", "RSS KiB, all N+1 worker processes", "{:,.0f}")],
+                ("workers_rss_kb_many", "RSS KiB, all N processes (+ supervisor)", "{:,.0f}")],
 }
