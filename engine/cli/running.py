@@ -179,8 +179,12 @@ async def _serve_dev(registry: Registry, log_url: str, concurrency: int, port: i
                 Client(log=client.log, registry=registry, topics=client.topics.of_pool(pool)))
             workers.append(Worker(registry, client.log, concurrency=concurrency, topics=own.topics, client=own))
         started: list[Worker] = []
+        def label(i: int) -> str:
+            k, p = divmod(i, len(pools))  # as in dev(): members 1..N-1, one process per pool each
+            return f"worker process {k + 1} of {processes} (pool {pools[p]})"
+
         others = None if children is None else asyncio.create_task(
-            _dev_children(children, (processes - 1) * len(pools), stop))
+            _dev_children(children, (processes - 1) * len(pools), stop, label))
         try:
             for worker in workers:
                 if not await start_unless_stopped(worker, stop):
@@ -201,16 +205,20 @@ async def _serve_dev(registry: Registry, log_url: str, concurrency: int, port: i
                 await worker.close()
             if others is not None:
                 stop.requested.set()
-                await others
+                code = await others
+                if code:
+                    raise CliError(f"a worker process of stepline dev --processes {processes} failed "
+                                   f"(exit {code}; its error is above)")
 
 
-async def _dev_children(argv: Callable[[int], list[str]], count: int, stop: Stop) -> int:
+async def _dev_children(argv: Callable[[int], list[str]], count: int, stop: Stop,
+                        label: Callable[[int], str]) -> int:
     """The other worker processes of `stepline dev --processes N`: the dev
     process's signals (its Stop) reach them, the first as a drain, a second
     as a cancel."""
     from stepline.cli.supervise import Supervisor
 
-    supervisor = Supervisor(argv, range(count), json_logs=False, what="stepline dev")
+    supervisor = Supervisor(argv, range(count), json_logs=False, what="stepline dev", label=label)
     running = asyncio.create_task(supervisor.run())
     try:
         for signalled in (stop.requested, stop.now):
@@ -218,6 +226,9 @@ async def _dev_children(argv: Callable[[int], list[str]], count: int, stop: Stop
             await asyncio.wait({running, waiting}, return_when=asyncio.FIRST_COMPLETED)
             waiting.cancel()
             if running.done():
+                # A process failed at start and the supervisor stopped the
+                # others: without them this one owns only its own share.
+                stop.signalled()
                 break
             supervisor.signal(signal.SIGTERM)
         return await running

@@ -104,8 +104,9 @@ class Supervisor:
     """Children `argv_of(k)` for k in `members`, kept running until a signal."""
 
     def __init__(self, argv_of: Callable[[int], Sequence[str]], members: Sequence[int], json_logs: bool,
-                 what: str = "stepline worker") -> None:
+                 what: str = "stepline worker", label: Callable[[int], str] = "process {}".format) -> None:
         self._argv_of = argv_of
+        self._label = label
         self._members = list(members)
         self._json_logs = json_logs
         self._what = what
@@ -157,7 +158,7 @@ class Supervisor:
                 return 0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else code
             lived = time.monotonic() - started
             if first and lived < FAILED_START_S and code > 0:
-                _say(f"{self._what}: process {k} failed at start (exit {code}); stopping the others",
+                _say(f"{self._what}: {self._label(k)} failed at start (exit {code}); stopping the others",
                      self._json_logs, member=k, exit_code=code)
                 self._failed = code
                 self.signal(signal.SIGTERM)
@@ -165,7 +166,8 @@ class Supervisor:
             first = False
             if lived >= HEALTHY_S:
                 pause = RESTART_FIRST_S
-            _say(f"{self._what}: process {k} (pid {child.pid}) exited with {code}; restarting it in {pause:g} s",
+            _say(f"{self._what}: {self._label(k)} (pid {child.pid}) exited with {code}; "
+                 f"restarting it in {pause:g} s",
                  self._json_logs, member=k, pid=child.pid, exit_code=code, restart_in_s=pause)
             self.restarts += 1
             with contextlib.suppress(TimeoutError):
