@@ -37,7 +37,7 @@ those of them and nothing else):
                    (N = usable cores, at least 2), nothing pinned, in the same run:
                    the ratio of runs/s (aim ≥ 1.7 on 2 cores), CPU s per 1,000 runs
                    of all worker processes and of the driver, their RSS
-                   (bench/workloads_cores.py; sqlite FULL)
+                   (bench/workloads_cores.py)
   d_recovery       1,000 runs blocked in step 2, kill -9 of the worker, restart:
                    time to the first / all resumed, all done; completed steps
                    re-executed and runs lost (both must be 0)
@@ -237,8 +237,9 @@ def run_procs(rec: Recorder, rep: int, quick: bool, tmp_root: str | None, timeou
     if procs:
         workloads_procs.one_rep(rec, rep, workloads_procs.sizes(quick), tmp_root, timeout, _run_async,
                                 bootstrap, procs, sqlite=sqlite)
-    if "a_cores" in want and sqlite:
-        workloads_cores.one_rep(rec, rep, workloads_procs.sizes(quick), tmp_root, timeout, _run_async)
+    if "a_cores" in want:
+        workloads_cores.one_rep(rec, rep, workloads_procs.sizes(quick), tmp_root, timeout, _run_async,
+                                bootstrap, sqlite=sqlite)
     if "e_replay" in want:
         workloads_replay.one_rep(rec, rep, workloads_replay.sizes(quick), tmp_root, timeout, _run_async,
                                  bootstrap, sqlite=sqlite)

@@ -11,7 +11,9 @@
             dev and its children) and of the driver, and their RSS after the
             runs.
 
-Nothing is pinned: every process, the driver's too, shares the machine's
+On sqlite FULL and, when a broker is had, on Kafka (a fresh namespace per
+side; the N processes are members of the worker group, Kafka splits the
+partitions). Nothing is pinned: every process, the driver's too, shares the machine's
 cores, as users run them. `--concurrency` is the command's total: N
 children get 256 / N each, so both sides have 256 runs in flight at most.
 """
@@ -31,7 +33,7 @@ from typing import Any
 import kafka_bench
 import sl_proc_tasks
 import workloads
-from workloads_procs import SPLIT_IN_FLIGHT, SQLITE, TASKS_FILE, Tail, rss_kb
+from workloads_procs import KAFKA, SPLIT_IN_FLIGHT, SQLITE, TASKS_FILE, Tail, rss_kb
 
 import stepline as sl
 from stepline.cli.supervise import usable_cores
@@ -156,17 +158,36 @@ PARAMS = {"in_flight": SPLIT_IN_FLIGHT, "steps": 3, "processes": "1 vs N (usable
 
 
 def one_rep(rec: Any, rep: int, sz: dict[str, Any], tmp_root: str | None, timeout: float,
-            run_async: Any) -> None:
+            run_async: Any, bootstrap: str | None = None, sqlite: bool = True) -> None:
+    """a_cores for `stepline worker` and `stepline dev`, on sqlite FULL and on
+    Kafka when a broker is had (each side on a fresh log: a fresh file, a
+    fresh namespace)."""
+    systems = ([SQLITE] if sqlite else []) + ([KAFKA] if bootstrap else [])
+    for system in systems:
+        for command in ("worker", "dev"):
+            t0 = time.perf_counter()
+            result = _measure(system, command, sz, tmp_root, timeout, run_async, bootstrap)
+            rec.add(system, "a_cores", {**PARAMS, "command": command}, rep, result, time.perf_counter() - t0)
+
+
+def _measure(system: str, command: str, sz: dict[str, Any], tmp_root: str | None, timeout: float,
+             run_async: Any, bootstrap: str | None) -> dict[str, Any]:
+    namespaces: list[str] = []
     with tempfile.TemporaryDirectory(prefix="stepline-bench-", dir=tmp_root) as d:
         def url_of(name: str) -> str:
+            if system == KAFKA and bootstrap:
+                namespaces.append(kafka_bench.fresh_namespace("bench-cores"))
+                return kafka_bench.log_url(bootstrap, namespaces[-1]) + sz["kafka_options"]
             os.makedirs(os.path.join(d, name), exist_ok=True)
             return workloads.log_url(os.path.join(d, name), "full")
 
-        for command in ("worker", "dev"):
-            t0 = time.perf_counter()
-            result = run_async(lambda c=command: cores(url_of, sz["split_runs"], sz["split_warmup"], c),
-                               2 * timeout)
-            rec.add(SQLITE, "a_cores", {**PARAMS, "command": command}, rep, result, time.perf_counter() - t0)
+        try:
+            result: dict[str, Any] = run_async(
+                lambda: cores(url_of, sz["split_runs"], sz["split_warmup"], command), 2 * timeout)
+            return result
+        finally:
+            for ns in namespaces:
+                asyncio.run(kafka_bench.delete_namespace(bootstrap or "", ns))
 
 
 HEADLINES: dict[str, list[tuple[str, str, str]]] = {
