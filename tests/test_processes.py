@@ -251,6 +251,26 @@ async def test_sigterm_to_the_supervisor_drains_every_child(procs: Procs) -> Non
 
 
 @pytest.mark.slow
+async def test_a_second_signal_to_the_supervisor_cancels_the_running_steps_at_once(procs: Procs) -> None:
+    (procs.state / "block").touch()
+    proc = procs.start("--processes", "2", "--grace", "60")
+    kids = await two_children(procs, proc)
+    keys = [f"k{i}" for i in range(8)]
+    async with sl.Client(procs.url) as client:
+        for k in keys:
+            await client.trigger("procs", {"key": k})
+    await eventually(lambda: all((procs.state / f"in-two-{k}").exists() for k in keys), timeout=60,
+                     what="every run to be inside step two")
+    proc.send_signal(signal.SIGTERM)
+    await procs.said(proc, "get up to 60 s")  # a child drains: its steps may finish
+    proc.send_signal(signal.SIGTERM)
+    assert await procs.exited(proc, timeout=30) == 0, procs.stderr(proc)  # long before the grace ends
+    assert "cancelling" in procs.stderr(proc)
+    assert not any(alive(k) for k in kids)
+    assert not any(step == "three" for step, _, _ in procs.calls())  # the blocked steps never ended
+
+
+@pytest.mark.slow
 async def test_kill_9_of_the_supervisor_leaves_no_child_behind(procs: Procs) -> None:
     proc = procs.start("--processes", "2")
     kids = await two_children(procs, proc)

@@ -91,10 +91,13 @@ def share(total: int, members: int) -> int:
 
 
 def _die_with_parent(parent: int) -> Callable[[], None]:
+    linux = sys.platform.startswith("linux")
+
     def preexec() -> None:
         os.setpgid(0, 0)  # a process group of its own: a terminal's Ctrl-C reaches it through us
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if linux:  # elsewhere there is no PR_SET_PDEATHSIG: a child outlives a supervisor killed by -9
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:  # the supervisor died before the prctl
             os._exit(1)
     return preexec
