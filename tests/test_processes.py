@@ -211,6 +211,22 @@ async def test_two_processes_split_the_partitions_and_run_every_run_once(procs: 
 
 
 @pytest.mark.slow
+async def test_a_concurrency_limit_holds_across_the_processes(procs: Procs) -> None:
+    proc = procs.start("--processes", "2")
+    kids = await two_children(procs, proc)
+    keys = [f"s{i}" for i in range(16)]
+    async with sl.Client(procs.url) as client:
+        handles = [await client.trigger("serial", {"key": k}) for k in keys]
+        results = [await h.result(timeout=120) for h in handles]
+    assert {r["by"] for r in results} == kids  # runs of both processes' partitions
+    # In the order the bodies wrote them: never a second start before the first's end.
+    marks = [(step, key) for step, key, _ in procs.calls()]
+    assert marks == [m for k in [key for step, key in marks if step == "start"]
+                     for m in (("start", k), ("end", k))]
+    assert sorted(k for step, k in marks if step == "end") == sorted(keys)
+
+
+@pytest.mark.slow
 async def test_a_child_killed_by_9_is_restarted_and_its_runs_resume_none_lost_none_rerun(procs: Procs) -> None:
     (procs.state / "block").touch()
     proc = procs.start("--processes", "2")

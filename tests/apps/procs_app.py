@@ -53,3 +53,12 @@ async def procs(payload: dict) -> dict:
     key = await step_one(payload["key"])
     await step_two(key)
     return {"key": await step_three(key), "by": os.getpid()}
+
+
+@sl.task(id="serial", queue=sl.Queue("serial", concurrency_limit=1))
+async def serial(payload: dict) -> dict:
+    """One at a time across every process (the queues group's owner grants the slot)."""
+    mark("start", payload["key"])
+    await asyncio.sleep(0.02)
+    mark("end", payload["key"])
+    return {"by": os.getpid()}
