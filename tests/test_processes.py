@@ -277,8 +277,11 @@ async def test_a_second_signal_to_the_supervisor_cancels_the_running_steps_at_on
             await client.trigger("procs", {"key": k})
     await eventually(lambda: all((procs.state / f"in-two-{k}").exists() for k in keys), timeout=60,
                      what="every run to be inside step two")
+    busy = {pid for step, _, pid in procs.calls() if step == "two"}
     proc.send_signal(signal.SIGTERM)
-    await procs.said(proc, "get up to 60 s")  # a child drains: its steps may finish
+    # Each child with a step running drains: the step may finish. (A second
+    # signal reaching a child before its first would be a first: a drain.)
+    await procs.said(proc, "get up to 60 s", times=len(busy))
     proc.send_signal(signal.SIGTERM)
     assert await procs.exited(proc, timeout=30) == 0, procs.stderr(proc)  # long before the grace ends
     assert "cancelling" in procs.stderr(proc)
