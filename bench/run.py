@@ -33,6 +33,11 @@ those of them and nothing else):
   a_split          (a) with the worker in its own process pinned to CPU 0 and the
                    driver pinned to CPU 1; CPU s per 1,000 runs of worker, driver
                    and broker (bench/workloads_procs.py)
+  a_cores          (a) against `stepline worker --processes 1` and `--processes N`
+                   (N = usable cores, at least 2), nothing pinned, in the same run:
+                   the ratio of runs/s (aim ≥ 1.7 on 2 cores), CPU s per 1,000 runs
+                   of all worker processes and of the driver, their RSS
+                   (bench/workloads_cores.py)
   d_recovery       1,000 runs blocked in step 2, kill -9 of the worker, restart:
                    time to the first / all resumed, all done; completed steps
                    re-executed and runs lost (both must be 0)
@@ -85,6 +90,7 @@ import kafka_bench  # noqa: E402
 import physical  # noqa: E402
 import query  # noqa: E402
 import workloads  # noqa: E402
+import workloads_cores  # noqa: E402
 import workloads_procs  # noqa: E402
 import workloads_replay  # noqa: E402
 import workloads_subs  # noqa: E402
@@ -220,7 +226,7 @@ def one_rep(rec: Recorder, rep: int, sz: dict[str, Any], tmp_root: str | None, t
                     workloads.log_url(d, m), 100, 256, sz["amort_runs"], sz["amort_warmup"]), timeout))
 
 
-PROC_WORKLOADS = ("a_split", "d_recovery", "e_replay", "f_subscriptions", "g_sleeping")
+PROC_WORKLOADS = ("a_split", "a_cores", "d_recovery", "e_replay", "f_subscriptions", "g_sleeping")
 
 
 def run_procs(rec: Recorder, rep: int, quick: bool, tmp_root: str | None, timeout: float,
@@ -231,6 +237,9 @@ def run_procs(rec: Recorder, rep: int, quick: bool, tmp_root: str | None, timeou
     if procs:
         workloads_procs.one_rep(rec, rep, workloads_procs.sizes(quick), tmp_root, timeout, _run_async,
                                 bootstrap, procs, sqlite=sqlite)
+    if "a_cores" in want:
+        workloads_cores.one_rep(rec, rep, workloads_procs.sizes(quick), tmp_root, timeout, _run_async,
+                                bootstrap, sqlite=sqlite)
     if "e_replay" in want:
         workloads_replay.one_rep(rec, rep, workloads_replay.sizes(quick), tmp_root, timeout, _run_async,
                                  bootstrap, sqlite=sqlite)
@@ -265,6 +274,7 @@ HEADLINES: dict[str, list[tuple[str, str, str]]] = {
     **query.HEADLINES,
     **kafka_bench.HEADLINES,
     **workloads_procs.HEADLINES,
+    **workloads_cores.HEADLINES,
     **workloads_replay.HEADLINES,
     **workloads_subs.HEADLINES,
 }

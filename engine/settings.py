@@ -87,6 +87,17 @@ def _source_pairs(value: Any, what: str, echo: bool) -> Any:
     return pairs
 
 
+def parse_processes(value: Any) -> int | Literal["auto"]:
+    """`processes` (and `--processes`): a whole number ≥ 1, or `auto`."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    if isinstance(value, bool) or not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{value!r} is not a number of processes: give a whole number ≥ 1, or auto "
+                         "(one per usable core)")
+    return int(text)
+
+
 class Settings(BaseSettings):
     """Every Stepline setting, typed. Build it with `load_settings()`."""
 
@@ -149,6 +160,14 @@ class Settings(BaseSettings):
         256, ge=1,
         description="Runs a worker (`stepline worker`, `stepline dev`) executes at once.",
         json_schema_extra=_kind("integer ≥ 1"),
+    )
+    processes: int | Literal["auto"] = Field(
+        1,
+        description="Worker processes `stepline worker` and `stepline dev` run, each on its own core: "
+                    "`1` is one process doing everything; `N` starts N processes sharing the log and "
+                    "splitting the partitions, supervised by the command's process (operations.md, "
+                    "\"Processes\"); `auto` is one per usable core. A `memory://` log always runs one.",
+        json_schema_extra=_kind("integer ≥ 1 or auto"),
     )
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
         "auto",
@@ -229,6 +248,11 @@ class Settings(BaseSettings):
                     "fixture) starts: any image that takes the official image's `KAFKA_*` variables.",
         json_schema_extra=_kind("string (image)"),
     )
+
+    @field_validator("processes", mode="before")
+    @classmethod
+    def _processes(cls, value: Any) -> Any:
+        return parse_processes(value)
 
     @field_validator("webhooks", mode="before")
     @classmethod

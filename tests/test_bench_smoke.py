@@ -33,6 +33,8 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # _subs.py), each on sqlite FULL and, with a broker, on Kafka: (workload, params).
 PROC_EXPECTED = [
     ("a_split", {"in_flight": 256, "steps": 3, "processes": "worker+driver"}),
+    *[("a_cores", {"in_flight": 256, "steps": 3, "processes": "1 vs N (usable cores, >= 2)", "command": c})
+      for c in ("worker", "dev")],
     ("d_recovery", {"runs": 100, "blocked_in": "step 2", "signal": "SIGKILL"}),
     ("e_replay", {"events": 20000, "projection": "worker runs (PartitionRuns)"}),
     *[("f_subscriptions", {"subscriptions": n, "matching": max(1, n // 2)}) for n in (1, 10, 100)],
@@ -95,6 +97,11 @@ def test_bench_quick(tmp_path: Path, request: pytest.FixtureRequest) -> None:
             assert m["limit_cpu_s_per_1000_runs"] > 0 and m["vs_limit"] > 0, r
         if r["workload"] == "d_recovery":
             assert m["cli_import_s"] >= m["python_start_s"] > 0, r
+        if r["workload"] == "a_cores":  # both sides completed every run, N processes really ran
+            assert m["completed_one"] == m["completed_many"] == m["runs"] > 0, r
+            # worker: N children and their supervisor; dev: itself (process 0) and N-1 children.
+            supervisor = 1 if r["params"]["command"] == "worker" else 0
+            assert m["pids_one"] == 1 and m["pids_many"] == m["processes_many"] + supervisor >= 2, r
         if r["workload"] in ("d_recovery", "g_sleeping"):
             assert m["runs_lost"] == 0, r
         if r["workload"] == "d_recovery":

@@ -125,6 +125,7 @@ def test_a_cli_flag_beats_the_variable_which_beats_the_file(monkeypatch: pytest.
     assert _params("worker", "app.py") == {
         "module": "app.py", "log": "memory://file", "concurrency": 3, "grace": "30", "json_logs": False,
         "http_port": 9191, "http_host": "0.0.0.0", "pool": "default", "instance_id": None,
+        "processes": "1", "member": None,
     }
     monkeypatch.setenv("STEPLINE_WORKER_INSTANCE_ID", "worker-0")
     assert _params("worker", "app.py")["instance_id"] == "worker-0"

@@ -94,3 +94,8 @@ GraceOpt = Annotated[str, typer.Option(
     help=_setting_help("On SIGTERM/SIGINT, how long running steps get to finish and checkpoint before "
                        "what is left is cancelled and the partitions are given up; a second signal "
                        "cancels at once.", "shutdown_grace"))]
+ProcessesOpt = Annotated[str, typer.Option(
+    "--processes", metavar="N", callback=_setting("processes"),
+    help=_setting_help("Worker processes, each on its own core, sharing the log and splitting its "
+                       "partitions (this process supervises them); auto: one per usable core.",
+                       "processes"))]

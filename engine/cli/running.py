@@ -7,7 +7,7 @@ import gc
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -20,6 +20,7 @@ from stepline.cli.options import (
     GraceOpt,
     JsonLogsOpt,
     LogOpt,
+    ProcessesOpt,
     _setting,
     _setting_help,
 )
@@ -65,7 +66,8 @@ GC_THRESHOLD0 = 20_000
 
 async def _serve_worker(registry: Registry, log_url: str, concurrency: int, grace: float,
                         http: tuple[str, int] | None = None, pool: str = DEFAULT_POOL,
-                        json_logs: bool = False, instance_id: str | None = None) -> None:
+                        json_logs: bool = False, instance_id: str | None = None,
+                        member: tuple[int, int] | None = None) -> None:
     # The log's writer and reader threads hand results back to the event
     # loop; with CPython's default 5 ms switch interval each hand-off can
     # wait that long for the GIL while the loop is busy. This process is
@@ -76,6 +78,8 @@ async def _serve_worker(registry: Registry, log_url: str, concurrency: int, grac
     # probes answer (alive, not ready) while the worker still joins.
     topics = Topics(pool=pool)
     async with _worker_http(http, json_logs) as probes, Client(log_url, registry=registry, topics=topics) as client:
+        if member is not None:  # one of `stepline worker --processes N`'s children (engine/cli/supervise.py)
+            client.log.split_groups(*member)
         worker = Worker(registry, client.log, concurrency=concurrency, topics=client.topics, client=client,
                         instance_id=instance_id)
         if probes is not None:
@@ -145,8 +149,13 @@ async def _serve_until(stop: asyncio.Event, serving: Coroutine[Any, Any, None], 
 
 
 async def _serve_dev(registry: Registry, log_url: str, concurrency: int, port: int, query_db: str,
-                     grace: float, pools: list[str]) -> None:
-    """A worker and the HTTP API with the dashboard (auth off, loopback only), in one process."""
+                     grace: float, pools: list[str], processes: int = 1,
+                     children: Callable[[int], list[str]] | None = None) -> None:
+    """A worker and the HTTP API with the dashboard (auth off, loopback only), in one process.
+
+    With `processes` N > 1 this process is member 0 of N; `children(i)` is
+    the command line of the i-th other worker process (members 1..N-1, one
+    per pool each), which it supervises (engine/cli/supervise.py)."""
     # Imported when the command runs: aiohttp is slow to import and only serve and dev need it (start-up).
     from stepline.server import ServeConfig, serve_api
 
@@ -159,6 +168,9 @@ async def _serve_dev(registry: Registry, log_url: str, concurrency: int, port: i
         err.print(f"dashboard: {base}/   API: {base}/v1/ (no auth: local development only)", highlight=False)
 
     async with Client(log_url, registry=registry) as client, AsyncExitStack() as clients:
+        if processes > 1:
+            client.log.split_groups(0, processes)
+            concurrency = _share(concurrency, processes)
         # One worker per pool, each with a client of its pool on the one log
         # (a dev process runs every pool unless --pool narrows it).
         workers: list[Worker] = []
@@ -167,6 +179,12 @@ async def _serve_dev(registry: Registry, log_url: str, concurrency: int, port: i
                 Client(log=client.log, registry=registry, topics=client.topics.of_pool(pool)))
             workers.append(Worker(registry, client.log, concurrency=concurrency, topics=own.topics, client=own))
         started: list[Worker] = []
+        def label(i: int) -> str:
+            k, p = divmod(i, len(pools))  # as in dev(): members 1..N-1, one process per pool each
+            return f"worker process {k + 1} of {processes} (pool {pools[p]})"
+
+        others = None if children is None else asyncio.create_task(
+            _dev_children(children, (processes - 1) * len(pools), stop, label))
         try:
             for worker in workers:
                 if not await start_unless_stopped(worker, stop):
@@ -185,6 +203,39 @@ async def _serve_dev(registry: Registry, log_url: str, concurrency: int, port: i
         finally:
             for worker in reversed(started):
                 await worker.close()
+            if others is not None:
+                stop.requested.set()
+                code = await others
+                if code:
+                    raise CliError(f"a worker process of stepline dev --processes {processes} failed "
+                                   f"(exit {code}; its error is above)")
+
+
+async def _dev_children(argv: Callable[[int], list[str]], count: int, stop: Stop,
+                        label: Callable[[int], str]) -> int:
+    """The other worker processes of `stepline dev --processes N`: the dev
+    process's signals (its Stop) reach them, the first as a drain, a second
+    as a cancel."""
+    from stepline.cli.supervise import Supervisor
+
+    supervisor = Supervisor(argv, range(count), json_logs=False, what="stepline dev", label=label)
+    running = asyncio.create_task(supervisor.run())
+    try:
+        for signalled in (stop.requested, stop.now):
+            waiting = asyncio.create_task(signalled.wait())
+            await asyncio.wait({running, waiting}, return_when=asyncio.FIRST_COMPLETED)
+            waiting.cancel()
+            if running.done():
+                # A process failed at start and the supervisor stopped the
+                # others: without them this one owns only its own share.
+                stop.signalled()
+                break
+            supervisor.signal(signal.SIGTERM)
+        return await running
+    finally:
+        if not running.done():  # the dev process failed: its children stop with it
+            supervisor.signal(signal.SIGTERM)
+            await running
 
 
 def dev(
@@ -203,14 +254,25 @@ def dev(
         "--pool", show_default=False, metavar="POOL",
         help="Run only this worker pool's tasks; repeat for several (default: every pool of the app).",
     )] = None,
+    processes: ProcessesOpt = "1",
 ) -> None:
     """Embedded log, a worker per pool, and the HTTP API with the dashboard (no auth), in one process."""
     seconds = _grace(grace)
     configure_logging(json_logs=False)
+    count = _processes(processes, log)
     registry = _load_app(module)
     pools = sorted({_pool(registry, p) for p in pool}) if pool else registry.pools()
-    _run(_serve_dev(registry, log, concurrency, port, query_db or _dev_query_db(log), seconds, pools),
-         loop=_event_loop())
+    children = None
+    if count > 1:
+        from stepline.cli.supervise import worker_argv  # start-up: only with --processes N
+
+        def children(i: int) -> list[str]:
+            # Members 1..N-1 (this process is 0), one process per pool each.
+            k, p = divmod(i, len(pools))
+            return worker_argv(module, log, member=k + 1, members=count, concurrency=concurrency,
+                               grace=seconds, pool=pools[p], json_logs=False, http=None, instance_id=None)
+    _run(_serve_dev(registry, log, concurrency, port, query_db or _dev_query_db(log), seconds, pools,
+                    count, children), loop=_event_loop())
 
 
 def worker(
@@ -234,14 +296,81 @@ def worker(
         help=_setting_help("Stable id of this worker process slot (Kafka static membership): restarted "
                            "under the same id it takes its partitions back at once. Never share one "
                            "between two live workers (default: none).", "worker_instance_id"))] = None,
+    processes: ProcessesOpt = "1",
+    member: Annotated[str | None, typer.Option("--member", hidden=True, metavar="K/N")] = None,
 ) -> None:
     """Run a worker of one pool: owns partitions of its runs topic and executes their runs."""
     seconds = _grace(grace)
     port = _http_port(http_port)
     configure_logging(json_logs=json_logs)
+    count = _processes(processes, log, json_logs)
+    own = _member(member, json_logs)
+    if own is None and count > 1 and port:
+        _check_ports(port, count, json_logs)
     registry = _load_app(module, json_logs)
-    _run(_serve_worker(registry, log, concurrency, seconds, None if port is None else (http_host, port),
-                       _pool(registry, pool), json_logs, instance_id), json_logs, loop=_event_loop(json_logs))
+    pool = _pool(registry, pool)
+    http = None if port is None else (http_host, port)
+    if own is None and count > 1:
+        from stepline.cli.supervise import worker_argv  # start-up: only with --processes N
+
+        def argv(k: int) -> list[str]:
+            return worker_argv(module, log, member=k, members=count, concurrency=concurrency, grace=seconds,
+                               pool=pool, json_logs=json_logs, http=http, instance_id=instance_id)
+
+        _exit(_run(_supervise(argv, range(count), json_logs), json_logs))
+        return
+    _run(_serve_worker(registry, log, concurrency, seconds, http, pool, json_logs, instance_id, own),
+         json_logs, loop=_event_loop(json_logs))
+
+
+async def _supervise(argv: Callable[[int], list[str]], members: range, json_logs: bool) -> int:
+    """`stepline worker --processes N`: N children, each `stepline worker --member k/N`."""
+    from stepline.cli.supervise import Supervisor
+
+    supervisor = Supervisor(argv, members, json_logs)
+    supervisor.on_signals()
+    _say(f"stepline worker: {len(members)} processes (pid {os.getpid()} supervises them)", json_logs,
+         processes=len(members), pid=os.getpid())
+    return await supervisor.run()
+
+
+def _share(total: int, members: int) -> int:
+    from stepline.cli.supervise import share
+
+    return share(total, members)
+
+
+def _exit(code: int) -> None:
+    if code:
+        raise typer.Exit(code)
+
+
+def _processes(value: str | int, log_url: str, json_logs: bool = False) -> int:
+    from stepline.cli.supervise import processes_of
+
+    try:
+        return processes_of(value, log_url)
+    except CliError as exc:
+        _fail(str(exc), json_logs)
+        raise
+
+
+def _member(value: str | None, json_logs: bool = False) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    from stepline.cli.supervise import parse_member
+
+    try:
+        return parse_member(value)
+    except CliError as exc:
+        _fail(str(exc), json_logs)
+        raise
+
+
+def _check_ports(port: int, count: int, json_logs: bool) -> None:
+    if port + count - 1 > 65535:
+        _fail(f"--http-port {port} with --processes {count}: the processes listen on ports "
+              f"{port}-{port + count - 1}, past 65535; pick a lower port", json_logs)
 
 
 def _event_loop(json_logs: bool = False) -> str:

@@ -341,6 +341,16 @@ class Log(abc.ABC):
         member's session expires. Two live members must never share one.
         Logs without such a thing ignore it."""
 
+    def split_groups(self, member: int, members: int) -> None:
+        """This process is member `member` (0-based) of `members` processes
+        started together (`stepline worker --processes N`). A log whose groups
+        do not balance themselves (sqlite: a flock per partition) then gives
+        this process, in every group it joins, only the partitions p with
+        p % members == member. Logs that balance their groups (Kafka) and
+        in-process ones (memory) ignore it."""
+        if not 0 <= member < members:
+            raise ValueError(f"member {member} of {members}: needs 0 <= member < members")
+
     async def group_alive(self, group: str) -> bool | None:
         """Whether `group` has a member now (some worker of it is running),
         as far as the log can tell; None when it cannot tell. For people

@@ -1,5 +1,6 @@
-"""The membership of a group's only member: the memory and sqlite backends
-give one member per group every partition, until it leaves."""
+"""A membership with a fixed assignment: the memory backend gives a group's
+only member every partition, the sqlite backend a process the partitions
+whose locks it holds, until it leaves."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ __all__ = ["SoleMembership"]
 
 
 class SoleMembership(Membership):
-    """Holds every partition of (group, topic) `key` until `leave()`, which
+    """Holds its partitions of (group, topic) `key` until `leave()`, which
     revokes them once and then gives the seat back through `release`."""
 
     def __init__(self, key: tuple[str, str], assignment: Assignment, on_revoke: RevokeCallback,

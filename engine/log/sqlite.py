@@ -31,9 +31,12 @@ someone waits on, and only the readers whose partition grew are woken (the
 rest, such as a worker's idle tails of other topics, would each re-run
 their query for nothing, a hundred times a second on a busy log).
 
-Groups: one worker process per group. `join_group` holds an exclusive
-`flock` on `.<db>.locks/group-<group>.lock`; the OS drops it when the holder dies, even
-by kill -9, and a waiting joiner then takes over with a new generation.
+Groups: `join_group` holds an exclusive `flock` per partition of the group
+(`.<db>.locks/group-<group>.p<N>.lock`): one process owns all of them, or
+several processes started by `stepline worker --processes N` split them
+(`split_groups`, engine/log/sqlite_groups.py). The OS drops a lock when its
+holder dies, even by kill -9, and a waiting joiner then takes over with a
+new generation.
 """
 
 from __future__ import annotations
@@ -436,11 +439,15 @@ class SqliteLog(Log):
         return {int(p): int(o) for p, o in rows}
 
     def lock_path(self, group: str) -> str:
-        """The file whose flock makes this process the group's only member."""
+        """The file every member of the group holds shared (engine/log/sqlite_groups.py)."""
         return self._groups.lock_path(group)
 
     async def group_alive(self, group: str) -> bool | None:
         return self._groups.held(group)
+
+    def split_groups(self, member: int, members: int) -> None:
+        super().split_groups(member, members)
+        self._groups.member = (member, members)
 
     async def join_group(
         self,
