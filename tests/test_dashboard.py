@@ -210,6 +210,15 @@ def css(driver: Any, selector: str) -> Any:
     return driver.find_element(By.CSS_SELECTOR, selector)
 
 
+def settled(driver: Any, read: Any) -> Any:
+    """`read(driver)`, read again when a refresh of the page replaced the elements under it."""
+    return wait(driver, lambda d: (read(d),), "a read of the page")[0]
+
+
+def text(driver: Any, selector: str) -> str:
+    return str(settled(driver, lambda d: css(d, selector).text))
+
+
 def css_all(driver: Any, selector: str) -> list[Any]:
     from selenium.webdriver.common.by import By
 
@@ -280,10 +289,10 @@ def test_a_triggered_run_appears_live_and_its_page_draws_steps_and_outputs(brows
         "name": "Ada", "plan": "pro"}
     step1 = css(driver, 'details[data-testid=step][data-step="1"]')
     assert "template service timed out" in step1.text  # the failed attempt's error
-    assert "ConnectionError" in css(driver, "[data-testid=retries]").text
-    output = json.loads(css(driver, "[data-testid=run-output]").text)
+    assert "ConnectionError" in text(driver, "[data-testid=retries]")
+    output = json.loads(text(driver, "[data-testid=run-output]"))
     assert output["message"] == "Welcome aboard, Ada (pro)" and output["sent"] is True
-    assert "make-avatar" in css(driver, "[data-testid=children]").text
+    assert "make-avatar" in text(driver, "[data-testid=children]")
     assert not css_all(driver, "[data-testid=cancel]") and not css_all(driver, "[data-testid=retry-panel]")
     shoot(driver, screenshots, "run")
 
@@ -315,8 +324,8 @@ def test_a_dead_letter_is_retried_from_the_page_with_an_edited_payload(browser, 
 
     css(driver, row(run_id) + " [data-testid=run-link]").click()
     wait(driver, lambda d: css(d, "[data-testid=run-output]"), "the run's output")
-    assert json.loads(css(driver, "[data-testid=run-output]").text) == {"captured": 5, "currency": "EUR"}
-    assert json.loads(css(driver, "[data-testid=run-payload]").text) == {"amount": 5}
+    assert json.loads(text(driver, "[data-testid=run-output]")) == {"captured": 5, "currency": "EUR"}
+    assert json.loads(text(driver, "[data-testid=run-payload]")) == {"amount": 5}
     markers = [m.get_attribute("data-kind") for m in css_all(driver, "[data-testid=timeline-marker]")]
     assert "retry" in markers  # the manual retry is on the timeline
 
@@ -328,12 +337,12 @@ def test_events_schedules_and_queues_show_what_the_server_knows(browser, dev, sc
         "event_id"]
     selector = f'tr[data-testid="event-row"][data-event-id="{event_id}"]'
     wait(driver, lambda d: css(d, selector + " [data-testid=run-link]"), "the event and the run it started")
-    assert "welcome-email" in css(driver, selector).text
+    assert "welcome-email" in text(driver, selector)
     shoot(driver, screenshots, "events")
 
     css(driver, "[data-testid=nav-schedules]").click()
     wait(driver, lambda d: css(d, 'tr[data-testid="schedule-row"][data-task-id="nightly-report"]'), "the schedule")
-    assert "0 3 * * *" in css(driver, "[data-testid=schedules-table]").text
+    assert "0 3 * * *" in text(driver, "[data-testid=schedules-table]")
     shoot(driver, screenshots, "schedules")
 
     css(driver, "[data-testid=nav-queues]").click()
@@ -412,8 +421,8 @@ def test_a_checkpoint_is_forked_from_the_page_with_an_edited_output(browser, dev
     open_page(driver, dev, f"#/runs/{run_id}")
     wait(driver, lambda d: d.find_element("css selector", "[data-testid=run-output]").text.strip().startswith("{"),
          "the run to complete", timeout=30)
-    assert json.loads(css(driver, "[data-testid=run-output]").text) == {"captured": 5, "currency": "EUR"}
-    assert css(driver, "[data-testid=task-version]").text.startswith("code:")
+    assert json.loads(text(driver, "[data-testid=run-output]")) == {"captured": 5, "currency": "EUR"}
+    assert text(driver, "[data-testid=task-version]").startswith("code:")
     # Every checkpoint offers a fork; step 0 (validate) returned 5: say it had returned 7.
     assert len(css_all(driver, "[data-testid=fork-from-step]")) == 2
     css(driver, 'details[data-testid=step][data-step="0"] [data-testid=fork-from-step]').click()
@@ -435,11 +444,11 @@ def test_a_checkpoint_is_forked_from_the_page_with_an_edited_output(browser, dev
     wait(driver, lambda d: d.find_element("css selector", "[data-testid=run-output]").text.strip().startswith("{"),
          "the fork to complete", timeout=30)
     # capture ran live with the edited price; validate was copied, not run.
-    assert json.loads(css(driver, "[data-testid=run-output]").text) == {"captured": 7, "currency": "EUR"}
-    assert run_id in css(driver, "[data-testid=forked-from]").text and "at step 1" in css(
-        driver, "[data-testid=forked-from]").text
-    assert "copied from the run" in css(driver, 'details[data-testid=step][data-step="0"]').text
-    assert "copied from the run" not in css(driver, 'details[data-testid=step][data-step="1"]').text
+    assert json.loads(text(driver, "[data-testid=run-output]")) == {"captured": 7, "currency": "EUR"}
+    assert run_id in text(driver, "[data-testid=forked-from]") and "at step 1" in text(
+        driver, "[data-testid=forked-from]")
+    assert "copied from the run" in text(driver, 'details[data-testid=step][data-step="0"]')
+    assert "copied from the run" not in text(driver, 'details[data-testid=step][data-step="1"]')
     state = dev.call("GET", f"/v1/runs/{fork_id}")
     assert [(s["step"], s["attempt"]) for s in state["steps"]] == [(0, 0), (1, 1)]
 
@@ -448,12 +457,12 @@ def test_a_checkpoint_is_forked_from_the_page_with_an_edited_output(browser, dev
     wait(driver, lambda d: css(d, "[data-testid=shadow-result]"), "the shadow diff")
     assert css(driver, "[data-testid=shadow-result]").get_attribute("data-diverged") == "false"
     assert [r.get_attribute("data-verdict") for r in css_all(driver, "[data-testid=shadow-step]")] == ["same", "same"]
-    assert "(unchanged)" in css(driver, "[data-testid=shadow-versions]").text
+    assert "(unchanged)" in text(driver, "[data-testid=shadow-versions]")
     # `stepline dev` runs without a token: it imports no module named over HTTP.
     css(driver, "[data-testid=shadow-module]").send_keys("dashboard_app")
     css(driver, "[data-testid=shadow-run]").click()
     wait(driver, lambda d: "Shadow refused" in css(d, "[data-testid=shadow-message]").text, "the refusal")
-    assert "token" in css(driver, "[data-testid=shadow-message]").text
+    assert "token" in text(driver, "[data-testid=shadow-message]")
 
 
 def test_the_shadow_diff_of_a_run_against_new_code_shows_where_it_diverges(browser, tmp_path, screenshots):
@@ -487,13 +496,13 @@ def test_the_shadow_diff_of_a_run_against_new_code_shows_where_it_diverges(brows
         wait(driver, lambda d: css(d, "[data-testid=shadow-result]"), "the shadow diff")
         result = css(driver, "[data-testid=shadow-result]")
         assert result.get_attribute("data-diverged") == "true"
-        assert css(driver, "[data-testid=shadow-verdict]").text == "diverges"
+        assert text(driver, "[data-testid=shadow-verdict]") == "diverges"
         [step] = css_all(driver, "[data-testid=shadow-step]")
         assert step.get_attribute("data-verdict") == "input-changed"
         assert '["Ada"]' in step.text and '["ADA"]' in step.text and "Hello, Ada" in step.text
-        assert "First divergence: step 0 (compose) is called with" in css(driver, "[data-testid=shadow-first]").text
-        assert '{"message":"Hello, Ada!"}' in css(driver, "[data-testid=shadow-output]").text
-        assert "(changed)" in css(driver, "[data-testid=shadow-versions]").text
+        assert "First divergence: step 0 (compose) is called with" in text(driver, "[data-testid=shadow-first]")
+        assert '{"message":"Hello, Ada!"}' in text(driver, "[data-testid=shadow-output]")
+        assert "(changed)" in text(driver, "[data-testid=shadow-versions]")
         shoot(driver, screenshots, "shadow")
 
         # A module outside the shadow path is refused, and nothing changed on the log.
@@ -528,7 +537,7 @@ def test_a_bulk_retry_of_the_filtered_list_counts_first_then_acts_once(browser, 
     message = css(driver, "[data-testid=bulk-message]")
     assert message.get_attribute("data-acted") == "3"
     assert message.text == "3 runs match. Retry 3 runs?"
-    assert css(driver, "[data-testid=bulk-confirm]").text == "Retry 3 runs"
+    assert text(driver, "[data-testid=bulk-confirm]") == "Retry 3 runs"
     shoot(driver, screenshots, "bulk-retry")
 
     def retriggers(run_id: str) -> int:
@@ -538,7 +547,7 @@ def test_a_bulk_retry_of_the_filtered_list_counts_first_then_acts_once(browser, 
     css(driver, "[data-testid=bulk-confirm]").click()
     wait(driver, lambda d: css(d, "[data-testid=bulk-message]").get_attribute("data-state") == "done",
          "the bulk retry to be accepted")
-    assert css(driver, "[data-testid=bulk-message]").text.startswith("Done: 3 runs retried")
+    assert text(driver, "[data-testid=bulk-message]").startswith("Done: 3 runs retried")
     assert not css(driver, "[data-testid=bulk-confirm]").is_displayed()
     for run_id in failing:  # retried, they fail again (the amount is still negative)
         wait(driver, lambda d, r=run_id: retriggers(r) == 1 and row_status(d, r, "failed"),
@@ -557,15 +566,6 @@ def _until_status(driver: Any, dev: Server, run_id: str, status: str) -> None:
 
 def _steps_shown(driver: Any) -> list[str]:
     return settled(driver, lambda d: [e.get_attribute("data-step") for e in css_all(d, "details[data-testid=step]")])
-
-
-def settled(driver: Any, read: Any) -> Any:
-    """`read(driver)`, read again when a refresh of the page replaced the elements under it."""
-    return wait(driver, lambda d: (read(d),), "a read of the page")[0]
-
-
-def text(driver: Any, selector: str) -> str:
-    return str(settled(driver, lambda d: css(d, selector).text))
 
 
 def test_time_travel_shows_the_run_as_it_stood_at_an_earlier_checkpoint(browser, dev, screenshots):
