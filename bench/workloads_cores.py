@@ -9,7 +9,11 @@
             the ratio (the aim: >= 1.7x on 2 cores), CPU s per 1,000 runs of
             all the command's processes (the worker's supervisor and children;
             dev and its children) and of the driver, and their RSS after the
-            runs.
+            runs. Its limit, from the same run: the runs/s the usable cores
+            would give at the N side's CPU per run (its processes, the
+            driver and, on Kafka, the broker started by scripts/kafka.sh,
+            all on the same cores), as a ratio to the one-process side:
+            a speedup above it needs less CPU per run, not more processes.
 
 On sqlite FULL and, when a broker is had, on Kafka (a fresh namespace per
 side; the N processes are members of the worker group, Kafka splits the
@@ -103,7 +107,7 @@ async def _claimed(tail: Tail, workers: Workers, timeout: float = 90.0) -> float
 
 
 async def one_side(url: str, processes: int, n: int, warmup: int, command: str = "worker",
-                   cap: int = SPLIT_IN_FLIGHT) -> dict[str, Any]:
+                   cap: int = SPLIT_IN_FLIGHT, broker: int | None = None) -> dict[str, Any]:
     """(a) against `stepline <command> --processes <processes>`."""
     with tempfile.TemporaryDirectory(prefix="stepline-bench-cores-") as d:
         workers = Workers(url, Path(d), processes, command)
@@ -114,6 +118,7 @@ async def one_side(url: str, processes: int, n: int, warmup: int, command: str =
                 w = await workloads.drive(client, task, lambda x: x + 3, warmup, cap, base=10**9)
                 pids = workers.pids()
                 w0 = sum(kafka_bench.proc_cpu_s(p) for p in pids)
+                b0 = kafka_bench.proc_cpu_s(broker) if broker else 0.0
                 d0, t0 = time.process_time(), time.perf_counter()
                 r = await workloads.drive(client, task, lambda x: x + 3, n, cap)
                 elapsed, dcpu = time.perf_counter() - t0, time.process_time() - d0
@@ -121,6 +126,7 @@ async def one_side(url: str, processes: int, n: int, warmup: int, command: str =
                 if after != pids:
                     raise RuntimeError(f"a worker process was restarted during the measurement: {pids} -> {after}")
                 wcpu = sum(kafka_bench.proc_cpu_s(p) for p in pids) - w0
+                bcpu = kafka_bench.proc_cpu_s(broker) - b0 if broker else None
                 rss = sum(rss_kb(p) for p in pids)
                 workers.check_alive()
         finally:
@@ -132,15 +138,18 @@ async def one_side(url: str, processes: int, n: int, warmup: int, command: str =
     return {"errors": errors, "pids": len(pids), "completed": r.completed, "settle_s": settle_s,
             "elapsed_s": elapsed,
             "runs_per_s": r.completed / elapsed, "cpu_s_per_1000_runs_workers": 1000 * wcpu / done,
-            "cpu_s_per_1000_runs_driver": 1000 * dcpu / done, "workers_rss_kb": rss}
+            "cpu_s_per_1000_runs_driver": 1000 * dcpu / done, "cpu_s_per_1000_runs_broker": 1000 * bcpu / done if bcpu is not None else None,
+            "workers_rss_kb": rss}
 
 
-async def cores(url_of: Any, n: int, warmup: int, command: str = "worker") -> dict[str, Any]:
-    """Both sides in one run, one process first; the ratio of their runs/s."""
+async def cores(url_of: Any, n: int, warmup: int, command: str = "worker",
+                broker: int | None = None) -> dict[str, Any]:
+    """Both sides in one run, one process first; the ratio of their runs/s,
+    and the ratio the cores allow at the N side's CPU per run."""
     sys.setswitchinterval(0.0005)
     many = max(2, usable_cores())
-    one = await one_side(url_of(f"{command}-one"), 1, n, warmup, command)
-    every = await one_side(url_of(f"{command}-every"), many, n, warmup, command)
+    one = await one_side(url_of(f"{command}-one"), 1, n, warmup, command, broker=broker)
+    every = await one_side(url_of(f"{command}-every"), many, n, warmup, command, broker=broker)
     errors = [f"--processes 1: {e}" for e in one.pop("errors")] + [
         f"--processes {many}: {e}" for e in every.pop("errors")]
     metrics: dict[str, Any] = {"runs": n, "in_flight": SPLIT_IN_FLIGHT, "processes_many": many,
@@ -151,6 +160,13 @@ async def cores(url_of: Any, n: int, warmup: int, command: str = "worker") -> di
     metrics["cpu_s_per_1000_runs_one"] = one["cpu_s_per_1000_runs_workers"] + one["cpu_s_per_1000_runs_driver"]
     metrics["cpu_s_per_1000_runs_many"] = (every["cpu_s_per_1000_runs_workers"]
                                            + every["cpu_s_per_1000_runs_driver"])
+    # What the cores give when every one is busy at the N side's cost per run:
+    # CPU the broker spends on these runs is spent on the same cores.
+    cost = metrics["cpu_s_per_1000_runs_many"] + (every["cpu_s_per_1000_runs_broker"] or 0.0)
+    metrics["cores_limit_runs_per_s"] = usable_cores() * 1000 / cost if cost > 0 else None
+    if metrics["cores_limit_runs_per_s"]:
+        metrics["limit_speedup"] = metrics["cores_limit_runs_per_s"] / one["runs_per_s"]
+        metrics["vs_limit"] = every["runs_per_s"] / metrics["cores_limit_runs_per_s"]
     return {"ok": not errors, "errors": errors, "metrics": metrics}
 
 
@@ -183,7 +199,9 @@ def _measure(system: str, command: str, sz: dict[str, Any], tmp_root: str | None
 
         try:
             result: dict[str, Any] = run_async(
-                lambda: cores(url_of, sz["split_runs"], sz["split_warmup"], command), 2 * timeout)
+                lambda: cores(url_of, sz["split_runs"], sz["split_warmup"], command,
+                              kafka_bench.script_broker_pid(bootstrap) if system == KAFKA and bootstrap else None),
+                2 * timeout)
             return result
         finally:
             for ns in namespaces:
@@ -192,12 +210,16 @@ def _measure(system: str, command: str, sz: dict[str, Any], tmp_root: str | None
 
 HEADLINES: dict[str, list[tuple[str, str, str]]] = {
     "a_cores": [("speedup", "runs/s every core / one process (aim ≥ 1.7)", "{:.2f}"),
+                ("limit_speedup", "limit: the same ratio with every core busy at N's CPU per run", "{:.2f}"),
+                ("vs_limit", "runs/s N ÷ that limit", "{:.2f}"),
                 ("runs_per_s_one", "runs/s, --processes 1", "{:,.0f}"),
                 ("runs_per_s_many", "runs/s, --processes N", "{:,.0f}"),
                 ("cpu_s_per_1000_runs_workers_one", "CPU s/1k runs, worker, 1 process", "{:.2f}"),
                 ("cpu_s_per_1000_runs_workers_many", "CPU s/1k runs, workers, N processes", "{:.2f}"),
                 ("cpu_s_per_1000_runs_driver_one", "CPU s/1k runs, driver (vs 1)", "{:.2f}"),
                 ("cpu_s_per_1000_runs_driver_many", "CPU s/1k runs, driver (vs N)", "{:.2f}"),
+                ("cpu_s_per_1000_runs_broker_one", "CPU s/1k runs, broker (vs 1; Kafka)", "{:.2f}"),
+                ("cpu_s_per_1000_runs_broker_many", "CPU s/1k runs, broker (vs N; Kafka)", "{:.2f}"),
                 ("workers_rss_kb_one", "RSS KiB, worker, 1 process", "{:,.0f}"),
                 ("workers_rss_kb_many", "RSS KiB, all N processes (+ supervisor)", "{:,.0f}")],
 }

@@ -102,6 +102,8 @@ def test_bench_quick(tmp_path: Path, request: pytest.FixtureRequest) -> None:
             # worker: N children and their supervisor; dev: itself (process 0) and N-1 children.
             supervisor = 1 if r["params"]["command"] == "worker" else 0
             assert m["pids_one"] == 1 and m["pids_many"] == m["processes_many"] + supervisor >= 2, r
+            # Its limit, from the same run: the cores at the N side's CPU per run.
+            assert m["limit_speedup"] > 0 and 0 < m["vs_limit"], r
         if r["workload"] in ("d_recovery", "g_sleeping"):
             assert m["runs_lost"] == 0, r
         if r["workload"] == "d_recovery":
