@@ -239,6 +239,87 @@ async def test_a_commit_elsewhere_wakes_only_the_readers_whose_partition_grew(lo
         assert [r.value for r in await asyncio.wait_for(quiet, 10)] == [b"to partition 0"]
 
 
+async def test_an_idle_log_with_waiting_readers_sleeps_until_the_bell_rings(log: SqliteLog, db: Path) -> None:
+    # On Linux the poll waits for the kernel's word that a file of the
+    # database was written (inotify), instead of looking a hundred times a
+    # second: over a second of idleness it looks at most once or twice.
+    assert log._bell is not None, "no inotify bell on this Linux machine"
+    looks: list[None] = []
+    real_peek = log._peek
+
+    def spy() -> int | None:
+        looks.append(None)
+        return real_peek()
+
+    log._peek = spy  # type: ignore[method-assign]
+    readers = [asyncio.create_task(log.read(TOPIC, p, 0, timeout=60)) for p in (0, 1)]
+    while len(log._waiters) < 2:
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(1.2)
+    idle_looks = len(looks)
+    async with SqliteLog(db) as other:
+        await other.append(TOPIC, 1, [(b"k", b"rang")])
+    assert [r.value for r in await asyncio.wait_for(readers[1], 10)] == [b"rang"]
+    assert idle_looks <= 2, f"{idle_looks} looks in 1.2 s of idleness (a 10 ms poll makes ~120)"
+    readers[0].cancel()
+
+
+async def test_the_bell_alone_wakes_a_reader_for_another_process_commit(
+        log: SqliteLog, db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # With the idle look pushed past the read's timeout, only the bell can
+    # deliver the other process's record in time.
+    monkeypatch.setattr("stepline.log.sqlite._IDLE_LOOK_S", 120.0)
+    reader = asyncio.create_task(log.read(TOPIC, 0, 0, timeout=60))
+    while not log._waiters:
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(0.1)  # the poll is asleep on the bell by now
+    await run_python(
+        """
+        import asyncio, sys
+        from stepline.log import open_log
+        async def main():
+            async with open_log(sys.argv[1]) as log:
+                await log.append("events", 0, [(b"cli", b"from another process")])
+        asyncio.run(main())
+        """,
+        url_for(db),
+    )
+    assert [r.value for r in await asyncio.wait_for(reader, 30)] == [b"from another process"]
+
+
+async def test_the_bell_rings_for_commits_only(tmp_path: Path) -> None:
+    from stepline.log.sqlite_bell import open_bell
+
+    bell = open_bell(str(tmp_path / "log.db"))
+    assert bell is not None
+    try:
+        (tmp_path / "notes.txt").write_text("not the log")
+        (tmp_path / ".log.db.locks" / "write.lock").write_text("a file of the log, not a commit")
+        assert await bell.wait(0.2) is False
+        async with SqliteLog(tmp_path / "log.db") as log:
+            await log.ensure_topics([TopicSpec(TOPIC, 1)])
+            await bell.wait(0.2)  # the topic's commit
+            await log.append(TOPIC, 0, [(b"k", b"v")])
+            assert await bell.wait(0.2) is True
+            assert await bell.wait(0.2) is False  # drained: no second ring for one commit
+    finally:
+        bell.close()
+
+
+async def test_without_a_bell_the_log_polls_for_other_processes_commits(
+        db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Where inotify cannot be had (another OS, the per-user limit reached).
+    monkeypatch.setattr("stepline.log.sqlite.open_bell", lambda path: None)
+    async with SqliteLog(db) as log, SqliteLog(db) as other:
+        await log.ensure_topics([TopicSpec(TOPIC, 1)])
+        assert log._bell is None
+        reader = asyncio.create_task(log.read(TOPIC, 0, 0, timeout=60))
+        while not log._waiters:
+            await asyncio.sleep(0.001)
+        await other.append(TOPIC, 0, [(b"k", b"polled")])
+        assert [r.value for r in await asyncio.wait_for(reader, 10)] == [b"polled"]
+
+
 # Long-lived openers, so the rounds cost no interpreter start: each line on
 # stdin names a log to open, append one record to and close.
 OPENER = """

@@ -20,7 +20,10 @@ never waits for the file (its one statement, the poll's look at `PRAGMA
 data_version` below, reads shared memory and never waits for a lock). A
 `read` with a timeout wakes at once on appends made through this
 `SqliteLog`, and notices other processes' appends by polling `PRAGMA
-data_version` every `poll_interval` seconds while anyone is waiting. The
+data_version` while anyone is waiting: at most every `poll_interval`
+seconds, and on Linux only when the kernel says a file of the database was
+written since the last look (`sqlite_bell.py`, inotify), so an idle log with
+waiting readers sleeps (one look a second in case a ring was lost). The
 poll looks first on a connection of the loop's own: unchanged, nobody
 committed, and an idle poll costs no thread switch. Changed, it asks the
 writer's connection, on which only other connections' commits change it:
@@ -50,6 +53,7 @@ from typing import TypeVar
 
 from ..errors import LogCorrupted, LogError, UnknownTopic
 from .base import AssignCallback, Headers, Log, Membership, Record, RevokeCallback, TopicSpec
+from .sqlite_bell import Bell, open_bell
 from .sqlite_file import (
     _COMMIT,
     _COMMITTED,
@@ -68,6 +72,10 @@ from .sqlite_writer import Synchronous, _Append, _Call, _Results, _Rows, _Writer
 __all__ = ["SCHEMA_VERSION", "SqliteLog"]
 
 T = TypeVar("T")
+
+# With the bell, how long an idle poll sleeps before it looks anyway: a ring
+# lost (a file system that does not report writes) costs this, never a wake-up.
+_IDLE_LOOK_S = 1.0
 
 
 def _set_if_pending(fut: asyncio.Future[None]) -> None:
@@ -134,6 +142,7 @@ class SqliteLog(Log):
         self._peek_conn: sqlite3.Connection | None = None
         self._peeked: int | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._bell: Bell | None = None
         self._groups = SqliteGroups(self.path)
 
     # --- lifecycle ---
@@ -147,6 +156,9 @@ class SqliteLog(Log):
         writer = _Writer(self.path, self.synchronous, self._busy_timeout_ms)
         await writer.start(self._deliver)
         self._writer = writer
+        # Opened before the first look at data_version: a commit after that
+        # look is queued in the kernel for the poll.
+        self._bell = open_bell(self.path)
         self._readers = _Readers(self.path, self._busy_timeout_ms, self._reader_threads)
         try:
             self._data_version = await writer.data_version()
@@ -165,6 +177,9 @@ class SqliteLog(Log):
             self._poller.cancel()
             self._poller = None
         self._groups.close()
+        if self._bell is not None:
+            self._bell.close()
+            self._bell = None
         if self._writer is not None:
             await self._writer.stop()
             self._writer = None
@@ -338,6 +353,9 @@ class SqliteLog(Log):
         writer, readers = self._parts()
         while self._waiters:
             await asyncio.sleep(self.poll_interval)
+            if self._bell is not None:
+                # Returns at once when anything was written during the sleep.
+                await self._bell.wait(_IDLE_LOOK_S)
             peeked = self._peek()
             if peeked is not None and peeked == self._peeked:
                 continue  # nobody committed, this process included: no thread hop

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..errors import LogCorrupted, LogError, LogWriteFailed
+from .sqlite_bell import Ringer
 from .sqlite_file import (
     _INSERT,
     _MAX_OFFSET,
@@ -122,6 +123,7 @@ class _Writer:
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._conn: sqlite3.Connection | None = None
         self._turnstile: _Turnstile | None = None
+        self._ringer: Ringer | None = None
         # (topic_id, partition) -> next offset, valid while data_version holds.
         self._next: dict[tuple[int, int], int] = {}
         self._data_version = -1
@@ -161,6 +163,7 @@ class _Writer:
     def _run(self, ready: concurrent.futures.Future[None]) -> None:
         try:
             self._turnstile = _Turnstile(self.path, self._busy_timeout_ms / 1000)
+            self._ringer = Ringer(self.path)
             # Opening takes a turn as a write does. Two processes switching a
             # fresh file to WAL at once deadlock inside SQLite, which then
             # fails one at once with "database is locked" instead of calling
@@ -176,6 +179,8 @@ class _Writer:
                 self._conn.close()
             if self._turnstile is not None:
                 self._turnstile.close()
+            if self._ringer is not None:
+                self._ringer.close()
             ready.set_exception(_unavailable(self.path, exc))
             return
         ready.set_result(None)
@@ -202,6 +207,7 @@ class _Writer:
         finally:
             self._conn.close()
             self._turnstile.close()
+            self._ringer.close()
 
     def _open(self) -> sqlite3.Connection:
         conn = _connect(self.path, self._busy_timeout_ms)
@@ -254,8 +260,8 @@ class _Writer:
         return results, touched
 
     def _transaction(self, batch: list[_Op]) -> tuple[_Results, _Rows]:
-        conn, turnstile = self._conn, self._turnstile
-        assert conn is not None and turnstile is not None
+        conn, turnstile, ringer = self._conn, self._turnstile, self._ringer
+        assert conn is not None and turnstile is not None and ringer is not None
         turnstile.enter()
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -293,6 +299,8 @@ class _Writer:
             # One executemany for the whole batch; ops' relative order is kept.
             conn.executemany(_INSERT, rows)
             conn.execute("COMMIT")
+            # Visible to every connection now: wake other processes' polls.
+            ringer.ring()
         except BaseException:
             self._next.clear()
             if conn.in_transaction:  # SQLite may have rolled back already
