@@ -176,6 +176,11 @@ async def test_the_reader_sets_aside_what_it_cannot_start_and_moves_on() -> None
             await client.log.append("orders", 0, [(b"k", big), (b"k", huge), (b"k", b""), (b"k", b'{"id": 4}')])
             await eventually(lambda: reader.triggered == 1 and reader.quarantined == 2, timeout=10,
                              what="one run and two records set aside")
+
+            async def acknowledged() -> bool:  # the offset is committed after the batch's runs
+                return await client.log.committed(reader.group, "orders") == {0: 4}
+
+            await eventually(acknowledged, timeout=10, what="the batch's offset committed")
         finally:
             await reader.close()
         found = {q.offset: q for q in await read_quarantine(client.log, client.topics.quarantine)}
@@ -186,7 +191,7 @@ async def test_the_reader_sets_aside_what_it_cannot_start_and_moves_on() -> None
         assert found[1].value == huge[:262144]
         runs = await client.list_runs()
         assert [(r.task_id, r.run_id) for r in runs] == [("ship", idempotent_run_id("ship", record_key("orders", 0, 3)))]
-        assert await client.log.committed(reader.group, "orders") == {0: 4}
+        assert await client.log.committed(reader.group, "orders") == {0: 4}  # and kept after close
 
 
 # --- against a real broker ------------------------------------------------------------------
