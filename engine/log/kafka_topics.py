@@ -34,15 +34,16 @@ def _ready(meta: dict[str, Any] | None) -> bool:
     )
 
 
-async def _topic_metadata(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, Any]:
+async def _topic_metadata(admin: AIOKafkaAdminClient, topics: list[str],
+                          node: int | None = None) -> dict[str, Any]:
     """Metadata of `topics` without creating them.
 
     `AIOKafkaAdminClient.describe_topics` sends a MetadataRequest that lets a
     broker with auto.create.topics.enable=true create every topic it is asked
     about, so we send our own with allow_auto_topic_creation=False through
-    the admin's `_send_request` (aiokafka 0.14).
+    the admin's `_send_request` (aiokafka 0.14), to `node` or a random broker.
     """
-    response = await admin._send_request(MetadataRequest(topics, allow_auto_topic_creation=False))
+    response = await admin._send_request(MetadataRequest(topics, allow_auto_topic_creation=False), node)
     return {t["topic"]: t for t in response.to_object()["topics"]}
 
 
@@ -167,20 +168,30 @@ class KafkaTopics:
                     f"{err['error_code']} {err['error_message'] or ''}".rstrip()
                 )
         # Wait until the metadata shows every new topic with a leader for each
-        # partition, so the next call through any handle finds it writable.
+        # partition, so the next call through any handle finds it writable:
+        # on every broker that answers, since each serves metadata from its
+        # own cache, updated by the controller a moment apart (a client that
+        # asked another broker next was told the topic did not exist).
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(self._clients.connect_timeout, 10.0)
-        waiting = [name for name, _ in missing]
-        while waiting:
-            try:
-                found = await _topic_metadata(admin, waiting)
-            except KafkaError as exc:
-                raise LogError(f"cannot read topic metadata from Kafka: {exc}") from exc
-            waiting = [n for n in waiting if not _ready(found.get(n))]
-            if waiting:
-                if loop.time() > deadline:
-                    raise LogError(f"topics {waiting} were created but do not show up in metadata")
-                await asyncio.sleep(0.05)
+        nodes: list[int | None] = [b.nodeId for b in admin._client.cluster.brokers()] or [None]
+        for node in nodes:
+            waiting = [name for name, _ in missing]
+            while waiting:
+                try:
+                    found = await _topic_metadata(admin, waiting, node)
+                except KafkaError as exc:
+                    if node is not None:
+                        break  # that broker does not answer: nobody reads its cache now
+                    raise LogError(f"cannot read topic metadata from Kafka: {exc}") from exc
+                for name in waiting:
+                    if _ready(found.get(name)):
+                        self.counts[name] = len(found[name]["partitions"])
+                waiting = [n for n in waiting if not _ready(found.get(n))]
+                if waiting:
+                    if loop.time() > deadline:
+                        raise LogError(f"topics {waiting} were created but do not show up in metadata")
+                    await asyncio.sleep(0.05)
 
     async def committed(self, group: str, topic: str) -> dict[int, int]:
         admin = self._admin()
