@@ -30,6 +30,15 @@ from stepline.core.ids import new_event_id, new_run_id
 VALUE_200 = os.urandom(100).hex().encode()  # 200 bytes, about one event
 
 
+def _remove_db(path: str) -> None:
+    """A probe's SQLite file and its WAL and index, gone."""
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.unlink(path + suffix)
+        except FileNotFoundError:
+            pass
+
+
 def _summary_us(samples: list[float]) -> dict[str, float]:
     us = sorted(x * 1e6 for x in samples)
     return {
@@ -84,11 +93,7 @@ def sqlite_commits(directory: str, synchronous: str, count: int) -> dict[str, An
             errors.append(f"{rows} rows, want {count + 10}")
     finally:
         conn.close()
-        for suffix in ("", "-wal", "-shm"):
-            try:
-                os.unlink(path + suffix)
-            except FileNotFoundError:
-                pass
+        _remove_db(path)
     m = _summary_us(samples)
     m.update(commits=count, commits_per_s=1e6 / m["mean_us"])
     return {"ok": not errors, "errors": errors, "metrics": m}
@@ -162,11 +167,7 @@ def group_commit_probe(directory: str, runs: int, events_per_commit: int = 140) 
             errors.append(f"{rows} rows, want {offset}")
     finally:
         conn.close()
-        for suffix in ("", "-wal", "-shm"):
-            try:
-                os.unlink(path + suffix)
-            except FileNotFoundError:
-                pass
+        _remove_db(path)
     return {"ok": not errors, "errors": errors, "metrics": {
         "runs": runs, "events_per_run": len(run_events()), "events_per_commit": events_per_commit,
         "cpu_us_per_run": cpu / runs * 1e6, "wall_us_per_run": wall / runs * 1e6}}

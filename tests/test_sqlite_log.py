@@ -197,19 +197,24 @@ async def test_two_processes_appending_to_one_partition_lose_nothing(
         assert {records[o].value for o in offsets} == {f"{name}-{i}".encode() for i in range(count)}
 
 
-async def test_a_reader_sees_appends_made_by_another_process(log: SqliteLog, db: Path) -> None:
-    reader = asyncio.create_task(log.read(TOPIC, 1, 0, timeout=60))
+async def append_elsewhere(db: Path, partition: int, value: str) -> None:
+    """One record appended by another process (a CLI, another worker)."""
     await run_python(
         """
         import asyncio, sys
         from stepline.log import open_log
         async def main():
             async with open_log(sys.argv[1]) as log:
-                await log.append("events", 1, [(b"cli", b"triggered from a CLI")])
+                await log.append("events", int(sys.argv[2]), [(b"cli", sys.argv[3].encode())])
         asyncio.run(main())
         """,
-        url_for(db),
+        url_for(db), str(partition), value,
     )
+
+
+async def test_a_reader_sees_appends_made_by_another_process(log: SqliteLog, db: Path) -> None:
+    reader = asyncio.create_task(log.read(TOPIC, 1, 0, timeout=60))
+    await append_elsewhere(db, 1, "triggered from a CLI")
     records = await asyncio.wait_for(reader, 10)
     assert [r.value for r in records] == [b"triggered from a CLI"]
 
@@ -273,17 +278,7 @@ async def test_the_bell_alone_wakes_a_reader_for_another_process_commit(
     while not log._waiters:
         await asyncio.sleep(0.001)
     await asyncio.sleep(0.1)  # the poll is asleep on the bell by now
-    await run_python(
-        """
-        import asyncio, sys
-        from stepline.log import open_log
-        async def main():
-            async with open_log(sys.argv[1]) as log:
-                await log.append("events", 0, [(b"cli", b"from another process")])
-        asyncio.run(main())
-        """,
-        url_for(db),
-    )
+    await append_elsewhere(db, 0, "from another process")
     assert [r.value for r in await asyncio.wait_for(reader, 30)] == [b"from another process"]
 
 
