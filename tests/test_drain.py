@@ -34,6 +34,7 @@ from stepline.core.events import RunStarted, StepCompleted, StepStarted
 from stepline.log.topics import Topics
 from stepline.settings import DEFAULT_SHUTDOWN_GRACE
 
+from .cli_procs import CliProcs
 from .conftest import eventually
 
 APP = Path(__file__).parent / "apps" / "drain_app.py"
@@ -185,45 +186,18 @@ async def test_the_end_of_the_grace_cancels_the_step_and_it_runs_again(
 # --- real processes -------------------------------------------------------------
 
 
-class Procs:
-    """`stepline` processes on one log, each with its stderr in a file."""
+class Procs(CliProcs):
+    """`stepline` processes on one log running the drain app."""
 
     def __init__(self, url: str, state: Path) -> None:
-        self.url = url
-        self.state = state
-        self.procs: list[subprocess.Popen[bytes]] = []
+        super().__init__(url, state)
         self.step_seconds = 2.0
 
     def start(self, *args: str) -> subprocess.Popen[bytes]:
         env = dict(os.environ, DRAIN_DIR=str(self.state), DRAIN_STEP_SECONDS=str(self.step_seconds))
         env.pop("STEPLINE_SHUTDOWN_GRACE", None)
-        n = len(self.procs)
-        with open(self.state / f"proc-{n}.log", "wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "stepline.cli", *args, str(APP), "--log", self.url, "--console-logs"]
-                if args[0] == "worker" else [sys.executable, "-m", "stepline.cli", *args, str(APP),
-                                             "--log", self.url],
-                env=env, stdout=subprocess.DEVNULL, stderr=log, cwd=self.state,
-            )
-        self.procs.append(proc)
-        return proc
-
-    def stderr(self, proc: subprocess.Popen[bytes]) -> str:
-        return (self.state / f"proc-{self.procs.index(proc)}.log").read_text(errors="replace")
-
-    async def said(self, proc: subprocess.Popen[bytes], text: str, timeout: float = 60) -> None:
-        def check() -> bool:
-            if text in self.stderr(proc):
-                return True
-            assert proc.poll() is None, f"exited with {proc.returncode} before saying {text!r}:\n{self.stderr(proc)}"
-            return False
-
-        await eventually(check, timeout=timeout, what=f"{text!r} on stderr")
-
-    async def exited(self, proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
-        await eventually(lambda: proc.poll() is not None, timeout=timeout, what="the process to exit")
-        assert proc.returncode is not None
-        return proc.returncode
+        extra = ["--console-logs"] if args[0] == "worker" else []
+        return self.spawn([*args, str(APP), "--log", self.url, *extra], env)
 
     def stop_all(self) -> None:
         for p in self.procs:

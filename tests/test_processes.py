@@ -27,6 +27,7 @@ from stepline.log import open_log
 from stepline.log.base import Assignment, TopicSpec
 from stepline.log.sqlite import SqliteLog
 
+from .cli_procs import CliProcs
 from .conftest import eventually
 
 APP = Path(__file__).parent / "apps" / "procs_app.py"
@@ -57,43 +58,14 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-class Procs:
-    """`stepline` processes on one log, each with its stderr in a file."""
-
-    def __init__(self, url: str, state: Path) -> None:
-        self.url = url
-        self.state = state
-        self.procs: list[subprocess.Popen[bytes]] = []
+class Procs(CliProcs):
+    """`stepline` processes on one log running the processes app."""
 
     def start(self, *args: str, command: str = "worker") -> subprocess.Popen[bytes]:
         env = dict(os.environ, PROCS_DIR=str(self.state))
         env.pop("STEPLINE_PROCESSES", None)
-        n = len(self.procs)
         extra = ["--console-logs"] if command == "worker" else ["--port", "0"]
-        with open(self.state / f"proc-{n}.log", "wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "stepline.cli", command, str(APP), "--log", self.url, *extra, *args],
-                env=env, stdout=subprocess.DEVNULL, stderr=log, cwd=self.state,
-            )
-        self.procs.append(proc)
-        return proc
-
-    def stderr(self, proc: subprocess.Popen[bytes]) -> str:
-        return (self.state / f"proc-{self.procs.index(proc)}.log").read_text(errors="replace")
-
-    async def said(self, proc: subprocess.Popen[bytes], text: str, times: int = 1, timeout: float = 60) -> None:
-        def check() -> bool:
-            if self.stderr(proc).count(text) >= times:
-                return True
-            assert proc.poll() is None, f"exited with {proc.returncode} before saying {text!r}:\n{self.stderr(proc)}"
-            return False
-
-        await eventually(check, timeout=timeout, what=f"{text!r} on stderr")
-
-    async def exited(self, proc: subprocess.Popen[bytes], timeout: float = 60) -> int:
-        await eventually(lambda: proc.poll() is not None, timeout=timeout, what="the process to exit")
-        assert proc.returncode is not None
-        return proc.returncode
+        return self.spawn([command, str(APP), "--log", self.url, *extra, *args], env)
 
     def calls(self) -> list[tuple[str, str, int]]:
         path = self.state / "calls.log"
