@@ -48,6 +48,7 @@ from stepline.core.events import (
     WaitCompleted,
 )
 from stepline.core.frozen import fast_init
+from stepline.projections.ended import EndedIds
 
 # The idempotency-key prefix of debounced triggers (engine/sdk/debounce.py).
 DEBOUNCE_PREFIX = "stepline/debounce/"
@@ -557,8 +558,9 @@ class PartitionRuns:
     # any of its events, to change nothing. The window is in log offsets,
     # not time, so the fold stays a pure function of the log and a rebuild
     # compacts exactly what the live fold did (projections/catchup.py).
+    # The ids take 16 bytes each (projections/ended.py).
     keep_ended: int | None = None
-    ended: set[str] = field(default_factory=set)
+    ended: EndedIds = field(default_factory=EndedIds)
     # Runs ended for good and still whole: (offset of the end, run id), in log order.
     ending: deque[tuple[int, str]] = field(default_factory=deque)
 
@@ -584,9 +586,11 @@ class PartitionRuns:
             self.fenced += 1
             return None
         rid = event.run_id
-        if rid in self.ended:
-            return None  # ended for good and compacted: nothing can change it
         old = self.runs.get(rid)
+        # A run is whole or compacted, never both: only an id not held whole
+        # is looked up among the compacted ones.
+        if old is None and rid in self.ended:
+            return None  # ended for good and compacted: nothing can change it
         new = fold_run(old, event)
         if new is not None:
             self.runs[rid] = new

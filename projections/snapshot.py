@@ -18,6 +18,7 @@ from typing import Any
 
 from stepline.core.events import ErrorInfo, PatchRecorded, PauseChanged, Payload
 from stepline.errors import SteplineError
+from stepline.projections.ended import EndedIds
 from stepline.projections.runs import (
     AttemptError,
     LogLine,
@@ -33,10 +34,13 @@ from stepline.projections.runs import (
 # wait_for_any group; 6: the ids of compacted ended runs (PartitionRuns.ended)
 # and the ends of the runs still whole (`ending`); a worker that could not
 # read them would take a repeated trigger of a compacted run for a new run.
+# 7: the compacted ids packed, 16 bytes each (`ended_ids`, base64 of
+# EndedIds.packed; ids not of the engine's format stay strings in `ended`).
 # A snapshot of another version is not read; the partition is rebuilt from
-# the log instead. Version 5 is read as 6 with nothing compacted.
-VERSION = 6
-_READABLE = (5, VERSION)
+# the log instead. Version 5 is read as 6 with nothing compacted, version 6's
+# `ended` as strings.
+VERSION = 7
+_READABLE = (5, 6, VERSION)
 
 
 class SnapshotError(SteplineError):
@@ -163,7 +167,9 @@ def dump(part: PartitionRuns) -> bytes:
     if part.pause_events:
         doc["pause_events"] = sorted(part.pause_events)
     if part.ended:
-        doc["ended"] = sorted(part.ended)
+        packed, other = part.ended.packed()
+        doc["ended_ids"] = base64.b64encode(packed).decode()
+        doc["ended"] = other
     if part.ending:
         doc["ending"] = [[o, rid] for o, rid in part.ending]
     return zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 3)
@@ -184,8 +190,8 @@ def load(data: bytes) -> PartitionRuns:
         for scope, name, reason, by in doc.get("paused", ()):
             part.paused[(scope, name)] = PauseChanged(scope, name, True, reason, by)
         part.pause_events = set(doc.get("pause_events", ()))
-        part.ended = set(doc.get("ended", ()))
+        part.ended = EndedIds.unpacked(base64.b64decode(doc.get("ended_ids", "")), doc.get("ended", ()))
         part.ending.extend((o, rid) for o, rid in doc.get("ending", ()))
-    except (KeyError, IndexError, TypeError) as exc:
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
         raise SnapshotError(f"snapshot is damaged: {type(exc).__name__}: {exc}") from exc
     return part
