@@ -457,7 +457,7 @@ async def sleeping(url: str, n: int, warmup: int, spread_s: float, bootstrap: st
                 await asyncio.sleep(settle_s)
                 rss0 = rss_kb(worker.pid)
                 # Wake times: after all N are surely asleep, spread evenly.
-                margin_ms = int(1000 * max(margin_s, n / 400))
+                margin_ms = int(1000 * g_margin_s(n, margin_s))
                 t_wake0 = int(time.time() * 1000) + margin_ms
                 wake = [t_wake0 + int(i * spread_s * 1000 / n) for i in range(n)]
                 t_trig = time.perf_counter()
@@ -516,6 +516,15 @@ async def sleeping(url: str, n: int, warmup: int, spread_s: float, bootstrap: st
     }}
 
 
+def g_margin_s(n: int, margin_s: float) -> float:
+    """Seconds from the first trigger to the first wake: all N must be asleep by then."""
+    return max(margin_s, n / 400)
+
+
+def g_wait_s(sz: dict[str, Any]) -> float:
+    return g_margin_s(sz["g_runs"], sz["g_margin_s"]) + sz["g_spread_s"]
+
+
 # --- one repetition ---------------------------------------------------------------
 
 RunAsync = Callable[[Callable[[], Any], float], dict[str, Any]]
@@ -526,13 +535,16 @@ def one_rep(rec: Any, rep: int, sz: dict[str, Any], tmp_root: str | None, timeou
     def measure(system: str, workload: str, params: dict[str, Any], make: Callable[[str], Any]) -> None:
         if only is not None and workload not in only:
             return
+        # g_sleeping's runs wait out their margin and spread (~8 minutes at
+        # 100,000): the timeout is on top of that.
+        limit = timeout + (g_wait_s(sz) if workload == "g_sleeping" else 0.0)
         with tempfile.TemporaryDirectory(prefix="stepline-bench-", dir=tmp_root) as d, pinned_driver() as pin:
             ns = kafka_bench.fresh_namespace("bench-p") if system == KAFKA else ""
             url = (kafka_bench.log_url(bootstrap, ns) + sz["kafka_options"] if system == KAFKA and bootstrap
                    else workloads.log_url(d, "full"))
             t0 = time.perf_counter()
             try:
-                result = run_async(lambda: make(url), timeout)
+                result = run_async(lambda: make(url), limit)
             finally:
                 if ns and bootstrap:
                     asyncio.run(kafka_bench.delete_namespace(bootstrap, ns))
