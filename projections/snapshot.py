@@ -153,6 +153,17 @@ def run_from_json(d: dict[str, Any]) -> RunState:
         raise SnapshotError(f"run state is damaged: {type(exc).__name__}: {exc}") from exc
 
 
+def _runs(part: PartitionRuns) -> list[dict[str, Any]]:
+    table = part.runs
+    docs = [_run(r) for r in table.whole.values()]
+    if table.packed:
+        # A worker's packed suspended runs: their form here, without a RunState.
+        packer = table.packer
+        assert packer is not None
+        docs += [packer.doc(rid, data) for rid, data in table.packed.items()]
+    return docs
+
+
 def dump(part: PartitionRuns) -> bytes:
     doc = {
         "v": VERSION,
@@ -160,7 +171,7 @@ def dump(part: PartitionRuns) -> bytes:
         "epoch": part.epoch,
         "next_offset": part.next_offset,
         "fenced": part.fenced,
-        "runs": [_run(r) for r in part.runs.values()],
+        "runs": _runs(part),
     }
     if part.paused:  # written only when set, read with a default: still format 5
         doc["paused"] = [[p.scope, p.name, p.reason, p.requested_by] for p in part.paused.values()]
