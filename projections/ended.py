@@ -140,6 +140,13 @@ class EndedIds(Set[str]):
     def __len__(self) -> int:
         return self._count
 
+    def copy(self) -> EndedIds:
+        """A copy later additions leave alone (levels are never changed, only replaced)."""
+        out = EndedIds()
+        out._levels, out._tail, out._other = list(self._levels), set(self._tail), set(self._other)
+        out._count = self._count
+        return out
+
     def __iter__(self) -> Iterator[str]:
         for level in self._levels:
             for value in level.values():
@@ -154,9 +161,9 @@ class EndedIds(Set[str]):
     # --- snapshots ---
 
     def packed(self) -> tuple[bytes, list[str]]:
-        """(the values, sorted, 16 bytes big-endian each; the other ids, sorted)."""
-        self._flush()
-        values = sorted(v for level in self._levels for v in level.values())
+        """(the values, sorted, 16 bytes big-endian each; the other ids, sorted).
+        Changes nothing: a copy may be packed in another thread."""
+        values = sorted([v for level in self._levels for v in level.values()] + list(self._tail))
         return b"".join(v.to_bytes(16, "big") for v in values), sorted(self._other)
 
     @classmethod

@@ -535,8 +535,8 @@ class Packer(Protocol):
 
     def unpack(self, run_id: str, data: bytes) -> RunState: ...
 
-    def doc(self, run_id: str, data: bytes) -> dict[str, Any]:
-        """The run's snapshot form (projections/snapshot.py), without a RunState."""
+    def text(self, run_id: str, data: bytes) -> bytes:
+        """The run's snapshot form (projections/snapshot.py) as JSON, without a RunState."""
         ...
 
 
@@ -707,6 +707,15 @@ class PartitionRuns:
             _, rid = ending.popleft()
             runs.pop(rid, None)
             ended.add(rid)
+
+    def frozen(self) -> PartitionRuns:
+        """A copy later folds leave alone, for a snapshot written in another
+        thread. Cheap: the states and packed bytes are immutable and shared."""
+        table = RunTable(self.runs.packer)
+        table.whole, table.packed = self.runs.whole.copy(), self.runs.packed.copy()
+        return PartitionRuns(self.partition, self.epoch, self.next_offset, table, self.fenced,
+                             dict(self.paused), set(self.pause_events), self.keep_ended,
+                             self.ended.copy(), deque(self.ending))
 
     def live_runs(self) -> Iterator[RunState]:
         return (r for r in self.runs.values() if r.status in LIVE)

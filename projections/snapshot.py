@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -153,25 +153,36 @@ def run_from_json(d: dict[str, Any]) -> RunState:
         raise SnapshotError(f"run state is damaged: {type(exc).__name__}: {exc}") from exc
 
 
-def _runs(part: PartitionRuns) -> list[dict[str, Any]]:
+# Runs serialised per json.dumps call when a snapshot is written: each call
+# holds the GIL throughout, and a worker writes snapshots in a thread while
+# its event loop runs timers (engine/runtime/snapshots.py).
+_CHUNK = 256
+
+
+def _runs(part: PartitionRuns) -> Iterator[bytes]:
+    """Each run's JSON (a chunk of whole runs at a time)."""
     table = part.runs
-    docs = [_run(r) for r in table.whole.values()]
+    whole = list(table.whole.values())
+    for i in range(0, len(whole), _CHUNK):
+        text = json.dumps([_run(r) for r in whole[i : i + _CHUNK]], separators=(",", ":"))
+        yield text[1:-1].encode()
     if table.packed:
-        # A worker's packed suspended runs: their form here, without a RunState.
+        # A worker's packed suspended runs: their JSON without a RunState.
         packer = table.packer
         assert packer is not None
-        docs += [packer.doc(rid, data) for rid, data in table.packed.items()]
-    return docs
+        for rid, data in table.packed.items():
+            yield packer.text(rid, data)
 
 
 def dump(part: PartitionRuns) -> bytes:
-    doc = {
+    """The snapshot of `part`. Reads `part` only: a `part.frozen()` copy may
+    be dumped in another thread while the original folds on."""
+    doc: dict[str, Any] = {
         "v": VERSION,
         "partition": part.partition,
         "epoch": part.epoch,
         "next_offset": part.next_offset,
         "fenced": part.fenced,
-        "runs": _runs(part),
     }
     if part.paused:  # written only when set, read with a default: still format 5
         doc["paused"] = [[p.scope, p.name, p.reason, p.requested_by] for p in part.paused.values()]
@@ -183,7 +194,9 @@ def dump(part: PartitionRuns) -> bytes:
         doc["ended"] = other
     if part.ending:
         doc["ending"] = [[o, rid] for o, rid in part.ending]
-    return zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 3)
+    head = json.dumps(doc, separators=(",", ":")).encode()
+    runs = b",".join(piece for piece in _runs(part) if piece)
+    return zlib.compress(head[:-1] + b',"runs":[' + runs + b"]}", 3)
 
 
 def load(data: bytes) -> PartitionRuns:

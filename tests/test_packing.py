@@ -214,3 +214,22 @@ async def test_a_restarted_worker_wakes_the_packed_sleepers_from_its_snapshot(tm
             assert sum(len(p.runs.packed) for p in again._parts.values()) == 20
             assert sorted([await h.result(timeout=40) for h in handles]) == list(range(20))
         assert sorted(seen) == sorted(f"mark {i}" for i in range(20))  # the step before the sleep ran once
+
+
+async def test_a_frozen_copy_snapshots_the_partition_as_it_was_whatever_is_folded_after() -> None:
+    naps = await sleeper_history()
+    evs = story(await template())
+    evs[0:0] = copy(naps, "run_nap0", 1)[:-3]
+    part = PartitionRuns(0, keep_ended=40)
+    part.runs.use(JsonPacker())
+    half = len(evs) // 2
+    for offset, ev in enumerate(evs[:half]):
+        part.apply(ev, offset)
+    want = snapshot.dump(part)
+    frozen = part.frozen()
+    # The rest folds on (runs end, are compacted, the sleeper wakes and ends).
+    for offset, ev in enumerate(evs[half:] + copy(naps, "run_nap0", 2)[-3:], start=half):
+        part.apply(ev, offset)
+    assert "run_nap0" not in part.runs.packed and len(part.ended) > len(frozen.ended)
+    assert snapshot.dump(frozen) == want
+    assert "run_nap0" in snapshot.load(want).runs
