@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     ksz = kafka_bench.sizes(args.quick)
     for rep in range(1, reps + 1):
         if only is not None:
-            run_procs(rec, rep, args.quick, args.tmpdir, timeout, bootstrap, only)
+            run_procs(rec, rep, args.quick, args.tmpdir, timeout, bootstrap, only, sqlite=not args.kafka_only)
             continue
         if not args.kafka_only:
             one_rep(rec, rep, sz, args.tmpdir, timeout)

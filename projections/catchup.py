@@ -97,10 +97,13 @@ def plan(part: PartitionRuns, values: Sequence[bytes], offsets: Sequence[int], e
                 return none
             epoch = max(epoch, claimed)
             continue
-        if not rid or rid in known or rid in ended:
+        if not rid:
             continue
         run = runs.get(rid)
         if run is None:
+            # Known and compacted runs are never in `runs`: asked once per run.
+            if rid in known or rid in ended:
+                continue
             run = runs[rid] = _Run()
         run.indices.append(i)
         if not run.plain:

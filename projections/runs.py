@@ -5,18 +5,18 @@ same events always give the same state, which is what lets a worker rebuild
 a partition after a crash and `stepline replay` rebuild any projection.
 
 `PartitionRuns` holds the runs of one partition plus the fencing epoch. It
-is the only mutable piece: a dict of immutable `RunState`s, each replaced by
-the result of `fold_run`, so a state handed out is never changed under the
-reader's feet.
+is the only mutable piece: a table of immutable `RunState`s (`RunTable`; a
+worker keeps suspended ones packed), each replaced by the result of
+`fold_run`, so a state handed out is never changed under the reader's feet.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 from stepline.core.events import (
     PAUSE_QUEUE,
@@ -48,6 +48,7 @@ from stepline.core.events import (
     WaitCompleted,
 )
 from stepline.core.frozen import fast_init
+from stepline.projections.ended import EndedIds
 
 # The idempotency-key prefix of debounced triggers (engine/sdk/debounce.py).
 DEBOUNCE_PREFIX = "stepline/debounce/"
@@ -527,6 +528,95 @@ def _log_changes(state: RunState, event: Event, body: LogRecorded) -> dict[str, 
     return {"logs": state.logs + (line,)}
 
 
+class Packer(Protocol):
+    """How a `RunTable` keeps runs packed (projections/packing.py)."""
+
+    def pack(self, state: RunState) -> bytes: ...
+
+    def unpack(self, run_id: str, data: bytes) -> RunState: ...
+
+    def text(self, run_id: str, data: bytes) -> bytes:
+        """The run's snapshot form (projections/snapshot.py) as JSON, without a RunState."""
+        ...
+
+
+class RunTable(MutableMapping[str, RunState]):
+    """The runs of a partition by id, with suspended runs optionally packed.
+
+    A mapping of RunStates to whoever reads it. Given a `packer`, a run
+    stored while SUSPENDED (asleep, or waiting for an event or a child) is
+    kept as the packer's bytes (a few hundred bytes against a couple of
+    kilobytes of objects) and unpacked each time it is read: a suspended run
+    is read when its timer fires or an event for it is folded, a handful of
+    times. Without a packer (the default: clients, retention, replay) it is
+    a plain dict.
+    """
+
+    __slots__ = ("whole", "packed", "packer")
+
+    def __init__(self, packer: Packer | None = None) -> None:
+        self.whole: dict[str, RunState] = {}
+        self.packed: dict[str, bytes] = {}
+        self.packer = packer
+
+    def use(self, packer: Packer | None) -> None:
+        """Pack with `packer` from now on; runs stored so far are repacked."""
+        states = list(self.items())
+        self.whole, self.packed, self.packer = {}, {}, packer
+        for rid, st in states:
+            self[rid] = st
+
+    def get(self, run_id: str, default: RunState | None = None) -> RunState | None:  # type: ignore[override]  # no other defaults
+        st = self.whole.get(run_id)
+        if st is not None:
+            return st
+        if self.packed:
+            data = self.packed.get(run_id)
+            if data is not None:
+                assert self.packer is not None
+                return self.packer.unpack(run_id, data)
+        return default
+
+    def __getitem__(self, run_id: str) -> RunState:
+        st = self.get(run_id)
+        if st is None:
+            raise KeyError(run_id)
+        return st
+
+    def __setitem__(self, run_id: str, state: RunState) -> None:
+        if self.packer is not None and state.status == SUSPENDED:
+            self.packed[run_id] = self.packer.pack(state)
+            self.whole.pop(run_id, None)
+        else:
+            self.whole[run_id] = state
+            if self.packed:
+                self.packed.pop(run_id, None)
+
+    def __delitem__(self, run_id: str) -> None:
+        if self.whole.pop(run_id, None) is None and self.packed.pop(run_id, None) is None:
+            raise KeyError(run_id)
+
+    def __contains__(self, run_id: object) -> bool:
+        return run_id in self.whole or run_id in self.packed
+
+    def __len__(self) -> int:
+        return len(self.whole) + len(self.packed)
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.whole
+        yield from self.packed
+
+    def statuses(self) -> Iterator[str]:
+        """Each run's status, without unpacking (a packed run is suspended)."""
+        for st in self.whole.values():
+            yield st.status
+        for _ in range(len(self.packed)):
+            yield SUSPENDED
+
+    def __repr__(self) -> str:
+        return f"RunTable({len(self.whole)} whole, {len(self.packed)} packed)"
+
+
 @dataclass(slots=True)
 class PartitionRuns:
     """Every run of one partition, fenced by the owner's epoch.
@@ -540,7 +630,7 @@ class PartitionRuns:
     partition: int
     epoch: int = 0
     next_offset: int = 0
-    runs: dict[str, RunState] = field(default_factory=dict)
+    runs: RunTable = field(default_factory=RunTable)
     fenced: int = 0
     # What is paused in this partition, by (scope, name): the PauseChanged
     # that paused it. A PauseChanged goes to every partition, and each
@@ -557,8 +647,9 @@ class PartitionRuns:
     # any of its events, to change nothing. The window is in log offsets,
     # not time, so the fold stays a pure function of the log and a rebuild
     # compacts exactly what the live fold did (projections/catchup.py).
+    # The ids take 16 bytes each (projections/ended.py).
     keep_ended: int | None = None
-    ended: set[str] = field(default_factory=set)
+    ended: EndedIds = field(default_factory=EndedIds)
     # Runs ended for good and still whole: (offset of the end, run id), in log order.
     ending: deque[tuple[int, str]] = field(default_factory=deque)
 
@@ -584,12 +675,25 @@ class PartitionRuns:
             self.fenced += 1
             return None
         rid = event.run_id
-        if rid in self.ended:
-            return None  # ended for good and compacted: nothing can change it
-        old = self.runs.get(rid)
+        runs = self.runs
+        old = runs.whole.get(rid)
+        if old is None:
+            old = runs.get(rid) if runs.packed else None
+            # A run is held or compacted, never both: only an id not held is
+            # looked up among the compacted ones.
+            if old is None and rid in self.ended:
+                return None  # ended for good and compacted: nothing can change it
+            packed = old is not None
+        else:
+            packed = False
         new = fold_run(old, event)
         if new is not None:
-            self.runs[rid] = new
+            if new is old:
+                pass  # a duplicate or a no-op: nothing to store (or to pack again)
+            elif packed or (runs.packer is not None and new.status == SUSPENDED):
+                runs[rid] = new  # into or out of the packed runs
+            else:
+                runs.whole[rid] = new
             if self.keep_ended is not None and new.status in FINAL and (old is None or old.status not in FINAL):
                 self.ending.append((self.next_offset - 1, rid))
         if self.ending and self.keep_ended is not None:
@@ -604,8 +708,24 @@ class PartitionRuns:
             runs.pop(rid, None)
             ended.add(rid)
 
+    def frozen(self) -> PartitionRuns:
+        """A copy later folds leave alone, for a snapshot written in another
+        thread. Cheap: the states and packed bytes are immutable and shared."""
+        table = RunTable(self.runs.packer)
+        table.whole, table.packed = self.runs.whole.copy(), self.runs.packed.copy()
+        return PartitionRuns(self.partition, self.epoch, self.next_offset, table, self.fenced,
+                             dict(self.paused), set(self.pause_events), self.keep_ended,
+                             self.ended.copy(), deque(self.ending))
+
     def live_runs(self) -> Iterator[RunState]:
         return (r for r in self.runs.values() if r.status in LIVE)
+
+    def run_counts(self) -> dict[str, int]:
+        """How many runs are in each state (packed runs are not unpacked)."""
+        counts: dict[str, int] = {}
+        for status in self.runs.statuses():
+            counts[status] = counts.get(status, 0) + 1
+        return counts
 
     def is_paused(self, task_id: str, queue: str | None) -> bool:
         """Whether a run of this task on this queue may not start a new attempt now."""
@@ -619,4 +739,4 @@ def fold_events(events: list[Event]) -> dict[str, RunState]:
     part = PartitionRuns(partition=0)
     for e in events:
         part.apply(e)
-    return part.runs
+    return part.runs.whole

@@ -22,11 +22,22 @@ class _Recent:
     Only committed (durable) records enter it. When another process appended
     in between, the run restarts at our batch, so it never has holes: any
     offset inside [start, end) is exactly what the table holds.
+
+    It is a cache for readers that keep up (a worker tailing its own events,
+    a client awaiting a result), not a store: it keeps the newest
+    `KEEP_RECORDS` records and `KEEP_BYTES` of keys and values, whichever is
+    less, so what a worker holds for it stays bounded however many runs it
+    has seen. A read below `start` is a query, as if nothing were cached.
     """
 
-    KEEP = 20_000
+    # Enough for a worker's tail at 256 runs in flight (it reads back its
+    # own group-committed batches within a few of them); each record costs
+    # its bytes plus about 150 B of tuple and objects.
+    KEEP_RECORDS = 1000
+    KEEP_BYTES = 512 * 1024
+    _OVERHEAD = 150
 
-    __slots__ = ("start", "rows", "mark")
+    __slots__ = ("start", "rows", "mark", "size")
 
     def __init__(self) -> None:
         self.start = 0
@@ -34,23 +45,41 @@ class _Recent:
         # The external-commit counter when we last added: if it moved since,
         # someone else may have appended past `end`.
         self.mark = -1
+        # Bytes the rows hold, by the estimate of _cost.
+        self.size = 0
 
     @property
     def end(self) -> int:
         return self.start + len(self.rows)
 
+    @classmethod
+    def _cost(cls, row: tuple[int, bytes, bytes, int]) -> int:
+        return len(row[1]) + len(row[2]) + cls._OVERHEAD
+
     def add(self, rows: list[tuple[int, bytes, bytes, int]], mark: int) -> None:
         if not rows:
             return
         self.mark = mark
+        added = sum(self._cost(r) for r in rows)
         if not self.rows or rows[0][0] != self.end:
-            self.start, self.rows = rows[0][0], list(rows)
+            self.start, self.rows, self.size = rows[0][0], list(rows), added
         else:
             self.rows.extend(rows)
-        if len(self.rows) > 2 * self.KEEP:
-            drop = len(self.rows) - self.KEEP
-            del self.rows[:drop]
-            self.start += drop
+            self.size += added
+        if len(self.rows) > self.KEEP_RECORDS or self.size > self.KEEP_BYTES:
+            self._trim()
+
+    def _trim(self) -> None:
+        """Drop the oldest rows down to 3/4 of both bounds (so the list is
+        not shifted on every add), keeping `end` where it is."""
+        keep_records, keep_bytes = self.KEEP_RECORDS * 3 // 4, self.KEEP_BYTES * 3 // 4
+        rows, size, drop = self.rows, self.size, 0
+        while drop < len(rows) and (len(rows) - drop > keep_records or size > keep_bytes):
+            size -= self._cost(rows[drop])
+            drop += 1
+        del rows[:drop]
+        self.start += drop
+        self.size = size
 
     def slice(self, offset: int, max_records: int) -> list[tuple[int, bytes, bytes, int]]:
         i = offset - self.start

@@ -135,6 +135,6 @@ class Owned:
         """Runs of the owned partitions by state (the `stepline.partition.runs` gauge)."""
         counts: dict[str, int] = {}
         for part in list(self.parts.values()):
-            for st in list(part.runs.values()):
-                counts[st.status] = counts.get(st.status, 0) + 1
+            for status, n in part.run_counts().items():
+                counts[status] = counts.get(status, 0) + n
         return counts

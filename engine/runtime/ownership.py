@@ -35,6 +35,7 @@ from stepline.log.base import Assignment, Log
 from stepline.log.quarantine import quarantine
 from stepline.log.topics import Topics
 from stepline.projections import catchup
+from stepline.projections.packing import JsonPacker
 from stepline.projections.runs import PartitionRuns, RunState
 from stepline.projections.snapshot import SnapshotError
 from stepline.runtime.background import Background
@@ -83,6 +84,9 @@ class Partitions:
         # Offsets a run that ended for good stays whole in memory before only
         # its id is kept (PartitionRuns.keep_ended); None keeps them all.
         self.keep_ended = keep_ended
+        # Suspended runs are kept packed (projections/packing.py): a sleeper
+        # costs a few hundred bytes instead of a couple of kilobytes.
+        self._packer = JsonPacker()
         self._folded_since: dict[int, int] = {}
         # Where each claimed partition's rebuild started (0 without a snapshot).
         self.rebuilt_from: dict[int, int] = {}
@@ -200,6 +204,7 @@ class Partitions:
             part = None
         part = part if part is not None else PartitionRuns(p)
         part.keep_ended = self.keep_ended
+        part.runs.use(self._packer)
         return part
 
     async def _snapshot(self, part: PartitionRuns) -> None:

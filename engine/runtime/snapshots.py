@@ -12,6 +12,7 @@ rebuilds from offset 0: a snapshot is only ever a shortcut.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import zlib
 
@@ -30,8 +31,14 @@ class SnapshotStore:
         self.topic = topic
 
     async def save(self, part: PartitionRuns) -> int:
-        """Write a snapshot of `part`; returns the runs offset it covers up to."""
-        data = snapshot.dump(part)
+        """Write a snapshot of `part`; returns the runs offset it covers up to.
+
+        The snapshot is of `part` as it is now (a frozen copy), serialised
+        in a thread: a partition of a hundred thousand runs takes a good
+        part of a second to write, which on the event loop would hold up
+        every timer due meanwhile."""
+        part = part.frozen()
+        data = await asyncio.to_thread(snapshot.dump, part)
         key = str(part.partition).encode()
         records = [(key, _CHUNK_TAG + data[i : i + CHUNK]) for i in range(0, len(data), CHUNK)]
         manifest = {

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import itertools
 import time
 from collections.abc import Awaitable, Callable
 
@@ -27,8 +26,10 @@ class TimerWheel:
         self._wait_until: Callable[[int, asyncio.Event], Awaitable[None]] | None = getattr(
             clock, "wait_until", None
         )
-        self._heap: list[tuple[int, int, str, str]] = []
-        self._order = itertools.count()
+        # (due, run id, kind): a worker may hold a timer per sleeping run, so
+        # no tie-breaking counter; due at the same millisecond, timers fire
+        # in run id order.
+        self._heap: list[tuple[int, str, str]] = []
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -48,7 +49,7 @@ class TimerWheel:
 
     def schedule(self, due_ms: int, run_id: str, kind: str) -> None:
         first = self._heap[0][0] if self._heap else None
-        heapq.heappush(self._heap, (due_ms, next(self._order), run_id, kind))
+        heapq.heappush(self._heap, (due_ms, run_id, kind))
         if first is None or due_ms < first:
             self._changed.set()
 
@@ -56,7 +57,7 @@ class TimerWheel:
         while True:
             now = self._clock()
             while self._heap and self._heap[0][0] <= now:
-                _, _, run_id, kind = heapq.heappop(self._heap)
+                _, run_id, kind = heapq.heappop(self._heap)
                 self._fire(run_id, kind)
             self._changed.clear()
             if self._heap and self._wait_until is not None:
