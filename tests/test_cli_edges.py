@@ -129,8 +129,9 @@ def test_a_command_that_writes_creates_the_log_and_its_locks_sit_in_one_hidden_f
     # Only SQLite's own files and the one hidden folder: no *.lock beside the log.
     assert set(beside) - {"x.db-wal", "x.db-shm"} == {"x.db", ".x.db.locks"}, beside
     locks = sorted(p.name for p in (folder / ".x.db.locks").iterdir())
-    # The group's membership lock, and one per partition of the topic it joined (4).
-    assert locks == ["group-workers.lock", *(f"group-workers.p{p}.lock" for p in range(4)),
+    # The commits' doorbell (engine/log/sqlite_bell.py), the group's membership
+    # lock, and one per partition of the topic it joined (4).
+    assert locks == ["commits", "group-workers.lock", *(f"group-workers.p{p}.lock" for p in range(4)),
                      "write-turn.lock", "write.lock"]
     assert [r["task_id"] for r in as_json("runs", "ls", "--log", url)] == ["fails-at-once"]
 

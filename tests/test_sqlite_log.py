@@ -282,6 +282,24 @@ async def test_the_bell_alone_wakes_a_reader_for_another_process_commit(
     assert [r.value for r in await asyncio.wait_for(reader, 30)] == [b"from another process"]
 
 
+async def test_a_log_closed_while_its_poll_sleeps_on_the_bell_closes_cleanly(db: Path) -> None:
+    # close() cancels the poll and closes the bell's fd at once; the
+    # cancelled wait finishes after that and must not touch the closed fd.
+    log = SqliteLog(db)
+    await log.start()
+    await log.ensure_topics([TopicSpec(TOPIC, 1)])
+    reader = asyncio.create_task(log.read(TOPIC, 0, 0, timeout=60))
+    while not log._waiters:
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(0.05)  # the poll is asleep on the bell by now
+    poller = log._poller
+    assert poller is not None and not poller.done()
+    await log.close()
+    await asyncio.gather(poller, return_exceptions=True)
+    assert poller.cancelled(), poller.exception()
+    reader.cancel()
+
+
 async def test_the_bell_rings_for_commits_only(tmp_path: Path) -> None:
     from stepline.log.sqlite_bell import open_bell
 

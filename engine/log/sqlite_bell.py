@@ -107,15 +107,18 @@ class Bell:
             await waiter
         finally:
             timer.cancel()
-            loop.remove_reader(self._fd)
-            self._loop = None
+            if self._loop is loop:  # unless close() came first and removed it
+                loop.remove_reader(self._fd)
+                self._loop = None
         return rang
 
     def close(self) -> None:
         if self._fd < 0:
             return
+        # The poll may be waiting: a cancelled wait finishes after this.
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self._fd)
+        self._loop = None
         os.close(self._fd)
         self._fd = -1
 
