@@ -21,9 +21,9 @@ data_version` below, reads shared memory and never waits for a lock). A
 `read` with a timeout wakes at once on appends made through this
 `SqliteLog`, and notices other processes' appends by polling `PRAGMA
 data_version` while anyone is waiting: at most every `poll_interval`
-seconds, and on Linux only when the kernel says a file of the database was
-written since the last look (`sqlite_bell.py`, inotify), so an idle log with
-waiting readers sleeps (one look a second in case a ring was lost). The
+seconds, and on Linux only after another writer's commit rang since the last
+look (`sqlite_bell.py`, inotify), so an idle log with waiting readers sleeps
+(one look a second in case a ring was lost). The
 poll looks first on a connection of the loop's own: unchanged, nobody
 committed, and an idle poll costs no thread switch. Changed, it asks the
 writer's connection, on which only other connections' commits change it:
@@ -74,7 +74,7 @@ __all__ = ["SCHEMA_VERSION", "SqliteLog"]
 T = TypeVar("T")
 
 # With the bell, how long an idle poll sleeps before it looks anyway: a ring
-# lost (a file system that does not report writes) costs this, never a wake-up.
+# lost (a writer that does not ring: an older version) costs this, never a wake-up.
 _IDLE_LOOK_S = 1.0
 
 
@@ -354,7 +354,7 @@ class SqliteLog(Log):
         while self._waiters:
             await asyncio.sleep(self.poll_interval)
             if self._bell is not None:
-                # Returns at once when anything was written during the sleep.
+                # Returns at once when a commit rang during the sleep.
                 await self._bell.wait(_IDLE_LOOK_S)
             peeked = self._peek()
             if peeked is not None and peeked == self._peeked:
